@@ -1,0 +1,175 @@
+//! Small file-system helpers shared by the journal, the volume and the applier.
+//!
+//! The unsafe code of the crate (aligned buffers, block-device ioctls) is kept here.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::Path;
+
+/// A zeroed heap buffer aligned for O_DIRECT.
+pub struct AlignedBuffer {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the buffer owns its allocation exclusively, like a Vec<u8>.
+unsafe impl Send for AlignedBuffer {}
+// SAFETY: shared access only hands out `&[u8]`.
+unsafe impl Sync for AlignedBuffer {}
+
+pub const DIRECT_ALIGN: usize = 4096;
+
+impl AlignedBuffer {
+    pub fn new(len: usize) -> Self {
+        assert!(len > 0 && len % DIRECT_ALIGN == 0, "aligned buffer length must be a positive multiple of {DIRECT_ALIGN}");
+        let layout = std::alloc::Layout::from_size_align(len, DIRECT_ALIGN).expect("valid layout");
+        // SAFETY: layout has non-zero size (checked above).
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = std::ptr::NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        AlignedBuffer { ptr, len }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl std::ops::Deref for AlignedBuffer {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: ptr is a live allocation of len initialised (zeroed) bytes owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for AlignedBuffer {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in deref, and &mut self guarantees exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBuffer {
+    fn drop(&mut self) {
+        let layout = std::alloc::Layout::from_size_align(self.len, DIRECT_ALIGN).expect("valid layout");
+        // SAFETY: allocated in new() with this exact layout and not freed before.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) }
+    }
+}
+
+/// Opens a file read-write with O_DIRECT, falling back to buffered I/O on file systems that
+/// refuse O_DIRECT (older tmpfs). The flag says which one was granted.
+pub fn open_direct(path: &Path) -> io::Result<(File, bool)> {
+    match OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(path) {
+        Ok(file) => Ok((file, true)),
+        Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
+            tracing::warn!(path = %path.display(), "file system refuses O_DIRECT; using buffered I/O with fdatasync");
+            Ok((OpenOptions::new().read(true).write(true).open(path)?, false))
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// fsyncs a directory so that a rename or create inside it is durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Replaces `path` atomically: write a temporary file, fsync it, rename it over, fsync the directory.
+pub fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = path.with_extension("tmp");
+    {
+        let mut file = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    sync_dir(dir)
+}
+
+/// Size in bytes of a regular file or a block device.
+pub fn storage_size(file: &File) -> io::Result<u64> {
+    let meta = file.metadata()?;
+    if meta.file_type().is_block_device() {
+        let mut size: u64 = 0;
+        // BLKGETSIZE64 = _IOR(0x12, 114, size_t)
+        const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+        use std::os::fd::AsRawFd;
+        // SAFETY: the ioctl writes one u64 into `size`, which outlives the call.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64 as _, &mut size as *mut u64) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(size)
+    } else {
+        Ok(meta.len())
+    }
+}
+
+pub fn is_block_device(file: &File) -> io::Result<bool> {
+    Ok(file.metadata()?.file_type().is_block_device())
+}
+
+/// Creates `path` (which must not exist) of `size` bytes, every byte written as zero so later
+/// O_DIRECT overwrites need no extent conversion (and so no metadata journal commit) per flush.
+pub fn create_zero_filled(path: &Path, size: u64) -> io::Result<()> {
+    use std::io::Write;
+    let mut file = OpenOptions::new().write(true).create_new(true).open(path)?;
+    let chunk = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        file.write_all(&chunk[..n])?;
+        left -= n as u64;
+    }
+    file.sync_all()
+}
+
+/// Makes `[offset, offset+len)` read as zero. `punch` frees the space (discard); otherwise the
+/// range stays allocated (write-zeroes). Falls back to writing zeros where the store cannot.
+pub fn zero_range(file: &File, offset: u64, len: u64, punch: bool, block_device: bool) -> io::Result<()> {
+    use rustix::fs::FallocateFlags;
+    if len == 0 {
+        return Ok(());
+    }
+    if !block_device {
+        let flags = if punch {
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE
+        } else {
+            FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE
+        };
+        match rustix::fs::fallocate(file, flags, offset, len) {
+            Ok(()) => return Ok(()),
+            Err(rustix::io::Errno::OPNOTSUPP) | Err(rustix::io::Errno::INVAL) => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
+    write_zeroes(file, offset, len)
+}
+
+fn write_zeroes(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let chunk = vec![0u8; (len.min(1 << 20)) as usize];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(chunk.len() as u64) as usize;
+        file.write_all_at(&chunk[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// Microseconds since the Unix epoch.
+pub fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,640 @@
+//! The journal: an append-only, CRC-checked sequence of records in preallocated segment files.
+//!
+//! One [`JournalWriter`] appends (group commit: many records per write, see `uring.rs`);
+//! any number of [`JournalReader`]s iterate from a retained LSN; [`Journal::trim_through`]
+//! recycles whole segments once their records are no longer needed. Opening a journal runs
+//! recovery (`recovery.rs`). Format: `format.rs` and `docs/journal-format.md`.
+
+pub mod format;
+mod recovery;
+mod uring;
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+pub use format::{RecordHeader, RecordKind, BLOCK_SIZE, FLAG_FUA, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE};
+use format::{segment_file_name, SegmentHeader};
+pub use recovery::{RecoveryMode, RecoveryReport};
+
+use crate::fsutil::{self, AlignedBuffer};
+
+/// Records start at 8-byte aligned positions (cheaper scanning for records past a damaged one).
+pub const RECORD_ALIGN: u64 = 8;
+/// Bytes one group commit may write at most.
+pub const MAX_BATCH_BYTES: usize = 8 << 20;
+/// The smallest segment a journal may use.
+pub const MIN_SEGMENT_SIZE: u64 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("{context}: {source}")]
+    Io { context: String, source: io::Error },
+    #[error("journal corrupt: {0}")]
+    Corrupt(String),
+    #[error("invalid journal settings: {0}")]
+    Invalid(String),
+    #[error("record of {size} bytes does not fit a journal segment of {segment_size} bytes")]
+    RecordTooLarge { size: u64, segment_size: u64 },
+    #[error("LSN {lsn} is not retained in the journal (retained: {first}..={last})")]
+    NotRetained { lsn: u64, first: u64, last: u64 },
+}
+
+pub(crate) fn io_error(context: impl Into<String>) -> impl FnOnce(io::Error) -> JournalError {
+    let context = context.into();
+    move |source| JournalError::Io { context, source }
+}
+
+/// Settings fixed when a journal is created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JournalOptions {
+    pub segment_size: u64,
+    /// Upper bound on segment files (retained + spare): `capacity / segment_size`.
+    pub capacity: u64,
+    /// Every segment carries this id (the volume's UUID) so foreign files are refused.
+    pub journal_id: [u8; 16],
+}
+
+impl JournalOptions {
+    pub fn validate(&self) -> Result<(), JournalError> {
+        if self.segment_size < MIN_SEGMENT_SIZE || self.segment_size % BLOCK_SIZE as u64 != 0 {
+            return Err(JournalError::Invalid(format!(
+                "segment size {} must be a multiple of {BLOCK_SIZE} and at least {MIN_SEGMENT_SIZE}",
+                self.segment_size
+            )));
+        }
+        if self.max_segments() < 2 {
+            return Err(JournalError::Invalid(format!(
+                "journal capacity {} must hold at least two segments of {} bytes",
+                self.capacity, self.segment_size
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn max_segments(&self) -> usize {
+        (self.capacity / self.segment_size) as usize
+    }
+
+    /// The largest payload one record may carry in these segments.
+    pub fn max_payload(&self) -> u64 {
+        self.segment_size - SEGMENT_HEADER_SIZE - RECORD_HEADER_SIZE as u64 - RECORD_ALIGN
+    }
+}
+
+/// One record read back from the journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub header: RecordHeader,
+    pub payload: Vec<u8>,
+}
+
+/// A retained segment as the journal's table knows it.
+#[derive(Debug, Clone)]
+struct SegmentEntry {
+    first_lsn: u64,
+    path: PathBuf,
+    /// Position after the last record written (the active segment's moves with each commit).
+    end: u64,
+}
+
+#[derive(Debug)]
+struct SegmentTable {
+    /// Retained segments in LSN order; the last one is active.
+    retained: Vec<SegmentEntry>,
+    /// Trimmed files waiting to be reused (named `free-*.seg`).
+    spare: Vec<PathBuf>,
+}
+
+/// What the journal currently holds (for status).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct JournalUsage {
+    pub first_lsn: u64,
+    pub last_lsn: u64,
+    pub used_bytes: u64,
+    pub capacity_bytes: u64,
+    pub segments: usize,
+}
+
+/// Shared handle to an open journal: the table of segments and the published LSNs.
+#[derive(Debug)]
+pub struct Journal {
+    dir: PathBuf,
+    options: JournalOptions,
+    table: Mutex<SegmentTable>,
+    space_freed: Condvar,
+    /// Highest LSN whose bytes are in the segment files (readers may read up to it).
+    written_lsn: AtomicU64,
+    /// Highest LSN known durable (fdatasync'd).
+    synced_lsn: AtomicU64,
+    /// True while the writer waits for a trim to free a segment.
+    full: AtomicBool,
+}
+
+impl Journal {
+    /// Creates an empty journal in `dir` (which must not hold one) with its first segment.
+    pub fn create(dir: &Path, options: JournalOptions) -> Result<(), JournalError> {
+        options.validate()?;
+        std::fs::create_dir_all(dir).map_err(io_error(format!("create journal directory {}", dir.display())))?;
+        let first = dir.join(segment_file_name(1));
+        initialise_segment_file(&first, None, 1, &options)?;
+        fsutil::sync_dir(dir).map_err(io_error(format!("sync {}", dir.display())))?;
+        Ok(())
+    }
+
+    /// Opens the journal in `dir`, running recovery, and returns the handle and its only writer.
+    pub fn open(dir: &Path, options: JournalOptions) -> Result<(Arc<Journal>, JournalWriter, RecoveryReport), JournalError> {
+        options.validate()?;
+        let recovered = recovery::recover(dir, Some(&options), RecoveryMode::Repair)?;
+        let report = recovered.report.clone();
+        let last = recovered.retained.last().expect("recovery returns at least one segment").clone();
+        let next_lsn = report.last_lsn + 1;
+        let journal = Arc::new(Journal {
+            dir: dir.to_path_buf(),
+            options,
+            table: Mutex::new(SegmentTable { retained: recovered.retained, spare: recovered.spare }),
+            space_freed: Condvar::new(),
+            written_lsn: AtomicU64::new(report.last_lsn),
+            synced_lsn: AtomicU64::new(report.last_lsn),
+            full: AtomicBool::new(false),
+        });
+        let writer = JournalWriter::new(journal.clone(), &last.path, recovered.active_header, last.end, next_lsn)?;
+        Ok((journal, writer, report))
+    }
+
+    /// Scans the journal in `dir` without changing anything (for status and dump).
+    pub fn inspect(dir: &Path) -> Result<RecoveryReport, JournalError> {
+        Ok(recovery::recover(dir, None, RecoveryMode::Inspect)?.report)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn options(&self) -> &JournalOptions {
+        &self.options
+    }
+
+    pub fn written_lsn(&self) -> u64 {
+        self.written_lsn.load(Ordering::Acquire)
+    }
+
+    pub fn synced_lsn(&self) -> u64 {
+        self.synced_lsn.load(Ordering::Acquire)
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.full.load(Ordering::Acquire)
+    }
+
+    /// LSN of the oldest retained record (the first segment's first LSN).
+    pub fn first_lsn(&self) -> u64 {
+        self.lock_table().retained[0].first_lsn
+    }
+
+    pub fn usage(&self) -> JournalUsage {
+        let table = self.lock_table();
+        let used_bytes = table.retained.iter().map(|s| s.end.saturating_sub(SEGMENT_HEADER_SIZE)).sum();
+        JournalUsage {
+            first_lsn: table.retained[0].first_lsn,
+            last_lsn: self.written_lsn(),
+            used_bytes,
+            capacity_bytes: self.options.max_segments() as u64 * (self.options.segment_size - SEGMENT_HEADER_SIZE),
+            segments: table.retained.len(),
+        }
+    }
+
+    fn lock_table(&self) -> std::sync::MutexGuard<'_, SegmentTable> {
+        self.table.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Recycles every segment whose records all have LSN <= `lsn`. The active segment is
+    /// never trimmed. Returns how many segments were freed.
+    pub fn trim_through(&self, lsn: u64) -> Result<usize, JournalError> {
+        let mut table = self.lock_table();
+        let mut freed = 0;
+        while table.retained.len() > 1 && table.retained[1].first_lsn <= lsn.saturating_add(1) {
+            let entry = table.retained.remove(0);
+            let spare = self.dir.join(format!("free-{}", segment_file_name(entry.first_lsn)));
+            if let Err(error) = std::fs::rename(&entry.path, &spare) {
+                table.retained.insert(0, entry.clone());
+                return Err(io_error(format!("recycle {}", entry.path.display()))(error));
+            }
+            crate::failpoint::hit("journal-trim-after-rename");
+            table.spare.push(spare);
+            freed += 1;
+        }
+        drop(table);
+        if freed > 0 {
+            fsutil::sync_dir(&self.dir).map_err(io_error(format!("sync {}", self.dir.display())))?;
+            self.space_freed.notify_all();
+        }
+        Ok(freed)
+    }
+
+    /// Where record `lsn` lives: the path of its segment and that segment's first LSN.
+    fn locate(&self, lsn: u64) -> Result<(PathBuf, u64), JournalError> {
+        let table = self.lock_table();
+        let first = table.retained[0].first_lsn;
+        let last = self.written_lsn();
+        if lsn < first || lsn > last + 1 {
+            return Err(JournalError::NotRetained { lsn, first, last });
+        }
+        let index = table.retained.partition_point(|s| s.first_lsn <= lsn).saturating_sub(1);
+        let entry = &table.retained[index];
+        Ok((entry.path.clone(), entry.first_lsn))
+    }
+
+    /// The segment that follows the one starting at `first_lsn`, if it exists yet.
+    fn next_segment(&self, first_lsn: u64) -> Option<(PathBuf, u64)> {
+        let table = self.lock_table();
+        table.retained.iter().find(|s| s.first_lsn > first_lsn).map(|s| (s.path.clone(), s.first_lsn))
+    }
+}
+
+/// Writes a fresh header into a segment file (creating the file zero-filled if `existing` is
+/// None) and makes it durable. Records of an earlier incarnation stay behind but cannot verify
+/// against the new random salt.
+fn initialise_segment_file(path: &Path, existing: Option<&Path>, first_lsn: u64, options: &JournalOptions) -> Result<SegmentHeader, JournalError> {
+    match existing {
+        Some(spare) => std::fs::rename(spare, path).map_err(io_error(format!("reuse {}", spare.display())))?,
+        None => fsutil::create_zero_filled(path, options.segment_size).map_err(io_error(format!("create segment {}", path.display())))?,
+    }
+    let header = SegmentHeader { first_lsn, salt: rand::random(), segment_size: options.segment_size, journal_id: options.journal_id };
+    let file = std::fs::OpenOptions::new().write(true).open(path).map_err(io_error(format!("open {}", path.display())))?;
+    file.write_all_at(&header.encode(), 0).map_err(io_error(format!("write header of {}", path.display())))?;
+    file.sync_data().map_err(io_error(format!("sync {}", path.display())))?;
+    Ok(header)
+}
+
+/// Why an append did not take place.
+#[derive(Debug)]
+pub enum AppendError {
+    /// Every segment is in use: commit what is batched, wait for a trim, then retry.
+    JournalFull,
+    Failed(JournalError),
+}
+
+impl From<JournalError> for AppendError {
+    fn from(error: JournalError) -> Self {
+        AppendError::Failed(error)
+    }
+}
+
+/// The single writer of a journal. Records are staged in an aligned batch buffer and written
+/// by [`JournalWriter::commit`]; the block holding the end of the previous commit is written
+/// again with the new records after it (its earlier bytes are identical, so a torn rewrite
+/// cannot damage records that were already durable).
+pub struct JournalWriter {
+    journal: Arc<Journal>,
+    ring: uring::CommitRing,
+    file: File,
+    header: SegmentHeader,
+    segment_path: PathBuf,
+    /// Block-aligned file offset that `buffer[0]` will be written to.
+    buffer_file_offset: u64,
+    /// Valid bytes in `buffer`: the partial block already on disk, then new records.
+    buffer_len: usize,
+    buffer: AlignedBuffer,
+    /// Bytes in `buffer` that are already on disk (the partial tail block).
+    committed_len: usize,
+    next_lsn: u64,
+    last_written_lsn: u64,
+    synced_lsn: u64,
+}
+
+impl JournalWriter {
+    fn new(journal: Arc<Journal>, path: &Path, header: SegmentHeader, end: u64, next_lsn: u64) -> Result<Self, JournalError> {
+        let (file, _direct) = fsutil::open_direct(path).map_err(io_error(format!("open {}", path.display())))?;
+        let mut writer = JournalWriter {
+            ring: uring::CommitRing::new().map_err(io_error("create io_uring for the journal"))?,
+            file,
+            header,
+            segment_path: path.to_path_buf(),
+            buffer_file_offset: 0,
+            buffer_len: 0,
+            buffer: AlignedBuffer::new(MAX_BATCH_BYTES + BLOCK_SIZE),
+            committed_len: 0,
+            next_lsn,
+            last_written_lsn: next_lsn - 1,
+            synced_lsn: next_lsn - 1,
+            journal,
+        };
+        writer.load_tail(end)?;
+        Ok(writer)
+    }
+
+    /// Positions the buffer at `end`, loading the partial block that holds it.
+    fn load_tail(&mut self, end: u64) -> Result<(), JournalError> {
+        let block_start = end - end % BLOCK_SIZE as u64;
+        let partial = (end - block_start) as usize;
+        self.buffer[..BLOCK_SIZE].fill(0);
+        if partial > 0 {
+            let mut block = vec![0u8; BLOCK_SIZE];
+            // Read through a buffered descriptor: the writer's own may be O_DIRECT.
+            let plain = File::open(&self.segment_path).map_err(io_error(format!("open {}", self.segment_path.display())))?;
+            plain.read_exact_at(&mut block, block_start).map_err(io_error(format!("read tail of {}", self.segment_path.display())))?;
+            self.buffer[..partial].copy_from_slice(&block[..partial]);
+        }
+        self.buffer_file_offset = block_start;
+        self.buffer_len = partial;
+        self.committed_len = partial;
+        Ok(())
+    }
+
+    pub fn journal(&self) -> &Arc<Journal> {
+        &self.journal
+    }
+
+    /// The LSN the next append will get.
+    pub fn next_lsn(&self) -> u64 {
+        self.next_lsn
+    }
+
+    pub fn synced_lsn(&self) -> u64 {
+        self.synced_lsn
+    }
+
+    /// Bytes staged but not yet written.
+    pub fn staged_bytes(&self) -> usize {
+        self.buffer_len - self.committed_len
+    }
+
+    fn position(&self) -> u64 {
+        self.buffer_file_offset + self.buffer_len as u64
+    }
+
+    /// Stages one record and returns its LSN. Commits on its own when the batch buffer or the
+    /// segment is full; returns [`AppendError::JournalFull`] (nothing staged) when no segment
+    /// can be had until a trim.
+    pub fn append(&mut self, kind: RecordKind, offset: u64, length: u64, payload: &[u8], flags: u16) -> Result<u64, AppendError> {
+        let payload_len = payload.len() as u64;
+        if payload_len > self.journal.options.max_payload() {
+            return Err(JournalError::RecordTooLarge { size: payload_len, segment_size: self.journal.options.segment_size }.into());
+        }
+        let encoded = align_up(RECORD_HEADER_SIZE as u64 + payload_len, RECORD_ALIGN) as usize;
+        if self.position() + encoded as u64 > self.header.segment_size {
+            self.roll_segment()?;
+        }
+        if self.buffer_len + encoded > self.buffer.len() {
+            self.commit(false).map_err(AppendError::Failed)?;
+        }
+        let lsn = self.next_lsn;
+        let header = RecordHeader {
+            kind,
+            flags,
+            lsn,
+            offset,
+            length,
+            payload_len: payload.len() as u32,
+            synced_lsn: self.synced_lsn,
+            timestamp_us: fsutil::now_micros(),
+        };
+        let start = self.buffer_len;
+        let exact = header.encoded_len();
+        header.encode(payload, self.header.salt, &mut self.buffer[start..start + exact]);
+        self.buffer[start + exact..start + encoded].fill(0);
+        self.buffer_len += encoded;
+        self.next_lsn += 1;
+        Ok(lsn)
+    }
+
+    /// Writes everything staged (one write, padded to whole blocks) and, if `sync`, makes the
+    /// journal durable through the last staged record.
+    pub fn commit(&mut self, sync: bool) -> Result<(), JournalError> {
+        let staged = self.staged_bytes() > 0;
+        if !staged && (!sync || self.synced_lsn == self.last_written_lsn) {
+            return Ok(());
+        }
+        if crate::failpoint::hit("journal-power-cut-before-commit") {
+            self.simulate_power_cut();
+        }
+        let padded = align_up(self.buffer_len as u64, BLOCK_SIZE as u64) as usize;
+        self.buffer[self.buffer_len..padded].fill(0);
+        let (data, offset) = if staged { (&self.buffer[..padded], self.buffer_file_offset) } else { (&self.buffer[..0], 0) };
+        self.ring
+            .write_and_maybe_sync(&self.file, data, offset, sync)
+            .map_err(io_error(format!("write journal segment {}", self.segment_path.display())))?;
+        self.last_written_lsn = self.next_lsn - 1;
+        self.journal.written_lsn.store(self.last_written_lsn, Ordering::Release);
+        if sync {
+            self.synced_lsn = self.last_written_lsn;
+            self.journal.synced_lsn.store(self.synced_lsn, Ordering::Release);
+        }
+        let end = self.position();
+        {
+            let mut table = self.journal.lock_table();
+            if let Some(active) = table.retained.last_mut() {
+                active.end = end;
+            }
+        }
+        // Keep only the partial last block for the next commit.
+        let full_blocks = self.buffer_len / BLOCK_SIZE * BLOCK_SIZE;
+        let partial = self.buffer_len - full_blocks;
+        self.buffer.copy_within(full_blocks..self.buffer_len, 0);
+        self.buffer_file_offset += full_blocks as u64;
+        self.buffer_len = partial;
+        self.committed_len = partial;
+        Ok(())
+    }
+
+    /// Test failpoint: behave as if power failed now. Everything written since the last
+    /// fdatasync is lost (zeroed on disk, the worst case a drive's cache allows), then the
+    /// process dies without any cleanup.
+    fn simulate_power_cut(&mut self) -> ! {
+        let table = self.journal.lock_table();
+        let synced_lsn = self.synced_lsn;
+        tracing::error!(synced_lsn, "failpoint: simulating a power cut (dropping unsynced journal bytes)");
+        // Records after synced_lsn are in the active segment (rolling a segment syncs it).
+        if let Ok(plain) = std::fs::OpenOptions::new().read(true).write(true).open(&self.segment_path) {
+            let mut position = SEGMENT_HEADER_SIZE;
+            let mut cut = None;
+            while position + RECORD_HEADER_SIZE as u64 <= self.header.segment_size {
+                let mut head = [0u8; RECORD_HEADER_SIZE];
+                if plain.read_exact_at(&mut head, position).is_err() {
+                    break;
+                }
+                match format::decode_header(&head, self.header.segment_size - position) {
+                    Ok(header) if header.lsn > synced_lsn => {
+                        cut = Some(position);
+                        break;
+                    }
+                    Ok(header) => position += align_up(header.encoded_len() as u64, RECORD_ALIGN),
+                    Err(_) => break,
+                }
+            }
+            if let Some(cut) = cut {
+                let end = self.position().max(cut);
+                let zeros = vec![0u8; (end - cut) as usize];
+                let _ = plain.write_all_at(&zeros, cut);
+                let _ = plain.sync_data();
+            }
+        }
+        drop(table);
+        std::process::abort();
+    }
+
+    /// Seals the active segment (durably) and starts the next one.
+    fn roll_segment(&mut self) -> Result<(), AppendError> {
+        let next_first = self.next_lsn;
+        let path = self.journal.dir.join(segment_file_name(next_first));
+        let spare = {
+            let mut table = self.journal.lock_table();
+            let in_use = table.retained.len() + table.spare.len();
+            if table.spare.is_empty() && in_use >= self.journal.options.max_segments() {
+                self.journal.full.store(true, Ordering::Release);
+                return Err(AppendError::JournalFull);
+            }
+            table.spare.pop()
+        };
+        self.journal.full.store(false, Ordering::Release);
+        self.commit(true)?;
+        let result = initialise_segment_file(&path, spare.as_deref(), next_first, &self.journal.options);
+        let header = match result {
+            Ok(header) => header,
+            Err(error) => {
+                if let Some(spare) = spare {
+                    if !spare.exists() {
+                        // The rename happened; keep the file in the pool under its new name.
+                        self.journal.lock_table().spare.push(path.clone());
+                    } else {
+                        self.journal.lock_table().spare.push(spare);
+                    }
+                }
+                return Err(error.into());
+            }
+        };
+        fsutil::sync_dir(&self.journal.dir).map_err(io_error(format!("sync {}", self.journal.dir.display())))?;
+        let (file, _direct) = fsutil::open_direct(&path).map_err(io_error(format!("open {}", path.display())))?;
+        self.file = file;
+        self.header = header;
+        self.segment_path = path.clone();
+        self.journal.lock_table().retained.push(SegmentEntry { first_lsn: next_first, path, end: SEGMENT_HEADER_SIZE });
+        self.load_tail(SEGMENT_HEADER_SIZE)?;
+        Ok(())
+    }
+
+    /// Waits until a trim frees a segment or `timeout` passes; true if space may be available.
+    pub fn wait_for_space(&self, timeout: Duration) -> bool {
+        let table = self.journal.lock_table();
+        let has_space = |t: &SegmentTable| !t.spare.is_empty() || t.retained.len() + t.spare.len() < self.journal.options.max_segments();
+        if has_space(&table) {
+            return true;
+        }
+        let (table, _) = self
+            .journal
+            .space_freed
+            .wait_timeout_while(table, timeout, |t| !has_space(t))
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        has_space(&table)
+    }
+}
+
+pub(crate) fn align_up(value: u64, align: u64) -> u64 {
+    value.div_ceil(align) * align
+}
+
+/// Iterates over records from a retained LSN, up to what the writer has written.
+pub struct JournalReader {
+    journal: Arc<Journal>,
+    next_lsn: u64,
+    segment: Option<OpenSegment>,
+}
+
+struct OpenSegment {
+    file: File,
+    header: SegmentHeader,
+    first_lsn: u64,
+    position: u64,
+}
+
+impl JournalReader {
+    pub fn new(journal: Arc<Journal>, from_lsn: u64) -> Result<Self, JournalError> {
+        journal.locate(from_lsn)?;
+        Ok(JournalReader { journal, next_lsn: from_lsn, segment: None })
+    }
+
+    pub fn next_lsn(&self) -> u64 {
+        self.next_lsn
+    }
+
+    /// The next record, or `None` once every written record has been read.
+    pub fn next_record(&mut self) -> Result<Option<Record>, JournalError> {
+        if self.next_lsn > self.journal.written_lsn() {
+            return Ok(None);
+        }
+        loop {
+            if self.segment.is_none() {
+                let (path, first_lsn) = self.journal.locate(self.next_lsn)?;
+                self.segment = Some(open_segment_at(&path, first_lsn, self.next_lsn)?);
+            }
+            let segment = self.segment.as_mut().expect("opened above");
+            match read_record(&segment.file, &segment.header, segment.position)? {
+                Some(record) if record.header.lsn == self.next_lsn => {
+                    segment.position += align_up(record.header.encoded_len() as u64, RECORD_ALIGN);
+                    self.next_lsn += 1;
+                    return Ok(Some(record));
+                }
+                other => {
+                    // End of this segment's records: the next LSN must start the next segment.
+                    match self.journal.next_segment(segment.first_lsn) {
+                        Some((_, first)) if first == self.next_lsn => {
+                            self.segment = None;
+                        }
+                        _ => {
+                            return Err(JournalError::Corrupt(format!(
+                                "reading segment starting at LSN {}: expected LSN {} at offset {}, found {}",
+                                segment.first_lsn,
+                                self.next_lsn,
+                                segment.position,
+                                match other {
+                                    Some(record) => format!("LSN {}", record.header.lsn),
+                                    None => "no valid record".into(),
+                                }
+                            )))
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn open_segment_at(path: &Path, first_lsn: u64, lsn: u64) -> Result<OpenSegment, JournalError> {
+    let file = File::open(path).map_err(io_error(format!("open {}", path.display())))?;
+    let mut block = vec![0u8; BLOCK_SIZE];
+    file.read_exact_at(&mut block, 0).map_err(io_error(format!("read header of {}", path.display())))?;
+    let header = SegmentHeader::decode(&block).map_err(|problem| JournalError::Corrupt(format!("{}: {problem}", path.display())))?;
+    let mut segment = OpenSegment { file, header, first_lsn, position: SEGMENT_HEADER_SIZE };
+    while first_lsn < lsn {
+        match read_record(&segment.file, &segment.header, segment.position)? {
+            Some(record) if record.header.lsn < lsn => {
+                segment.position += align_up(record.header.encoded_len() as u64, RECORD_ALIGN);
+            }
+            _ => break,
+        }
+    }
+    Ok(segment)
+}
+
+/// Reads and verifies the record at `position`; `None` if there is no valid record there.
+fn read_record(file: &File, header: &SegmentHeader, position: u64) -> Result<Option<Record>, JournalError> {
+    if position + RECORD_HEADER_SIZE as u64 > header.segment_size {
+        return Ok(None);
+    }
+    let mut head = [0u8; RECORD_HEADER_SIZE];
+    file.read_exact_at(&mut head, position).map_err(io_error("read journal record header"))?;
+    let Ok(record_header) = format::decode_header(&head, header.segment_size - position) else {
+        return Ok(None);
+    };
+    let mut payload = vec![0u8; record_header.payload_len as usize];
+    file.read_exact_at(&mut payload, position + RECORD_HEADER_SIZE as u64).map_err(io_error("read journal record payload"))?;
+    if format::verify_record(&head, &payload, header.salt).is_err() {
+        return Ok(None);
+    }
+    Ok(Some(Record { header: record_header, payload }))
+}

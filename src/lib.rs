@@ -1,0 +1,8 @@
+//! ublk-mirror: asynchronous block-level mirroring for Linux.
+//!
+//! See `docs/architecture.md` for the modules and the write path.
+
+pub mod failpoint;
+pub mod fsutil;
+pub mod journal;
+pub mod size;

@@ -1,0 +1,294 @@
+//! Journal: append, iterate, recover, torn tails, stale records, corruption, trimming.
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::Duration;
+
+use ublk_mirror::journal::{AppendError, Journal, JournalError, JournalOptions, JournalReader, RecordKind};
+
+const MIB: u64 = 1 << 20;
+
+fn options(segment_size: u64, capacity: u64) -> JournalOptions {
+    JournalOptions { segment_size, capacity, journal_id: *b"journal-test-id!" }
+}
+
+/// Deterministic, distinguishable payload for record `i`.
+fn payload(i: u64, len: usize) -> Vec<u8> {
+    (0..len).map(|j| (i.wrapping_mul(31).wrapping_add(j as u64 * 7) % 251) as u8).collect()
+}
+
+fn read_all(journal: &std::sync::Arc<Journal>, from: u64) -> Vec<ublk_mirror::journal::Record> {
+    let mut reader = JournalReader::new(journal.clone(), from).unwrap();
+    let mut records = Vec::new();
+    while let Some(record) = reader.next_record().unwrap() {
+        records.push(record);
+    }
+    records
+}
+
+fn segment_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_str().unwrap().chars().next().unwrap().is_ascii_digit())
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn append_iterate_recover() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("journal");
+    let opts = options(MIB, 8 * MIB);
+    Journal::create(&dir, opts).unwrap();
+    {
+        let (journal, mut writer, report) = Journal::open(&dir, opts).unwrap();
+        assert_eq!(report.last_lsn, 0);
+        for i in 1..=200u64 {
+            let lsn = match i % 4 {
+                0 => writer.append(RecordKind::WriteZeroes, i * 4096, 8192, &[], 0),
+                1 => writer.append(RecordKind::Discard, i * 4096, 4096, &[], 0),
+                2 => writer.append(RecordKind::Marker, 0, 0, b"snap", 0),
+                _ => writer.append(RecordKind::Write, i * 512, 30_000 + i, &payload(i, 30_000 + i as usize), 0),
+            }
+            .map_err(|e| format!("{e:?}"))
+            .unwrap();
+            assert_eq!(lsn, i, "LSNs go up by one");
+            if i % 17 == 0 {
+                writer.commit(i % 34 == 0).unwrap();
+            }
+        }
+        writer.commit(true).unwrap();
+        assert_eq!(journal.synced_lsn(), 200);
+        let records = read_all(&journal, 1);
+        assert_eq!(records.len(), 200);
+        assert_eq!(read_all(&journal, 150)[0].header.lsn, 150);
+    }
+    let (journal, mut writer, report) = Journal::open(&dir, opts).unwrap();
+    assert_eq!(report.last_lsn, 200);
+    assert!(report.torn_tail.is_none());
+    assert!(report.segments > 1, "several segments were used");
+    let records = read_all(&journal, 1);
+    for (i, record) in (1..=200u64).zip(&records) {
+        assert_eq!(record.header.lsn, i);
+        if i % 4 == 3 {
+            assert_eq!(record.header.kind, RecordKind::Write);
+            assert_eq!(record.payload, payload(i, 30_000 + i as usize));
+        }
+    }
+    // Appending continues the LSN sequence after recovery, in the partial last block.
+    assert_eq!(writer.append(RecordKind::Write, 0, 3, b"abc", 0).map_err(|e| format!("{e:?}")).unwrap(), 201);
+    writer.commit(true).unwrap();
+    drop((journal, writer));
+    let (journal, _writer, report) = Journal::open(&dir, opts).unwrap();
+    assert_eq!(report.last_lsn, 201);
+    assert_eq!(read_all(&journal, 201)[0].payload, b"abc");
+}
+
+#[test]
+fn torn_tail_at_every_byte_offset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let opts = options(MIB, 4 * MIB);
+    Journal::create(&base, opts).unwrap();
+    let (last_position, last_len) = {
+        let (journal, mut writer, _) = Journal::open(&base, opts).unwrap();
+        for i in 1..=20u64 {
+            writer.append(RecordKind::Write, i * 4096, 100, &payload(i, 100), 0).map_err(|e| format!("{e:?}")).unwrap();
+        }
+        writer.commit(true).unwrap();
+        let before = journal.usage().used_bytes;
+        writer.append(RecordKind::Write, 0, 300, &payload(21, 300), 0).map_err(|e| format!("{e:?}")).unwrap();
+        writer.commit(false).unwrap();
+        let after = journal.usage().used_bytes;
+        (4096 + before, after - before)
+    };
+    let segment = segment_files(&base).pop().unwrap();
+    let original = std::fs::read(&segment).unwrap();
+    let work = tmp.path().join("work");
+    // Cut the last record at every byte: bytes from `cut` on never reached the disk.
+    assert_eq!(last_len, 368, "64-byte header + 300 bytes, aligned to 8");
+    for cut in 0..(64 + 300) {
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir(&work).unwrap();
+        let mut torn = original.clone();
+        for byte in &mut torn[(last_position + cut) as usize..(last_position + last_len) as usize] {
+            *byte = 0;
+        }
+        std::fs::write(work.join(segment.file_name().unwrap()), &torn).unwrap();
+        let (journal, mut writer, report) = Journal::open(&work, opts).unwrap();
+        assert_eq!(report.last_lsn, 20, "cut at byte {cut}: the torn record is dropped");
+        let records = read_all(&journal, 1);
+        assert_eq!(records.len(), 20);
+        assert_eq!(records[19].payload, payload(20, 100));
+        // The journal accepts new records after the cut and keeps them.
+        assert_eq!(writer.append(RecordKind::Write, 0, 5, b"after", 0).map_err(|e| format!("{e:?}")).unwrap(), 21);
+        writer.commit(true).unwrap();
+        drop((journal, writer));
+        let (journal, _, report) = Journal::open(&work, opts).unwrap();
+        assert_eq!(report.last_lsn, 21);
+        assert_eq!(read_all(&journal, 21)[0].payload, b"after");
+    }
+    // Untouched, the last record is there.
+    let (_, _, report) = Journal::open(&base, opts).unwrap();
+    assert_eq!(report.last_lsn, 21);
+}
+
+#[test]
+fn torn_commit_with_later_records_is_cut_not_called_corruption() {
+    // A multi-record commit that never synced: its middle record lost, a later one arrived.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("j");
+    let opts = options(MIB, 4 * MIB);
+    Journal::create(&dir, opts).unwrap();
+    let (journal, mut writer, _) = Journal::open(&dir, opts).unwrap();
+    writer.append(RecordKind::Write, 0, 100, &payload(1, 100), 0).map_err(|e| format!("{e:?}")).unwrap();
+    writer.commit(true).unwrap();
+    let start = 4096 + journal.usage().used_bytes;
+    for i in 2..=4u64 {
+        writer.append(RecordKind::Write, 0, 100, &payload(i, 100), 0).map_err(|e| format!("{e:?}")).unwrap();
+    }
+    writer.commit(false).unwrap();
+    drop((journal, writer));
+    let segment = segment_files(&dir).pop().unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(&segment).unwrap();
+    file.write_all_at(&[0u8; 40], start + 20).unwrap(); // damage LSN 2 only
+    let (journal, mut writer, report) = Journal::open(&dir, opts).unwrap();
+    assert_eq!(report.last_lsn, 1);
+    assert!(report.torn_tail.is_some());
+    // The unsynced LSNs 3 and 4 left behind must not come back after new appends.
+    writer.append(RecordKind::Write, 0, 100, &payload(9, 100), 0).map_err(|e| format!("{e:?}")).unwrap();
+    writer.commit(true).unwrap();
+    drop((journal, writer));
+    let (journal, _, report) = Journal::open(&dir, opts).unwrap();
+    assert_eq!(report.last_lsn, 2);
+    assert_eq!(read_all(&journal, 2)[0].payload, payload(9, 100));
+}
+
+#[test]
+fn flipped_bit_mid_journal_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = options(MIB, 8 * MIB);
+    let dir = tmp.path().join("j");
+    Journal::create(&dir, opts).unwrap();
+    let mut positions = Vec::new();
+    {
+        let (journal, mut writer, _) = Journal::open(&dir, opts).unwrap();
+        for i in 1..=40u64 {
+            positions.push(4096 + journal.usage().used_bytes);
+            writer.append(RecordKind::Write, 0, 200, &payload(i, 200), 0).map_err(|e| format!("{e:?}")).unwrap();
+            writer.commit(true).unwrap();
+        }
+    }
+    let segment = segment_files(&dir).pop().unwrap();
+    let pristine = std::fs::read(&segment).unwrap();
+    // In the last segment: a later record proves the damaged one was durable.
+    let mut damaged = pristine.clone();
+    damaged[positions[19] as usize + 64 + 50] ^= 0x04;
+    std::fs::write(&segment, &damaged).unwrap();
+    let error = Journal::open(&dir, opts).err().expect("corruption must not be accepted");
+    let text = error.to_string();
+    assert!(matches!(error, JournalError::Corrupt(_)), "{text}");
+    assert!(text.contains("expected record LSN 20"), "{text}");
+    assert!(text.contains(&format!("offset {}", positions[19])), "{text}");
+    assert!(text.contains(segment.file_name().unwrap().to_str().unwrap()), "{text}");
+    // Nothing was changed by the failed open.
+    assert_eq!(std::fs::read(&segment).unwrap(), damaged);
+    assert!(Journal::inspect(&dir).is_err());
+    std::fs::write(&segment, &pristine).unwrap();
+    assert_eq!(Journal::open(&dir, opts).unwrap().2.last_lsn, 40);
+}
+
+#[test]
+fn flipped_bit_in_sealed_segment_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = options(MIB, 8 * MIB);
+    let dir = tmp.path().join("j");
+    Journal::create(&dir, opts).unwrap();
+    {
+        let (_journal, mut writer, _) = Journal::open(&dir, opts).unwrap();
+        for i in 1..=600u64 {
+            writer.append(RecordKind::Write, 0, 4096, &payload(i, 4096), 0).map_err(|e| format!("{e:?}")).unwrap();
+        }
+        writer.commit(true).unwrap();
+    }
+    let files = segment_files(&dir);
+    assert!(files.len() >= 2);
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(&files[0]).unwrap();
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, 4096 * 40 + 999).unwrap();
+    file.write_all_at(&[byte[0] ^ 1], 4096 * 40 + 999).unwrap();
+    let text = Journal::open(&dir, opts).err().expect("corrupt").to_string();
+    assert!(text.contains("expected record LSN") && text.contains("next segment"), "{text}");
+}
+
+#[test]
+fn trimming_recycles_segments_and_stale_records_never_return() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("j");
+    let opts = options(MIB, 4 * MIB); // four segment files at most
+    Journal::create(&dir, opts).unwrap();
+    let (journal, mut writer, _) = Journal::open(&dir, opts).unwrap();
+    let mut lsn = 0;
+    // Forty segments' worth of records through four files.
+    for round in 0..40u64 {
+        for _ in 0..60 {
+            lsn = writer.append(RecordKind::Write, round * 4096, 16000, &payload(round, 16000), 0).map_err(|e| format!("{e:?}")).unwrap();
+        }
+        writer.commit(true).unwrap();
+        // Keep the last 100 records readable, trim the rest.
+        let keep_from = lsn.saturating_sub(100).max(1);
+        journal.trim_through(keep_from - 1).unwrap();
+        let files = std::fs::read_dir(&dir).unwrap().count();
+        assert!(files <= 4, "never more files than the capacity allows ({files})");
+        let records = read_all(&journal, keep_from.max(journal.first_lsn()));
+        assert_eq!(records.last().unwrap().header.lsn, lsn);
+    }
+    assert!(journal.first_lsn() > 1000);
+    let first = journal.first_lsn();
+    drop((journal, writer));
+    // Recovery over recycled files: stale records of earlier incarnations are ignored.
+    let (journal, mut writer, report) = Journal::open(&dir, opts).unwrap();
+    assert_eq!(report.last_lsn, lsn);
+    assert_eq!(report.first_lsn, first);
+    let records = read_all(&journal, first);
+    assert_eq!(records.len() as u64, lsn - first + 1);
+    // Reading a trimmed LSN is refused with a clear error.
+    assert!(matches!(JournalReader::new(journal.clone(), 1), Err(JournalError::NotRetained { .. })));
+
+    // Without trimming the journal fills up and says so instead of overwriting.
+    let mut full = false;
+    for _ in 0..1000 {
+        match writer.append(RecordKind::Write, 0, 16000, &payload(1, 16000), 0) {
+            Ok(_) => {}
+            Err(AppendError::JournalFull) => {
+                full = true;
+                break;
+            }
+            Err(AppendError::Failed(e)) => panic!("{e}"),
+        }
+    }
+    assert!(full && journal.is_full());
+    assert!(!writer.wait_for_space(Duration::from_millis(50)));
+    writer.commit(true).unwrap();
+    journal.trim_through(journal.synced_lsn()).unwrap();
+    assert!(writer.wait_for_space(Duration::from_millis(50)));
+    writer.append(RecordKind::Write, 0, 16000, &payload(1, 16000), 0).map_err(|e| format!("{e:?}")).unwrap();
+    assert!(!journal.is_full());
+}
+
+#[test]
+fn foreign_and_invalid_journals_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("j");
+    Journal::create(&dir, options(MIB, 4 * MIB)).unwrap();
+    let other = JournalOptions { journal_id: *b"another-journal!", ..options(MIB, 4 * MIB) };
+    let text = Journal::open(&dir, other).err().unwrap().to_string();
+    assert!(text.contains("belongs to another journal"), "{text}");
+    assert!(Journal::create(&tmp.path().join("k"), options(1000, 4 * MIB)).is_err());
+    assert!(Journal::create(&tmp.path().join("k"), options(MIB, MIB)).is_err());
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    assert!(Journal::open(&empty, options(MIB, 4 * MIB)).err().unwrap().to_string().contains("no segment files"));
+}
