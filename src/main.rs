@@ -1,1 +1,245 @@
-fn main(){}
+//! The `ublk-mirror` command line. Exit status: 0 success, 1 failure (the message on stderr
+//! says why), 2 invalid command line.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use ublk_mirror::journal::{Journal, JournalReader};
+use ublk_mirror::nbd::{NbdAddress, NbdServer};
+use ublk_mirror::size::parse_size;
+use ublk_mirror::volume::config::{CONTROL_SOCKET, JOURNAL_DIR};
+use ublk_mirror::volume::{CreateOptions, Volume};
+use ublk_mirror::{control, daemon, status};
+
+#[derive(Parser)]
+#[command(
+    name = "ublk-mirror",
+    version,
+    about = "Asynchronous block-level mirroring: a journaled virtual disk, replicated in order",
+    long_about = "ublk-mirror serves a virtual disk (a \"volume\") whose every write is first appended to a \
+journal and acknowledged at local-disk speed, then applied to the backing store in order.\n\n\
+Typical use:\n  ublk-mirror volume create --dir /var/lib/ublk-mirror/vol0 --name vol0 --size 10G\n  \
+ublk-mirror run --dir /var/lib/ublk-mirror/vol0 --nbd unix:/run/vol0.sock\n  \
+qemu-io -f raw nbd+unix:///vol0?socket=/run/vol0.sock\n  ublk-mirror status --dir /var/lib/ublk-mirror/vol0\n\n\
+Exit status: 0 success, 1 failure (stderr says why), 2 invalid command line.\n\
+Logging: RUST_LOG=debug (or info, warn) sets the detail written to stderr."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create and inspect volumes.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// Serve a volume until SIGTERM or SIGINT (then drain, flush and exit 0).
+    Run(RunArgs),
+    /// Show a volume's mode, LSNs and journal use (live if it is running).
+    Status(StatusArgs),
+    /// Read a volume's journal.
+    #[command(subcommand)]
+    Journal(JournalCommand),
+}
+
+#[derive(Subcommand)]
+enum VolumeCommand {
+    /// Create a volume's state directory: config, journal, state and identity (key and certificate).
+    ///
+    /// Prints the identity's certificate fingerprint on a line of its own (sha256:<64 hex digits>);
+    /// give it to the applier that will accept this volume's mirror.
+    Create(CreateArgs),
+}
+
+#[derive(Args)]
+struct CreateArgs {
+    /// State directory of the volume (created; must not exist or be empty).
+    #[arg(long)]
+    dir: PathBuf,
+    /// Volume name: also the NBD export name. Letters, digits, '.', '_' and '-'.
+    #[arg(long)]
+    name: String,
+    /// Device size, e.g. 10G (suffixes K, M, G, T: powers of 1024). A multiple of 512.
+    #[arg(long, value_parser = parse_size)]
+    size: u64,
+    /// Existing file or block device to hold the data; must be exactly --size bytes.
+    /// Default: a sparse DIR/data.img.
+    #[arg(long)]
+    backing: Option<PathBuf>,
+    /// Most disk space the journal may use (default 1G). Writes wait when it is full.
+    #[arg(long, value_parser = parse_size)]
+    journal_size: Option<u64>,
+    /// Size of each journal segment file (default: 64M, or a quarter of the journal if smaller).
+    #[arg(long, value_parser = parse_size)]
+    segment_size: Option<u64>,
+    /// Journaled-but-unapplied bytes kept in memory before writes wait (default 64M).
+    #[arg(long, value_parser = parse_size)]
+    pending_window: Option<u64>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// State directory of the volume.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Serve the volume over NBD at unix:PATH or tcp:HOST:PORT (repeatable). The export name is
+    /// the volume name.
+    #[arg(long = "nbd", value_name = "ADDRESS")]
+    nbd: Vec<String>,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// State directory of the volume.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Print JSON (field names are stable) instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum JournalCommand {
+    /// Print the journal's records (read-only; safe while the volume runs).
+    Dump(DumpArgs),
+}
+
+#[derive(Args)]
+struct DumpArgs {
+    /// State directory of the volume.
+    #[arg(long)]
+    dir: PathBuf,
+    /// First LSN to print (default: the oldest retained).
+    #[arg(long)]
+    from: Option<u64>,
+    /// Print at most this many records.
+    #[arg(long)]
+    limit: Option<u64>,
+    /// One JSON object per line: lsn, kind, offset, length, flags, timestamp_us, payload_crc32c.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let result = match cli.command {
+        Command::Volume(VolumeCommand::Create(args)) => create(args),
+        Command::Run(args) => run(args),
+        Command::Status(args) => show_status(args),
+        Command::Journal(JournalCommand::Dump(args)) => dump(args),
+    };
+    if let Err(error) = result {
+        eprintln!("ublk-mirror: error: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn create(args: CreateArgs) -> Result<()> {
+    let options = CreateOptions {
+        name: args.name,
+        size: args.size,
+        backing: args.backing,
+        journal_size: args.journal_size,
+        segment_size: args.segment_size,
+        pending_window: args.pending_window,
+    };
+    let created = Volume::create(&args.dir, &options).with_context(|| format!("create volume in {}", args.dir.display()))?;
+    let config = &created.config;
+    println!("created volume {} ({})", config.name, config.uuid);
+    println!("  size     {} bytes", config.size);
+    println!("  backing  {}", config.backing.display());
+    println!("  journal  {} bytes in segments of {} bytes", config.journal.capacity, config.journal.segment_size);
+    println!("certificate fingerprint:");
+    println!("{}", created.fingerprint);
+    Ok(())
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    if args.nbd.is_empty() {
+        bail!("nothing to serve: give at least one --nbd unix:PATH or --nbd tcp:HOST:PORT");
+    }
+    let addresses = args.nbd.iter().map(|a| a.parse::<NbdAddress>()).collect::<Result<Vec<_>, _>>()?;
+    let signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT]).context("install signal handlers")?;
+    let volume = Arc::new(Volume::open(&args.dir).with_context(|| format!("open volume {}", args.dir.display()))?);
+    let name = volume.config().name.clone();
+    let server = NbdServer::start(&addresses, volume.clone(), &name)?;
+    let exports: Vec<String> = server.bound_addresses().iter().map(|a| a.to_string()).collect();
+    let status_volume = volume.clone();
+    let status_exports = exports.clone();
+    let control = control::ControlServer::start(
+        &args.dir.join(CONTROL_SOCKET),
+        Arc::new(move |command: &str| match command {
+            "status" => serde_json::to_value(status::live(&status_volume, &status_exports)).unwrap_or_default(),
+            other => serde_json::json!({ "error": format!("unknown request {other:?}") }),
+        }),
+    )
+    .context("start control socket")?;
+    tracing::info!(volume = %name, exports = ?exports, "serving");
+    daemon::notify(&format!("READY=1\nSTATUS=serving {name} on {}", exports.join(", ")));
+    let mut signals = signals;
+    let signal = signals.forever().next().unwrap_or(signal_hook::consts::SIGTERM);
+    tracing::info!(signal, "stopping: draining requests, flushing the journal");
+    daemon::notify("STOPPING=1");
+    server.shutdown();
+    drop(control);
+    volume.shutdown().context("shut down volume")?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+fn show_status(args: StatusArgs) -> Result<()> {
+    let socket = args.dir.join(CONTROL_SOCKET);
+    let status = if ublk_mirror::volume::is_locked(&args.dir) {
+        let value = control::request(&socket, "status").with_context(|| {
+            format!("volume {} is in use but its control socket {} does not answer", args.dir.display(), socket.display())
+        })?;
+        serde_json::from_value::<status::Status>(value).context("parse status from the running volume")?
+    } else {
+        status::offline(&args.dir).with_context(|| format!("read volume {}", args.dir.display()))?
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", status::render_text(&status));
+    }
+    Ok(())
+}
+
+fn dump(args: DumpArgs) -> Result<()> {
+    let dir: &Path = &args.dir.join(JOURNAL_DIR);
+    if !args.dir.join(ublk_mirror::volume::config::CONFIG_FILE).exists() {
+        bail!("{} holds no volume", args.dir.display());
+    }
+    let (journal, report) = Journal::open_read_only(dir).with_context(|| format!("read journal {}", dir.display()))?;
+    let mut reader = JournalReader::new(journal, args.from.unwrap_or(report.first_lsn))?;
+    let mut printed = 0;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    use std::io::Write;
+    while let Some(record) = reader.next_record()? {
+        if args.limit.is_some_and(|limit| printed >= limit) {
+            break;
+        }
+        let h = record.header;
+        let crc = crc32c::crc32c(&record.payload);
+        if args.json {
+            let line = serde_json::json!({
+                "lsn": h.lsn, "kind": h.kind.name(), "offset": h.offset, "length": h.length,
+                "flags": h.flags, "timestamp_us": h.timestamp_us, "payload_crc32c": format!("{crc:08x}"),
+            });
+            writeln!(out, "{line}")?;
+        } else {
+            writeln!(out, "{:>10} {:<12} offset {:>14} length {:>10} flags {:#x} crc32c {crc:08x}", h.lsn, h.kind.name(), h.offset, h.length, h.flags)?;
+        }
+        printed += 1;
+    }
+    Ok(())
+}

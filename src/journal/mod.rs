@@ -166,6 +166,24 @@ impl Journal {
         Ok((journal, writer, report))
     }
 
+    /// Opens the journal in `dir` for reading only: no repair, no writer (for dump tools).
+    pub fn open_read_only(dir: &Path) -> Result<(Arc<Journal>, RecoveryReport), JournalError> {
+        let recovered = recovery::recover(dir, None, RecoveryMode::Inspect)?;
+        let report = recovered.report.clone();
+        let files = (report.segments + report.spare_segments).max(2) as u64;
+        let options = JournalOptions { segment_size: report.segment_size, capacity: files * report.segment_size, journal_id: recovered.active_header.journal_id };
+        let journal = Arc::new(Journal {
+            dir: dir.to_path_buf(),
+            options,
+            table: Mutex::new(SegmentTable { retained: recovered.retained, spare: recovered.spare }),
+            space_freed: Condvar::new(),
+            written_lsn: AtomicU64::new(report.last_lsn),
+            synced_lsn: AtomicU64::new(report.last_lsn),
+            full: AtomicBool::new(false),
+        });
+        Ok((journal, report))
+    }
+
     /// Scans the journal in `dir` without changing anything (for status and dump).
     pub fn inspect(dir: &Path) -> Result<RecoveryReport, JournalError> {
         Ok(recovery::recover(dir, None, RecoveryMode::Inspect)?.report)

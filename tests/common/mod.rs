@@ -1,0 +1,137 @@
+//! Helpers shared by the integration tests: run the real binary, talk NBD to it.
+#![allow(dead_code)]
+
+pub mod nbd_client;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ublk-mirror")
+}
+
+/// Runs the binary to completion.
+pub fn cli(args: &[&str]) -> Output {
+    Command::new(bin()).args(args).output().expect("run ublk-mirror")
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Fails the test loudly when an external tool the test needs is missing.
+pub fn require_tool(tool: &str, package: &str) {
+    let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map(|o| o.status.success()).unwrap_or(false);
+    assert!(found, "this test needs `{tool}`: install it with `apt-get install -y {package}` (.ci/run does)");
+}
+
+pub fn create_volume(dir: &Path, name: &str, size: &str, extra: &[&str]) -> String {
+    let mut args = vec!["volume", "create", "--dir", dir.to_str().unwrap(), "--name", name, "--size", size];
+    args.extend_from_slice(extra);
+    let output = cli(&args);
+    assert!(output.status.success(), "volume create failed: {}", stderr(&output));
+    stdout(&output)
+}
+
+/// A `ublk-mirror run` process serving NBD on a Unix socket; killed (SIGKILL) when dropped.
+pub struct Served {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub dir: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Served {
+    pub fn start(dir: &Path, env: &[(&str, &str)]) -> Served {
+        let socket = dir.with_extension("sock");
+        let log = dir.with_extension(format!("log.{}", std::process::id()));
+        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let mut command = Command::new(bin());
+        command
+            .args(["run", "--dir", dir.to_str().unwrap(), "--nbd", &format!("unix:{}", socket.display())])
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let child = command.spawn().expect("start ublk-mirror run");
+        let mut served = Served { child, socket, dir: dir.to_path_buf(), log };
+        served.wait_ready();
+        served
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("run exited early ({status}): {}", std::fs::read_to_string(&self.log).unwrap_or_default());
+            }
+            if self.dir.join("control.sock").exists() && std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("run did not become ready: {}", std::fs::read_to_string(&self.log).unwrap_or_default());
+    }
+
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.socket.display())
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait (bounded); returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        unsafe_kill(self.child.id(), libc_sigterm());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("run did not stop within 60 s after SIGTERM");
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+fn libc_sigterm() -> &'static str {
+    "TERM"
+}
+
+fn unsafe_kill(pid: u32, signal: &str) {
+    let _ = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status();
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn status_json(dir: &Path) -> serde_json::Value {
+    let output = cli(&["status", "--dir", dir.to_str().unwrap(), "--json"]);
+    assert!(output.status.success(), "status failed: {}", stderr(&output));
+    serde_json::from_slice(&output.stdout).expect("status --json prints JSON")
+}
+
+pub fn qemu_io(uri: &str, commands: &[&str]) -> Output {
+    let mut command = Command::new("qemu-io");
+    command.args(["-f", "raw", uri]);
+    for c in commands {
+        command.args(["-c", c]);
+    }
+    command.output().expect("run qemu-io")
+}
