@@ -117,10 +117,8 @@ impl Write for Stream {
     }
 }
 
-struct Connections {
-    streams: Vec<Stream>,
-    threads: Vec<JoinHandle<()>>,
-}
+/// Live connections: a handle on each socket (to stop reading at shutdown) and its thread.
+type Connections = Vec<(Stream, JoinHandle<()>)>;
 
 /// A running NBD export; [`NbdServer::shutdown`] stops it and drains its connections.
 pub struct NbdServer {
@@ -135,7 +133,7 @@ impl NbdServer {
     /// Binds every address and starts accepting clients for `volume`, exported under `export_name`.
     pub fn start(addresses: &[NbdAddress], volume: Arc<Volume>, export_name: &str) -> Result<NbdServer, NbdError> {
         let stopping = Arc::new(AtomicBool::new(false));
-        let connections = Arc::new(Mutex::new(Connections { streams: Vec::new(), threads: Vec::new() }));
+        let connections: Arc<Mutex<Connections>> = Arc::new(Mutex::new(Vec::new()));
         let mut accept_threads = Vec::new();
         let mut bound = Vec::new();
         for address in addresses {
@@ -197,15 +195,12 @@ impl NbdServer {
         for thread in self.accept_threads.drain(..) {
             let _ = thread.join();
         }
-        let (streams, threads) = {
-            let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
-            (std::mem::take(&mut connections.streams), std::mem::take(&mut connections.threads))
-        };
+        let connections = std::mem::take(&mut *self.connections.lock().unwrap_or_else(|p| p.into_inner()));
         // No new requests are read; those already read complete and are answered.
-        for stream in &streams {
+        for (stream, _) in &connections {
             stream.shutdown(std::net::Shutdown::Read);
         }
-        for thread in threads {
+        for (_, thread) in connections {
             let _ = thread.join();
         }
         for address in &self.addresses {
@@ -246,9 +241,8 @@ fn accept_loop(listener: Listener, volume: Arc<Volume>, export_name: String, sto
         });
         if let Ok(thread) = thread {
             let mut connections = connections.lock().unwrap_or_else(|p| p.into_inner());
-            connections.threads.retain(|t| !t.is_finished());
-            connections.streams.push(control);
-            connections.threads.push(thread);
+            connections.retain(|(_, t)| !t.is_finished());
+            connections.push((control, thread));
         }
     }
 }
@@ -279,6 +273,14 @@ fn is_our_export(name: &str, export_name: &str) -> bool {
 }
 
 fn serve_connection(stream: Stream, volume: &Arc<Volume>, export_name: &str) -> Result<(), NbdError> {
+    let closer = stream.try_clone().map_err(io_error("clone socket"))?;
+    let result = serve_stream(stream, volume, export_name);
+    // Other handles on the socket exist (for shutdown): make the client see the close now.
+    closer.shutdown(std::net::Shutdown::Both);
+    result
+}
+
+fn serve_stream(stream: Stream, volume: &Arc<Volume>, export_name: &str) -> Result<(), NbdError> {
     let mut reader = BufReader::with_capacity(256 << 10, stream.try_clone().map_err(io_error("clone socket"))?);
     let mut writer = BufWriter::with_capacity(256 << 10, stream);
     if !negotiate(&mut reader, &mut writer, volume, export_name)? {
