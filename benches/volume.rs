@@ -1,1 +1,242 @@
-fn main(){}
+//! Volume benchmark (`cargo bench --bench volume`): prints a table, asserts nothing.
+//!
+//! 1. Journal append throughput (group commit, recycled segments) against a plain sequential
+//!    O_DIRECT write of the same bytes to a preallocated file, on the same file system.
+//! 2. fio (nbd engine) through `ublk-mirror run --nbd` against `qemu-nbd` serving a raw file of
+//!    the same size: 4 KiB random writes at QD32 (a short burst and a run long enough to fill
+//!    the pending window) and 1 MiB sequential writes.
+//!
+//! BENCH_SECONDS scales the fio runs (default 15; the sustained run is 4x that).
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ublk_mirror::fsutil::{self, AlignedBuffer};
+use ublk_mirror::journal::{Journal, JournalOptions, RecordKind};
+
+const GIB: u64 = 1 << 30;
+
+fn main() {
+    let seconds: u64 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(15);
+    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-volume");
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    println!("ublk-mirror volume benchmark (files under {}; one run, same file system)", base.display());
+    println!();
+
+    let mut rows: Vec<(String, String, String, String)> = Vec::new();
+    let plain = plain_direct_write(&base.join("plain.img"), GIB);
+    for record_size in [4096usize, 1 << 20] {
+        let journal = journal_append(&base.join(format!("journal-{record_size}")), GIB, record_size);
+        rows.push((
+            format!("journal append, {} records", human(record_size as u64)),
+            format!("{journal:.0} MB/s"),
+            format!("{plain:.0} MB/s (plain O_DIRECT 1M writes)"),
+            format!("{:.2}x", journal / plain),
+        ));
+    }
+
+    for tool in ["fio", "qemu-nbd"] {
+        let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).status().map(|s| s.success()).unwrap_or(false);
+        assert!(found, "the benchmark needs {tool}: apt-get install -y fio qemu-utils");
+    }
+    let jobs = [
+        ("4K randwrite QD32 burst", "randwrite", "4k", 32, seconds),
+        ("4K randwrite QD32 sustained", "randwrite", "4k", 32, seconds * 4),
+        ("1M seq write QD4", "write", "1m", 4, seconds),
+    ];
+    for (label, rw, bs, depth, runtime) in jobs {
+        let ours = {
+            let dir = base.join("vol");
+            let _ = std::fs::remove_dir_all(&dir);
+            let created = Command::new(env!("CARGO_BIN_EXE_ublk-mirror"))
+                .args(["volume", "create", "--dir", dir.to_str().unwrap(), "--name", "bench", "--size", "1G"])
+                .output()
+                .unwrap();
+            assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+            let socket = base.join("vol.sock");
+            let server = Server::start(
+                Command::new(env!("CARGO_BIN_EXE_ublk-mirror")).args(["run", "--dir", dir.to_str().unwrap(), "--nbd", &format!("unix:{}", socket.display())]),
+                &socket,
+            );
+            let sampler = PendingSampler::start(&dir);
+            let result = fio(&base, &format!("nbd+unix:///bench?socket={}", socket.display()), rw, bs, depth, runtime);
+            let peak_pending = sampler.stop();
+            drop(server);
+            (result, peak_pending)
+        };
+        let theirs = {
+            let image = base.join("qemu.img");
+            let _ = std::fs::remove_file(&image);
+            OpenOptions::new().write(true).create(true).truncate(true).open(&image).unwrap().set_len(GIB).unwrap();
+            let socket = base.join("qemu.sock");
+            let server = Server::start(
+                Command::new("qemu-nbd").args(["--socket", socket.to_str().unwrap(), "--format=raw", "--shared=8", "--persistent", "--export-name=bench", image.to_str().unwrap()]),
+                &socket,
+            );
+            let result = fio(&base, &format!("nbd+unix:///bench?socket={}", socket.display()), rw, bs, depth, runtime);
+            drop(server);
+            result
+        };
+        let (ours, peak_pending) = ours;
+        let unit = |r: &FioResult| if bs == "4k" { format!("{:.0} IOPS", r.iops) } else { format!("{:.0} MB/s", r.bandwidth / 1e6) };
+        rows.push((
+            format!("NBD {label} {runtime}s (peak pending {})", human(peak_pending)),
+            unit(&ours),
+            format!("{} (qemu-nbd)", unit(&theirs)),
+            format!("{:.2}x", ours.iops / theirs.iops),
+        ));
+    }
+
+    println!("{:<58} {:>14} {:>40} {:>7}", "measure", "ublk-mirror", "baseline", "ratio");
+    for (what, ours, baseline, ratio) in rows {
+        println!("{what:<58} {ours:>14} {baseline:>40} {ratio:>7}");
+    }
+    println!();
+    println!("targets: journal append >= 0.9x plain O_DIRECT; NBD 4K random-write IOPS >= 0.9x qemu-nbd");
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+fn human(bytes: u64) -> String {
+    ublk_mirror::size::format_size(bytes)
+}
+
+/// Sequential 1 MiB O_DIRECT writes over a preallocated file, then one fdatasync.
+fn plain_direct_write(path: &Path, total: u64) -> f64 {
+    fsutil::create_zero_filled(path, total).unwrap();
+    let file = OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path).unwrap();
+    let mut buffer = AlignedBuffer::new(1 << 20);
+    buffer.iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
+    let started = Instant::now();
+    let mut offset = 0;
+    while offset < total {
+        file.write_all_at(&buffer, offset).unwrap();
+        offset += buffer.len() as u64;
+    }
+    file.sync_data().unwrap();
+    let rate = total as f64 / started.elapsed().as_secs_f64() / 1e6;
+    let _ = std::fs::remove_file(path);
+    rate
+}
+
+/// Appends `total` payload bytes in records of `record_size` into recycled segments, then syncs.
+fn journal_append(dir: &Path, total: u64, record_size: usize) -> f64 {
+    let options = JournalOptions { segment_size: 64 << 20, capacity: total + (256 << 20), journal_id: [7; 16] };
+    Journal::create(dir, options).unwrap();
+    let (journal, mut writer, _) = Journal::open(dir, options).unwrap();
+    let payload = vec![0x5au8; record_size];
+    let mut fill = |bytes: u64| {
+        let mut written = 0;
+        while written < bytes {
+            match writer.append(RecordKind::Write, 0, record_size as u64, &payload, 0) {
+                Ok(_) => written += record_size as u64,
+                Err(error) => panic!("append: {error:?}"),
+            }
+        }
+        writer.commit(true).unwrap();
+    };
+    // Warm up: create every segment once and trim them, so the measured pass reuses files
+    // exactly as a long-running volume does.
+    fill(total);
+    journal.trim_through(journal.synced_lsn()).unwrap();
+    let started = Instant::now();
+    fill(total);
+    let rate = total as f64 / started.elapsed().as_secs_f64() / 1e6;
+    drop(journal);
+    let _ = std::fs::remove_dir_all(dir);
+    rate
+}
+
+struct Server(Child);
+
+impl Server {
+    fn start(command: &mut Command, socket: &Path) -> Server {
+        let _ = std::fs::remove_file(socket);
+        let child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start server");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            assert!(Instant::now() < deadline, "server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Server(child)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.0.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct FioResult {
+    iops: f64,
+    bandwidth: f64,
+}
+
+fn fio(base: &Path, uri: &str, rw: &str, bs: &str, depth: u32, runtime: u64) -> FioResult {
+    let output = base.join("fio.json");
+    let status = Command::new("fio")
+        .args([
+            "--name=bench",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            &format!("--rw={rw}"),
+            &format!("--bs={bs}"),
+            &format!("--iodepth={depth}"),
+            "--size=1g",
+            "--time_based",
+            &format!("--runtime={runtime}"),
+            "--randrepeat=0",
+            "--output-format=json",
+            &format!("--output={}", output.display()),
+        ])
+        .stdout(Stdio::null())
+        .status()
+        .expect("run fio");
+    assert!(status.success(), "fio failed");
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&output).unwrap()).unwrap();
+    let write = &json["jobs"][0]["write"];
+    FioResult { iops: write["iops"].as_f64().unwrap_or(0.0), bandwidth: write["bw_bytes"].as_f64().unwrap_or(0.0) }
+}
+
+/// Samples the volume's pending bytes (journaled, not yet applied) during a run.
+struct PendingSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl PendingSampler {
+    fn start(dir: &Path) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let socket = dir.join("control.sock");
+        let thread = std::thread::spawn(move || {
+            let mut peak = 0;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(status) = ublk_mirror::control::request(&socket, "status") {
+                    peak = peak.max(status["volume"]["pending_bytes"].as_u64().unwrap_or(0));
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            peak
+        });
+        PendingSampler { stop, thread }
+    }
+
+    fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or(0)
+    }
+}

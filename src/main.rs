@@ -14,6 +14,11 @@ use ublk_mirror::volume::config::{CONTROL_SOCKET, JOURNAL_DIR};
 use ublk_mirror::volume::{CreateOptions, Volume};
 use ublk_mirror::{control, daemon, status};
 
+// Payload buffers are allocated on connection threads and freed on the applier thread; glibc's
+// per-thread arenas answer that pattern with constant heap growing and trimming (mprotect).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "ublk-mirror",

@@ -466,8 +466,12 @@ fn read_requests(reader: &mut impl Read, volume: &Arc<Volume>, replies: &mpsc::S
                 if length > max_io {
                     return Err(NbdError::Protocol(format!("write of {length} bytes exceeds the advertised maximum {max_io}")));
                 }
-                let mut data = vec![0u8; length as usize];
-                reader.read_exact(&mut data).map_err(io_error("read write payload"))?;
+                // Read straight into fresh capacity (no zero-fill of bytes about to be overwritten).
+                let mut data = Vec::with_capacity(length as usize);
+                reader.by_ref().take(length).read_to_end(&mut data).map_err(io_error("read write payload"))?;
+                if data.len() as u64 != length {
+                    return Err(NbdError::Protocol(format!("connection closed inside a {length}-byte write payload")));
+                }
                 if !in_range {
                     send(ENOSPC, None);
                     continue;
