@@ -4,7 +4,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 
 /// A zeroed heap buffer aligned for O_DIRECT.
@@ -59,19 +59,6 @@ impl Drop for AlignedBuffer {
         let layout = std::alloc::Layout::from_size_align(self.len, DIRECT_ALIGN).expect("valid layout");
         // SAFETY: allocated in new() with this exact layout and not freed before.
         unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) }
-    }
-}
-
-/// Opens a file read-write with O_DIRECT, falling back to buffered I/O on file systems that
-/// refuse O_DIRECT (older tmpfs). The flag says which one was granted.
-pub fn open_direct(path: &Path) -> io::Result<(File, bool)> {
-    match OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(path) {
-        Ok(file) => Ok((file, true)),
-        Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
-            tracing::warn!(path = %path.display(), "file system refuses O_DIRECT; using buffered I/O with fdatasync");
-            Ok((OpenOptions::new().read(true).write(true).open(path)?, false))
-        }
-        Err(error) => Err(error),
     }
 }
 

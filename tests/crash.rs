@@ -120,7 +120,14 @@ fn check_after_crash(dir: &Path, log: &ClientLog, label: &str) {
     }
     // Every write covered by a completed FLUSH survived.
     for id in &log.acked[..log.durable] {
-        assert!(lsn_of.contains_key(id), "{label}: flushed write {id} lost");
+        assert!(
+            lsn_of.contains_key(id),
+            "{label}: flushed write {id} lost (journal holds LSN 1..={}, {} flushes completed, durable prefix {} of {} acks)",
+            writes.len(),
+            log.flushes,
+            log.durable,
+            log.acked.len()
+        );
     }
     // Prefix: a write acknowledged before another was sent precedes it in the journal.
     let mut max_lsn_of_first = vec![0u64; log.acked.len() + 1];
@@ -143,7 +150,12 @@ fn check_after_crash(dir: &Path, log: &ClientLog, label: &str) {
         let bytes = &backing[(block as usize) * BLOCK..(block as usize + 1) * BLOCK];
         if bytes.iter().any(|&b| b != 0) {
             let id = u64::from_le_bytes(bytes[0..8].try_into().unwrap());
-            assert!(lsn_of.contains_key(&id), "{label}: backing block {block} holds write {id}, which the journal lacks");
+            assert!(
+                lsn_of.contains_key(&id),
+                "{label}: backing block {block} holds write {id}, which the journal lacks (journal holds {} writes, last id {:?})",
+                writes.len(),
+                writes.last().map(|w| w.id)
+            );
             assert_eq!(bytes, payload(id, block).as_slice(), "{label}: backing block {block} is torn");
         }
     }
@@ -206,7 +218,8 @@ fn power_cut_dropping_unsynced_journal_bytes_leaves_a_prefix() {
         let status = served.child.wait().unwrap();
         assert!(!status.success(), "the failpoint killed the server");
         assert!(served.log_text().contains("simulating a power cut"), "{}", served.log_text());
-        check_after_crash(&dir, &log, &format!("power cut seed {seed}"));
+        let label = format!("power cut seed {seed} (server log: {})", served.log_text().lines().last().unwrap_or_default());
+        check_after_crash(&dir, &log, &label);
         let journaled = journal_writes(&dir).len();
         eprintln!("power cut seed {seed}: {} acked, {} flushed, {journaled} journaled", log.acked.len(), log.durable);
         dropped_acknowledged += log.acked.len().saturating_sub(journaled);

@@ -106,8 +106,16 @@ struct SegmentEntry {
 struct SegmentTable {
     /// Retained segments in LSN order; the last one is active.
     retained: Vec<SegmentEntry>,
-    /// Trimmed files waiting to be reused (named `free-*.seg`).
+    /// Trimmed or prepared files waiting to be used (named `free-*.seg`).
     spare: Vec<PathBuf>,
+    /// A spare file is being created in the background (it counts toward the cap).
+    preparing: bool,
+}
+
+impl SegmentTable {
+    fn files(&self) -> usize {
+        self.retained.len() + self.spare.len() + usize::from(self.preparing)
+    }
 }
 
 /// What the journal currently holds (for status).
@@ -133,6 +141,8 @@ pub struct Journal {
     synced_lsn: AtomicU64,
     /// True while the writer waits for a trim to free a segment.
     full: AtomicBool,
+    /// The active segment, for [`Journal::sync`] from other threads.
+    active_file: Mutex<Option<Arc<File>>>,
 }
 
 impl Journal {
@@ -156,13 +166,15 @@ impl Journal {
         let journal = Arc::new(Journal {
             dir: dir.to_path_buf(),
             options,
-            table: Mutex::new(SegmentTable { retained: recovered.retained, spare: recovered.spare }),
+            table: Mutex::new(SegmentTable { retained: recovered.retained, spare: recovered.spare, preparing: false }),
             space_freed: Condvar::new(),
             written_lsn: AtomicU64::new(report.last_lsn),
             synced_lsn: AtomicU64::new(report.last_lsn),
             full: AtomicBool::new(false),
+            active_file: Mutex::new(None),
         });
         let writer = JournalWriter::new(journal.clone(), &last.path, recovered.active_header, last.end, next_lsn)?;
+        start_segment_preparer(&journal);
         Ok((journal, writer, report))
     }
 
@@ -175,11 +187,12 @@ impl Journal {
         let journal = Arc::new(Journal {
             dir: dir.to_path_buf(),
             options,
-            table: Mutex::new(SegmentTable { retained: recovered.retained, spare: recovered.spare }),
+            table: Mutex::new(SegmentTable { retained: recovered.retained, spare: recovered.spare, preparing: false }),
             space_freed: Condvar::new(),
             written_lsn: AtomicU64::new(report.last_lsn),
             synced_lsn: AtomicU64::new(report.last_lsn),
             full: AtomicBool::new(false),
+            active_file: Mutex::new(None),
         });
         Ok((journal, report))
     }
@@ -203,6 +216,27 @@ impl Journal {
 
     pub fn synced_lsn(&self) -> u64 {
         self.synced_lsn.load(Ordering::Acquire)
+    }
+
+    /// Makes every record written so far durable (fdatasync of the active segment; sealed
+    /// segments were synced when they were sealed). Safe to call from any thread while the
+    /// writer appends. Returns the LSN now known durable.
+    pub fn sync(&self) -> Result<u64, JournalError> {
+        // Read the target before taking the file: a record in a newer segment than the file we
+        // get was written after the writer switched files, so after this snapshot.
+        let target = self.written_lsn();
+        if target <= self.synced_lsn() {
+            return Ok(self.synced_lsn());
+        }
+        let file = self.active_file.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(file) = file {
+            file.sync_data().map_err(io_error("sync journal segment"))?;
+        }
+        // Published under the table lock: the power-cut failpoint holds it while it decides
+        // what was durable, so no sync can complete (and acknowledge a FLUSH) meanwhile.
+        let _table = self.lock_table();
+        self.synced_lsn.fetch_max(target, Ordering::AcqRel);
+        Ok(self.synced_lsn())
     }
 
     pub fn is_full(&self) -> bool {
@@ -310,7 +344,7 @@ impl From<JournalError> for AppendError {
 pub struct JournalWriter {
     journal: Arc<Journal>,
     ring: uring::CommitRing,
-    file: File,
+    file: Arc<File>,
     header: SegmentHeader,
     segment_path: PathBuf,
     /// Block-aligned file offset that `buffer[0]` will be written to.
@@ -322,12 +356,12 @@ pub struct JournalWriter {
     committed_len: usize,
     next_lsn: u64,
     last_written_lsn: u64,
-    synced_lsn: u64,
 }
 
 impl JournalWriter {
     fn new(journal: Arc<Journal>, path: &Path, header: SegmentHeader, end: u64, next_lsn: u64) -> Result<Self, JournalError> {
-        let (file, _direct) = fsutil::open_direct(path).map_err(io_error(format!("open {}", path.display())))?;
+        let file = open_segment_for_writing(path)?;
+        *journal.active_file.lock().unwrap_or_else(|p| p.into_inner()) = Some(file.clone());
         let mut writer = JournalWriter {
             ring: uring::CommitRing::new().map_err(io_error("create io_uring for the journal"))?,
             file,
@@ -339,7 +373,6 @@ impl JournalWriter {
             committed_len: 0,
             next_lsn,
             last_written_lsn: next_lsn - 1,
-            synced_lsn: next_lsn - 1,
             journal,
         };
         writer.load_tail(end)?;
@@ -353,9 +386,7 @@ impl JournalWriter {
         self.buffer[..BLOCK_SIZE].fill(0);
         if partial > 0 {
             let mut block = vec![0u8; BLOCK_SIZE];
-            // Read through a buffered descriptor: the writer's own may be O_DIRECT.
-            let plain = File::open(&self.segment_path).map_err(io_error(format!("open {}", self.segment_path.display())))?;
-            plain.read_exact_at(&mut block, block_start).map_err(io_error(format!("read tail of {}", self.segment_path.display())))?;
+            self.file.read_exact_at(&mut block, block_start).map_err(io_error(format!("read tail of {}", self.segment_path.display())))?;
             self.buffer[..partial].copy_from_slice(&block[..partial]);
         }
         self.buffer_file_offset = block_start;
@@ -374,7 +405,12 @@ impl JournalWriter {
     }
 
     pub fn synced_lsn(&self) -> u64 {
-        self.synced_lsn
+        self.journal.synced_lsn()
+    }
+
+    /// LSN of the last record written to the segment files.
+    pub fn written_lsn(&self) -> u64 {
+        self.last_written_lsn
     }
 
     /// Bytes staged but not yet written.
@@ -409,7 +445,7 @@ impl JournalWriter {
             offset,
             length,
             payload_len: payload.len() as u32,
-            synced_lsn: self.synced_lsn,
+            synced_lsn: self.journal.synced_lsn(),
             timestamp_us: fsutil::now_micros(),
         };
         let start = self.buffer_len;
@@ -421,11 +457,12 @@ impl JournalWriter {
         Ok(lsn)
     }
 
-    /// Writes everything staged (one write, padded to whole blocks) and, if `sync`, makes the
-    /// journal durable through the last staged record.
+    /// Writes everything staged (one write through the page cache, padded to whole blocks)
+    /// and, if `sync`, makes the journal durable through the last staged record. Without
+    /// `sync`, [`Journal::sync`] (from any thread) makes it durable later.
     pub fn commit(&mut self, sync: bool) -> Result<(), JournalError> {
         let staged = self.staged_bytes() > 0;
-        if !staged && (!sync || self.synced_lsn == self.last_written_lsn) {
+        if !staged && (!sync || self.journal.synced_lsn() >= self.last_written_lsn) {
             return Ok(());
         }
         if crate::failpoint::hit("journal-power-cut-before-commit") {
@@ -440,8 +477,7 @@ impl JournalWriter {
         self.last_written_lsn = self.next_lsn - 1;
         self.journal.written_lsn.store(self.last_written_lsn, Ordering::Release);
         if sync {
-            self.synced_lsn = self.last_written_lsn;
-            self.journal.synced_lsn.store(self.synced_lsn, Ordering::Release);
+            self.journal.synced_lsn.fetch_max(self.last_written_lsn, Ordering::AcqRel);
         }
         let end = self.position();
         {
@@ -465,7 +501,7 @@ impl JournalWriter {
     /// process dies without any cleanup.
     fn simulate_power_cut(&mut self) -> ! {
         let table = self.journal.lock_table();
-        let synced_lsn = self.synced_lsn;
+        let synced_lsn = self.journal.synced_lsn();
         tracing::error!(synced_lsn, "failpoint: simulating a power cut (dropping unsynced journal bytes)");
         // Records after synced_lsn are in the active segment (rolling a segment syncs it).
         if let Ok(plain) = std::fs::OpenOptions::new().read(true).write(true).open(&self.segment_path) {
@@ -492,7 +528,9 @@ impl JournalWriter {
                 let _ = plain.sync_data();
             }
         }
-        drop(table);
+        // Die holding the table lock: a sync that finished meanwhile must not be published
+        // (and acknowledge a FLUSH) after we zeroed what it covered.
+        let _frozen = table;
         std::process::abort();
     }
 
@@ -502,8 +540,7 @@ impl JournalWriter {
         let path = self.journal.dir.join(segment_file_name(next_first));
         let spare = {
             let mut table = self.journal.lock_table();
-            let in_use = table.retained.len() + table.spare.len();
-            if table.spare.is_empty() && in_use >= self.journal.options.max_segments() {
+            if table.spare.is_empty() && table.files() >= self.journal.options.max_segments() {
                 self.journal.full.store(true, Ordering::Release);
                 return Err(AppendError::JournalFull);
             }
@@ -527,7 +564,8 @@ impl JournalWriter {
             }
         };
         fsutil::sync_dir(&self.journal.dir).map_err(io_error(format!("sync {}", self.journal.dir.display())))?;
-        let (file, _direct) = fsutil::open_direct(&path).map_err(io_error(format!("open {}", path.display())))?;
+        let file = open_segment_for_writing(&path)?;
+        *self.journal.active_file.lock().unwrap_or_else(|p| p.into_inner()) = Some(file.clone());
         self.file = file;
         self.header = header;
         self.segment_path = path.clone();
@@ -539,7 +577,7 @@ impl JournalWriter {
     /// Waits until a trim frees a segment or `timeout` passes; true if space may be available.
     pub fn wait_for_space(&self, timeout: Duration) -> bool {
         let table = self.journal.lock_table();
-        let has_space = |t: &SegmentTable| !t.spare.is_empty() || t.retained.len() + t.spare.len() < self.journal.options.max_segments();
+        let has_space = |t: &SegmentTable| !t.spare.is_empty() || t.files() < self.journal.options.max_segments();
         if has_space(&table) {
             return true;
         }
@@ -550,6 +588,54 @@ impl JournalWriter {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         has_space(&table)
     }
+}
+
+/// Keeps one zero-filled spare segment ready in the background while the cap allows, so a
+/// growing journal never stalls writes on creating a segment. Ends when the journal is dropped.
+fn start_segment_preparer(journal: &Arc<Journal>) {
+    let weak = Arc::downgrade(journal);
+    let spawned = std::thread::Builder::new().name("journal-prepare".into()).spawn(move || loop {
+        let Some(journal) = weak.upgrade() else { return };
+        let path = {
+            let mut table = journal.lock_table();
+            if table.spare.is_empty() && table.files() < journal.options.max_segments() {
+                table.preparing = true;
+                Some(journal.dir.join(format!("free-prepared-{:016x}.seg", rand::random::<u64>())))
+            } else {
+                None
+            }
+        };
+        if let Some(path) = path {
+            let created = fsutil::create_zero_filled(&path, journal.options.segment_size);
+            if created.is_ok() {
+                let _ = fsutil::sync_dir(&journal.dir);
+            }
+            let mut table = journal.lock_table();
+            table.preparing = false;
+            match created {
+                Ok(()) => table.spare.push(path),
+                Err(error) => {
+                    tracing::warn!(%error, "preparing a spare journal segment failed; the writer will create its own");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+            drop(table);
+            journal.space_freed.notify_all();
+            continue;
+        }
+        drop(journal);
+        std::thread::sleep(Duration::from_millis(50));
+    });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "could not start the segment preparer");
+    }
+}
+
+/// Segments are written through the page cache: a write is acknowledged at memory speed and
+/// made durable by fdatasync (FLUSH, FUA, background sync), like a disk's volatile cache.
+fn open_segment_for_writing(path: &Path) -> Result<Arc<File>, JournalError> {
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(path).map_err(io_error(format!("open {}", path.display())))?;
+    Ok(Arc::new(file))
 }
 
 pub(crate) fn align_up(value: u64, align: u64) -> u64 {

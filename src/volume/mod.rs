@@ -3,14 +3,16 @@
 //!
 //! 1. The writer thread takes requests in arrival order, gives each an LSN, stages it in the
 //!    journal and the pending index, and group-commits: one journal write for many records.
-//!    A write is acknowledged once its record is written to the journal; FLUSH and FUA wait
-//!    for the journal to be durable (fdatasync) through it.
-//! 2. The applier thread applies records to the backing store in LSN order, but only once
+//!    A write is acknowledged once its record is written to the journal (page cache: the
+//!    volume behaves like a disk with a volatile write cache).
+//! 2. The syncer thread makes the journal durable (fdatasync) for FLUSH and FUA, which
+//!    complete only then, and in the background at least every few milliseconds.
+//! 3. The applier thread applies records to the backing store in LSN order, but only once
 //!    they are durable in the journal, so the backing store never holds a write the journal
 //!    lacks. Until then reads see them through the pending index.
-//! 3. Checkpoints fdatasync the backing store, record the applied LSN in `state.json` and
+//! 4. Checkpoints fdatasync the backing store, record the applied LSN in `state.json` and
 //!    trim the journal up to it (and, with mirrors, no further than they have received).
-//! 4. On open, journal recovery runs and records after the checkpoint are redone.
+//! 5. On open, journal recovery runs and records after the checkpoint are redone.
 
 pub mod config;
 pub mod index;
@@ -33,9 +35,7 @@ use crate::journal::{AppendError, Journal, JournalError, JournalReader, JournalW
 
 /// The journal is made durable at least this often while unsynced records exist, so the
 /// applier (which applies only durable records) keeps moving without any FLUSH.
-const BACKGROUND_SYNC_INTERVAL: Duration = Duration::from_millis(100);
-/// ...and whenever this many bytes were written since the last sync.
-const BACKGROUND_SYNC_BYTES: usize = 16 << 20;
+const BACKGROUND_SYNC_INTERVAL: Duration = Duration::from_millis(10);
 /// Checkpoint (fdatasync backing, save state, trim) at least this often when records were
 /// applied, and sooner once the journal is half full. Rarer checkpoints mean fewer forced
 /// writebacks of the backing store; the journal bounds how much a restart must redo.
@@ -227,6 +227,17 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// Records that the journal is durable through `synced` and wakes the applier if it waits.
+    fn publish_synced(&self, synced: u64) {
+        let mut progress = lock(&self.progress);
+        if synced > progress.synced_lsn {
+            progress.synced_lsn = synced;
+            if progress.applier_waiting {
+                self.progress_changed.notify_all();
+            }
+        }
+    }
+
     fn fail(&self, message: String) {
         tracing::error!(%message, "volume failed; refusing further writes");
         let mut failure = lock(&self.failure);
@@ -408,13 +419,19 @@ impl Volume {
         }
         let (request_tx, request_rx) = mpsc::sync_channel(REQUEST_QUEUE);
         let (apply_tx, apply_rx) = mpsc::channel();
+        let (sync_tx, sync_rx) = mpsc::channel();
         let writer_shared = shared.clone();
+        let syncer_shared = shared.clone();
         let applier_shared = shared.clone();
         let threads = vec![
             std::thread::Builder::new()
                 .name("journal-writer".into())
-                .spawn(move || WriterLoop::new(writer_shared, writer, apply_tx).run(request_rx))
+                .spawn(move || WriterLoop::new(writer_shared, writer, apply_tx, sync_tx).run(request_rx))
                 .map_err(io_context("start journal writer thread"))?,
+            std::thread::Builder::new()
+                .name("journal-syncer".into())
+                .spawn(move || syncer_loop(syncer_shared, sync_rx))
+                .map_err(io_context("start journal syncer thread"))?,
             std::thread::Builder::new()
                 .name("applier".into())
                 .spawn(move || applier_loop(applier_shared, apply_rx))
@@ -589,45 +606,41 @@ fn redo(journal: &Arc<Journal>, applied_lsn: u64, backing: &File, is_device: boo
     Ok(count)
 }
 
+/// A request that completes only once the journal is durable through `lsn`.
+struct DurabilityWaiter {
+    lsn: u64,
+    completion: Completion,
+}
+
 /// The writer thread: LSN assignment, group commit, acknowledgements.
 struct WriterLoop {
     shared: Arc<Shared>,
     writer: JournalWriter,
     apply: Sender<ApplyItem>,
-    completions: Vec<(Completion, bool)>,
+    syncer: Sender<DurabilityWaiter>,
+    /// Completed when the batch is written.
+    completions: Vec<Completion>,
+    /// Completed when the batch is durable (FLUSH, FUA).
+    durable_completions: Vec<Completion>,
     to_apply: Vec<ApplyItem>,
-    need_sync: bool,
-    unsynced_bytes: usize,
-    unsynced_since: Option<Instant>,
 }
 
 impl WriterLoop {
-    fn new(shared: Arc<Shared>, writer: JournalWriter, apply: Sender<ApplyItem>) -> Self {
-        WriterLoop { shared, writer, apply, completions: Vec::new(), to_apply: Vec::new(), need_sync: false, unsynced_bytes: 0, unsynced_since: None }
+    fn new(shared: Arc<Shared>, writer: JournalWriter, apply: Sender<ApplyItem>, syncer: Sender<DurabilityWaiter>) -> Self {
+        WriterLoop { shared, writer, apply, syncer, completions: Vec::new(), durable_completions: Vec::new(), to_apply: Vec::new() }
     }
 
     fn run(mut self, requests: Receiver<Request>) {
-        loop {
-            let timeout = match self.unsynced_since {
-                Some(since) => BACKGROUND_SYNC_INTERVAL.saturating_sub(since.elapsed()),
-                None => Duration::from_secs(3600),
-            };
-            match requests.recv_timeout(timeout) {
-                Ok(request) => {
-                    self.handle(request);
-                    while self.writer.staged_bytes() < crate::journal::MAX_BATCH_BYTES / 2 && self.completions.len() < 512 {
-                        match requests.try_recv() {
-                            Ok(request) => self.handle(request),
-                            Err(_) => break,
-                        }
-                    }
+        while let Ok(request) = requests.recv() {
+            self.handle(request);
+            // Group commit: everything that queued up while we were busy goes in one write.
+            while self.writer.staged_bytes() < crate::journal::MAX_BATCH_BYTES / 2 && self.completions.len() + self.durable_completions.len() < 512 {
+                match requests.try_recv() {
+                    Ok(request) => self.handle(request),
+                    Err(_) => break,
                 }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
             }
-            let due = self.unsynced_since.is_some_and(|since| since.elapsed() >= BACKGROUND_SYNC_INTERVAL);
-            let sync = self.need_sync || due || self.unsynced_bytes >= BACKGROUND_SYNC_BYTES;
-            self.finish_batch(sync);
+            self.finish_batch(false);
         }
         self.finish_batch(true);
         let mut progress = lock(&self.shared.progress);
@@ -642,9 +655,8 @@ impl WriterLoop {
         }
         let (kind, offset, length, data, fua) = match request.op {
             WriteOp::Flush => {
-                self.need_sync = true;
                 self.shared.counters.flushes.fetch_add(1, Ordering::Relaxed);
-                self.completions.push((request.completion, true));
+                self.durable_completions.push(request.completion);
                 return;
             }
             WriteOp::Write { offset, data, fua } => (RecordKind::Write, offset, data.len() as u64, Some(data), fua),
@@ -661,8 +673,8 @@ impl WriterLoop {
                 Err(AppendError::JournalFull) => {
                     // Let everything staged reach the applier, then wait for a trim.
                     self.finish_batch(true);
-                    if self.shared.failure().is_some() {
-                        return (request.completion)(Err(VolumeError::Failed(self.shared.failure().unwrap_or_default())));
+                    if let Some(failure) = self.shared.failure() {
+                        return (request.completion)(Err(VolumeError::Failed(failure)));
                     }
                     tracing::warn!("journal full: writes wait until it is trimmed");
                     while !self.writer.wait_for_space(Duration::from_millis(200)) {}
@@ -682,10 +694,11 @@ impl WriterLoop {
         self.shared.last_lsn.store(lsn, Ordering::Release);
         self.shared.counters.writes.fetch_add(1, Ordering::Relaxed);
         self.shared.counters.written_bytes.fetch_add(payload.len() as u64, Ordering::Relaxed);
-        self.need_sync |= fua;
-        self.unsynced_bytes += cost as usize;
-        self.unsynced_since.get_or_insert_with(Instant::now);
-        self.completions.push((request.completion, fua));
+        if fua {
+            self.durable_completions.push(request.completion);
+        } else {
+            self.completions.push(request.completion);
+        }
         self.to_apply.push(ApplyItem { lsn, kind, offset, length, data, cost });
     }
 
@@ -706,36 +719,81 @@ impl WriterLoop {
         progress.writer_waiting = false;
     }
 
+    /// Writes the staged records; acknowledges plain writes, hands FLUSH/FUA to the syncer
+    /// (or, with `sync`, makes the journal durable here and completes them too).
     fn finish_batch(&mut self, sync: bool) {
-        if self.completions.is_empty() && self.to_apply.is_empty() && !sync {
+        if self.completions.is_empty() && self.durable_completions.is_empty() && self.to_apply.is_empty() && !sync {
             return;
         }
         match self.writer.commit(sync) {
             Ok(()) => {
                 if sync {
-                    self.unsynced_bytes = 0;
-                    self.unsynced_since = None;
-                    self.need_sync = false;
-                    let mut progress = lock(&self.shared.progress);
-                    progress.synced_lsn = self.writer.synced_lsn();
-                    if progress.applier_waiting {
-                        self.shared.progress_changed.notify_all();
-                    }
+                    self.shared.publish_synced(self.writer.synced_lsn());
                 }
                 for item in self.to_apply.drain(..) {
                     let _ = self.apply.send(item);
                 }
-                for (completion, _) in self.completions.drain(..) {
+                for completion in self.completions.drain(..) {
                     completion(Ok(()));
+                }
+                let lsn = self.writer.written_lsn();
+                for completion in self.durable_completions.drain(..) {
+                    if sync {
+                        completion(Ok(()));
+                    } else if let Err(mpsc::SendError(waiter)) = self.syncer.send(DurabilityWaiter { lsn, completion }) {
+                        (waiter.completion)(Err(VolumeError::ShuttingDown));
+                    }
                 }
             }
             Err(error) => {
                 let message = format!("journal commit: {error}");
                 self.shared.fail(message.clone());
                 self.to_apply.clear();
-                for (completion, _) in self.completions.drain(..) {
+                for completion in self.completions.drain(..).chain(self.durable_completions.drain(..)) {
                     completion(Err(VolumeError::Failed(message.clone())));
                 }
+            }
+        }
+    }
+}
+
+/// The syncer thread: fdatasync of the journal for FLUSH/FUA waiters, and in the background
+/// so the applier (which applies only durable records) never waits long.
+fn syncer_loop(shared: Arc<Shared>, waiters: Receiver<DurabilityWaiter>) {
+    let mut waiting: Vec<DurabilityWaiter> = Vec::new();
+    let mut open = true;
+    while open || !waiting.is_empty() {
+        match waiters.recv_timeout(BACKGROUND_SYNC_INTERVAL) {
+            Ok(waiter) => {
+                waiting.push(waiter);
+                waiting.extend(waiters.try_iter());
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => open = false,
+        }
+        if waiting.is_empty() && shared.journal.written_lsn() <= shared.journal.synced_lsn() {
+            continue;
+        }
+        match shared.journal.sync() {
+            Ok(synced) => {
+                shared.publish_synced(synced);
+                let (done, later): (Vec<_>, Vec<_>) = waiting.drain(..).partition(|w| w.lsn <= synced);
+                waiting = later;
+                for waiter in done {
+                    (waiter.completion)(Ok(()));
+                }
+            }
+            Err(error) => {
+                let message = format!("journal sync: {error}");
+                shared.fail(message.clone());
+                for waiter in waiting.drain(..) {
+                    (waiter.completion)(Err(VolumeError::Failed(message.clone())));
+                }
+                // Keep answering (with the failure) until the writer stops.
+                for waiter in waiters.iter() {
+                    (waiter.completion)(Err(VolumeError::Failed(message.clone())));
+                }
+                return;
             }
         }
     }
