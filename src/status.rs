@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::journal::Journal;
 use crate::volume::config::{VolumeConfig, VolumeState, JOURNAL_DIR};
-use crate::volume::{Mode, Volume, VolumeError};
+use crate::volume::{Mode, Volume, VolumeError, VolumeNumbers};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
@@ -24,22 +24,13 @@ pub struct VolumeStatus {
     pub size: u64,
     pub backing: String,
     pub generation: uuid::Uuid,
-    pub mode: Mode,
     pub running: bool,
     pub pid: Option<u32>,
     pub exports: Vec<String>,
-    pub last_lsn: u64,
-    pub synced_lsn: u64,
-    pub applied_lsn: u64,
-    pub checkpoint_lsn: u64,
-    pub pending_bytes: u64,
-    pub writes: u64,
-    pub written_bytes: u64,
-    pub flushes: u64,
-    pub reads: u64,
-    pub read_bytes: u64,
     pub clean_shutdown: Option<bool>,
-    pub failure: Option<String>,
+    /// mode, LSNs, pending bytes, counters and failure, as top-level fields of `volume`.
+    #[serde(flatten)]
+    pub numbers: VolumeNumbers,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -64,22 +55,11 @@ pub fn live(volume: &Volume, exports: &[String]) -> Status {
             size: config.size,
             backing: config.backing.display().to_string(),
             generation: volume.generation(),
-            mode: numbers.mode,
             running: true,
             pid: Some(std::process::id()),
             exports: exports.to_vec(),
-            last_lsn: numbers.last_lsn,
-            synced_lsn: numbers.synced_lsn,
-            applied_lsn: numbers.applied_lsn,
-            checkpoint_lsn: numbers.checkpoint_lsn,
-            pending_bytes: numbers.pending_bytes,
-            writes: numbers.writes,
-            written_bytes: numbers.written_bytes,
-            flushes: numbers.flushes,
-            reads: numbers.reads,
-            read_bytes: numbers.read_bytes,
             clean_shutdown: None,
-            failure: numbers.failure,
+            numbers,
         },
         journal: JournalStatus {
             first_lsn: usage.first_lsn,
@@ -106,22 +86,18 @@ pub fn offline(dir: &Path) -> Result<Status, VolumeError> {
             size: config.size,
             backing: config.backing.display().to_string(),
             generation: state.generation,
-            mode: Mode::Stopped,
             running: false,
             pid: None,
             exports: Vec::new(),
-            last_lsn: report.last_lsn,
-            synced_lsn: report.last_lsn,
-            applied_lsn: state.applied_lsn,
-            checkpoint_lsn: state.applied_lsn,
-            pending_bytes: 0,
-            writes: 0,
-            written_bytes: 0,
-            flushes: 0,
-            reads: 0,
-            read_bytes: 0,
             clean_shutdown: Some(state.clean_shutdown),
-            failure: None,
+            numbers: VolumeNumbers {
+                mode: Mode::Stopped,
+                last_lsn: report.last_lsn,
+                synced_lsn: report.last_lsn,
+                applied_lsn: state.applied_lsn,
+                checkpoint_lsn: state.applied_lsn,
+                ..VolumeNumbers::default()
+            },
         },
         journal: JournalStatus {
             first_lsn: report.first_lsn,
@@ -139,8 +115,9 @@ pub fn offline(dir: &Path) -> Result<Status, VolumeError> {
 pub fn render_text(status: &Status) -> String {
     use crate::size::format_size;
     let v = &status.volume;
+    let n = &v.numbers;
     let j = &status.journal;
-    let mode = serde_json::to_value(v.mode).ok().and_then(|m| m.as_str().map(String::from)).unwrap_or_default();
+    let mode = serde_json::to_value(n.mode).ok().and_then(|m| m.as_str().map(String::from)).unwrap_or_default();
     let mut out = String::new();
     out.push_str(&format!("volume {} ({}), {} bytes ({}), mode {mode}", v.name, v.uuid, v.size, format_size(v.size)));
     if v.running {
@@ -152,16 +129,16 @@ pub fn render_text(status: &Status) -> String {
     for export in &v.exports {
         out.push_str(&format!("  export   {export}\n"));
     }
-    out.push_str(&format!("  lsn      last {} synced {} applied {} checkpoint {}\n", v.last_lsn, v.synced_lsn, v.applied_lsn, v.checkpoint_lsn));
+    out.push_str(&format!("  lsn      last {} synced {} applied {} checkpoint {}\n", n.last_lsn, n.synced_lsn, n.applied_lsn, n.checkpoint_lsn));
     let fill = if j.capacity_bytes > 0 { j.used_bytes as f64 * 100.0 / j.capacity_bytes as f64 } else { 0.0 };
     out.push_str(&format!(
         "  journal  {} of {} used ({fill:.1}%), {} segment(s), LSN {}..={}\n",
         j.used_bytes, j.capacity_bytes, j.segments, j.first_lsn, j.last_lsn
     ));
     if v.running {
-        out.push_str(&format!("  io       {} writes ({} bytes), {} flushes, {} reads ({} bytes), {} bytes pending apply\n", v.writes, v.written_bytes, v.flushes, v.reads, v.read_bytes, v.pending_bytes));
+        out.push_str(&format!("  io       {} writes ({} bytes), {} flushes, {} reads ({} bytes), {} bytes pending apply\n", n.writes, n.written_bytes, n.flushes, n.reads, n.read_bytes, n.pending_bytes));
     }
-    if let Some(failure) = &v.failure {
+    if let Some(failure) = &n.failure {
         out.push_str(&format!("  FAILED   {failure}\n"));
     }
     out

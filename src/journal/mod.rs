@@ -162,18 +162,9 @@ impl Journal {
         let recovered = recovery::recover(dir, Some(&options), RecoveryMode::Repair)?;
         let report = recovered.report.clone();
         let last = recovered.retained.last().expect("recovery returns at least one segment").clone();
-        let next_lsn = report.last_lsn + 1;
-        let journal = Arc::new(Journal {
-            dir: dir.to_path_buf(),
-            options,
-            table: Mutex::new(SegmentTable { retained: recovered.retained, spare: recovered.spare, preparing: false }),
-            space_freed: Condvar::new(),
-            written_lsn: AtomicU64::new(report.last_lsn),
-            synced_lsn: AtomicU64::new(report.last_lsn),
-            full: AtomicBool::new(false),
-            active_file: Mutex::new(None),
-        });
-        let writer = JournalWriter::new(journal.clone(), &last.path, recovered.active_header, last.end, next_lsn)?;
+        let active_header = recovered.active_header;
+        let journal = Journal::from_recovered(dir, options, recovered);
+        let writer = JournalWriter::new(journal.clone(), &last.path, active_header, last.end, report.last_lsn + 1)?;
         start_segment_preparer(&journal);
         Ok((journal, writer, report))
     }
@@ -184,17 +175,21 @@ impl Journal {
         let report = recovered.report.clone();
         let files = (report.segments + report.spare_segments).max(2) as u64;
         let options = JournalOptions { segment_size: report.segment_size, capacity: files * report.segment_size, journal_id: recovered.active_header.journal_id };
-        let journal = Arc::new(Journal {
+        Ok((Journal::from_recovered(dir, options, recovered), report))
+    }
+
+    fn from_recovered(dir: &Path, options: JournalOptions, recovered: recovery::Recovered) -> Arc<Journal> {
+        let last_lsn = recovered.report.last_lsn;
+        Arc::new(Journal {
             dir: dir.to_path_buf(),
             options,
             table: Mutex::new(SegmentTable { retained: recovered.retained, spare: recovered.spare, preparing: false }),
             space_freed: Condvar::new(),
-            written_lsn: AtomicU64::new(report.last_lsn),
-            synced_lsn: AtomicU64::new(report.last_lsn),
+            written_lsn: AtomicU64::new(last_lsn),
+            synced_lsn: AtomicU64::new(last_lsn),
             full: AtomicBool::new(false),
             active_file: Mutex::new(None),
-        });
-        Ok((journal, report))
+        })
     }
 
     /// Scans the journal in `dir` without changing anything (for status and dump).

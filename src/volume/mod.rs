@@ -154,10 +154,11 @@ pub struct Created {
 }
 
 /// Mode of a volume as status reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// Writes are journaled and acknowledged at local speed.
+    #[default]
     Journaling,
     /// The journal is at its size cap: new writes wait until it is trimmed.
     Full,
@@ -178,7 +179,7 @@ struct Counters {
 }
 
 /// Live numbers of a running volume.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct VolumeNumbers {
     pub mode: Mode,
     pub last_lsn: u64,
