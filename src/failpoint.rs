@@ -1,15 +1,27 @@
 //! Failpoints for crash tests, configured by the environment variable
-//! `UBLK_MIRROR_FAILPOINTS`: a comma-separated list of `name` (fires every time) or
-//! `name=N` (fires once, on the N-th time the point is reached). Unset in production, where a
-//! check costs one load of an initialised `OnceLock`.
+//! `UBLK_MIRROR_FAILPOINTS`: a comma-separated list of
+//! - `name`: fires every time the point is reached;
+//! - `name=N`: fires once, the N-th time;
+//! - `name=/some/path`: fires once, the first time the point is reached after the file exists
+//!   (lets a test choose the moment from outside the process).
+//!
+//! Unset in production, where a check costs one load of an initialised `OnceLock`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
+enum Trigger {
+    Always,
+    Nth(u64),
+    WhenFileExists(PathBuf),
+}
+
 struct Point {
-    fire_at: Option<u64>,
+    trigger: Trigger,
     hits: AtomicU64,
+    fired: AtomicBool,
 }
 
 fn points() -> &'static Option<HashMap<String, Point>> {
@@ -18,11 +30,12 @@ fn points() -> &'static Option<HashMap<String, Point>> {
         let spec = std::env::var("UBLK_MIRROR_FAILPOINTS").ok()?;
         let mut map = HashMap::new();
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let (name, fire_at) = match item.split_once('=') {
-                Some((name, n)) => (name, n.parse().ok()),
-                None => (item, None),
+            let (name, trigger) = match item.split_once('=') {
+                Some((name, path)) if path.starts_with('/') => (name, Trigger::WhenFileExists(PathBuf::from(path))),
+                Some((name, n)) => (name, n.parse().map(Trigger::Nth).unwrap_or(Trigger::Always)),
+                None => (item, Trigger::Always),
             };
-            map.insert(name.to_string(), Point { fire_at, hits: AtomicU64::new(0) });
+            map.insert(name.to_string(), Point { trigger, hits: AtomicU64::new(0), fired: AtomicBool::new(false) });
         }
         Some(map)
     })
@@ -33,9 +46,14 @@ pub fn hit(name: &str) -> bool {
     let Some(points) = points() else { return false };
     let Some(point) = points.get(name) else { return false };
     let count = point.hits.fetch_add(1, Ordering::Relaxed) + 1;
-    match point.fire_at {
-        None => true,
-        Some(n) => count == n,
+    let fires = match &point.trigger {
+        Trigger::Always => true,
+        Trigger::Nth(n) => count == *n,
+        Trigger::WhenFileExists(path) => path.exists(),
+    };
+    match point.trigger {
+        Trigger::Always => fires,
+        _ => fires && !point.fired.swap(true, Ordering::Relaxed),
     }
 }
 

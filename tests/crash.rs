@@ -52,10 +52,10 @@ fn drive_load(socket: &Path, seed: u64) -> ClientLog {
     let started = Instant::now();
     let mut next_id = 1u64;
     // Bounded in count and time; the server normally dies long before either bound.
-    while next_id < 50_000 && started.elapsed() < Duration::from_secs(20) {
+    'load: while next_id < 50_000 && started.elapsed() < Duration::from_secs(20) {
         while in_flight.len() + flush_in_flight.len() < QUEUE_DEPTH {
             if next_id % 40 == 0 && flush_in_flight.is_empty() {
-                let cookie = client.send(CMD_FLUSH, 0, 0, 0, &[]);
+                let Ok(cookie) = client.try_send(CMD_FLUSH, 0, 0, 0, &[]) else { break 'load };
                 flush_in_flight.insert(cookie, log.acked.len());
                 next_id += 1;
                 continue;
@@ -70,7 +70,8 @@ fn drive_load(socket: &Path, seed: u64) -> ClientLog {
             let id = next_id;
             next_id += 1;
             let flags = if rng.gen_bool(0.02) { FLAG_FUA } else { 0 };
-            let cookie = client.send(CMD_WRITE, flags, block * BLOCK as u64, BLOCK as u32, &payload(id, block));
+            // A write whose request could not be sent completely was never acknowledged.
+            let Ok(cookie) = client.try_send(CMD_WRITE, flags, block * BLOCK as u64, BLOCK as u32, &payload(id, block)) else { break 'load };
             busy_blocks.insert(block);
             in_flight.insert(cookie, (id, block));
             log.sent.insert(id, block);
@@ -111,7 +112,8 @@ fn journal_writes(dir: &Path) -> Vec<JournalWrite> {
     writes
 }
 
-fn check_after_crash(dir: &Path, log: &ClientLog, label: &str) {
+/// Checks everything after a crash and returns how many writes the journal held.
+fn check_after_crash(dir: &Path, log: &ClientLog, label: &str) -> usize {
     let writes = journal_writes(dir);
     let lsn_of: HashMap<u64, u64> = writes.iter().map(|w| (w.id, w.lsn)).collect();
     assert_eq!(lsn_of.len(), writes.len(), "{label}: no write journaled twice");
@@ -178,6 +180,7 @@ fn check_after_crash(dir: &Path, log: &ClientLog, label: &str) {
     assert_eq!(status["volume"]["last_lsn"], writes.len() as u64, "{label}");
     drop(served);
     assert!(log.durable > 0, "{label}: the load completed at least one FLUSH before the crash");
+    writes.len()
 }
 
 fn new_volume(tmp: &Path, name: &str) -> std::path::PathBuf {
@@ -209,18 +212,27 @@ fn power_cut_dropping_unsynced_journal_bytes_leaves_a_prefix() {
     let mut dropped_acknowledged = 0;
     for seed in 0..3u64 {
         let dir = new_volume(tmp.path(), &format!("cut{seed}"));
-        let commit = 40 + seed * 37;
-        let failpoints = format!("journal-no-trim,journal-power-cut-before-commit={commit}");
-        let served = Served::start(&dir, &[("UBLK_MIRROR_FAILPOINTS", &failpoints)]);
+        // The server cuts power at its first journal commit after this file appears.
+        let trigger = tmp.path().join(format!("cut{seed}.now"));
+        let failpoints = format!("journal-no-trim,journal-power-cut-before-commit={}", trigger.display());
+        let mut served = Served::start(&dir, &[("UBLK_MIRROR_FAILPOINTS", &failpoints)]);
         let socket = served.socket.clone();
-        let log = std::thread::spawn(move || drive_load(&socket, seed + 10)).join().unwrap();
-        let mut served = served;
+        let load = std::thread::spawn(move || drive_load(&socket, seed + 10));
+        // Cut at a random moment once FLUSHes have completed (their writes must survive).
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed + 200);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while status_json(&dir)["volume"]["flushes"].as_u64().unwrap_or(0) < 3 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..200)));
+        std::fs::write(&trigger, b"").unwrap();
+        let log = load.join().unwrap();
         let status = served.child.wait().unwrap();
         assert!(!status.success(), "the failpoint killed the server");
         assert!(served.log_text().contains("simulating a power cut"), "{}", served.log_text());
         let label = format!("power cut seed {seed} (server log: {})", served.log_text().lines().last().unwrap_or_default());
-        check_after_crash(&dir, &log, &label);
-        let journaled = journal_writes(&dir).len();
+        // (Counted before the restart inside the check, which trims the journal.)
+        let journaled = check_after_crash(&dir, &log, &label);
         eprintln!("power cut seed {seed}: {} acked, {} flushed, {journaled} journaled", log.acked.len(), log.durable);
         dropped_acknowledged += log.acked.len().saturating_sub(journaled);
     }
@@ -237,7 +249,11 @@ fn journal_full_makes_writes_wait_and_status_say_full() {
     std::thread::spawn(move || {
         let mut client = NbdClient::connect(&socket, "crash").unwrap();
         for i in 0..2048u64 {
-            if client.write((i % BLOCKS) * BLOCK as u64, &payload(i + 1, i % BLOCKS)) != 0 {
+            // The server is killed at the end of the test: stop quietly then.
+            if client.try_send(CMD_WRITE, 0, (i % BLOCKS) * BLOCK as u64, BLOCK as u32, &payload(i + 1, i % BLOCKS)).is_err() {
+                break;
+            }
+            if client.receive().map_or(true, |reply| reply.error != 0) {
                 break;
             }
         }

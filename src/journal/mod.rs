@@ -110,11 +110,13 @@ struct SegmentTable {
     spare: Vec<PathBuf>,
     /// A spare file is being created in the background (it counts toward the cap).
     preparing: bool,
+    /// The writer took a spare and is turning it into the next segment (counts toward the cap).
+    rolling: bool,
 }
 
 impl SegmentTable {
     fn files(&self) -> usize {
-        self.retained.len() + self.spare.len() + usize::from(self.preparing)
+        self.retained.len() + self.spare.len() + usize::from(self.preparing) + usize::from(self.rolling)
     }
 }
 
@@ -135,6 +137,8 @@ pub struct Journal {
     options: JournalOptions,
     table: Mutex<SegmentTable>,
     space_freed: Condvar,
+    /// Wakes the segment preparer when the writer needs a spare.
+    spare_wanted: Condvar,
     /// Highest LSN whose bytes are in the segment files (readers may read up to it).
     written_lsn: AtomicU64,
     /// Highest LSN known durable (fdatasync'd).
@@ -183,8 +187,9 @@ impl Journal {
         Arc::new(Journal {
             dir: dir.to_path_buf(),
             options,
-            table: Mutex::new(SegmentTable { retained: recovered.retained, spare: recovered.spare, preparing: false }),
+            table: Mutex::new(SegmentTable { retained: recovered.retained, spare: recovered.spare, preparing: false, rolling: false }),
             space_freed: Condvar::new(),
+            spare_wanted: Condvar::new(),
             written_lsn: AtomicU64::new(last_lsn),
             synced_lsn: AtomicU64::new(last_lsn),
             full: AtomicBool::new(false),
@@ -535,36 +540,45 @@ impl JournalWriter {
         let path = self.journal.dir.join(segment_file_name(next_first));
         let spare = {
             let mut table = self.journal.lock_table();
-            if table.spare.is_empty() && table.files() >= self.journal.options.max_segments() {
+            // Only the preparer creates files (so the cap holds): while one is being made, or
+            // may still be made, wait for it rather than calling the journal full. Normally a
+            // few milliseconds; if creating files keeps failing (disk full), status shows the
+            // journal as full while writes wait.
+            while table.spare.is_empty() && (table.preparing || table.files() < self.journal.options.max_segments()) {
+                self.journal.full.store(true, Ordering::Release);
+                self.journal.spare_wanted.notify_all();
+                table = self.journal.space_freed.wait_timeout(table, Duration::from_millis(100)).unwrap_or_else(|p| p.into_inner()).0;
+            }
+            let Some(spare) = table.spare.pop() else {
                 self.journal.full.store(true, Ordering::Release);
                 return Err(AppendError::JournalFull);
-            }
-            table.spare.pop()
+            };
+            table.rolling = true;
+            spare
         };
         self.journal.full.store(false, Ordering::Release);
-        self.commit(true)?;
-        let result = initialise_segment_file(&path, spare.as_deref(), next_first, &self.journal.options);
-        let header = match result {
-            Ok(header) => header,
+        self.journal.spare_wanted.notify_all();
+        let started = self.commit(true).and_then(|()| {
+            let header = initialise_segment_file(&path, Some(&spare), next_first, &self.journal.options)?;
+            fsutil::sync_dir(&self.journal.dir).map_err(io_error(format!("sync {}", self.journal.dir.display())))?;
+            Ok((header, open_segment_for_writing(&path)?))
+        });
+        let mut table = self.journal.lock_table();
+        table.rolling = false;
+        let (header, file) = match started {
+            Ok(started) => started,
             Err(error) => {
-                if let Some(spare) = spare {
-                    if !spare.exists() {
-                        // The rename happened; keep the file in the pool under its new name.
-                        self.journal.lock_table().spare.push(path.clone());
-                    } else {
-                        self.journal.lock_table().spare.push(spare);
-                    }
-                }
+                // Keep the file in the pool, under whichever name it now has.
+                table.spare.push(if spare.exists() { spare } else { path });
                 return Err(error.into());
             }
         };
-        fsutil::sync_dir(&self.journal.dir).map_err(io_error(format!("sync {}", self.journal.dir.display())))?;
-        let file = open_segment_for_writing(&path)?;
+        table.retained.push(SegmentEntry { first_lsn: next_first, path: path.clone(), end: SEGMENT_HEADER_SIZE });
+        drop(table);
         *self.journal.active_file.lock().unwrap_or_else(|p| p.into_inner()) = Some(file.clone());
         self.file = file;
         self.header = header;
-        self.segment_path = path.clone();
-        self.journal.lock_table().retained.push(SegmentEntry { first_lsn: next_first, path, end: SEGMENT_HEADER_SIZE });
+        self.segment_path = path;
         self.load_tail(SEGMENT_HEADER_SIZE)?;
         Ok(())
     }
@@ -618,8 +632,9 @@ fn start_segment_preparer(journal: &Arc<Journal>) {
             journal.space_freed.notify_all();
             continue;
         }
-        drop(journal);
-        std::thread::sleep(Duration::from_millis(50));
+        // Idle until the writer takes the spare (or a second passes, to notice a dropped journal).
+        let table = journal.lock_table();
+        let _ = journal.spare_wanted.wait_timeout(table, Duration::from_secs(1));
     });
     if let Err(error) = spawned {
         tracing::warn!(%error, "could not start the segment preparer");

@@ -90,6 +90,11 @@ impl NbdClient {
 
     /// Sends a request without waiting; returns its cookie.
     pub fn send(&mut self, command: u16, flags: u16, offset: u64, length: u32, data: &[u8]) -> u64 {
+        self.try_send(command, flags, offset, length, data).expect("send NBD request")
+    }
+
+    /// Like `send`, but a dead server is an error, not a panic (crash tests).
+    pub fn try_send(&mut self, command: u16, flags: u16, offset: u64, length: u32, data: &[u8]) -> std::io::Result<u64> {
         let cookie = self.next_cookie;
         self.next_cookie += 1;
         let mut bytes = Vec::with_capacity(28 + data.len());
@@ -100,11 +105,11 @@ impl NbdClient {
         bytes.extend_from_slice(&offset.to_be_bytes());
         bytes.extend_from_slice(&length.to_be_bytes());
         bytes.extend_from_slice(data);
-        self.stream.write_all(&bytes).expect("send NBD request");
+        self.stream.write_all(&bytes)?;
         if command == CMD_READ {
             self.reads.insert(cookie, length);
         }
-        cookie
+        Ok(cookie)
     }
 
     /// Receives the next reply (any order).
