@@ -12,3 +12,4 @@ pub mod nbd;
 pub mod control;
 pub mod status;
 pub mod daemon;
+pub mod replication;

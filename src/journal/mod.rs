@@ -169,7 +169,6 @@ impl Journal {
         let active_header = recovered.active_header;
         let journal = Journal::from_recovered(dir, options, recovered);
         let writer = JournalWriter::new(journal.clone(), &last.path, active_header, last.end, report.last_lsn + 1)?;
-        start_segment_preparer(&journal);
         Ok((journal, writer, report))
     }
 
@@ -356,6 +355,19 @@ pub struct JournalWriter {
     committed_len: usize,
     next_lsn: u64,
     last_written_lsn: u64,
+    /// Declared last: dropped (stopped and joined) after everything else.
+    preparer: Option<SegmentPreparer>,
+}
+
+impl Drop for JournalWriter {
+    fn drop(&mut self) {
+        if let Some(preparer) = &self.preparer {
+            preparer.stop.store(true, Ordering::Release);
+            let _table = self.journal.lock_table();
+            self.journal.spare_wanted.notify_all();
+        }
+        self.preparer.take();
+    }
 }
 
 impl JournalWriter {
@@ -373,6 +385,7 @@ impl JournalWriter {
             committed_len: 0,
             next_lsn,
             last_written_lsn: next_lsn - 1,
+            preparer: Some(SegmentPreparer::start(&journal)),
             journal,
         };
         writer.load_tail(end)?;
@@ -600,44 +613,71 @@ impl JournalWriter {
 }
 
 /// Keeps one zero-filled spare segment ready in the background while the cap allows, so a
-/// growing journal never stalls writes on creating a segment. Ends when the journal is dropped.
-fn start_segment_preparer(journal: &Arc<Journal>) {
-    let weak = Arc::downgrade(journal);
-    let spawned = std::thread::Builder::new().name("journal-prepare".into()).spawn(move || loop {
-        let Some(journal) = weak.upgrade() else { return };
-        let path = {
-            let mut table = journal.lock_table();
-            if table.spare.is_empty() && table.files() < journal.options.max_segments() {
-                table.preparing = true;
-                Some(journal.dir.join(format!("free-prepared-{:016x}.seg", rand::random::<u64>())))
-            } else {
-                None
-            }
-        };
-        if let Some(path) = path {
-            let created = fsutil::create_zero_filled(&path, journal.options.segment_size);
-            if created.is_ok() {
-                let _ = fsutil::sync_dir(&journal.dir);
-            }
-            let mut table = journal.lock_table();
-            table.preparing = false;
-            match created {
-                Ok(()) => table.spare.push(path),
-                Err(error) => {
-                    tracing::warn!(%error, "preparing a spare journal segment failed; the writer will create its own");
-                    let _ = std::fs::remove_file(&path);
+/// growing journal never stalls writes on creating a segment. Owned by the writer, which stops
+/// and joins it when dropped.
+struct SegmentPreparer {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SegmentPreparer {
+    fn start(journal: &Arc<Journal>) -> SegmentPreparer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let journal = journal.clone();
+        let thread = std::thread::Builder::new()
+            .name("journal-prepare".into())
+            .spawn(move || {
+                while !stopping.load(Ordering::Acquire) {
+                    let path = {
+                        let mut table = journal.lock_table();
+                        if table.spare.is_empty() && table.files() < journal.options.max_segments() {
+                            table.preparing = true;
+                            Some(journal.dir.join(format!("free-prepared-{:016x}.seg", rand::random::<u64>())))
+                        } else {
+                            // Idle until the writer takes the spare or asks us to stop.
+                            let _ = journal.spare_wanted.wait_timeout(table, Duration::from_secs(1));
+                            None
+                        }
+                    };
+                    if let Some(path) = path {
+                        journal.prepare_spare(path);
+                    }
                 }
-            }
-            drop(table);
-            journal.space_freed.notify_all();
-            continue;
+            })
+            .map_err(|error| tracing::warn!(%error, "could not start the segment preparer; the writer will wait for trims"))
+            .ok();
+        SegmentPreparer { stop, thread }
+    }
+}
+
+impl Drop for SegmentPreparer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            thread.join().ok();
         }
-        // Idle until the writer takes the spare (or a second passes, to notice a dropped journal).
-        let table = journal.lock_table();
-        let _ = journal.spare_wanted.wait_timeout(table, Duration::from_secs(1));
-    });
-    if let Err(error) = spawned {
-        tracing::warn!(%error, "could not start the segment preparer");
+    }
+}
+
+impl Journal {
+    /// Creates one zero-filled spare file and adds it to the pool (the caller set `preparing`).
+    fn prepare_spare(&self, path: PathBuf) {
+        let created = fsutil::create_zero_filled(&path, self.options.segment_size);
+        if created.is_ok() {
+            let _ = fsutil::sync_dir(&self.dir);
+        }
+        let mut table = self.lock_table();
+        table.preparing = false;
+        match created {
+            Ok(()) => table.spare.push(path),
+            Err(error) => {
+                tracing::warn!(%error, "preparing a spare journal segment failed; will retry");
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        drop(table);
+        self.space_freed.notify_all();
     }
 }
 

@@ -1,0 +1,5 @@
+//! Replication: the wire protocol, mutual-TLS QUIC transport, the sender (in `run`) and the
+//! applier daemon.
+
+pub mod tls;
+pub mod wire;
