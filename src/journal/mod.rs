@@ -152,10 +152,19 @@ pub struct Journal {
 impl Journal {
     /// Creates an empty journal in `dir` (which must not hold one) with its first segment.
     pub fn create(dir: &Path, options: JournalOptions) -> Result<(), JournalError> {
+        Self::create_at(dir, options, 1)
+    }
+
+    /// Creates an empty journal whose first record will have LSN `first_lsn` (a replica's
+    /// journal continues the source's numbering).
+    pub fn create_at(dir: &Path, options: JournalOptions, first_lsn: u64) -> Result<(), JournalError> {
         options.validate()?;
+        if first_lsn == 0 {
+            return Err(JournalError::Invalid("LSNs start at 1".into()));
+        }
         std::fs::create_dir_all(dir).map_err(io_error(format!("create journal directory {}", dir.display())))?;
-        let first = dir.join(segment_file_name(1));
-        initialise_segment_file(&first, None, 1, &options)?;
+        let first = dir.join(segment_file_name(first_lsn));
+        initialise_segment_file(&first, None, first_lsn, &options)?;
         fsutil::sync_dir(dir).map_err(io_error(format!("sync {}", dir.display())))?;
         Ok(())
     }

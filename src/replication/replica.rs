@@ -1,0 +1,300 @@
+//! A replica on the applier: the destination image, the applier's own journal of received
+//! records (the same journal module as a volume's, continuing the source's LSNs) and its
+//! checkpoints. No network here: the applier daemon feeds it decoded batches.
+//!
+//! `receive` makes a batch durable in the journal (the `received` checkpoint, after which
+//! the source may trim); `apply` applies received records to the image strictly in LSN order,
+//! makes them durable, and advances `applied`. After a crash, opening redoes the journal from
+//! `applied` (applying is idempotent).
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::wire::{Hello, ReceivedRecord, Refusal};
+use crate::journal::{AppendError, Journal, JournalError, JournalOptions, JournalReader, JournalWriter, RecordKind};
+
+pub const STATE_FILE: &str = "replica.json";
+pub const JOURNAL_DIR: &str = "journal";
+pub const DEFAULT_IMAGE: &str = "data.img";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("{path}: {message}")]
+    State { path: PathBuf, message: String },
+    /// Input from the network that does not fit this replica; nothing was changed.
+    #[error("rejected batch: {0}")]
+    Rejected(String),
+    #[error("the applier journal is full: records must be applied before more are received")]
+    JournalFull,
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ReplicaError {
+    let context = context.into();
+    move |source| ReplicaError::Io { context, source }
+}
+
+/// What the applier knows about one replica, replaced atomically at every checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaState {
+    pub format_version: u32,
+    pub volume_uuid: uuid::Uuid,
+    pub volume_name: String,
+    pub size: u64,
+    pub generation: uuid::Uuid,
+    pub image: PathBuf,
+    /// Every record through this LSN is durable in the image.
+    pub applied_lsn: u64,
+    /// False while the image is not yet a consistent past state of the source (initial sync).
+    pub consistent: bool,
+}
+
+impl ReplicaState {
+    fn load(dir: &Path) -> Result<Self, ReplicaError> {
+        let path = dir.join(STATE_FILE);
+        let text = std::fs::read_to_string(&path).map_err(io(format!("read {}", path.display())))?;
+        serde_json::from_str(&text).map_err(|e| ReplicaError::State { path, message: e.to_string() })
+    }
+
+    fn save(&self, dir: &Path) -> Result<(), ReplicaError> {
+        let path = dir.join(STATE_FILE);
+        crate::fsutil::write_atomic(&path, &serde_json::to_vec_pretty(self).expect("state serialises")).map_err(io(format!("write {}", path.display())))
+    }
+}
+
+/// Counters the tests and status read.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ReplicaCounters {
+    pub records_received: u64,
+    /// Records that arrived again after a reconnect (already received): skipped.
+    pub records_duplicated: u64,
+    pub records_applied: u64,
+}
+
+pub struct Replica {
+    dir: PathBuf,
+    state: ReplicaState,
+    image: File,
+    journal: Arc<Journal>,
+    writer: JournalWriter,
+    counters: ReplicaCounters,
+}
+
+/// Journal sizing for replicas: room for bursts while the image catches up.
+fn journal_options(uuid: uuid::Uuid) -> JournalOptions {
+    JournalOptions { segment_size: 64 << 20, capacity: 1 << 30, journal_id: *uuid.as_bytes() }
+}
+
+impl Replica {
+    /// Creates a replica for the volume described by `hello`: a sparse image (or `image`, an
+    /// existing file or device of the right size) and an empty journal that continues at the
+    /// source's next LSN after `applied_lsn`.
+    pub fn create(dir: &Path, hello: &Hello, image: Option<&Path>) -> Result<Replica, ReplicaError> {
+        std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+        let image = match image {
+            Some(path) => {
+                let file = File::open(path).map_err(io(format!("open replica image {}", path.display())))?;
+                let size = crate::fsutil::storage_size(&file).map_err(io(format!("size of {}", path.display())))?;
+                if size != hello.size {
+                    return Err(ReplicaError::Rejected(format!("replica image {} is {size} bytes, the volume is {}", path.display(), hello.size)));
+                }
+                path.to_path_buf()
+            }
+            None => {
+                let path = dir.join(DEFAULT_IMAGE);
+                let file = std::fs::OpenOptions::new().write(true).create_new(true).open(&path).map_err(io(format!("create {}", path.display())))?;
+                file.set_len(hello.size).map_err(io(format!("size {}", path.display())))?;
+                file.sync_all().map_err(io(format!("sync {}", path.display())))?;
+                path
+            }
+        };
+        let state = ReplicaState {
+            format_version: 1,
+            volume_uuid: uuid::Uuid::from_bytes(hello.volume_uuid),
+            volume_name: hello.volume_name.clone(),
+            size: hello.size,
+            generation: uuid::Uuid::from_bytes(hello.generation),
+            image,
+            applied_lsn: 0,
+            consistent: true,
+        };
+        Journal::create_at(&dir.join(JOURNAL_DIR), journal_options(state.volume_uuid), 1)?;
+        state.save(dir)?;
+        Self::open(dir)
+    }
+
+    /// Opens a replica: journal recovery, then redo of received records not yet applied.
+    pub fn open(dir: &Path) -> Result<Replica, ReplicaError> {
+        let state = ReplicaState::load(dir)?;
+        let image = std::fs::OpenOptions::new().read(true).write(true).open(&state.image).map_err(io(format!("open replica image {}", state.image.display())))?;
+        let (journal, writer, _report) = Journal::open(&dir.join(JOURNAL_DIR), journal_options(state.volume_uuid))?;
+        let mut replica = Replica { dir: dir.to_path_buf(), state, image, journal, writer, counters: ReplicaCounters::default() };
+        replica.apply()?;
+        Ok(replica)
+    }
+
+    pub fn state(&self) -> &ReplicaState {
+        &self.state
+    }
+
+    pub fn counters(&self) -> ReplicaCounters {
+        self.counters
+    }
+
+    /// Highest LSN durable in the applier's journal.
+    pub fn received_lsn(&self) -> u64 {
+        self.journal.synced_lsn()
+    }
+
+    pub fn applied_lsn(&self) -> u64 {
+        self.state.applied_lsn
+    }
+
+    /// Refuses a sender that is not this replica's volume (nothing changes either way).
+    pub fn check_hello(&self, hello: &Hello) -> Result<(), Refusal> {
+        let name = self.state.volume_name.clone();
+        if hello.protocol != super::wire::PROTOCOL_VERSION {
+            return Err(Refusal::Protocol(hello.protocol));
+        }
+        if uuid::Uuid::from_bytes(hello.volume_uuid) != self.state.volume_uuid {
+            return Err(Refusal::WrongVolume { name, expected: self.state.volume_uuid.to_string(), got: uuid::Uuid::from_bytes(hello.volume_uuid).to_string() });
+        }
+        if hello.size != self.state.size {
+            return Err(Refusal::WrongSize { name, replica: self.state.size, volume: hello.size });
+        }
+        if uuid::Uuid::from_bytes(hello.generation) != self.state.generation {
+            return Err(Refusal::WrongGeneration { name, replica: self.state.generation.to_string(), volume: uuid::Uuid::from_bytes(hello.generation).to_string() });
+        }
+        Ok(())
+    }
+
+    /// Makes a batch durable in the applier's journal and returns the new `received` LSN.
+    /// The whole batch is checked first; a bad one changes nothing.
+    pub fn receive(&mut self, records: &[ReceivedRecord]) -> Result<u64, ReplicaError> {
+        let received = self.received_lsn();
+        // Records already received (resent after a reconnect) are skipped, and counted.
+        let fresh: Vec<&ReceivedRecord> = records.iter().filter(|r| r.lsn > received).collect();
+        self.counters.records_duplicated += (records.len() - fresh.len()) as u64;
+        let mut expected = received + 1;
+        for record in &fresh {
+            if record.lsn != expected {
+                return Err(ReplicaError::Rejected(format!("expected LSN {expected}, got {} (a gap)", record.lsn)));
+            }
+            let end = record.offset.checked_add(record.length);
+            if end.is_none_or(|end| end > self.state.size) {
+                return Err(ReplicaError::Rejected(format!(
+                    "LSN {}: offset {} length {} is outside the replica ({} bytes)",
+                    record.lsn, record.offset, record.length, self.state.size
+                )));
+            }
+            expected += 1;
+        }
+        for record in &fresh {
+            let lsn = match self.writer.append(record.kind, record.offset, record.length, &record.payload, record.flags) {
+                Ok(lsn) => lsn,
+                Err(AppendError::JournalFull) => return Err(ReplicaError::JournalFull),
+                Err(AppendError::Failed(error)) => return Err(error.into()),
+            };
+            debug_assert_eq!(lsn, record.lsn);
+        }
+        self.writer.commit(true)?;
+        self.counters.records_received += fresh.len() as u64;
+        Ok(self.received_lsn())
+    }
+
+    /// Applies every received record not yet applied, in LSN order, makes the image durable,
+    /// advances `applied`, and trims the journal. Returns the applied LSN.
+    pub fn apply(&mut self) -> Result<u64, ReplicaError> {
+        let target = self.received_lsn();
+        if self.state.applied_lsn >= target {
+            return Ok(self.state.applied_lsn);
+        }
+        let is_device = crate::fsutil::is_block_device(&self.image).unwrap_or(false);
+        let mut reader = JournalReader::new(self.journal.clone(), self.state.applied_lsn + 1)?;
+        let mut applied = self.state.applied_lsn;
+        while let Some(record) = reader.next_record()? {
+            let h = record.header;
+            let result = match h.kind {
+                RecordKind::Write => self.image.write_all_at(&record.payload, h.offset),
+                RecordKind::WriteZeroes => crate::fsutil::zero_range(&self.image, h.offset, h.length, false, is_device),
+                RecordKind::Discard => crate::fsutil::zero_range(&self.image, h.offset, h.length, true, is_device),
+                RecordKind::Marker => Ok(()),
+            };
+            result.map_err(io(format!("apply LSN {} to {}", h.lsn, self.state.image.display())))?;
+            applied = h.lsn;
+            self.counters.records_applied += 1;
+        }
+        self.image.sync_data().map_err(io(format!("sync {}", self.state.image.display())))?;
+        self.state.applied_lsn = applied;
+        self.state.save(&self.dir)?;
+        self.journal.trim_through(applied)?;
+        Ok(applied)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(size: u64) -> Hello {
+        Hello { protocol: 1, volume_uuid: [4; 16], volume_name: "vol0".into(), size, generation: [5; 16], first_lsn: 1, last_lsn: 0 }
+    }
+
+    fn write(lsn: u64, offset: u64, byte: u8, len: usize) -> ReceivedRecord {
+        ReceivedRecord { lsn, kind: RecordKind::Write, flags: 0, offset, length: len as u64, timestamp_us: 0, payload: vec![byte; len] }
+    }
+
+    #[test]
+    fn receive_apply_and_recover() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("r");
+        let mut replica = Replica::create(&dir, &hello(1 << 20), None).unwrap();
+        assert_eq!(replica.receive(&[write(1, 0, 1, 4096), write(2, 4096, 2, 4096)]).unwrap(), 2);
+        // A resend after reconnect: duplicates skipped and counted.
+        assert_eq!(replica.receive(&[write(2, 4096, 2, 4096), write(3, 0, 3, 512)]).unwrap(), 3);
+        assert_eq!(replica.counters().records_duplicated, 1);
+        let discard = ReceivedRecord { lsn: 4, kind: RecordKind::Discard, flags: 0, offset: 4096, length: 4096, timestamp_us: 0, payload: vec![] };
+        replica.receive(&[discard]).unwrap();
+        assert_eq!(replica.applied_lsn(), 0, "receiving does not apply");
+        drop(replica);
+        // Crash before applying: reopening redoes from the journal.
+        let replica = Replica::open(&dir).unwrap();
+        assert_eq!(replica.applied_lsn(), 4);
+        let image = std::fs::read(dir.join(DEFAULT_IMAGE)).unwrap();
+        assert_eq!(&image[..512], &[3u8; 512][..]);
+        assert_eq!(&image[512..4096], &[1u8; 3584][..]);
+        assert!(image[4096..8192].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn bad_batches_change_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("r");
+        let mut replica = Replica::create(&dir, &hello(1 << 20), None).unwrap();
+        replica.receive(&[write(1, 0, 1, 4096)]).unwrap();
+        let gap = replica.receive(&[write(3, 0, 9, 4096)]).unwrap_err();
+        assert!(gap.to_string().contains("expected LSN 2"), "{gap}");
+        let past_end = replica.receive(&[write(2, 4096, 9, 100), write(3, (1 << 20) - 10, 9, 100)]).unwrap_err();
+        assert!(past_end.to_string().contains("outside the replica"), "{past_end}");
+        assert_eq!(replica.received_lsn(), 1, "the partly good batch was not taken either");
+        replica.apply().unwrap();
+        let image = std::fs::read(dir.join(DEFAULT_IMAGE)).unwrap();
+        assert!(image[4096..].iter().all(|&b| b == 0), "no byte of a rejected batch reached the image");
+
+        let mut wrong = hello(1 << 20);
+        wrong.volume_uuid = [9; 16];
+        assert!(matches!(replica.check_hello(&wrong), Err(Refusal::WrongVolume { .. })));
+        assert!(matches!(replica.check_hello(&hello(2 << 20)), Err(Refusal::WrongSize { .. })));
+        let mut generation = hello(1 << 20);
+        generation.generation = [1; 16];
+        assert!(matches!(replica.check_hello(&generation), Err(Refusal::WrongGeneration { .. })));
+        replica.check_hello(&hello(1 << 20)).unwrap();
+    }
+}
