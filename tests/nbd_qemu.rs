@@ -120,3 +120,37 @@ fn qemu_io_patterns_and_qemu_img_compare() {
     let blocks = std::fs::metadata(dir.join("data.img")).unwrap().blocks() * 512;
     assert!(blocks < 24 << 20, "discards freed space ({blocks} bytes allocated)");
 }
+
+#[test]
+fn tcp_and_unix_exports_serve_the_same_volume() {
+    require_tool("qemu-io", "qemu-utils");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("vol");
+    create_volume(&dir, "tcpvol", "16M", &["--journal-size", "8M"]);
+    let socket = tmp.path().join("u.sock");
+    let mut child = std::process::Command::new(bin())
+        .args(["run", "--dir", dir.to_str().unwrap(), "--nbd", "tcp:127.0.0.1:0", "--nbd", &format!("unix:{}", socket.display())])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The kernel picks the TCP port; status reports the bound address.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let tcp = loop {
+        assert!(std::time::Instant::now() < deadline, "run did not come up");
+        if dir.join("control.sock").exists() {
+            let exports = status_json(&dir)["volume"]["exports"].clone();
+            if let Some(tcp) = exports.as_array().unwrap().iter().filter_map(|e| e.as_str()).find(|e| e.starts_with("tcp:")) {
+                break tcp.trim_start_matches("tcp:").to_string();
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(!tcp.ends_with(":0"), "the real port is reported: {tcp}");
+    let output = qemu_io(&format!("nbd://{tcp}/tcpvol"), &["write -P 0x3c 4096 65536", "flush"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let output = qemu_io(&format!("nbd+unix:///tcpvol?socket={}", socket.display()), &["read -P 0x3c 4096 65536"]);
+    let text = stdout(&output);
+    assert!(output.status.success() && !text.contains("verification failed"), "{text}");
+    let _ = std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
