@@ -49,6 +49,77 @@ enum Command {
     /// Read a volume's journal.
     #[command(subcommand)]
     Journal(JournalCommand),
+    /// Configure where a volume is mirrored (takes effect at the next `run`).
+    #[command(subcommand)]
+    Mirror(MirrorCommand),
+    /// The receiving side: a daemon that keeps replicas of volumes from allowed sources.
+    #[command(subcommand)]
+    Applier(ApplierCommand),
+}
+
+#[derive(Subcommand)]
+enum MirrorCommand {
+    /// Mirror the volume to an applier, pinned by its certificate fingerprint.
+    Add(MirrorAddArgs),
+    /// Stop mirroring to the named applier (its journal retention is released).
+    Remove(MirrorRemoveArgs),
+}
+
+#[derive(Args)]
+struct MirrorAddArgs {
+    /// State directory of the volume.
+    #[arg(long)]
+    dir: PathBuf,
+    /// The applier's address, HOST:PORT (UDP, QUIC).
+    #[arg(long, value_name = "HOST:PORT")]
+    to: String,
+    /// The applier's certificate fingerprint, as `applier init` printed it (sha256:...).
+    #[arg(long)]
+    fingerprint: String,
+    /// Name of this mirror (default: "mirror").
+    #[arg(long, default_value = "mirror")]
+    name: String,
+}
+
+#[derive(Args)]
+struct MirrorRemoveArgs {
+    #[arg(long)]
+    dir: PathBuf,
+    #[arg(long, default_value = "mirror")]
+    name: String,
+}
+
+#[derive(Subcommand)]
+enum ApplierCommand {
+    /// Create an applier directory and its identity; prints its certificate fingerprint.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Accept a source volume, identified by the fingerprint `volume create` printed.
+    Allow {
+        #[arg(long)]
+        dir: PathBuf,
+        fingerprint: String,
+    },
+    /// Serve replicas until SIGTERM or SIGINT.
+    Run {
+        #[arg(long)]
+        dir: PathBuf,
+        /// UDP address to listen on, e.g. 0.0.0.0:7420.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Also accept this source fingerprint (repeatable), besides ADIR/allowed.
+        #[arg(long)]
+        allow: Vec<String>,
+    },
+    /// Show the replicas: LSNs received and applied, consistency, connection.
+    Status {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -141,6 +212,11 @@ fn main() {
         Command::Run(args) => run(args),
         Command::Status(args) => show_status(args),
         Command::Journal(JournalCommand::Dump(args)) => dump(args),
+        Command::Mirror(MirrorCommand::Add(args)) => mirror_add(args),
+        Command::Mirror(MirrorCommand::Remove(args)) => {
+            ublk_mirror::replication::mirror::remove(&args.dir, &args.name).map_err(anyhow::Error::from).map(|()| println!("removed mirror {}", args.name))
+        }
+        Command::Applier(command) => applier(command),
     };
     if let Err(error) = result {
         eprintln!("ublk-mirror: error: {error:#}");
@@ -178,12 +254,18 @@ fn run(args: RunArgs) -> Result<()> {
     let name = volume.config().name.clone();
     let server = NbdServer::start(&addresses, volume.clone(), &name)?;
     let exports: Vec<String> = server.bound_addresses().iter().map(|a| a.to_string()).collect();
+    let senders = Arc::new(ublk_mirror::replication::sender::Senders::start(&args.dir, volume.clone()).context("start mirrors")?);
     let status_volume = volume.clone();
     let status_exports = exports.clone();
+    let status_senders = senders.clone();
     let control = control::ControlServer::start(
         &args.dir.join(CONTROL_SOCKET),
         Arc::new(move |command: &str| match command {
-            "status" => serde_json::to_value(status::live(&status_volume, &status_exports)).unwrap_or_default(),
+            "status" => {
+                let mut status = status::live(&status_volume, &status_exports);
+                status.mirrors = status_senders.statuses().into_iter().filter_map(|m| serde_json::to_value(m).ok()).collect();
+                serde_json::to_value(status).unwrap_or_default()
+            }
             other => serde_json::json!({ "error": format!("unknown request {other:?}") }),
         }),
     )
@@ -197,6 +279,9 @@ fn run(args: RunArgs) -> Result<()> {
     server.shutdown();
     drop(control);
     volume.shutdown().context("shut down volume")?;
+    if let Ok(senders) = Arc::try_unwrap(senders) {
+        senders.shutdown();
+    }
     tracing::info!("stopped cleanly");
     Ok(())
 }
@@ -245,6 +330,85 @@ fn dump(args: DumpArgs) -> Result<()> {
             writeln!(out, "{:>10} {:<12} offset {:>14} length {:>10} flags {:#x} crc32c {crc:08x}", h.lsn, h.kind.name(), h.offset, h.length, h.flags)?;
         }
         printed += 1;
+    }
+    Ok(())
+}
+
+fn mirror_add(args: MirrorAddArgs) -> Result<()> {
+    let config = ublk_mirror::replication::mirror::MirrorConfig { name: args.name.clone(), address: args.to, fingerprint: args.fingerprint };
+    ublk_mirror::replication::mirror::add(&args.dir, &config).with_context(|| format!("add mirror to {}", args.dir.display()))?;
+    println!("added mirror {} -> {} (starts with the next `run`)", config.name, config.address);
+    Ok(())
+}
+
+fn applier(command: ApplierCommand) -> Result<()> {
+    use ublk_mirror::replication::applier;
+    match command {
+        ApplierCommand::Init { dir } => {
+            let fingerprint = applier::init(&dir).with_context(|| format!("initialise applier in {}", dir.display()))?;
+            println!("initialised applier in {}", dir.display());
+            println!("certificate fingerprint:");
+            println!("{fingerprint}");
+        }
+        ApplierCommand::Allow { dir, fingerprint } => {
+            if applier::allow(&dir, &fingerprint)? {
+                println!("allowed {fingerprint}");
+            } else {
+                println!("{fingerprint} was already allowed");
+            }
+        }
+        ApplierCommand::Run { dir, listen, allow } => {
+            for fingerprint in &allow {
+                ublk_mirror::identity::parse_fingerprint(fingerprint)?;
+            }
+            let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("lock")).with_context(|| format!("open {}", dir.join("lock").display()))?;
+            rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(|_| anyhow::anyhow!("applier {} is in use by another process", dir.display()))?;
+            let state = applier::Applier::new(&dir, allow);
+            let status_state = state.clone();
+            let _control = control::ControlServer::start(
+                &dir.join(applier::CONTROL_SOCKET),
+                Arc::new(move |command: &str| match command {
+                    "status" => serde_json::to_value(status_state.status()).unwrap_or_default(),
+                    other => serde_json::json!({ "error": format!("unknown request {other:?}") }),
+                }),
+            )?;
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])?;
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            std::thread::spawn(move || {
+                if signals.forever().next().is_some() {
+                    let _ = stop_tx.send(());
+                }
+            });
+            daemon::notify("READY=1");
+            runtime.block_on(state.serve(listen, async move {
+                let _ = stop_rx.await;
+            }))?;
+            tracing::info!("applier stopped");
+        }
+        ApplierCommand::Status { dir, json } => {
+            let socket = dir.join(applier::CONTROL_SOCKET);
+            let status: applier::ApplierStatus = match control::request(&socket, "status") {
+                Ok(value) => serde_json::from_value(value)?,
+                Err(_) => applier::offline_status(&dir).with_context(|| format!("read applier {}", dir.display()))?,
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                println!("applier {} ({}), {}", dir.display(), status.fingerprint, if status.running { format!("listening on {}", status.listen.unwrap_or_default()) } else { "not running".into() });
+                for r in &status.replicas {
+                    println!(
+                        "  {:<20} received {:>10} applied {:>10} {} {}  {}",
+                        r.volume,
+                        r.received_lsn,
+                        r.applied_lsn,
+                        if r.consistent { "consistent" } else { "INCONSISTENT" },
+                        if r.connected { "connected" } else { "disconnected" },
+                        r.image
+                    );
+                }
+            }
+        }
     }
     Ok(())
 }

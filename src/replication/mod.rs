@@ -1,6 +1,10 @@
 //! Replication: the wire protocol, mutual-TLS QUIC transport, the sender (in `run`) and the
 //! applier daemon.
 
+pub mod applier;
+pub mod framing;
+pub mod mirror;
+pub mod sender;
 pub mod replica;
 pub mod tls;
 pub mod wire;

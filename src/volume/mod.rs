@@ -218,6 +218,8 @@ struct Shared {
     pending_window: u64,
     last_lsn: AtomicU64,
     checkpoint_lsn: AtomicU64,
+    /// The journal is never trimmed past this LSN: what every mirror has received.
+    trim_floor: AtomicU64,
     failure: Mutex<Option<String>>,
     state: Mutex<VolumeState>,
     counters: Counters,
@@ -410,13 +412,14 @@ impl Volume {
             pending_window: config.journal.pending_window,
             last_lsn: AtomicU64::new(report.last_lsn),
             checkpoint_lsn: AtomicU64::new(report.last_lsn),
+            trim_floor: AtomicU64::new(crate::replication::mirror::trim_floor(dir)),
             failure: Mutex::new(None),
             state: Mutex::new(state),
             counters: Counters::default(),
         });
-        // Trim what the checkpoint already covers.
+        // Trim what the checkpoint already covers (and every mirror has received).
         if !crate::failpoint::enabled("journal-no-trim") {
-            journal.trim_through(report.last_lsn)?;
+            journal.trim_through(report.last_lsn.min(shared.trim_floor.load(Ordering::Acquire)))?;
         }
         let (request_tx, request_rx) = mpsc::sync_channel(REQUEST_QUEUE);
         let (apply_tx, apply_rx) = mpsc::channel();
@@ -529,6 +532,11 @@ impl Volume {
             read_bytes: counters.read_bytes.load(Ordering::Relaxed),
             failure,
         }
+    }
+
+    /// Limits journal trimming to LSNs every mirror has received (senders call this on acks).
+    pub fn set_trim_floor(&self, lsn: u64) {
+        self.shared.trim_floor.store(lsn, Ordering::Release);
     }
 
     pub fn generation(&self) -> uuid::Uuid {
@@ -890,7 +898,7 @@ fn checkpoint(shared: &Shared) {
     if crate::failpoint::enabled("journal-no-trim") {
         return;
     }
-    if let Err(error) = shared.journal.trim_through(applied) {
+    if let Err(error) = shared.journal.trim_through(applied.min(shared.trim_floor.load(Ordering::Acquire))) {
         tracing::warn!(error = %error, "journal trim failed; will retry at the next checkpoint");
     }
 }

@@ -1,0 +1,284 @@
+//! The applier daemon: accepts mutually authenticated QUIC connections from volumes, keeps one
+//! [`Replica`] per volume under `ADIR/replicas/NAME`, and answers each batch with checkpoints.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use super::framing::{read_frame, write_control, LinkError};
+use super::replica::Replica;
+use super::tls;
+use super::wire::{Control, Frame, Refusal};
+
+pub const IDENTITY_DIR: &str = "identity";
+pub const ALLOWED_FILE: &str = "allowed";
+pub const REPLICAS_DIR: &str = "replicas";
+pub const CONTROL_SOCKET: &str = "control.sock";
+
+/// Creates an applier directory with its identity; returns the certificate fingerprint.
+pub fn init(dir: &Path) -> Result<String, LinkError> {
+    if dir.join(IDENTITY_DIR).exists() {
+        return Err(LinkError::Protocol(format!("{} already holds an applier; refusing to overwrite its identity", dir.display())));
+    }
+    std::fs::create_dir_all(dir.join(REPLICAS_DIR))?;
+    crate::fsutil::write_atomic(&dir.join(ALLOWED_FILE), b"")?;
+    Ok(crate::identity::create(&dir.join(IDENTITY_DIR), "applier").map_err(|e| LinkError::Protocol(e.to_string()))?)
+}
+
+/// Fingerprints of sources the applier accepts (one per line in `ADIR/allowed`).
+pub fn allowed(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join(ALLOWED_FILE))
+        .unwrap_or_default()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(String::from)
+        .collect()
+}
+
+/// Adds a fingerprint to `ADIR/allowed` (idempotent).
+pub fn allow(dir: &Path, fingerprint: &str) -> Result<bool, LinkError> {
+    let fingerprint = crate::identity::parse_fingerprint(fingerprint).map_err(|e| LinkError::Protocol(e.to_string()))?;
+    if !dir.join(IDENTITY_DIR).exists() {
+        return Err(LinkError::Protocol(format!("{} holds no applier; run `ublk-mirror applier init` first", dir.display())));
+    }
+    let mut list = allowed(dir);
+    if list.contains(&fingerprint) {
+        return Ok(false);
+    }
+    list.push(fingerprint);
+    crate::fsutil::write_atomic(&dir.join(ALLOWED_FILE), format!("{}\n", list.join("\n")).as_bytes())?;
+    Ok(true)
+}
+
+/// One replica as `applier status` reports it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    pub volume: String,
+    pub image: String,
+    pub received_lsn: u64,
+    pub applied_lsn: u64,
+    pub consistent: bool,
+    pub connected: bool,
+    pub records_received: u64,
+    pub records_duplicated: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApplierStatus {
+    pub running: bool,
+    pub fingerprint: String,
+    pub listen: Option<String>,
+    pub replicas: Vec<ReplicaStatus>,
+}
+
+struct Slot {
+    replica: Arc<Mutex<Replica>>,
+    connected: bool,
+}
+
+/// Shared state of a running applier.
+pub struct Applier {
+    dir: PathBuf,
+    extra_allowed: Vec<String>,
+    replicas: Mutex<HashMap<String, Slot>>,
+    listen: Mutex<Option<SocketAddr>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Applier {
+    pub fn new(dir: &Path, extra_allowed: Vec<String>) -> Arc<Applier> {
+        Arc::new(Applier { dir: dir.to_path_buf(), extra_allowed, replicas: Mutex::new(HashMap::new()), listen: Mutex::new(None) })
+    }
+
+    /// Binds `listen` and serves until `stop` resolves.
+    pub async fn serve(self: Arc<Self>, listen: SocketAddr, stop: impl std::future::Future<Output = ()>) -> Result<(), LinkError> {
+        let identity = tls::Identity::load(&self.dir.join(IDENTITY_DIR))?;
+        let dir = self.dir.clone();
+        let extra = self.extra_allowed.clone();
+        let allow: tls::AllowList = Arc::new(move |fingerprint: &str| extra.iter().any(|f| f == fingerprint) || allowed(&dir).iter().any(|f| f == fingerprint));
+        let endpoint = quinn::Endpoint::server(tls::server_config(&identity, allow)?, listen)?;
+        *lock(&self.listen) = endpoint.local_addr().ok();
+        tracing::info!(listen = %endpoint.local_addr()?, fingerprint = %identity.fingerprint, "applier listening");
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                incoming = endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    let applier = self.clone();
+                    tokio::spawn(async move {
+                        let peer = incoming.remote_address();
+                        if let Err(error) = applier.handle(incoming).await {
+                            tracing::warn!(%peer, error = %format!("{error:#}"), "replication connection ended");
+                        }
+                    });
+                }
+            }
+        }
+        endpoint.close(0u32.into(), b"applier stopping");
+        endpoint.wait_idle().await;
+        Ok(())
+    }
+
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        *lock(&self.listen)
+    }
+
+    async fn handle(self: Arc<Self>, incoming: quinn::Incoming) -> Result<(), LinkError> {
+        let connection = incoming.await?;
+        let (mut send, mut recv) = connection.accept_bi().await?;
+        let hello = match read_frame(&mut recv).await? {
+            Some(Frame::Control(Control::Hello(hello))) => hello,
+            other => return Err(LinkError::Protocol(format!("expected Hello, got {other:?}"))),
+        };
+        let name = hello.volume_name.clone();
+        if crate::volume::config::validate_name(&name).is_err() {
+            let refusal = Refusal::Other(format!("invalid volume name {name:?}"));
+            write_control(&mut send, &Control::Refused(refusal.clone())).await?;
+            return Err(LinkError::Refused(refusal));
+        }
+        // One replica per volume name; opened on first use, created on the first connection.
+        let replica = {
+            let applier = self.clone();
+            let hello = hello.clone();
+            tokio::task::spawn_blocking(move || applier.replica_for(&hello)).await.map_err(|e| LinkError::Protocol(e.to_string()))??
+        };
+        let refusal = lock(&replica).check_hello(&hello).err();
+        if let Some(refusal) = refusal {
+            tracing::warn!(volume = %name, reason = %refusal, "refused a source");
+            write_control(&mut send, &Control::Refused(refusal.clone())).await?;
+            let _ = send.finish();
+            connection.closed().await;
+            return Err(LinkError::Refused(refusal));
+        }
+        let already_connected = {
+            let mut replicas = lock(&self.replicas);
+            let slot = replicas.get_mut(&name).expect("registered by replica_for");
+            std::mem::replace(&mut slot.connected, true)
+        };
+        if already_connected {
+            let refusal = Refusal::Other(format!("volume {name} is already connected"));
+            write_control(&mut send, &Control::Refused(refusal.clone())).await?;
+            return Err(LinkError::Refused(refusal));
+        }
+        let result = self.stream(&name, &replica, &mut send, &mut recv).await;
+        if let Some(slot) = lock(&self.replicas).get_mut(&name) {
+            slot.connected = false;
+        }
+        result
+    }
+
+    fn replica_for(&self, hello: &super::wire::Hello) -> Result<Arc<Mutex<Replica>>, LinkError> {
+        let mut replicas = lock(&self.replicas);
+        if let Some(slot) = replicas.get(&hello.volume_name) {
+            return Ok(slot.replica.clone());
+        }
+        let dir = self.dir.join(REPLICAS_DIR).join(&hello.volume_name);
+        let replica = if dir.join(super::replica::STATE_FILE).exists() {
+            Replica::open(&dir)?
+        } else {
+            tracing::info!(volume = %hello.volume_name, size = hello.size, "creating replica for a new source");
+            Replica::create(&dir, hello, None)?
+        };
+        let replica = Arc::new(Mutex::new(replica));
+        replicas.insert(hello.volume_name.clone(), Slot { replica: replica.clone(), connected: false });
+        Ok(replica)
+    }
+
+    async fn stream(&self, name: &str, replica: &Arc<Mutex<Replica>>, send: &mut quinn::SendStream, recv: &mut quinn::RecvStream) -> Result<(), LinkError> {
+        let (received_lsn, applied_lsn, consistent) = {
+            let r = lock(replica);
+            (r.received_lsn(), r.applied_lsn(), r.state().consistent)
+        };
+        write_control(send, &Control::Welcome { received_lsn, applied_lsn, consistent }).await?;
+        tracing::info!(volume = %name, received_lsn, applied_lsn, "source connected");
+        while let Some(frame) = read_frame(recv).await? {
+            let records = match frame {
+                Frame::Records(records) => records,
+                Frame::Control(other) => return Err(LinkError::Protocol(format!("unexpected {other:?} during streaming"))),
+            };
+            // Durable in our journal first (the source may trim up to it), then applied.
+            let worker = replica.clone();
+            let received = tokio::task::spawn_blocking(move || lock(&worker).receive(&records)).await.map_err(|e| LinkError::Protocol(e.to_string()))??;
+            let applied = lock(replica).applied_lsn();
+            write_control(send, &Control::Ack { received_lsn: received, applied_lsn: applied }).await?;
+            let worker = replica.clone();
+            let applied = tokio::task::spawn_blocking(move || lock(&worker).apply()).await.map_err(|e| LinkError::Protocol(e.to_string()))??;
+            write_control(send, &Control::Ack { received_lsn: received, applied_lsn: applied }).await?;
+        }
+        Ok(())
+    }
+
+    pub fn status(&self) -> ApplierStatus {
+        let fingerprint = crate::identity::fingerprint(&self.dir.join(IDENTITY_DIR)).unwrap_or_default();
+        let mut replicas: Vec<ReplicaStatus> = lock(&self.replicas)
+            .iter()
+            .map(|(name, slot)| {
+                let r = lock(&slot.replica);
+                let counters = r.counters();
+                ReplicaStatus {
+                    volume: name.clone(),
+                    image: r.state().image.display().to_string(),
+                    received_lsn: r.received_lsn(),
+                    applied_lsn: r.applied_lsn(),
+                    consistent: r.state().consistent,
+                    connected: slot.connected,
+                    records_received: counters.records_received,
+                    records_duplicated: counters.records_duplicated,
+                }
+            })
+            .collect();
+        // Replicas on disk that no source has connected to since start.
+        for (name, state) in replicas_on_disk(&self.dir) {
+            if !replicas.iter().any(|r| r.volume == name) {
+                replicas.push(offline_replica(&self.dir, name, state));
+            }
+        }
+        replicas.sort_by(|a, b| a.volume.cmp(&b.volume));
+        ApplierStatus { running: true, fingerprint, listen: self.local_addr().map(|a| a.to_string()), replicas }
+    }
+}
+
+fn replicas_on_disk(dir: &Path) -> Vec<(String, super::replica::ReplicaState)> {
+    let mut found = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir.join(REPLICAS_DIR)) {
+        for entry in entries.flatten() {
+            let path = entry.path().join(super::replica::STATE_FILE);
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                if let Ok(state) = serde_json::from_str(&text) {
+                    found.push((entry.file_name().to_string_lossy().into_owned(), state));
+                }
+            }
+        }
+    }
+    found
+}
+
+fn offline_replica(dir: &Path, name: String, state: super::replica::ReplicaState) -> ReplicaStatus {
+    let received = crate::journal::Journal::inspect(&dir.join(REPLICAS_DIR).join(&name).join(super::replica::JOURNAL_DIR)).map(|r| r.last_lsn).unwrap_or(state.applied_lsn);
+    ReplicaStatus {
+        volume: name,
+        image: state.image.display().to_string(),
+        received_lsn: received,
+        applied_lsn: state.applied_lsn,
+        consistent: state.consistent,
+        connected: false,
+        records_received: 0,
+        records_duplicated: 0,
+    }
+}
+
+/// Status from the files of an applier that is not running.
+pub fn offline_status(dir: &Path) -> Result<ApplierStatus, LinkError> {
+    let fingerprint = crate::identity::fingerprint(&dir.join(IDENTITY_DIR)).map_err(|e| LinkError::Protocol(e.to_string()))?;
+    let mut replicas: Vec<ReplicaStatus> = replicas_on_disk(dir).into_iter().map(|(name, state)| offline_replica(dir, name, state)).collect();
+    replicas.sort_by(|a, b| a.volume.cmp(&b.volume));
+    Ok(ApplierStatus { running: false, fingerprint, listen: None, replicas })
+}

@@ -1,0 +1,302 @@
+//! The sender: one per mirror, inside `run`. Streams the volume's journal to the applier from
+//! its `received` checkpoint, only records already durable at the source (so a replica never
+//! holds a write the source could lose), with a bounded window of unacknowledged bytes, and
+//! reconnects with backoff after any failure.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::framing::{read_frame, write_control, LinkError};
+use super::mirror::{self, MirrorConfig, MirrorState};
+use super::tls;
+use super::wire::{self, Control, Frame, Hello};
+use crate::journal::JournalReader;
+use crate::volume::Volume;
+
+/// Unacknowledged bytes in flight at most.
+const WINDOW_BYTES: u64 = 64 << 20;
+/// Payload bytes per batch at most.
+const BATCH_BYTES: usize = 4 << 20;
+const BATCH_RECORDS: usize = 1024;
+/// Checkpoints are persisted at most this often (the applier re-sends them on reconnect).
+const PERSIST_INTERVAL: Duration = Duration::from_millis(500);
+
+/// One mirror as `status` reports it (`mirrors[]`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MirrorStatus {
+    pub name: String,
+    pub address: String,
+    pub connected: bool,
+    /// `replicating`, `disconnected` (or `syncing` once initial sync exists).
+    pub state: String,
+    pub received_lsn: u64,
+    pub applied_lsn: u64,
+    /// Payload bytes of records sent and not yet applied.
+    pub lag_bytes: u64,
+    /// Records not yet applied on the replica.
+    pub lag_records: u64,
+    /// Age of the oldest record not yet applied (0 when caught up).
+    pub lag_seconds: f64,
+    pub sent_bytes: u64,
+    pub sent_records: u64,
+    pub reconnects: u64,
+    pub last_error: Option<String>,
+}
+
+/// The senders of a volume; computes the journal trim floor from all of them.
+pub struct Senders {
+    statuses: Vec<Arc<Mutex<MirrorStatus>>>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Senders {
+    /// Starts one sender thread per configured mirror of the volume in `dir`.
+    pub fn start(dir: &Path, volume: Arc<Volume>) -> Result<Senders, mirror::MirrorError> {
+        let configs = mirror::list(dir)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let statuses: Vec<Arc<Mutex<MirrorStatus>>> = configs
+            .iter()
+            .map(|c| {
+                let state = mirror::load_state(dir, &c.name);
+                Arc::new(Mutex::new(MirrorStatus {
+                    name: c.name.clone(),
+                    address: c.address.clone(),
+                    state: "disconnected".into(),
+                    received_lsn: state.received_lsn,
+                    applied_lsn: state.applied_lsn,
+                    ..MirrorStatus::default()
+                }))
+            })
+            .collect();
+        let mut threads = Vec::new();
+        for (config, status) in configs.into_iter().zip(&statuses) {
+            let sender = Sender { dir: dir.to_path_buf(), config, volume: volume.clone(), status: status.clone(), all: statuses.clone(), stop: stop.clone() };
+            let name = format!("sender-{}", sender.config.name);
+            threads.push(
+                std::thread::Builder::new()
+                    .name(name)
+                    .spawn(move || sender.run())
+                    .map_err(|source| mirror::MirrorError::Io { context: "start sender thread".into(), source })?,
+            );
+        }
+        Ok(Senders { statuses, stop, threads })
+    }
+
+    pub fn statuses(&self) -> Vec<MirrorStatus> {
+        self.statuses.iter().map(|s| lock(s).clone()).collect()
+    }
+
+    pub fn shutdown(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+struct Sender {
+    dir: PathBuf,
+    config: MirrorConfig,
+    volume: Arc<Volume>,
+    status: Arc<Mutex<MirrorStatus>>,
+    all: Vec<Arc<Mutex<MirrorStatus>>>,
+    stop: Arc<AtomicBool>,
+}
+
+/// A record sent and not yet applied: for lag and the window.
+struct InFlight {
+    lsn: u64,
+    bytes: u64,
+    timestamp_us: u64,
+}
+
+impl Sender {
+    fn run(self) {
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(runtime) => runtime,
+            Err(error) => {
+                tracing::error!(mirror = %self.config.name, %error, "cannot start sender runtime");
+                return;
+            }
+        };
+        let mut backoff = Duration::from_millis(200);
+        while !self.stop.load(Ordering::SeqCst) {
+            let started = Instant::now();
+            let result = runtime.block_on(self.session());
+            {
+                let mut status = lock(&self.status);
+                status.connected = false;
+                status.state = "disconnected".into();
+                if let Err(error) = &result {
+                    status.last_error = Some(format!("{error:#}"));
+                    status.reconnects += 1;
+                }
+            }
+            if let Err(error) = result {
+                tracing::warn!(mirror = %self.config.name, error = %format!("{error:#}"), "mirror disconnected; will retry");
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                backoff = Duration::from_millis(200);
+            }
+            let until = Instant::now() + backoff;
+            while Instant::now() < until && !self.stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn session(&self) -> Result<(), LinkError> {
+        let identity = tls::Identity::load(&self.dir.join(crate::volume::config::IDENTITY_DIR))?;
+        let address: SocketAddr = tokio::net::lookup_host(&self.config.address)
+            .await?
+            .next()
+            .ok_or_else(|| LinkError::Protocol(format!("cannot resolve {}", self.config.address)))?;
+        let local: SocketAddr = if address.is_ipv4() { "0.0.0.0:0".parse().expect("addr") } else { "[::]:0".parse().expect("addr") };
+        let mut endpoint = quinn::Endpoint::client(local)?;
+        endpoint.set_default_client_config(tls::client_config(&identity, &self.config.fingerprint)?);
+        let connection = endpoint.connect(address, "applier")?.await?;
+        let (mut send, mut recv) = connection.open_bi().await?;
+        let journal = self.volume.journal().clone();
+        let config = self.volume.config();
+        let hello = Hello {
+            protocol: wire::PROTOCOL_VERSION,
+            volume_uuid: *config.uuid.as_bytes(),
+            volume_name: config.name.clone(),
+            size: config.size,
+            generation: *self.volume.generation().as_bytes(),
+            first_lsn: journal.first_lsn(),
+            last_lsn: journal.written_lsn(),
+        };
+        write_control(&mut send, &Control::Hello(hello)).await?;
+        let (received, applied) = match read_frame(&mut recv).await? {
+            Some(Frame::Control(Control::Welcome { received_lsn, applied_lsn, .. })) => (received_lsn, applied_lsn),
+            Some(Frame::Control(Control::Refused(refusal))) => return Err(LinkError::Refused(refusal)),
+            other => return Err(LinkError::Protocol(format!("expected Welcome, got {other:?}"))),
+        };
+        if received > journal.written_lsn() {
+            return Err(LinkError::Protocol(format!(
+                "the replica has received LSN {received} but this volume's journal ends at {}: the replica is ahead of the source (divergence)",
+                journal.written_lsn()
+            )));
+        }
+        if received + 1 < journal.first_lsn() {
+            return Err(LinkError::Protocol(format!(
+                "the journal starts at LSN {} and no longer holds LSN {} the replica needs; initial synchronisation is not implemented yet",
+                journal.first_lsn(),
+                received + 1
+            )));
+        }
+        tracing::info!(mirror = %self.config.name, received, applied, "mirror connected");
+        self.acknowledged(received, applied);
+        {
+            let mut status = lock(&self.status);
+            status.connected = true;
+            status.state = "replicating".into();
+        }
+        let in_flight: Arc<Mutex<VecDeque<InFlight>>> = Arc::new(Mutex::new(VecDeque::new()));
+        let acks = {
+            let sender = Sender { dir: self.dir.clone(), config: self.config.clone(), volume: self.volume.clone(), status: self.status.clone(), all: self.all.clone(), stop: self.stop.clone() };
+            let in_flight = in_flight.clone();
+            tokio::spawn(async move {
+                let mut last_persist = Instant::now() - PERSIST_INTERVAL;
+                loop {
+                    match read_frame(&mut recv).await? {
+                        Some(Frame::Control(Control::Ack { received_lsn, applied_lsn })) => {
+                            lock(&in_flight).retain(|r| r.lsn > applied_lsn);
+                            sender.acknowledged(received_lsn, applied_lsn);
+                            if last_persist.elapsed() >= PERSIST_INTERVAL {
+                                let _ = mirror::save_state(&sender.dir, &sender.config.name, MirrorState { received_lsn, applied_lsn });
+                                last_persist = Instant::now();
+                            }
+                        }
+                        None => return Ok::<(), LinkError>(()),
+                        other => return Err(LinkError::Protocol(format!("unexpected frame from the applier: {other:?}"))),
+                    }
+                }
+            })
+        };
+        let mut reader = JournalReader::new(journal.clone(), received + 1)?;
+        loop {
+            if self.stop.load(Ordering::SeqCst) {
+                connection.close(0u32.into(), b"volume stopping");
+                break;
+            }
+            if acks.is_finished() {
+                return match acks.await {
+                    Ok(Err(error)) => Err(error),
+                    _ => Err(LinkError::Protocol("the applier closed the stream".into())),
+                };
+            }
+            let unacked: u64 = lock(&in_flight).iter().map(|r| r.bytes).sum();
+            let mut batch = Vec::new();
+            let mut bytes = 0usize;
+            // Only records durable at the source: a replica must never get ahead of it.
+            while unacked + (bytes as u64) < WINDOW_BYTES && bytes < BATCH_BYTES && batch.len() < BATCH_RECORDS && reader.next_lsn() <= journal.synced_lsn() {
+                match reader.next_record()? {
+                    Some(record) => {
+                        bytes += record.payload.len();
+                        batch.push(record);
+                    }
+                    None => break,
+                }
+            }
+            if batch.is_empty() {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                self.update_lag(&in_flight);
+                continue;
+            }
+            let pairs: Vec<_> = batch.iter().map(|r| (r.header, r.payload.as_slice())).collect();
+            send.write_all(&wire::encode_batch_header(&pairs)).await?;
+            for record in &batch {
+                send.write_all(&record.payload).await?;
+            }
+            {
+                let mut flight = lock(&in_flight);
+                for record in &batch {
+                    flight.push_back(InFlight { lsn: record.header.lsn, bytes: record.payload.len() as u64 + 64, timestamp_us: record.header.timestamp_us });
+                }
+            }
+            let mut status = lock(&self.status);
+            status.sent_bytes += bytes as u64;
+            status.sent_records += batch.len() as u64;
+            drop(status);
+            self.update_lag(&in_flight);
+        }
+        Ok(())
+    }
+
+    fn update_lag(&self, in_flight: &Mutex<VecDeque<InFlight>>) {
+        let flight = lock(in_flight);
+        let last = self.volume.journal().written_lsn();
+        let mut status = lock(&self.status);
+        status.lag_bytes = flight.iter().filter(|r| r.lsn > status.applied_lsn).map(|r| r.bytes).sum();
+        status.lag_records = last.saturating_sub(status.applied_lsn);
+        status.lag_seconds = match flight.iter().find(|r| r.lsn > status.applied_lsn) {
+            Some(oldest) if status.lag_records > 0 => crate::fsutil::now_micros().saturating_sub(oldest.timestamp_us) as f64 / 1e6,
+            _ => 0.0,
+        };
+    }
+
+    /// Records the applier's checkpoints and moves the volume's trim floor.
+    fn acknowledged(&self, received: u64, applied: u64) {
+        {
+            let mut status = lock(&self.status);
+            status.received_lsn = status.received_lsn.max(received);
+            status.applied_lsn = status.applied_lsn.max(applied);
+        }
+        let floor = self.all.iter().map(|s| lock(s).received_lsn).min().unwrap_or(u64::MAX);
+        self.volume.set_trim_floor(floor);
+    }
+}
