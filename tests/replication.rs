@@ -192,3 +192,171 @@ fn wrong_applier_fingerprint_and_unknown_source_are_refused() {
     }
     assert!(applier_status(&adir2)["replicas"].as_array().unwrap().is_empty());
 }
+
+/// Distinguishable 4 KiB block contents for write `id`.
+fn block_payload(id: u64) -> Vec<u8> {
+    let mut data = vec![(id % 251) as u8 + 1; 4096];
+    data[..8].copy_from_slice(&id.to_le_bytes());
+    data
+}
+
+/// Pipelined writes of distinguishable blocks (QD 16) with a FLUSH every 50, until the server
+/// goes away or the bounds are reached. Returns how many writes were acknowledged. At most
+/// 6000 requests: 24 MiB, within the 64 MiB journal even while a mirror is down (a full
+/// journal makes writes wait, which is not what these tests are about).
+fn distinguishable_load(socket: &Path, export: &str, seconds: u64) -> u64 {
+    use common::nbd_client::*;
+    let mut client = NbdClient::connect(socket, export).unwrap();
+    let started = Instant::now();
+    let mut acked = 0u64;
+    let mut in_flight = 0;
+    let mut id = 0u64;
+    while started.elapsed() < Duration::from_secs(seconds) && id < 6000 {
+        while in_flight < 16 && id < 6000 {
+            id += 1;
+            let sent = if id % 50 == 0 {
+                client.try_send(CMD_FLUSH, 0, 0, 0, &[])
+            } else {
+                client.try_send(CMD_WRITE, 0, (id * 7919 % 8192) * 4096, 4096, &block_payload(id))
+            };
+            if sent.is_err() {
+                return acked;
+            }
+            in_flight += 1;
+        }
+        if in_flight == 0 {
+            break;
+        }
+        match client.receive() {
+            Ok(reply) if reply.error == 0 => {
+                acked += 1;
+                in_flight -= 1;
+            }
+            _ => return acked,
+        }
+    }
+    acked
+}
+
+#[test]
+fn replica_is_always_a_prefix_of_the_source_after_applier_crashes() {
+    use rand::{Rng, SeedableRng};
+    use ublk_mirror::journal::{Journal, JournalReader, RecordKind};
+    for seed in 0..3u64 {
+        let tmp = tempfile::tempdir().unwrap();
+        let (adir, vdir, port) = setup(tmp.path(), None);
+        let mut applier = Applier::start(&adir, port);
+        let served = Served::start(&vdir, &[("UBLK_MIRROR_FAILPOINTS", "journal-no-trim")]);
+        let socket = served.socket.clone();
+        let load = std::thread::spawn(move || distinguishable_load(&socket, "vol0", 4));
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        std::thread::sleep(Duration::from_millis(rng.gen_range(300..1500)));
+        applier.kill9();
+        assert!(load.join().unwrap() > 100);
+        drop(served);
+        // Recover the replica exactly as the applier would on its next start.
+        let replica = ublk_mirror::replication::replica::Replica::open(&adir.join("replicas/vol0")).unwrap();
+        let k = replica.applied_lsn();
+        assert_eq!(k, replica.received_lsn(), "recovery applies everything received");
+        drop(replica);
+        // The source's state after LSN k, replayed from its (untrimmed) journal.
+        let (journal, report) = Journal::open_read_only(&vdir.join("journal")).unwrap();
+        assert_eq!(report.first_lsn, 1);
+        assert!(k <= report.last_lsn, "replica ahead of the source");
+        let mut expected = vec![0u8; 32 << 20];
+        let mut reader = JournalReader::new(journal, 1).unwrap();
+        while let Some(record) = reader.next_record().unwrap() {
+            if record.header.lsn > k {
+                break;
+            }
+            assert_eq!(record.header.kind, RecordKind::Write);
+            let at = record.header.offset as usize;
+            expected[at..at + record.payload.len()].copy_from_slice(&record.payload);
+        }
+        let image = std::fs::read(adir.join("replicas/vol0/data.img")).unwrap();
+        assert!(image == expected, "seed {seed}: the replica is not the source at LSN {k}");
+        eprintln!("seed {seed}: replica recovered to LSN {k} of {}", report.last_lsn);
+    }
+}
+
+#[test]
+fn source_kill_9_and_restart_resumes_to_an_equal_replica() {
+    require_tool("qemu-img", "qemu-utils");
+    let tmp = tempfile::tempdir().unwrap();
+    let (adir, vdir, port) = setup(tmp.path(), None);
+    let _applier = Applier::start(&adir, port);
+    let mut served = Served::start(&vdir, &[]);
+    let socket = served.socket.clone();
+    let load = std::thread::spawn(move || distinguishable_load(&socket, "vol0", 3));
+    std::thread::sleep(Duration::from_millis(1500));
+    served.kill9();
+    assert!(load.join().unwrap() > 100);
+    let served = Served::start(&vdir, &[]);
+    wait_caught_up(&vdir);
+    assert!(compare(&served.uri("vol0"), adir.join("replicas/vol0/data.img").to_str().unwrap()), "replica differs after the source restart");
+}
+
+#[test]
+fn garbage_from_an_authenticated_client_leaves_the_replica_untouched() {
+    use ublk_mirror::replication::{framing, tls, wire};
+    let tmp = tempfile::tempdir().unwrap();
+    let (adir, vdir, port) = setup(tmp.path(), None);
+    let _applier = Applier::start(&adir, port);
+    let identity = tls::Identity::load(&vdir.join("identity")).unwrap();
+    let applier_fp = applier_status(&adir)["fingerprint"].as_str().unwrap().to_string();
+    let config: serde_json::Value = status_json(&vdir);
+    let uuid = uuid::Uuid::parse_str(config["volume"]["uuid"].as_str().unwrap()).unwrap();
+    let generation = uuid::Uuid::parse_str(config["volume"]["generation"].as_str().unwrap()).unwrap();
+    let hello = wire::Hello {
+        protocol: 1,
+        volume_uuid: *uuid.as_bytes(),
+        volume_name: "vol0".into(),
+        size: 32 << 20,
+        generation: *generation.as_bytes(),
+        first_lsn: 1,
+        last_lsn: 0,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    // Each attack on a fresh connection: the applier must close it and change nothing.
+    let attacks: Vec<(&str, Vec<u8>)> = vec![
+        ("garbage", vec![0xee; 300]),
+        ("truncated frame", { let mut f = wire::encode_control(&wire::Control::Ack { received_lsn: 1, applied_lsn: 1 }); f.truncate(f.len() - 2); f }),
+        ("huge length", u32::MAX.to_le_bytes().to_vec()),
+        ("record past the end", {
+            let header = ublk_mirror::journal::RecordHeader { kind: ublk_mirror::journal::RecordKind::Write, flags: 0, lsn: 1, offset: (32 << 20) - 100, length: 4096, payload_len: 4096, synced_lsn: 0, timestamp_us: 0 };
+            let payload = vec![0xab; 4096];
+            let mut frame = wire::encode_batch_header(&[(header, &payload[..])]);
+            frame.extend_from_slice(&payload);
+            frame
+        }),
+        ("LSN gap", {
+            let header = ublk_mirror::journal::RecordHeader { kind: ublk_mirror::journal::RecordKind::Write, flags: 0, lsn: 5, offset: 0, length: 4096, payload_len: 4096, synced_lsn: 0, timestamp_us: 0 };
+            let payload = vec![0xab; 4096];
+            let mut frame = wire::encode_batch_header(&[(header, &payload[..])]);
+            frame.extend_from_slice(&payload);
+            frame
+        }),
+    ];
+    for (what, bytes) in attacks {
+        runtime.block_on(async {
+            let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+            endpoint.set_default_client_config(tls::client_config(&identity, &applier_fp).unwrap());
+            let connection = endpoint.connect(format!("127.0.0.1:{port}").parse().unwrap(), "applier").unwrap().await.unwrap();
+            let (mut send, mut recv) = connection.open_bi().await.unwrap();
+            framing::write_control(&mut send, &wire::Control::Hello(hello.clone())).await.unwrap();
+            let welcome = framing::read_frame(&mut recv).await.unwrap();
+            assert!(matches!(welcome, Some(wire::Frame::Control(wire::Control::Welcome { .. }))), "{what}: {welcome:?}");
+            send.write_all(&bytes).await.unwrap();
+            let _ = send.finish();
+            // The applier answers nothing but closing.
+            let answer = tokio::time::timeout(Duration::from_secs(10), framing::read_frame(&mut recv)).await.expect("applier reacts");
+            assert!(!matches!(answer, Ok(Some(wire::Frame::Control(wire::Control::Ack { .. })))), "{what}: acknowledged");
+            connection.close(0u32.into(), b"test");
+        });
+        let replica = &applier_status(&adir)["replicas"][0];
+        assert_eq!(replica["received_lsn"], 0, "{what}: {replica}");
+        assert_eq!(replica["applied_lsn"], 0, "{what}");
+    }
+    let image = std::fs::read(adir.join("replicas/vol0/data.img")).unwrap();
+    assert!(image.iter().all(|&b| b == 0), "no byte of the replica changed");
+}
