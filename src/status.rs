@@ -107,7 +107,18 @@ pub fn offline(dir: &Path) -> Result<Status, VolumeError> {
             segments: report.segments,
             segment_size: options.segment_size,
         },
-        mirrors: Vec::new(),
+        mirrors: crate::replication::mirror::list(dir)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|m| {
+                let state = crate::replication::mirror::load_state(dir, &m.name);
+                serde_json::json!({
+                    "name": m.name, "address": m.address, "connected": false, "state": "disconnected",
+                    "received_lsn": state.received_lsn, "applied_lsn": state.applied_lsn,
+                    "lag_records": report.last_lsn.saturating_sub(state.applied_lsn),
+                })
+            })
+            .collect(),
     })
 }
 
@@ -137,6 +148,26 @@ pub fn render_text(status: &Status) -> String {
     ));
     if v.running {
         out.push_str(&format!("  io       {} writes ({} bytes), {} flushes, {} reads ({} bytes), {} bytes pending apply\n", n.writes, n.written_bytes, n.flushes, n.reads, n.read_bytes, n.pending_bytes));
+    }
+    for mirror in &status.mirrors {
+        let text = |key: &str| mirror[key].as_str().unwrap_or("?").to_string();
+        let number = |key: &str| mirror[key].as_u64().unwrap_or(0);
+        out.push_str(&format!(
+            "  mirror   {} -> {}: {} received {} applied {} lag {} records / {} bytes / {:.1}s, sent {} bytes",
+            text("name"),
+            text("address"),
+            text("state"),
+            number("received_lsn"),
+            number("applied_lsn"),
+            number("lag_records"),
+            number("lag_bytes"),
+            mirror["lag_seconds"].as_f64().unwrap_or(0.0),
+            number("sent_bytes")
+        ));
+        if let Some(error) = mirror["last_error"].as_str().filter(|_| mirror["connected"] != true) {
+            out.push_str(&format!(" (last error: {error})"));
+        }
+        out.push('\n');
     }
     if let Some(failure) = &n.failure {
         out.push_str(&format!("  FAILED   {failure}\n"));

@@ -98,8 +98,10 @@ impl Replica {
     /// source's next LSN after `applied_lsn`.
     pub fn create(dir: &Path, hello: &Hello, image: Option<&Path>) -> Result<Replica, ReplicaError> {
         std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+        let dir = &std::path::absolute(dir).map_err(io(format!("resolve {}", dir.display())))?;
         let image = match image {
             Some(path) => {
+                let path = &std::path::absolute(path).map_err(io(format!("resolve {}", path.display())))?;
                 let file = File::open(path).map_err(io(format!("open replica image {}", path.display())))?;
                 let size = crate::fsutil::storage_size(&file).map_err(io(format!("size of {}", path.display())))?;
                 if size != hello.size {

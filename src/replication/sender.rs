@@ -136,6 +136,12 @@ impl Sender {
             let result = runtime.block_on(self.session());
             {
                 let mut status = lock(&self.status);
+                // Persist the last checkpoints the applier acknowledged (saves are throttled
+                // while streaming).
+                let state = MirrorState { received_lsn: status.received_lsn, applied_lsn: status.applied_lsn };
+                if let Err(error) = mirror::save_state(&self.dir, &self.config.name, state) {
+                    tracing::warn!(mirror = %self.config.name, %error, "could not save mirror state");
+                }
                 status.connected = false;
                 status.state = "disconnected".into();
                 if let Err(error) = &result {
