@@ -1,0 +1,252 @@
+//! Replication benchmark (`cargo bench --bench replication`): prints a table, asserts nothing.
+//!
+//! On loopback, in one run:
+//! 1. Backlog drain: a volume writes a backlog while its applier is down; then the applier
+//!    starts and we time until it has applied everything (1 MiB and 4 KiB writes).
+//! 2. The transport's ceiling for the same bytes between the same kind of endpoints: one raw
+//!    QUIC stream (same TLS and transport settings as the sender) and one plain TCP stream.
+//! 3. fio 4 KiB random writes at QD32 through NBD with one live mirror against the same
+//!    volume with none.
+//! BENCH_SECONDS scales the fio runs (default 15).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ublk-mirror");
+
+fn main() {
+    let seconds: u64 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(15);
+    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-replication");
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    println!("ublk-mirror replication benchmark (loopback; one run)");
+    let mut rows: Vec<(String, String)> = Vec::new();
+
+    for (label, bs, total) in [("1M writes", "1m", 1u64 << 30), ("4K writes", "4k", 256u64 << 20)] {
+        let (bytes, records, secs) = backlog_drain(&base, bs, total);
+        rows.push((format!("backlog drain, {label}, {} MiB", bytes >> 20), format!("{:.0} MB/s, {:.0} records/s ({secs:.1} s)", bytes as f64 / secs / 1e6, records as f64 / secs)));
+    }
+    let quic = raw_quic(&base, 1 << 30);
+    rows.push(("raw QUIC stream, 1 GiB, 4 MiB writes".into(), format!("{quic:.0} MB/s")));
+    let tcp = raw_tcp(1 << 30);
+    rows.push(("plain TCP stream, 1 GiB".into(), format!("{tcp:.0} MB/s")));
+    let without = fio_iops(&base, false, seconds);
+    let with = fio_iops(&base, true, seconds);
+    rows.push((format!("NBD 4K randwrite QD32 {seconds}s, no mirror"), format!("{without:.0} IOPS")));
+    rows.push((format!("NBD 4K randwrite QD32 {seconds}s, live mirror"), format!("{with:.0} IOPS ({:.2}x)", with / without)));
+
+    println!();
+    for (what, value) in &rows {
+        println!("{what:<48} {value}");
+    }
+    println!();
+    println!("targets: backlog drain >= 0.9x the raw QUIC stream; IOPS with a live mirror >= 0.9x without");
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.0.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn run(args: &[&str]) -> String {
+    let output = Command::new(BIN).args(args).output().unwrap();
+    assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn fingerprint(text: &str) -> String {
+    text.lines().find(|l| l.starts_with("sha256:")).unwrap().to_string()
+}
+
+fn spawn(args: &[&str], ready: &Path) -> Daemon {
+    let child = Command::new(BIN).args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "{args:?} did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Daemon(child)
+}
+
+fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A volume with a mirror configured to an applier at a fresh port; returns (vdir, adir, port).
+fn mirrored_volume(base: &Path, name: &str, journal: &str) -> (PathBuf, PathBuf, u16) {
+    let vdir = base.join(format!("{name}-vol"));
+    let adir = base.join(format!("{name}-applier"));
+    let _ = std::fs::remove_dir_all(&vdir);
+    let _ = std::fs::remove_dir_all(&adir);
+    let volume_fp = fingerprint(&run(&["volume", "create", "--dir", vdir.to_str().unwrap(), "--name", "bench", "--size", "2G", "--journal-size", journal]));
+    let applier_fp = fingerprint(&run(&["applier", "init", "--dir", adir.to_str().unwrap()]));
+    run(&["applier", "allow", "--dir", adir.to_str().unwrap(), &volume_fp]);
+    let port = free_port();
+    run(&["mirror", "add", "--dir", vdir.to_str().unwrap(), "--to", &format!("127.0.0.1:{port}"), "--fingerprint", &applier_fp]);
+    (vdir, adir, port)
+}
+
+fn status(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&run(&["status", "--dir", dir.to_str().unwrap(), "--json"])).unwrap()
+}
+
+fn fio(uri: &str, rw: &str, bs: &str, extra: &[&str]) {
+    let mut args = vec!["--name=bench".to_string(), "--ioengine=nbd".into(), format!("--uri={uri}"), format!("--rw={rw}"), format!("--bs={bs}"), "--iodepth=32".into(), "--randrepeat=0".into()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let status = Command::new("fio").args(&args).stdout(Stdio::null()).status().expect("fio (apt-get install -y fio)");
+    assert!(status.success());
+}
+
+fn backlog_drain(base: &Path, bs: &str, total: u64) -> (u64, u64, f64) {
+    let (vdir, adir, port) = mirrored_volume(base, &format!("drain-{bs}"), "3G");
+    let socket = base.join("drain.sock");
+    let _ = std::fs::remove_file(&socket);
+    let _volume = spawn(&["run", "--dir", vdir.to_str().unwrap(), "--nbd", &format!("unix:{}", socket.display())], &vdir.join("control.sock"));
+    // The backlog: written while no applier listens.
+    let rw = if bs == "1m" { "write" } else { "randwrite" };
+    fio(&format!("nbd+unix:///bench?socket={}", socket.display()), rw, bs, &["--size=2g", &format!("--io_size={total}")]);
+    let before = status(&vdir);
+    let last = before["volume"]["last_lsn"].as_u64().unwrap();
+    let start_applied = before["mirrors"][0]["applied_lsn"].as_u64().unwrap_or(0);
+    let started = Instant::now();
+    let _applier = spawn(&["applier", "run", "--dir", adir.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")], &adir.join("control.sock"));
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let now = status(&vdir);
+        if now["mirrors"][0]["applied_lsn"].as_u64() == Some(last) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the backlog did not drain: {now}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (total, last - start_applied, started.elapsed().as_secs_f64())
+}
+
+fn raw_quic(base: &Path, total: u64) -> f64 {
+    use ublk_mirror::replication::tls;
+    let a = base.join("quic-a");
+    let b = base.join("quic-b");
+    ublk_mirror::identity::create(&a, "a").unwrap();
+    ublk_mirror::identity::create(&b, "b").unwrap();
+    let server_id = tls::Identity::load(&a).unwrap();
+    let client_id = tls::Identity::load(&b).unwrap();
+    let client_fp = client_id.fingerprint.clone();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    // The receiver runs in its own thread and runtime, like the applier process.
+    let server_config = tls::server_config(&server_id, Arc::new(move |fp: &str| fp == client_fp)).unwrap();
+    let (address_tx, address_rx) = std::sync::mpsc::channel();
+    let receiver = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async move {
+            let endpoint = quinn::Endpoint::server(server_config, "127.0.0.1:0".parse().unwrap()).unwrap();
+            address_tx.send(endpoint.local_addr().unwrap()).unwrap();
+            let connection = endpoint.accept().await.unwrap().await.unwrap();
+            let (_send, mut recv) = connection.accept_bi().await.unwrap();
+            let mut buffer = vec![0u8; 4 << 20];
+            let mut received = 0u64;
+            while received < total {
+                match recv.read(&mut buffer).await.unwrap() {
+                    Some(n) => received += n as u64,
+                    None => break,
+                }
+            }
+            connection.close(0u32.into(), b"done");
+        });
+    });
+    let address = address_rx.recv().unwrap();
+    let elapsed = runtime.block_on(async {
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(tls::client_config(&client_id, &server_id.fingerprint).unwrap());
+        let connection = endpoint.connect(address, "applier").unwrap().await.unwrap();
+        let (mut send, _recv) = connection.open_bi().await.unwrap();
+        let chunk = vec![0x5au8; 4 << 20];
+        let started = Instant::now();
+        let mut sent = 0u64;
+        while sent < total {
+            send.write_all(&chunk).await.unwrap();
+            sent += chunk.len() as u64;
+        }
+        connection.closed().await;
+        started.elapsed()
+    });
+    receiver.join().unwrap();
+    total as f64 / elapsed.as_secs_f64() / 1e6
+}
+
+fn raw_tcp(total: u64) -> f64 {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let receiver = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut buffer = vec![0u8; 4 << 20];
+        let mut received = 0u64;
+        while received < total {
+            let n = stream.read(&mut buffer).unwrap();
+            if n == 0 {
+                break;
+            }
+            received += n as u64;
+        }
+    });
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    let chunk = vec![0x5au8; 4 << 20];
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while sent < total {
+        stream.write_all(&chunk).unwrap();
+        sent += chunk.len() as u64;
+    }
+    drop(stream);
+    receiver.join().unwrap();
+    total as f64 / started.elapsed().as_secs_f64() / 1e6
+}
+
+fn fio_iops(base: &Path, mirrored: bool, seconds: u64) -> f64 {
+    let name = if mirrored { "live" } else { "none" };
+    let (vdir, adir, port) = mirrored_volume(base, name, "1G");
+    if !mirrored {
+        run(&["mirror", "remove", "--dir", vdir.to_str().unwrap()]);
+    }
+    let _applier = mirrored.then(|| spawn(&["applier", "run", "--dir", adir.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")], &adir.join("control.sock")));
+    let socket = base.join(format!("{name}.sock"));
+    let _ = std::fs::remove_file(&socket);
+    let _volume = spawn(&["run", "--dir", vdir.to_str().unwrap(), "--nbd", &format!("unix:{}", socket.display())], &vdir.join("control.sock"));
+    let output = base.join("fio.json");
+    let status = Command::new("fio")
+        .args([
+            "--name=bench",
+            "--ioengine=nbd",
+            &format!("--uri=nbd+unix:///bench?socket={}", socket.display()),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=32",
+            "--size=1g",
+            "--time_based",
+            &format!("--runtime={seconds}"),
+            "--randrepeat=0",
+            "--output-format=json",
+            &format!("--output={}", output.display()),
+        ])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&output).unwrap()).unwrap();
+    json["jobs"][0]["write"]["iops"].as_f64().unwrap_or(0.0)
+}
