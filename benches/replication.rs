@@ -10,7 +10,10 @@
 //! BENCH_SECONDS scales the fio runs (default 15).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use common::Daemon;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,23 +47,6 @@ fn main() {
     println!();
     println!("targets: backlog drain >= 0.9x the raw QUIC stream; IOPS with a live mirror >= 0.9x without");
     let _ = std::fs::remove_dir_all(&base);
-}
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.0.id().to_string()).status();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn run(args: &[&str]) -> String {

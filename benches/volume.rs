@@ -11,7 +11,10 @@
 use std::fs::OpenOptions;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use common::Daemon;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ublk_mirror::fsutil::{self, AlignedBuffer};
@@ -58,7 +61,7 @@ fn main() {
                 .unwrap();
             assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
             let socket = base.join("vol.sock");
-            let server = Server::start(
+            let server = start_server(
                 Command::new(env!("CARGO_BIN_EXE_ublk-mirror")).args(["run", "--dir", dir.to_str().unwrap(), "--nbd", &format!("unix:{}", socket.display())]),
                 &socket,
             );
@@ -73,7 +76,7 @@ fn main() {
             let _ = std::fs::remove_file(&image);
             OpenOptions::new().write(true).create(true).truncate(true).open(&image).unwrap().set_len(GIB).unwrap();
             let socket = base.join("qemu.sock");
-            let server = Server::start(
+            let server = start_server(
                 Command::new("qemu-nbd").args(["--socket", socket.to_str().unwrap(), "--format=raw", "--shared=8", "--persistent", "--export-name=bench", image.to_str().unwrap()]),
                 &socket,
             );
@@ -150,34 +153,16 @@ fn journal_append(dir: &Path, total: u64, record_size: usize) -> f64 {
     rate
 }
 
-struct Server(Child);
-
-impl Server {
-    fn start(command: &mut Command, socket: &Path) -> Server {
-        let _ = std::fs::remove_file(socket);
-        let child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start server");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::os::unix::net::UnixStream::connect(socket).is_err() {
-            assert!(Instant::now() < deadline, "server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Server(child)
+/// Starts a server and waits until its socket accepts connections.
+fn start_server(command: &mut Command, socket: &Path) -> Daemon {
+    let _ = std::fs::remove_file(socket);
+    let child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start server");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        assert!(Instant::now() < deadline, "server did not start");
+        std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.0.id().to_string()).status();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    Daemon(child)
 }
 
 struct FioResult {

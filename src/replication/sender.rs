@@ -105,6 +105,7 @@ impl Senders {
     }
 }
 
+#[derive(Clone)]
 struct Sender {
     dir: PathBuf,
     config: MirrorConfig,
@@ -213,7 +214,7 @@ impl Sender {
         }
         let in_flight: Arc<Mutex<VecDeque<InFlight>>> = Arc::new(Mutex::new(VecDeque::new()));
         let acks = {
-            let sender = Sender { dir: self.dir.clone(), config: self.config.clone(), volume: self.volume.clone(), status: self.status.clone(), all: self.all.clone(), stop: self.stop.clone() };
+            let sender = self.clone();
             let in_flight = in_flight.clone();
             tokio::spawn(async move {
                 let mut last_persist = Instant::now() - PERSIST_INTERVAL;
