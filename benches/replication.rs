@@ -7,7 +7,8 @@
 //!    QUIC stream (same TLS and transport settings as the sender) and one plain TCP stream.
 //! 3. fio 4 KiB random writes at QD32 through NBD with one live mirror against the same
 //!    volume with none.
-//! BENCH_SECONDS scales the fio runs (default 15).
+//! BENCH_SECONDS scales the fio runs (default 15). BENCH_ONLY=quic measures only the raw
+//! QUIC stream (for investigating the transport ceiling).
 
 use std::path::{Path, PathBuf};
 mod common;
@@ -20,6 +21,13 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_ublk-mirror");
 
 fn main() {
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("quic") {
+        let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-quic");
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        println!("raw QUIC stream, 1 GiB: {:.0} MB/s", raw_quic(&base, 1 << 30));
+        return;
+    }
     let seconds: u64 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(15);
     let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-replication");
     let _ = std::fs::remove_dir_all(&base);
