@@ -364,19 +364,8 @@ pub struct JournalWriter {
     committed_len: usize,
     next_lsn: u64,
     last_written_lsn: u64,
-    /// Declared last: dropped (stopped and joined) after everything else.
-    preparer: Option<SegmentPreparer>,
-}
-
-impl Drop for JournalWriter {
-    fn drop(&mut self) {
-        if let Some(preparer) = &self.preparer {
-            preparer.stop.store(true, Ordering::Release);
-            let _table = self.journal.lock_table();
-            self.journal.spare_wanted.notify_all();
-        }
-        self.preparer.take();
-    }
+    /// Stopped and joined when the writer is dropped.
+    _preparer: SegmentPreparer,
 }
 
 impl JournalWriter {
@@ -394,7 +383,7 @@ impl JournalWriter {
             committed_len: 0,
             next_lsn,
             last_written_lsn: next_lsn - 1,
-            preparer: Some(SegmentPreparer::start(&journal)),
+            _preparer: SegmentPreparer::start(&journal),
             journal,
         };
         writer.load_tail(end)?;
@@ -625,6 +614,7 @@ impl JournalWriter {
 /// growing journal never stalls writes on creating a segment. Owned by the writer, which stops
 /// and joins it when dropped.
 struct SegmentPreparer {
+    journal: Arc<Journal>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -633,6 +623,7 @@ impl SegmentPreparer {
     fn start(journal: &Arc<Journal>) -> SegmentPreparer {
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
+        let owner = journal.clone();
         let journal = journal.clone();
         let thread = std::thread::Builder::new()
             .name("journal-prepare".into())
@@ -656,13 +647,18 @@ impl SegmentPreparer {
             })
             .map_err(|error| tracing::warn!(%error, "could not start the segment preparer; the writer will wait for trims"))
             .ok();
-        SegmentPreparer { stop, thread }
+        SegmentPreparer { journal: owner, stop, thread }
     }
 }
 
 impl Drop for SegmentPreparer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
+        {
+            // Notify under the lock: the thread either sees `stop` or is already waiting.
+            let _table = self.journal.lock_table();
+            self.journal.spare_wanted.notify_all();
+        }
         if let Some(thread) = self.thread.take() {
             thread.join().ok();
         }
@@ -695,6 +691,17 @@ impl Journal {
 fn open_segment_for_writing(path: &Path) -> Result<Arc<File>, JournalError> {
     let file = std::fs::OpenOptions::new().read(true).write(true).open(path).map_err(io_error(format!("open {}", path.display())))?;
     Ok(Arc::new(file))
+}
+
+/// Applies one record's effect to a store (a volume's backing store or a replica image):
+/// the one definition of what each record kind does to device bytes.
+pub fn apply_record(store: &File, is_block_device: bool, kind: RecordKind, offset: u64, length: u64, payload: &[u8]) -> io::Result<()> {
+    match kind {
+        RecordKind::Write => store.write_all_at(payload, offset),
+        RecordKind::WriteZeroes => fsutil::zero_range(store, offset, length, false, is_block_device),
+        RecordKind::Discard => fsutil::zero_range(store, offset, length, true, is_block_device),
+        RecordKind::Marker => Ok(()),
+    }
 }
 
 pub(crate) fn align_up(value: u64, align: u64) -> u64 {

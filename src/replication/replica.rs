@@ -8,14 +8,13 @@
 //! `applied` (applying is idempotent).
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use super::wire::{Hello, ReceivedRecord, Refusal};
-use crate::journal::{AppendError, Journal, JournalError, JournalOptions, JournalReader, JournalWriter, RecordKind};
+use crate::journal::{AppendError, Journal, JournalError, JournalOptions, JournalReader, JournalWriter};
 
 pub const STATE_FILE: &str = "replica.json";
 pub const JOURNAL_DIR: &str = "journal";
@@ -223,13 +222,7 @@ impl Replica {
         let mut applied = self.state.applied_lsn;
         while let Some(record) = reader.next_record()? {
             let h = record.header;
-            let result = match h.kind {
-                RecordKind::Write => self.image.write_all_at(&record.payload, h.offset),
-                RecordKind::WriteZeroes => crate::fsutil::zero_range(&self.image, h.offset, h.length, false, is_device),
-                RecordKind::Discard => crate::fsutil::zero_range(&self.image, h.offset, h.length, true, is_device),
-                RecordKind::Marker => Ok(()),
-            };
-            result.map_err(io(format!("apply LSN {} to {}", h.lsn, self.state.image.display())))?;
+            crate::journal::apply_record(&self.image, is_device, h.kind, h.offset, h.length, &record.payload).map_err(io(format!("apply LSN {} to {}", h.lsn, self.state.image.display())))?;
             applied = h.lsn;
             self.counters.records_applied += 1;
         }
@@ -244,6 +237,7 @@ impl Replica {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::journal::RecordKind;
 
     fn hello(size: u64) -> Hello {
         Hello { protocol: 1, volume_uuid: [4; 16], volume_name: "vol0".into(), size, generation: [5; 16], first_lsn: 1, last_lsn: 0 }

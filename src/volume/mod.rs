@@ -31,7 +31,7 @@ pub use config::{VolumeConfig, VolumeState};
 use config::*;
 use index::{apply_overlays, ExtentData, PendingIndex};
 
-use crate::journal::{AppendError, Journal, JournalError, JournalReader, JournalWriter, RecordKind, FLAG_FUA};
+use crate::journal::{apply_record, AppendError, Journal, JournalError, JournalReader, JournalWriter, RecordKind, FLAG_FUA};
 
 /// The journal is made durable at least this often while unsynced records exist, so the
 /// applier (which applies only durable records) keeps moving without any FLUSH.
@@ -256,14 +256,6 @@ impl Shared {
         lock(&self.failure).clone()
     }
 
-    fn apply_to_backing(&self, kind: RecordKind, offset: u64, length: u64, data: Option<&[u8]>) -> io::Result<()> {
-        match kind {
-            RecordKind::Write => self.backing.write_all_at(data.unwrap_or_default(), offset),
-            RecordKind::WriteZeroes => crate::fsutil::zero_range(&self.backing, offset, length, false, self.backing_is_device),
-            RecordKind::Discard => crate::fsutil::zero_range(&self.backing, offset, length, true, self.backing_is_device),
-            RecordKind::Marker => Ok(()),
-        }
-    }
 }
 
 /// An open, served volume.
@@ -600,13 +592,7 @@ fn redo(journal: &Arc<Journal>, applied_lsn: u64, backing: &File, is_device: boo
     let mut count = 0;
     while let Some(record) = reader.next_record()? {
         let header = record.header;
-        let result = match header.kind {
-            RecordKind::Write => backing.write_all_at(&record.payload, header.offset),
-            RecordKind::WriteZeroes => crate::fsutil::zero_range(backing, header.offset, header.length, false, is_device),
-            RecordKind::Discard => crate::fsutil::zero_range(backing, header.offset, header.length, true, is_device),
-            RecordKind::Marker => Ok(()),
-        };
-        result.map_err(io_context(format!("redo LSN {} into the backing store", header.lsn)))?;
+        apply_record(backing, is_device, header.kind, header.offset, header.length, &record.payload).map_err(io_context(format!("redo LSN {} into the backing store", header.lsn)))?;
         count += 1;
     }
     if count > 0 {
@@ -843,7 +829,7 @@ fn applier_loop(shared: Arc<Shared>, items: Receiver<ApplyItem>) {
         if shared.failure().is_some() {
             return;
         }
-        if let Err(error) = shared.apply_to_backing(item.kind, item.offset, item.length, item.data.as_deref().map(|d| d.as_slice())) {
+        if let Err(error) = apply_record(&shared.backing, shared.backing_is_device, item.kind, item.offset, item.length, item.data.as_deref().map_or(&[], |d| d.as_slice())) {
             shared.fail(format!("apply LSN {} to the backing store: {error}", item.lsn));
             return;
         }
