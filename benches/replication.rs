@@ -221,26 +221,5 @@ fn fio_iops(base: &Path, mirrored: bool, seconds: u64) -> f64 {
     let socket = base.join(format!("{name}.sock"));
     let _ = std::fs::remove_file(&socket);
     let _volume = spawn(&["run", "--dir", vdir.to_str().unwrap(), "--nbd", &format!("unix:{}", socket.display())], &vdir.join("control.sock"));
-    let output = base.join("fio.json");
-    let status = Command::new("fio")
-        .args([
-            "--name=bench",
-            "--ioengine=nbd",
-            &format!("--uri=nbd+unix:///bench?socket={}", socket.display()),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=32",
-            "--size=1g",
-            "--time_based",
-            &format!("--runtime={seconds}"),
-            "--randrepeat=0",
-            "--output-format=json",
-            &format!("--output={}", output.display()),
-        ])
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&output).unwrap()).unwrap();
-    json["jobs"][0]["write"]["iops"].as_f64().unwrap_or(0.0)
+    common::fio(base, &format!("nbd+unix:///bench?socket={}", socket.display()), "randwrite", "4k", 32, seconds).iops
 }

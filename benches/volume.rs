@@ -13,7 +13,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 mod common;
 
-use common::Daemon;
+use common::{fio, Daemon, FioResult};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -163,37 +163,6 @@ fn start_server(command: &mut Command, socket: &Path) -> Daemon {
         std::thread::sleep(Duration::from_millis(20));
     }
     Daemon(child)
-}
-
-struct FioResult {
-    iops: f64,
-    bandwidth: f64,
-}
-
-fn fio(base: &Path, uri: &str, rw: &str, bs: &str, depth: u32, runtime: u64) -> FioResult {
-    let output = base.join("fio.json");
-    let status = Command::new("fio")
-        .args([
-            "--name=bench",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            &format!("--rw={rw}"),
-            &format!("--bs={bs}"),
-            &format!("--iodepth={depth}"),
-            "--size=1g",
-            "--time_based",
-            &format!("--runtime={runtime}"),
-            "--randrepeat=0",
-            "--output-format=json",
-            &format!("--output={}", output.display()),
-        ])
-        .stdout(Stdio::null())
-        .status()
-        .expect("run fio");
-    assert!(status.success(), "fio failed");
-    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&output).unwrap()).unwrap();
-    let write = &json["jobs"][0]["write"];
-    FioResult { iops: write["iops"].as_f64().unwrap_or(0.0), bandwidth: write["bw_bytes"].as_f64().unwrap_or(0.0) }
 }
 
 /// Samples the volume's pending bytes (journaled, not yet applied) during a run.

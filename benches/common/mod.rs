@@ -1,6 +1,10 @@
+// Each bench binary uses a different part of this module.
+#![allow(dead_code)]
+
 //! Shared by the bench binaries.
 
-use std::process::Child;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A server process started by a bench: SIGTERM and a bounded wait when dropped.
@@ -19,4 +23,37 @@ impl Drop for Daemon {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// What one time-based fio job (nbd engine) achieved.
+pub struct FioResult {
+    pub iops: f64,
+    pub bandwidth: f64,
+}
+
+/// Runs fio's nbd engine against `uri` for `runtime` seconds over a 1 GiB range.
+pub fn fio(base: &Path, uri: &str, rw: &str, bs: &str, depth: u32, runtime: u64) -> FioResult {
+    let output = base.join("fio.json");
+    let status = Command::new("fio")
+        .args([
+            "--name=bench",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            &format!("--rw={rw}"),
+            &format!("--bs={bs}"),
+            &format!("--iodepth={depth}"),
+            "--size=1g",
+            "--time_based",
+            &format!("--runtime={runtime}"),
+            "--randrepeat=0",
+            "--output-format=json",
+            &format!("--output={}", output.display()),
+        ])
+        .stdout(Stdio::null())
+        .status()
+        .expect("run fio");
+    assert!(status.success(), "fio failed");
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&output).unwrap()).unwrap();
+    let write = &json["jobs"][0]["write"];
+    FioResult { iops: write["iops"].as_f64().unwrap_or(0.0), bandwidth: write["bw_bytes"].as_f64().unwrap_or(0.0) }
 }
