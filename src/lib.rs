@@ -13,3 +13,4 @@ pub mod control;
 pub mod status;
 pub mod daemon;
 pub mod replication;
+pub mod ublk;

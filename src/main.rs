@@ -12,6 +12,7 @@ use ublk_mirror::nbd::{NbdAddress, NbdServer};
 use ublk_mirror::size::parse_size;
 use ublk_mirror::volume::config::{CONTROL_SOCKET, JOURNAL_DIR};
 use ublk_mirror::volume::{CreateOptions, Volume};
+use ublk_mirror::ublk::{self, UblkOptions, UblkServer};
 use ublk_mirror::{control, daemon, status};
 
 // Payload buffers are allocated on connection threads and freed on the applier thread; glibc's
@@ -166,6 +167,25 @@ struct RunArgs {
     /// the volume name.
     #[arg(long = "nbd", value_name = "ADDRESS")]
     nbd: Vec<String>,
+    /// Serve the volume as a Linux block device /dev/ublkbN through the ublk driver (root;
+    /// needs ublk_drv: Linux >= 6.0 with CONFIG_BLK_DEV_UBLK). The device is removed on
+    /// SIGTERM/SIGINT after the queued requests complete and the journal is flushed.
+    #[arg(long)]
+    ublk: bool,
+    /// Device id N for /dev/ublkbN (default: the lowest free one).
+    #[arg(long, requires = "ublk")]
+    ublk_id: Option<u32>,
+    /// Hardware queues of the ublk device, each served by its own thread and io_uring.
+    #[arg(long, default_value_t = 1, requires = "ublk")]
+    queues: u16,
+    /// Requests in flight per queue.
+    #[arg(long, default_value_t = 128, requires = "ublk")]
+    depth: u16,
+    /// Re-attach to the ublk device left behind by a server that was killed (user recovery):
+    /// I/O the kernel held meanwhile is re-issued, a mounted filesystem sees no error. The
+    /// device id comes from DIR/ublk-device.json unless --ublk-id is given.
+    #[arg(long, requires = "ublk")]
+    recover: bool,
 }
 
 #[derive(Args)]
@@ -245,24 +265,41 @@ fn create(args: CreateArgs) -> Result<()> {
 }
 
 fn run(args: RunArgs) -> Result<()> {
-    if args.nbd.is_empty() {
-        bail!("nothing to serve: give at least one --nbd unix:PATH or --nbd tcp:HOST:PORT");
+    if args.nbd.is_empty() && !args.ublk {
+        bail!("nothing to serve: give --ublk and/or at least one --nbd unix:PATH or --nbd tcp:HOST:PORT");
     }
     let addresses = args.nbd.iter().map(|a| a.parse::<NbdAddress>()).collect::<Result<Vec<_>, _>>()?;
+    let ublk_options = UblkOptions { id: args.ublk_id, queues: args.queues, depth: args.depth, recover: args.recover };
+    if args.ublk {
+        // Before opening the volume: a missing driver must change nothing.
+        ublk::preflight(&ublk_options)?;
+    }
     let signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT]).context("install signal handlers")?;
     let volume = Arc::new(Volume::open(&args.dir).with_context(|| format!("open volume {}", args.dir.display()))?);
     let name = volume.config().name.clone();
     let server = NbdServer::start(&addresses, volume.clone(), &name)?;
-    let exports: Vec<String> = server.bound_addresses().iter().map(|a| a.to_string()).collect();
+    let mut exports: Vec<String> = server.bound_addresses().iter().map(|a| a.to_string()).collect();
+    let ublk_server = if args.ublk {
+        let started = UblkServer::start(volume.clone(), &args.dir, &ublk_options).context("start ublk device")?;
+        // The device path alone on a line, for scripts.
+        println!("{}", started.record().device);
+        exports.push(format!("ublk:{}", started.record().device));
+        Some(started)
+    } else {
+        None
+    };
+    let device = ublk_server.as_ref().map(|s| s.record().device.clone());
     let senders = Arc::new(ublk_mirror::replication::sender::Senders::start(&args.dir, volume.clone()).context("start mirrors")?);
     let status_volume = volume.clone();
     let status_exports = exports.clone();
+    let status_device = device.clone();
     let status_senders = senders.clone();
     let control = control::ControlServer::start(
         &args.dir.join(CONTROL_SOCKET),
         Arc::new(move |command: &str| match command {
             "status" => {
                 let mut status = status::live(&status_volume, &status_exports);
+                status.volume.device = status_device.clone();
                 status.mirrors = status_senders.statuses().into_iter().filter_map(|m| serde_json::to_value(m).ok()).collect();
                 serde_json::to_value(status).unwrap_or_default()
             }
@@ -276,6 +313,11 @@ fn run(args: RunArgs) -> Result<()> {
     let signal = signals.forever().next().unwrap_or(signal_hook::consts::SIGTERM);
     tracing::info!(signal, "stopping: draining requests, flushing the journal");
     daemon::notify("STOPPING=1");
+    if let Some(ublk_server) = ublk_server {
+        if let Err(error) = ublk_server.shutdown() {
+            tracing::error!("remove ublk device: {error:#}");
+        }
+    }
     server.shutdown();
     drop(control);
     volume.shutdown().context("shut down volume")?;

@@ -27,6 +27,9 @@ pub struct VolumeStatus {
     pub running: bool,
     pub pid: Option<u32>,
     pub exports: Vec<String>,
+    /// The ublk block device (/dev/ublkbN) while `run --ublk` serves the volume.
+    #[serde(default)]
+    pub device: Option<String>,
     pub clean_shutdown: Option<bool>,
     /// mode, LSNs, pending bytes, counters and failure, as top-level fields of `volume`.
     #[serde(flatten)]
@@ -58,6 +61,7 @@ pub fn live(volume: &Volume, exports: &[String]) -> Status {
             running: true,
             pid: Some(std::process::id()),
             exports: exports.to_vec(),
+            device: None,
             clean_shutdown: None,
             numbers,
         },
@@ -89,6 +93,7 @@ pub fn offline(dir: &Path) -> Result<Status, VolumeError> {
             running: false,
             pid: None,
             exports: Vec::new(),
+            device: None,
             clean_shutdown: Some(state.clean_shutdown),
             numbers: VolumeNumbers {
                 mode: Mode::Stopped,
