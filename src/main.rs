@@ -64,6 +64,22 @@ enum MirrorCommand {
     Add(MirrorAddArgs),
     /// Stop mirroring to the named applier (its journal retention is released).
     Remove(MirrorRemoveArgs),
+    /// Wait until the mirrors have applied every write the running volume had journaled when
+    /// the command started (e.g. before a planned failover, or in scripts). Exits 1 on timeout.
+    Wait(MirrorWaitArgs),
+}
+
+#[derive(Args)]
+struct MirrorWaitArgs {
+    /// State directory of the (running) volume.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Wait for this mirror only (default: all of them).
+    #[arg(long)]
+    name: Option<String>,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
 }
 
 #[derive(Args)]
@@ -236,11 +252,42 @@ fn main() {
         Command::Mirror(MirrorCommand::Remove(args)) => {
             ublk_mirror::replication::mirror::remove(&args.dir, &args.name).map_err(anyhow::Error::from).map(|()| println!("removed mirror {}", args.name))
         }
+        Command::Mirror(MirrorCommand::Wait(args)) => mirror_wait(args),
         Command::Applier(command) => applier(command),
     };
     if let Err(error) = result {
         eprintln!("ublk-mirror: error: {error:#}");
         std::process::exit(1);
+    }
+}
+
+fn mirror_wait(args: MirrorWaitArgs) -> Result<()> {
+    let socket = args.dir.join(CONTROL_SOCKET);
+    let query = || -> Result<status::Status> {
+        let value = control::request(&socket, "status").with_context(|| format!("volume {} is not running (no answer on {})", args.dir.display(), socket.display()))?;
+        serde_json::from_value(value).context("parse status")
+    };
+    let target = query()?.volume.numbers.last_lsn;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(args.timeout);
+    loop {
+        let status = query()?;
+        let mirrors: Vec<&serde_json::Value> = status.mirrors.iter().filter(|m| args.name.as_deref().is_none_or(|name| m["name"] == name)).collect();
+        if mirrors.is_empty() {
+            bail!("volume {} has no mirror{}", args.dir.display(), args.name.as_deref().map(|n| format!(" named {n}")).unwrap_or_default());
+        }
+        let behind: Vec<String> = mirrors
+            .iter()
+            .filter(|m| m["applied_lsn"].as_u64().unwrap_or(0) < target)
+            .map(|m| format!("{} at {} ({})", m["name"].as_str().unwrap_or("?"), m["applied_lsn"], m["state"].as_str().unwrap_or("?")))
+            .collect();
+        if behind.is_empty() {
+            println!("mirrors applied through LSN {target}");
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!("timed out after {} s waiting for LSN {target}: {}", args.timeout, behind.join(", "));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
 

@@ -123,3 +123,24 @@ fn status_is_live_while_running_and_a_second_run_is_refused() {
         assert!(image[i * 4096..(i + 1) * 4096].iter().all(|&b| b == i as u8));
     }
 }
+
+/// On a host without the ublk driver (the VM tests cover the driver's own errors), `run --ublk`
+/// says what to load, exits 1 and leaves the volume untouched (not even opened).
+#[test]
+fn run_ublk_without_the_driver_says_what_to_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("vol");
+    create_volume(&dir, "vol0", "64M", &["--journal-size", "8M"]);
+    let state_before = std::fs::read(dir.join("state.json")).unwrap();
+    let output = cli(&["run", "--dir", dir.to_str().unwrap(), "--ublk"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    if std::path::Path::new("/dev/ublk-control").exists() {
+        // A ublk host: the guest scripts (tests/ublk_vm.rs) run natively and check the errors.
+        return;
+    }
+    assert!(stderr(&output).contains("load the ublk_drv module: modprobe ublk_drv; needs Linux >= 6.0 with CONFIG_BLK_DEV_UBLK"), "{}", stderr(&output));
+    assert_eq!(std::fs::read(dir.join("state.json")).unwrap(), state_before, "state unchanged");
+    assert!(!dir.join("ublk-device.json").exists());
+    let nothing = cli(&["run", "--dir", dir.to_str().unwrap()]);
+    assert!(stderr(&nothing).contains("nothing to serve"), "{}", stderr(&nothing));
+}
