@@ -5,15 +5,31 @@
 set -euo pipefail
 # qemu-system-x86, busybox-static, cpio, xz-utils: the VM harness (ublk/vm/run) for hosts whose
 # kernel lacks ublk. Recommends are skipped: qemu-system-x86 would pull in a desktop's worth.
-packages=(build-essential pkg-config libclang-dev qemu-utils qemu-system-x86 busybox-static cpio xz-utils
-    fio e2fsprogs util-linux procps python3)
+packages=(build-essential pkg-config libclang-dev busybox-static cpio xz-utils fio e2fsprogs util-linux procps python3)
+qemu_packages=(qemu-utils qemu-system-x86)
 if [ "$(id -u)" -ne 0 ]; then
     echo "setup.sh: run as root (it calls apt-get install)" >&2
     exit 1
 fi
 export DEBIAN_FRONTEND=noninteractive
-apt-get update
-apt-get install -y --no-install-recommends "${packages[@]}"
+apt_options=()
+qemu_release=()
+codename=$(. /etc/os-release 2>/dev/null && echo "${VERSION_CODENAME:-}")
+if [ "$codename" = bookworm ]; then
+    # Debian 12 machines often carry qemu-utils from bookworm-backports (10.x), which breaks
+    # bookworm's own qemu-system 7.2; take both from backports, through a private source list
+    # (the system's sources plus backports) so the machine's apt configuration is untouched.
+    sources=$(mktemp -d)
+    trap 'rm -rf "$sources"' EXIT
+    { cat /etc/apt/sources.list 2>/dev/null || true
+      echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm-backports main"
+    } > "$sources/sources.list"
+    apt_options=(-o "Dir::Etc::SourceList=$sources/sources.list")
+    qemu_release=(-t bookworm-backports)
+fi
+apt-get "${apt_options[@]}" update
+apt-get "${apt_options[@]}" install -y --no-install-recommends "${packages[@]}"
+apt-get "${apt_options[@]}" install -y --no-install-recommends "${qemu_release[@]}" "${qemu_packages[@]}"
 if ! command -v cargo >/dev/null 2>&1; then
     echo "setup.sh: cargo not found: install a Rust toolchain >= 1.80 (https://rustup.rs), then rerun" >&2
     exit 1

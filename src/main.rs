@@ -277,7 +277,7 @@ fn mirror_wait(args: MirrorWaitArgs) -> Result<()> {
         }
         let behind: Vec<String> = mirrors
             .iter()
-            .filter(|m| m["applied_lsn"].as_u64().unwrap_or(0) < target)
+            .filter(|m| m["applied_lsn"].as_u64().unwrap_or(0) < target || m["consistent"] != true)
             .map(|m| format!("{} at {} ({})", m["name"].as_str().unwrap_or("?"), m["applied_lsn"], m["state"].as_str().unwrap_or("?")))
             .collect();
         if behind.is_empty() {

@@ -54,6 +54,15 @@ fn applier_status(dir: &Path) -> serde_json::Value {
     serde_json::from_slice(&output.stdout).unwrap()
 }
 
+/// Waits (bounded) until the mirror's initial synchronisation is complete.
+fn wait_consistent(volume: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while status_json(volume)["mirrors"][0]["consistent"] != true {
+        assert!(Instant::now() < deadline, "mirror never became consistent: {}", status_json(volume));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Waits (bounded) until the mirror has applied everything the volume journaled.
 fn wait_caught_up(volume: &Path) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -61,10 +70,14 @@ fn wait_caught_up(volume: &Path) -> serde_json::Value {
         let status = status_json(volume);
         let last = status["volume"]["last_lsn"].as_u64().unwrap();
         let mirror = &status["mirrors"][0];
-        if mirror["applied_lsn"].as_u64() == Some(last) && mirror["connected"] == true && last > 0 {
+        if mirror["applied_lsn"].as_u64() == Some(last) && mirror["connected"] == true && mirror["consistent"] == true && last > 0 {
             return status;
         }
-        assert!(Instant::now() < deadline, "mirror did not catch up: {status}");
+        if Instant::now() >= deadline {
+            let log = std::fs::read_to_string(volume.parent().unwrap().join("applier.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(12).collect();
+            panic!("mirror did not catch up: {status}\napplier log (last lines, newest first):\n{}", tail.join("\n"));
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -114,7 +127,7 @@ fn replica_equals_source_and_survives_an_applier_kill() {
     let output = qemu_io(&uri, &refs);
     assert!(output.status.success(), "{}", stderr(&output));
     let status = wait_caught_up(&vdir);
-    assert_eq!(status["mirrors"][0]["state"], "replicating");
+    assert_eq!(status["mirrors"][0]["state"], "replicating", "{status}");
     assert!(compare(&uri, replica.to_str().unwrap()), "replica differs from the source");
     let applier_view = applier_status(&adir);
     assert_eq!(applier_view["replicas"][0]["volume"], "vol0");
@@ -247,6 +260,9 @@ fn replica_is_always_a_prefix_of_the_source_after_applier_crashes() {
         let (adir, vdir, port) = setup(tmp.path(), None);
         let mut applier = Applier::start(&adir, port);
         let served = Served::start(&vdir, &[("UBLK_MIRROR_FAILPOINTS", "journal-no-trim")]);
+        // The prefix property holds once the initial synchronisation made the replica
+        // consistent (before that it is marked inconsistent and no prefix is promised).
+        wait_consistent(&vdir);
         let socket = served.socket.clone();
         let load = std::thread::spawn(move || distinguishable_load(&socket, "vol0", 4));
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -256,6 +272,7 @@ fn replica_is_always_a_prefix_of_the_source_after_applier_crashes() {
         drop(served);
         // Recover the replica exactly as the applier would on its next start.
         let replica = ublk_mirror::replication::replica::Replica::open(&adir.join("replicas/vol0")).unwrap();
+        assert!(replica.state().consistent, "killed after the sync, the replica stays consistent");
         let k = replica.applied_lsn();
         assert_eq!(k, replica.received_lsn(), "recovery applies everything received");
         drop(replica);
@@ -302,13 +319,25 @@ fn garbage_from_an_authenticated_client_leaves_the_replica_untouched() {
     let tmp = tempfile::tempdir().unwrap();
     let (adir, vdir, port) = setup(tmp.path(), None);
     let _applier = Applier::start(&adir, port);
+    // Let the real source synchronise the new replica first, so the attacks below meet the
+    // checks of a replica that takes records (not the "needs a sync" refusal).
+    {
+        let mut served = Served::start(&vdir, &[]);
+        wait_consistent(&vdir);
+        served.terminate();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while applier_status(&adir)["replicas"][0]["connected"] != false {
+            assert!(Instant::now() < deadline, "the applier never saw the source leave");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
     let identity = tls::Identity::load(&vdir.join("identity")).unwrap();
     let applier_fp = applier_status(&adir)["fingerprint"].as_str().unwrap().to_string();
     let config: serde_json::Value = status_json(&vdir);
     let uuid = uuid::Uuid::parse_str(config["volume"]["uuid"].as_str().unwrap()).unwrap();
     let generation = uuid::Uuid::parse_str(config["volume"]["generation"].as_str().unwrap()).unwrap();
     let hello = wire::Hello {
-        protocol: 1,
+        protocol: wire::PROTOCOL_VERSION,
         volume_uuid: *uuid.as_bytes(),
         volume_name: "vol0".into(),
         size: 32 << 20,

@@ -320,14 +320,26 @@ impl Journal {
 /// None) and makes it durable. Records of an earlier incarnation stay behind but cannot verify
 /// against the new random salt.
 fn initialise_segment_file(path: &Path, existing: Option<&Path>, first_lsn: u64, options: &JournalOptions) -> Result<SegmentHeader, JournalError> {
-    match existing {
-        Some(spare) => std::fs::rename(spare, path).map_err(io_error(format!("reuse {}", spare.display())))?,
-        None => fsutil::create_zero_filled(path, options.segment_size).map_err(io_error(format!("create segment {}", path.display())))?,
-    }
     let header = SegmentHeader { first_lsn, salt: rand::random(), segment_size: options.segment_size, journal_id: options.journal_id };
-    let file = std::fs::OpenOptions::new().write(true).open(path).map_err(io_error(format!("open {}", path.display())))?;
-    file.write_all_at(&header.encode(), 0).map_err(io_error(format!("write header of {}", path.display())))?;
-    file.sync_data().map_err(io_error(format!("sync {}", path.display())))?;
+    let write_header = |target: &Path| -> Result<(), JournalError> {
+        let file = std::fs::OpenOptions::new().write(true).open(target).map_err(io_error(format!("open {}", target.display())))?;
+        file.write_all_at(&header.encode(), 0).map_err(io_error(format!("write header of {}", target.display())))?;
+        file.sync_data().map_err(io_error(format!("sync {}", target.display())))
+    };
+    match existing {
+        Some(spare) => {
+            std::fs::rename(spare, path).map_err(io_error(format!("reuse {}", spare.display())))?;
+            write_header(path)?;
+        }
+        None => {
+            // Built under a temporary name and renamed once its header is durable: a crash
+            // while zero-filling must not leave a segment file without a header.
+            let creating = path.with_extension(format!("seg{}", recovery::CREATING_SUFFIX));
+            fsutil::create_zero_filled(&creating, options.segment_size).map_err(io_error(format!("create segment {}", creating.display())))?;
+            write_header(&creating)?;
+            std::fs::rename(&creating, path).map_err(io_error(format!("rename {}", creating.display())))?;
+        }
+    }
     Ok(header)
 }
 

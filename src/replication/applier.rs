@@ -193,15 +193,40 @@ impl Applier {
     }
 
     async fn stream(&self, name: &str, replica: &Arc<Mutex<Replica>>, send: &mut quinn::SendStream, recv: &mut quinn::RecvStream) -> Result<(), LinkError> {
-        let (received_lsn, applied_lsn, consistent) = {
+        let (received_lsn, applied_lsn, consistent, needs_sync, consistent_lsn) = {
             let r = lock(replica);
-            (r.received_lsn(), r.applied_lsn(), r.state().consistent)
+            (r.received_lsn(), r.applied_lsn(), r.state().consistent, r.state().needs_sync(), r.state().consistent_lsn)
         };
-        write_control(send, &Control::Welcome { received_lsn, applied_lsn, consistent }).await?;
-        tracing::info!(volume = %name, received_lsn, applied_lsn, "source connected");
+        write_control(send, &Control::Welcome { received_lsn, applied_lsn, consistent, needs_sync, consistent_lsn }).await?;
+        tracing::info!(volume = %name, received_lsn, applied_lsn, consistent, needs_sync, "source connected");
+        // Runs one replica operation off the async runtime (they do file I/O and fsync).
+        async fn blocking<T: Send + 'static>(replica: &Arc<Mutex<Replica>>, operation: impl FnOnce(&mut Replica) -> Result<T, super::replica::ReplicaError> + Send + 'static) -> Result<T, LinkError> {
+            let worker = replica.clone();
+            Ok(tokio::task::spawn_blocking(move || operation(&mut lock(&worker))).await.map_err(|e| LinkError::Protocol(e.to_string()))??)
+        }
         while let Some(frame) = read_frame(recv).await? {
             let records = match frame {
                 Frame::Records(records) => records,
+                Frame::Control(Control::SyncStart { base_lsn }) => {
+                    tracing::info!(volume = %name, base_lsn, "initial synchronisation started");
+                    blocking(replica, |r| r.sync_start()).await?;
+                    continue;
+                }
+                Frame::Control(Control::SyncHashes { first_chunk, hashes }) => {
+                    let differ = blocking(replica, move |r| r.differing_chunks(first_chunk, &hashes)).await?;
+                    write_control(send, &Control::SyncDiffer { first_chunk, differ }).await?;
+                    continue;
+                }
+                Frame::Control(Control::SyncChunk { chunk, zero, data }) => {
+                    blocking(replica, move |r| r.write_chunk(chunk, zero, &data)).await?;
+                    continue;
+                }
+                Frame::Control(Control::SyncDone { base_lsn, consistent_lsn }) => {
+                    blocking(replica, move |r| r.sync_done(base_lsn, consistent_lsn)).await?;
+                    tracing::info!(volume = %name, base_lsn, consistent_lsn, "initial synchronisation copied; replaying the journal");
+                    write_control(send, &Control::Ack { received_lsn: base_lsn, applied_lsn: base_lsn }).await?;
+                    continue;
+                }
                 Frame::Control(other) => return Err(LinkError::Protocol(format!("unexpected {other:?} during streaming"))),
             };
             // Durable in our journal first (the source may trim up to it), then applied.

@@ -13,7 +13,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::wire::{Hello, ReceivedRecord, Refusal};
+use super::wire::{Hello, ReceivedRecord, Refusal, SYNC_CHUNK, SYNC_HASH_BATCH};
+use std::os::unix::fs::FileExt;
 use crate::journal::{AppendError, Journal, JournalError, JournalOptions, JournalReader, JournalWriter};
 
 pub const STATE_FILE: &str = "replica.json";
@@ -53,6 +54,19 @@ pub struct ReplicaState {
     pub applied_lsn: u64,
     /// False while the image is not yet a consistent past state of the source (initial sync).
     pub consistent: bool,
+    /// After an initial synchronisation: the image becomes consistent once `applied_lsn`
+    /// reaches this LSN (the chunks were read while writes went on; replaying the journal
+    /// written meanwhile completes them). `None` with `consistent == false`: a sync is needed.
+    #[serde(default)]
+    pub consistent_lsn: Option<u64>,
+}
+
+impl ReplicaState {
+    /// True until an initial synchronisation has copied the device (new replicas, and ones
+    /// whose synchronisation was interrupted).
+    pub fn needs_sync(&self) -> bool {
+        !self.consistent && self.consistent_lsn.is_none()
+    }
 }
 
 impl ReplicaState {
@@ -124,7 +138,10 @@ impl Replica {
             generation: uuid::Uuid::from_bytes(hello.generation),
             image,
             applied_lsn: 0,
-            consistent: true,
+            // Nothing is known about the image yet (it may be empty, a copy, or stale): the
+            // first session synchronises it.
+            consistent: false,
+            consistent_lsn: None,
         };
         Journal::create_at(&dir.join(JOURNAL_DIR), journal_options(state.volume_uuid), 1)?;
         state.save(dir)?;
@@ -135,7 +152,20 @@ impl Replica {
     pub fn open(dir: &Path) -> Result<Replica, ReplicaError> {
         let state = ReplicaState::load(dir)?;
         let image = std::fs::OpenOptions::new().read(true).write(true).open(&state.image).map_err(io(format!("open replica image {}", state.image.display())))?;
-        let (journal, writer, _report) = Journal::open(&dir.join(JOURNAL_DIR), journal_options(state.volume_uuid))?;
+        let journal_dir = dir.join(JOURNAL_DIR);
+        if !journal_dir.exists() {
+            // A crash inside `sync_done` between saving the state and recreating the journal.
+            Journal::create_at(&journal_dir, journal_options(state.volume_uuid), state.applied_lsn + 1)?;
+        }
+        let (mut journal, mut writer, _report) = Journal::open(&journal_dir, journal_options(state.volume_uuid))?;
+        if journal.synced_lsn() < state.applied_lsn && journal.first_lsn() <= state.applied_lsn {
+            // The image is ahead of this journal (a sync completed but the journal reset did
+            // not): everything through `applied` is in the image, so continue after it.
+            drop((journal, writer));
+            std::fs::remove_dir_all(&journal_dir).map_err(io(format!("remove {}", journal_dir.display())))?;
+            Journal::create_at(&journal_dir, journal_options(state.volume_uuid), state.applied_lsn + 1)?;
+            (journal, writer, _) = Journal::open(&journal_dir, journal_options(state.volume_uuid))?;
+        }
         let mut replica = Replica { dir: dir.to_path_buf(), state, image, journal, writer, counters: ReplicaCounters::default() };
         replica.apply()?;
         Ok(replica)
@@ -179,6 +209,9 @@ impl Replica {
     /// Makes a batch durable in the applier's journal and returns the new `received` LSN.
     /// The whole batch is checked first; a bad one changes nothing.
     pub fn receive(&mut self, records: &[ReceivedRecord]) -> Result<u64, ReplicaError> {
+        if self.state.needs_sync() {
+            return Err(ReplicaError::Rejected("the replica needs an initial synchronisation before it can take journal records".into()));
+        }
         let received = self.received_lsn();
         // Records already received (resent after a reconnect) are skipped, and counted.
         let fresh: Vec<&ReceivedRecord> = records.iter().filter(|r| r.lsn > received).collect();
@@ -228,9 +261,107 @@ impl Replica {
         }
         self.image.sync_data().map_err(io(format!("sync {}", self.state.image.display())))?;
         self.state.applied_lsn = applied;
+        self.settle_consistency();
         self.state.save(&self.dir)?;
         self.journal.trim_through(applied)?;
         Ok(applied)
+    }
+}
+
+/// Initial synchronisation (see `docs/replication-protocol.md`).
+impl Replica {
+    fn chunk_count(&self) -> u64 {
+        self.state.size.div_ceil(SYNC_CHUNK)
+    }
+
+    fn chunk_range(&self, chunk: u64) -> Result<(u64, usize), ReplicaError> {
+        if chunk >= self.chunk_count() {
+            return Err(ReplicaError::Rejected(format!("chunk {chunk} is outside the replica ({} chunks)", self.chunk_count())));
+        }
+        let offset = chunk * SYNC_CHUNK;
+        Ok((offset, (self.state.size - offset).min(SYNC_CHUNK) as usize))
+    }
+
+    /// A synchronisation begins: the image stops being a consistent state of the source.
+    pub fn sync_start(&mut self) -> Result<(), ReplicaError> {
+        self.state.consistent = false;
+        self.state.consistent_lsn = None;
+        self.state.save(&self.dir)
+    }
+
+    /// Which of the chunks `first_chunk..` differ from the source's `hashes`.
+    pub fn differing_chunks(&self, first_chunk: u64, hashes: &[[u8; 32]]) -> Result<Vec<u64>, ReplicaError> {
+        if hashes.len() > SYNC_HASH_BATCH {
+            return Err(ReplicaError::Rejected(format!("{} hashes in one batch (at most {SYNC_HASH_BATCH})", hashes.len())));
+        }
+        let mut buffer = vec![0u8; SYNC_CHUNK as usize];
+        let mut differ = Vec::new();
+        for (index, hash) in hashes.iter().enumerate() {
+            let chunk = first_chunk.checked_add(index as u64).ok_or_else(|| ReplicaError::Rejected("chunk index overflows".into()))?;
+            let (offset, length) = self.chunk_range(chunk)?;
+            self.image.read_exact_at(&mut buffer[..length], offset).map_err(io(format!("read {}", self.state.image.display())))?;
+            if blake3::hash(&buffer[..length]).as_bytes() != hash {
+                differ.push(chunk);
+            }
+        }
+        Ok(differ)
+    }
+
+    /// Writes one chunk from the source (zeros when `zero`).
+    pub fn write_chunk(&mut self, chunk: u64, zero: bool, data: &[u8]) -> Result<(), ReplicaError> {
+        if self.state.consistent || self.state.consistent_lsn.is_some() {
+            return Err(ReplicaError::Rejected("a chunk arrived outside a synchronisation".into()));
+        }
+        let (offset, length) = self.chunk_range(chunk)?;
+        let is_device = crate::fsutil::is_block_device(&self.image).unwrap_or(false);
+        if zero {
+            if !data.is_empty() {
+                return Err(ReplicaError::Rejected(format!("zero chunk {chunk} carries {} bytes", data.len())));
+            }
+            crate::fsutil::zero_range(&self.image, offset, length as u64, true, is_device).map_err(io(format!("zero chunk {chunk} of {}", self.state.image.display())))
+        } else {
+            if data.len() != length {
+                return Err(ReplicaError::Rejected(format!("chunk {chunk} has {} bytes, expected {length}", data.len())));
+            }
+            self.image.write_all_at(data, offset).map_err(io(format!("write chunk {chunk} to {}", self.state.image.display())))
+        }
+    }
+
+    /// Every chunk is copied: make the image durable, continue the journal after `base_lsn`,
+    /// and become consistent once `consistent_lsn` is applied.
+    pub fn sync_done(&mut self, base_lsn: u64, consistent_lsn: u64) -> Result<(), ReplicaError> {
+        if !self.state.needs_sync() {
+            return Err(ReplicaError::Rejected("SyncDone without a synchronisation in progress".into()));
+        }
+        if consistent_lsn < base_lsn {
+            return Err(ReplicaError::Rejected(format!("consistent LSN {consistent_lsn} is before the base LSN {base_lsn}")));
+        }
+        self.image.sync_all().map_err(io(format!("sync {}", self.state.image.display())))?;
+        self.state.applied_lsn = base_lsn;
+        self.state.consistent_lsn = Some(consistent_lsn);
+        self.settle_consistency();
+        // State first: `open` repairs a journal that is behind the state or missing.
+        self.state.save(&self.dir)?;
+        let journal_dir = self.dir.join(JOURNAL_DIR);
+        let options = journal_options(self.state.volume_uuid);
+        let placeholder_dir = self.dir.join("journal.resetting");
+        let _ = std::fs::remove_dir_all(&placeholder_dir);
+        std::fs::rename(&journal_dir, &placeholder_dir).map_err(io(format!("move aside {}", journal_dir.display())))?;
+        Journal::create_at(&journal_dir, options.clone(), base_lsn + 1)?;
+        let (journal, writer, _) = Journal::open(&journal_dir, options)?;
+        self.journal = journal;
+        self.writer = writer;
+        let _ = std::fs::remove_dir_all(&placeholder_dir);
+        Ok(())
+    }
+
+    fn settle_consistency(&mut self) {
+        if let Some(target) = self.state.consistent_lsn {
+            if self.state.applied_lsn >= target {
+                self.state.consistent = true;
+                self.state.consistent_lsn = None;
+            }
+        }
     }
 }
 
@@ -240,7 +371,7 @@ mod tests {
     use crate::journal::RecordKind;
 
     fn hello(size: u64) -> Hello {
-        Hello { protocol: 1, volume_uuid: [4; 16], volume_name: "vol0".into(), size, generation: [5; 16], first_lsn: 1, last_lsn: 0 }
+        Hello { protocol: super::super::wire::PROTOCOL_VERSION, volume_uuid: [4; 16], volume_name: "vol0".into(), size, generation: [5; 16], first_lsn: 1, last_lsn: 0 }
     }
 
     fn write(lsn: u64, offset: u64, byte: u8, len: usize) -> ReceivedRecord {
@@ -252,6 +383,11 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("r");
         let mut replica = Replica::create(&dir, &hello(1 << 20), None).unwrap();
+        let refused = replica.receive(&[write(1, 0, 1, 4096)]).unwrap_err();
+        assert!(refused.to_string().contains("initial synchronisation"), "{refused}");
+        replica.sync_start().unwrap();
+        replica.sync_done(0, 0).unwrap();
+        assert!(replica.state().consistent);
         assert_eq!(replica.receive(&[write(1, 0, 1, 4096), write(2, 4096, 2, 4096)]).unwrap(), 2);
         // A resend after reconnect: duplicates skipped and counted.
         assert_eq!(replica.receive(&[write(2, 4096, 2, 4096), write(3, 0, 3, 512)]).unwrap(), 3);
@@ -274,6 +410,8 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("r");
         let mut replica = Replica::create(&dir, &hello(1 << 20), None).unwrap();
+        replica.sync_start().unwrap();
+        replica.sync_done(0, 0).unwrap();
         replica.receive(&[write(1, 0, 1, 4096)]).unwrap();
         let gap = replica.receive(&[write(3, 0, 9, 4096)]).unwrap_err();
         assert!(gap.to_string().contains("expected LSN 2"), "{gap}");
@@ -292,5 +430,41 @@ mod tests {
         generation.generation = [1; 16];
         assert!(matches!(replica.check_hello(&generation), Err(Refusal::WrongGeneration { .. })));
         replica.check_hello(&hello(1 << 20)).unwrap();
+    }
+
+    #[test]
+    fn sync_compares_copies_and_continues_the_journal_after_the_base() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("r");
+        let size = 3 * SYNC_CHUNK + 4096;
+        let mut replica = Replica::create(&dir, &hello(size), None).unwrap();
+        assert!(replica.state().needs_sync());
+        replica.sync_start().unwrap();
+        let zero_hash = *blake3::hash(&vec![0u8; SYNC_CHUNK as usize]).as_bytes();
+        let tail_zero_hash = *blake3::hash(&[0u8; 4096]).as_bytes();
+        let data = vec![7u8; SYNC_CHUNK as usize];
+        let hashes = [zero_hash, *blake3::hash(&data).as_bytes(), zero_hash, tail_zero_hash];
+        assert_eq!(replica.differing_chunks(0, &hashes).unwrap(), vec![1]);
+        assert!(replica.differing_chunks(3, &hashes[..2]).is_err(), "chunk 4 is past the end");
+        assert!(replica.write_chunk(1, false, &data[..100]).is_err(), "short chunk refused");
+        assert!(replica.write_chunk(9, false, &data).is_err(), "chunk past the end refused");
+        replica.write_chunk(1, false, &data).unwrap();
+        assert!(replica.differing_chunks(0, &hashes).unwrap().is_empty());
+        // Writes went on at the source during the sync: consistent only after LSN 12.
+        replica.sync_done(10, 12).unwrap();
+        assert!(!replica.state().consistent && !replica.state().needs_sync());
+        assert_eq!((replica.received_lsn(), replica.applied_lsn()), (10, 10));
+        replica.receive(&[write(11, 0, 1, 4096)]).unwrap();
+        replica.apply().unwrap();
+        assert!(!replica.state().consistent);
+        drop(replica);
+        let mut replica = Replica::open(&dir).unwrap();
+        assert_eq!(replica.received_lsn(), 11, "the reset journal survives a restart");
+        replica.receive(&[write(12, 4096, 2, 4096)]).unwrap();
+        replica.apply().unwrap();
+        assert!(replica.state().consistent);
+        let image = std::fs::read(dir.join(DEFAULT_IMAGE)).unwrap();
+        assert_eq!(&image[SYNC_CHUNK as usize..2 * SYNC_CHUNK as usize], &data[..]);
+        assert_eq!(&image[..4096], &[1u8; 4096][..]);
     }
 }

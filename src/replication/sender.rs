@@ -33,8 +33,12 @@ pub struct MirrorStatus {
     pub name: String,
     pub address: String,
     pub connected: bool,
-    /// `replicating`, `disconnected` (or `syncing` once initial sync exists).
+    /// `syncing` (initial synchronisation, until the replica is consistent), `replicating`,
+    /// `disconnected`.
     pub state: String,
+    /// The replica is a consistent past state of this volume (false during initial sync and
+    /// the journal replay that completes it).
+    pub consistent: bool,
     pub received_lsn: u64,
     pub applied_lsn: u64,
     /// Payload bytes of records sent and not yet applied.
@@ -47,6 +51,15 @@ pub struct MirrorStatus {
     pub sent_records: u64,
     pub reconnects: u64,
     pub last_error: Option<String>,
+    /// Initial synchronisation: chunks of `sync_chunk_bytes` compared so far, of all, and how
+    /// many were sent (as data, or as zeros).
+    pub sync_chunk_bytes: u64,
+    pub sync_chunks_total: u64,
+    pub sync_chunks_compared: u64,
+    pub sync_chunks_sent: u64,
+    pub sync_chunks_zeroed: u64,
+    /// Applied LSN at which the replica becomes consistent after a sync.
+    pub consistent_lsn: Option<u64>,
 }
 
 /// The senders of a volume; computes the journal trim floor from all of them.
@@ -187,8 +200,10 @@ impl Sender {
             last_lsn: journal.written_lsn(),
         };
         write_control(&mut send, &Control::Hello(hello)).await?;
-        let (received, applied) = match read_frame(&mut recv).await? {
-            Some(Frame::Control(Control::Welcome { received_lsn, applied_lsn, .. })) => (received_lsn, applied_lsn),
+        let (mut received, applied, consistent, needs_sync, consistent_lsn) = match read_frame(&mut recv).await? {
+            Some(Frame::Control(Control::Welcome { received_lsn, applied_lsn, consistent, needs_sync, consistent_lsn })) => {
+                (received_lsn, applied_lsn, consistent, needs_sync, consistent_lsn)
+            }
             Some(Frame::Control(Control::Refused(refusal))) => return Err(LinkError::Refused(refusal)),
             other => return Err(LinkError::Protocol(format!("expected Welcome, got {other:?}"))),
         };
@@ -198,19 +213,22 @@ impl Sender {
                 journal.written_lsn()
             )));
         }
-        if received + 1 < journal.first_lsn() {
-            return Err(LinkError::Protocol(format!(
-                "the journal starts at LSN {} and no longer holds LSN {} the replica needs; initial synchronisation is not implemented yet",
-                journal.first_lsn(),
-                received + 1
-            )));
-        }
-        tracing::info!(mirror = %self.config.name, received, applied, "mirror connected");
-        self.acknowledged(received, applied);
+        tracing::info!(mirror = %self.config.name, received, applied, consistent, needs_sync, "mirror connected");
         {
             let mut status = lock(&self.status);
             status.connected = true;
-            status.state = "replicating".into();
+            status.consistent = consistent;
+            status.consistent_lsn = consistent_lsn;
+            status.state = if consistent { "replicating" } else { "syncing" }.into();
+        }
+        let journal_gap = received + 1 < journal.first_lsn();
+        if needs_sync || journal_gap {
+            if journal_gap && !needs_sync {
+                tracing::warn!(mirror = %self.config.name, received, first = journal.first_lsn(), "the journal no longer reaches back to the replica's checkpoint: synchronising");
+            }
+            received = self.synchronise(&mut send, &mut recv, applied).await?;
+        } else {
+            self.acknowledged(received, applied);
         }
         let in_flight: Arc<Mutex<VecDeque<InFlight>>> = Arc::new(Mutex::new(VecDeque::new()));
         let acks = {
@@ -284,6 +302,94 @@ impl Sender {
         Ok(())
     }
 
+    /// Initial synchronisation: compares BLAKE3 hashes of every chunk with the replica's and
+    /// sends the chunks that differ (zeros as a flag, not data). Writes go on meanwhile; the
+    /// journal from the returned base LSN is kept and streamed afterwards, which completes
+    /// chunks read while they changed.
+    async fn synchronise(&self, send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, replica_applied: u64) -> Result<u64, LinkError> {
+        let journal = self.volume.journal().clone();
+        // Hold the whole retained journal while choosing the base, then everything after it.
+        // (`received` of a syncing mirror is the sync's base: what the journal must keep.
+        // `applied` stays what the replica had until the copy is done.)
+        self.set_checkpoints(journal.first_lsn().saturating_sub(1), replica_applied.min(journal.first_lsn().saturating_sub(1)));
+        let base = journal.synced_lsn().max(journal.first_lsn().saturating_sub(1));
+        self.set_checkpoints(base, replica_applied.min(base));
+        let size = self.volume.size();
+        let total = size.div_ceil(wire::SYNC_CHUNK);
+        {
+            let mut status = lock(&self.status);
+            status.state = "syncing".into();
+            status.consistent = false;
+            status.consistent_lsn = None;
+            status.sync_chunk_bytes = wire::SYNC_CHUNK;
+            status.sync_chunks_total = total;
+            status.sync_chunks_compared = 0;
+            status.sync_chunks_sent = 0;
+            status.sync_chunks_zeroed = 0;
+        }
+        tracing::info!(mirror = %self.config.name, base, chunks = total, "initial synchronisation");
+        write_control(send, &Control::SyncStart { base_lsn: base }).await?;
+        let mut first = 0u64;
+        while first < total {
+            if self.stop.load(Ordering::SeqCst) {
+                return Err(LinkError::Protocol("volume stopping during synchronisation".into()));
+            }
+            let count = (total - first).min(wire::SYNC_HASH_BATCH as u64);
+            let mut chunks = Vec::with_capacity(count as usize);
+            let mut hashes = Vec::with_capacity(count as usize);
+            for chunk in first..first + count {
+                let offset = chunk * wire::SYNC_CHUNK;
+                let mut data = vec![0u8; (size - offset).min(wire::SYNC_CHUNK) as usize];
+                self.volume.read(offset, &mut data).map_err(|e| LinkError::Protocol(format!("read chunk {chunk} of the volume: {e}")))?;
+                hashes.push(*blake3::hash(&data).as_bytes());
+                chunks.push(data);
+            }
+            write_control(send, &Control::SyncHashes { first_chunk: first, hashes }).await?;
+            let differ = match read_frame(recv).await? {
+                Some(Frame::Control(Control::SyncDiffer { first_chunk, differ })) if first_chunk == first => differ,
+                other => return Err(LinkError::Protocol(format!("expected SyncDiffer for chunk {first}, got {other:?}"))),
+            };
+            for chunk in differ {
+                let Some(data) = chunk.checked_sub(first).and_then(|i| chunks.get_mut(i as usize)) else {
+                    return Err(LinkError::Protocol(format!("the applier named chunk {chunk}, outside the batch at {first}")));
+                };
+                let zero = data.iter().all(|&b| b == 0);
+                let data = if zero { Vec::new() } else { std::mem::take(data) };
+                let bytes = data.len() as u64;
+                write_control(send, &Control::SyncChunk { chunk, zero, data }).await?;
+                let mut status = lock(&self.status);
+                status.sync_chunks_sent += 1;
+                status.sync_chunks_zeroed += zero as u64;
+                status.sent_bytes += bytes;
+            }
+            first += count;
+            lock(&self.status).sync_chunks_compared = first;
+        }
+        // Every write the chunk reads saw is durable at the source before the replica may be
+        // called consistent at an LSN covering it.
+        let volume = self.volume.clone();
+        // (A few milliseconds on this sender's own runtime, whose ack task is not running yet.)
+        volume.submit_and_wait(crate::volume::WriteOp::Flush)
+            .map_err(|e| LinkError::Protocol(format!("flush the volume after synchronisation: {e}")))?;
+        let consistent_lsn = journal.synced_lsn().max(base);
+        write_control(send, &Control::SyncDone { base_lsn: base, consistent_lsn }).await?;
+        lock(&self.status).consistent_lsn = Some(consistent_lsn);
+        tracing::info!(mirror = %self.config.name, base, consistent_lsn, sent = lock(&self.status).sync_chunks_sent, "synchronisation copied; replaying the journal");
+        Ok(base)
+    }
+
+    /// Sets checkpoints outright (a sync restarts them; `acknowledged` only moves them
+    /// forward) and moves the trim floor.
+    fn set_checkpoints(&self, received: u64, applied: u64) {
+        {
+            let mut status = lock(&self.status);
+            status.received_lsn = received;
+            status.applied_lsn = applied;
+        }
+        let floor = self.all.iter().map(|s| lock(s).received_lsn).min().unwrap_or(u64::MAX);
+        self.volume.set_trim_floor(floor);
+    }
+
     fn update_lag(&self, in_flight: &Mutex<VecDeque<InFlight>>) {
         let flight = lock(in_flight);
         let last = self.volume.journal().written_lsn();
@@ -302,6 +408,11 @@ impl Sender {
             let mut status = lock(&self.status);
             status.received_lsn = status.received_lsn.max(received);
             status.applied_lsn = status.applied_lsn.max(applied);
+            if status.consistent_lsn.is_some_and(|target| status.applied_lsn >= target) {
+                status.consistent = true;
+                status.consistent_lsn = None;
+                status.state = "replicating".into();
+            }
         }
         let floor = self.all.iter().map(|s| lock(s).received_lsn).min().unwrap_or(u64::MAX);
         self.volume.set_trim_floor(floor);

@@ -9,14 +9,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::journal::{RecordHeader, RecordKind};
 
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
+/// Initial synchronisation compares and copies the device in chunks of this size.
+pub const SYNC_CHUNK: u64 = 1 << 20;
+/// Chunks whose hashes travel in one `SyncHashes`.
+pub const SYNC_HASH_BATCH: usize = 64;
 /// Largest frame body accepted: one batch of up to 32 MiB of payload plus headers.
 pub const MAX_FRAME: u32 = 40 << 20;
 const KIND_CONTROL: u8 = 1;
 const KIND_RECORDS: u8 = 2;
 
+/// Control messages decode within 2 MiB: the largest is a `SyncChunk` (one 1 MiB chunk).
 fn config() -> impl bincode::config::Config {
-    bincode::config::standard().with_little_endian().with_limit::<{ 1 << 20 }>()
+    bincode::config::standard().with_little_endian().with_limit::<{ 2 << 20 }>()
 }
 
 /// Who the sender is and what it sends (first message on a new connection).
@@ -52,10 +57,26 @@ pub enum Refusal {
 pub enum Control {
     Hello(Hello),
     /// The applier accepts; the sender resumes after `received_lsn`.
-    Welcome { received_lsn: u64, applied_lsn: u64, consistent: bool },
+    /// `needs_sync`: the replica must be synchronised (new, or a sync was interrupted)
+    /// before journal records are accepted.
+    /// `consistent_lsn`: after a sync, the replica is consistent once it applied this LSN.
+    Welcome { received_lsn: u64, applied_lsn: u64, consistent: bool, needs_sync: bool, consistent_lsn: Option<u64> },
     Refused(Refusal),
     /// Checkpoints: `received` durable in the applier's journal, `applied` durable in the replica.
     Ack { received_lsn: u64, applied_lsn: u64 },
+    /// Initial synchronisation begins: the replica is inconsistent from now until the journal
+    /// replay after `SyncDone` passes the LSN it names. `base_lsn`: journal records after it
+    /// will be streamed once the chunks are copied.
+    SyncStart { base_lsn: u64 },
+    /// BLAKE3 hashes of the source's chunks `first_chunk..` (chunk = `SYNC_CHUNK` bytes).
+    SyncHashes { first_chunk: u64, hashes: Vec<[u8; 32]> },
+    /// The applier's answer: which of those chunks differ on the replica.
+    SyncDiffer { first_chunk: u64, differ: Vec<u64> },
+    /// One chunk's bytes (`zero`: the chunk is all zeros and `data` is empty).
+    SyncChunk { chunk: u64, zero: bool, data: Vec<u8> },
+    /// Every chunk is copied. The applier makes the image durable and continues its journal
+    /// at `base_lsn + 1`; the replica is consistent once `applied` reaches `consistent_lsn`.
+    SyncDone { base_lsn: u64, consistent_lsn: u64 },
 }
 
 /// One record's header inside a batch (its payload follows the batch header, in order).
