@@ -119,6 +119,9 @@ enum ApplierCommand {
         dir: PathBuf,
         fingerprint: String,
     },
+    /// Replicas managed by hand.
+    #[command(subcommand)]
+    Replica(ReplicaCommand),
     /// Serve replicas until SIGTERM or SIGINT.
     Run {
         #[arg(long)]
@@ -136,6 +139,24 @@ enum ApplierCommand {
         dir: PathBuf,
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReplicaCommand {
+    /// Use an existing file or block device as the replica of volume NAME (instead of a new
+    /// sparse image made on the first connection). It must be exactly the volume's size; on
+    /// the first connection an initial synchronisation compares it chunk by chunk, so a copy
+    /// of the source (a seeded replica) costs hashes, not data.
+    Add {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The source volume's name.
+        #[arg(long)]
+        volume: String,
+        /// The image file or block device.
+        #[arg(long)]
+        image: PathBuf,
     },
 }
 
@@ -438,6 +459,10 @@ fn applier(command: ApplierCommand) -> Result<()> {
             println!("initialised applier in {}", dir.display());
             println!("certificate fingerprint:");
             println!("{fingerprint}");
+        }
+        ApplierCommand::Replica(ReplicaCommand::Add { dir, volume, image }) => {
+            let path = applier::attach_image(&dir, &volume, &image)?;
+            println!("replica of {volume} will use {} (synchronised on the first connection)", path.display());
         }
         ApplierCommand::Allow { dir, fingerprint } => {
             if applier::allow(&dir, &fingerprint)? {

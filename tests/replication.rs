@@ -389,3 +389,100 @@ fn garbage_from_an_authenticated_client_leaves_the_replica_untouched() {
     let image = std::fs::read(adir.join("replicas/vol0/data.img")).unwrap();
     assert!(image.iter().all(|&b| b == 0), "no byte of the replica changed");
 }
+
+/// Initial synchronisation of a volume that already holds data (a pre-filled `--backing`), to
+/// three appliers at once: an empty replica (only the non-zero chunks travel), a seeded copy
+/// (`applier replica add`: nothing travels but hashes), and a partly different copy (its
+/// different chunks travel, a chunk that should be zero is zeroed by flag) while writes go on.
+#[test]
+fn initial_sync_sends_only_differing_chunks_and_converges_under_writes() {
+    require_tool("qemu-io", "qemu-utils");
+    use rand::{RngCore, SeedableRng};
+    const MIB: usize = 1 << 20;
+    let tmp = tempfile::tempdir().unwrap();
+    let size = 128 * MIB;
+    // Source content: chunks 0..8 random, 8..16 explicit zeros, the rest holes.
+    let mut content = vec![0u8; size];
+    rand::rngs::StdRng::seed_from_u64(7).fill_bytes(&mut content[..8 * MIB]);
+    let backing = tmp.path().join("source.img");
+    std::fs::write(&backing, &content[..16 * MIB]).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&backing).unwrap().set_len(size as u64).unwrap();
+    let vdir = tmp.path().join("vol");
+    let volume_fp = fingerprint_line(&create_volume(&vdir, "vol0", "128M", &["--backing", backing.to_str().unwrap(), "--journal-size", "64M", "--segment-size", "8M"]));
+    // A seeded identical copy, and a partly different one (chunks 3 and 20 changed, chunk 12
+    // holds garbage where the source has zeros).
+    let seeded = tmp.path().join("seeded.img");
+    std::fs::copy(&backing, &seeded).unwrap();
+    let mut different = content.clone();
+    different[3 * MIB..3 * MIB + 4096].fill(0xee);
+    different[20 * MIB + 100] = 1;
+    different[12 * MIB..13 * MIB].fill(0x5a);
+    let partial = tmp.path().join("partial.img");
+    std::fs::write(&partial, &different).unwrap();
+
+    let mut appliers = Vec::new();
+    for (name, image) in [("empty", None), ("seeded", Some(&seeded)), ("partial", Some(&partial))] {
+        let adir = tmp.path().join(format!("applier-{name}"));
+        let output = cli(&["applier", "init", "--dir", adir.to_str().unwrap()]);
+        let applier_fp = fingerprint_line(&stdout(&output));
+        assert!(cli(&["applier", "allow", "--dir", adir.to_str().unwrap(), &volume_fp]).status.success());
+        if let Some(image) = image {
+            let output = cli(&["applier", "replica", "add", "--dir", adir.to_str().unwrap(), "--volume", "vol0", "--image", image.to_str().unwrap()]);
+            assert!(output.status.success(), "{}", stderr(&output));
+        }
+        let port = free_udp_port();
+        let output = cli(&["mirror", "add", "--dir", vdir.to_str().unwrap(), "--to", &format!("127.0.0.1:{port}"), "--fingerprint", &applier_fp, "--name", name]);
+        assert!(output.status.success(), "{}", stderr(&output));
+        appliers.push((name, Applier::start(&adir, port), adir));
+    }
+    // A bad attachment is refused up front.
+    let wrong = cli(&["applier", "replica", "add", "--dir", appliers[0].2.to_str().unwrap(), "--volume", "vol0", "--image", tmp.path().join("missing.img").to_str().unwrap()]);
+    assert_eq!(wrong.status.code(), Some(1));
+
+    let served = Served::start(&vdir, &[]);
+    // Writes while the synchronisation runs (chunks 100..116).
+    let uri = served.uri("vol0");
+    let writer = {
+        let uri = uri.clone();
+        std::thread::spawn(move || {
+            let commands: Vec<String> = (0..16).map(|i| format!("write -P {} {}M 1M", 0x10 + i, 100 + i)).chain(["flush".to_string()]).collect();
+            let refs: Vec<&str> = commands.iter().map(String::as_str).collect();
+            qemu_io(&uri, &refs)
+        })
+    };
+    let syncing_seen = status_json(&vdir)["mirrors"].as_array().unwrap().iter().any(|m| m["state"] == "syncing" || m["consistent"] == false);
+    assert!(syncing_seen, "a new replica starts inconsistent");
+    assert!(writer.join().unwrap().status.success());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        let status = status_json(&vdir);
+        let last = status["volume"]["last_lsn"].as_u64().unwrap();
+        let mirrors = status["mirrors"].as_array().unwrap();
+        if mirrors.len() == 3 && mirrors.iter().all(|m| m["consistent"] == true && m["applied_lsn"].as_u64() == Some(last) && m["state"] == "replicating") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "mirrors did not converge: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mirror = |name: &str| status["mirrors"].as_array().unwrap().iter().find(|m| m["name"] == name).unwrap().clone();
+    for (name, _, adir) in &appliers {
+        let view = applier_status(adir);
+        assert_eq!(view["replicas"][0]["consistent"], true, "{name}: {view}");
+        let image = view["replicas"][0]["image"].as_str().unwrap().to_string();
+        assert!(compare(&uri, &image), "{name}: replica {image} differs from the source");
+    }
+    let (empty, seeded_view, partial_view) = (mirror("empty"), mirror("seeded"), mirror("partial"));
+    // The writes may land before or after a chunk is hashed; chunks 100..116 may travel too.
+    let sent = |m: &serde_json::Value| m["sync_chunks_sent"].as_u64().unwrap();
+    for m in [&empty, &seeded_view, &partial_view] {
+        println!("{}: chunks sent {} (zeroed {}) of {}, sent bytes {}", m["name"], m["sync_chunks_sent"], m["sync_chunks_zeroed"], m["sync_chunks_total"], m["sent_bytes"]);
+    }
+    assert_eq!(empty["sync_chunks_total"], 128);
+    assert!((8..=8 + 16).contains(&sent(&empty)), "empty replica: only non-zero chunks travel: {empty}");
+    assert_eq!(empty["sync_chunks_zeroed"], 0, "{empty}");
+    assert!(sent(&seeded_view) <= 16, "seeded replica: (almost) nothing travels: {seeded_view}");
+    assert!((3..=3 + 16).contains(&sent(&partial_view)), "partial replica: {partial_view}");
+    assert!(partial_view["sync_chunks_zeroed"].as_u64().unwrap() >= 1, "chunk 12 zeroed by flag: {partial_view}");
+    drop(served);
+    drop(appliers);
+}

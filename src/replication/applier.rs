@@ -54,6 +54,32 @@ pub fn allow(dir: &Path, fingerprint: &str) -> Result<bool, LinkError> {
     Ok(true)
 }
 
+/// Names an existing image for the replica of `volume`, used when that volume first connects.
+pub const ATTACH_FILE: &str = "attach.json";
+
+/// `applier replica add`: records `image` as the replica of `volume`. Refuses an applier
+/// that already holds that replica, a bad name, and a missing or unusable image.
+pub fn attach_image(dir: &Path, volume: &str, image: &Path) -> Result<PathBuf, LinkError> {
+    if !dir.join(IDENTITY_DIR).exists() {
+        return Err(LinkError::Protocol(format!("{} holds no applier; run `ublk-mirror applier init` first", dir.display())));
+    }
+    crate::volume::config::validate_name(volume).map_err(|e| LinkError::Protocol(format!("--volume: {e}")))?;
+    let replica_dir = dir.join(REPLICAS_DIR).join(volume);
+    if replica_dir.join(super::replica::STATE_FILE).exists() {
+        return Err(LinkError::Protocol(format!("{} already holds the replica of {volume}; it cannot be replaced while it exists", replica_dir.display())));
+    }
+    let image = std::path::absolute(image)?;
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(&image).map_err(|e| LinkError::Protocol(format!("image {}: {e}", image.display())))?;
+    let size = crate::fsutil::storage_size(&file)?;
+    if size == 0 {
+        return Err(LinkError::Protocol(format!("image {} is empty; it must be exactly the volume's size", image.display())));
+    }
+    std::fs::create_dir_all(&replica_dir)?;
+    let record = serde_json::json!({ "image": image, "size": size });
+    crate::fsutil::write_atomic(&replica_dir.join(ATTACH_FILE), record.to_string().as_bytes())?;
+    Ok(image)
+}
+
 /// One replica as `applier status` reports it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReplicaStatus {
@@ -148,7 +174,17 @@ impl Applier {
         let replica = {
             let applier = self.clone();
             let hello = hello.clone();
-            tokio::task::spawn_blocking(move || applier.replica_for(&hello)).await.map_err(|e| LinkError::Protocol(e.to_string()))??
+            match tokio::task::spawn_blocking(move || applier.replica_for(&hello)).await.map_err(|e| LinkError::Protocol(e.to_string()))? {
+                Ok(replica) => replica,
+                Err(error) => {
+                    // Tell the source why (e.g. an attached image of the wrong size).
+                    let refusal = Refusal::Other(format!("cannot open the replica of {name}: {error:#}"));
+                    write_control(&mut send, &Control::Refused(refusal.clone())).await?;
+                    let _ = send.finish();
+                    connection.closed().await;
+                    return Err(LinkError::Refused(refusal));
+                }
+            }
         };
         let refusal = lock(&replica).check_hello(&hello).err();
         if let Some(refusal) = refusal {
@@ -183,6 +219,11 @@ impl Applier {
         let dir = self.dir.join(REPLICAS_DIR).join(&hello.volume_name);
         let replica = if dir.join(super::replica::STATE_FILE).exists() {
             Replica::open(&dir)?
+        } else if let Ok(text) = std::fs::read(dir.join(ATTACH_FILE)) {
+            let record: serde_json::Value = serde_json::from_slice(&text).map_err(|e| LinkError::Protocol(format!("{}: {e}", dir.join(ATTACH_FILE).display())))?;
+            let image = PathBuf::from(record["image"].as_str().unwrap_or_default());
+            tracing::info!(volume = %hello.volume_name, image = %image.display(), "creating replica on the attached image");
+            Replica::create(&dir, hello, Some(&image))?
         } else {
             tracing::info!(volume = %hello.volume_name, size = hello.size, "creating replica for a new source");
             Replica::create(&dir, hello, None)?
