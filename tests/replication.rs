@@ -54,6 +54,21 @@ fn applier_status(dir: &Path) -> serde_json::Value {
     serde_json::from_slice(&output.stdout).unwrap()
 }
 
+/// Waits (bounded) until `count` mirrors are consistent and have applied everything.
+fn wait_all_consistent(volume: &Path, count: usize) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let status = status_json(volume);
+        let last = status["volume"]["last_lsn"].as_u64().unwrap();
+        let mirrors = status["mirrors"].as_array().unwrap();
+        if mirrors.len() == count && mirrors.iter().all(|m| m["consistent"] == true && m["applied_lsn"].as_u64() == Some(last) && m["state"] == "replicating") {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "mirrors did not converge: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Waits (bounded) until the mirror's initial synchronisation is complete.
 fn wait_consistent(volume: &Path) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -439,50 +454,44 @@ fn initial_sync_sends_only_differing_chunks_and_converges_under_writes() {
     let wrong = cli(&["applier", "replica", "add", "--dir", appliers[0].2.to_str().unwrap(), "--volume", "vol0", "--image", tmp.path().join("missing.img").to_str().unwrap()]);
     assert_eq!(wrong.status.code(), Some(1));
 
+    // Phase 1, no writes: exact counts.
     let served = Served::start(&vdir, &[]);
-    // Writes while the synchronisation runs (chunks 100..116).
     let uri = served.uri("vol0");
-    let writer = {
-        let uri = uri.clone();
-        std::thread::spawn(move || {
-            let commands: Vec<String> = (0..16).map(|i| format!("write -P {} {}M 1M", 0x10 + i, 100 + i)).chain(["flush".to_string()]).collect();
-            let refs: Vec<&str> = commands.iter().map(String::as_str).collect();
-            qemu_io(&uri, &refs)
-        })
-    };
     let syncing_seen = status_json(&vdir)["mirrors"].as_array().unwrap().iter().any(|m| m["state"] == "syncing" || m["consistent"] == false);
     assert!(syncing_seen, "a new replica starts inconsistent");
-    assert!(writer.join().unwrap().status.success());
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        let status = status_json(&vdir);
-        let last = status["volume"]["last_lsn"].as_u64().unwrap();
-        let mirrors = status["mirrors"].as_array().unwrap();
-        if mirrors.len() == 3 && mirrors.iter().all(|m| m["consistent"] == true && m["applied_lsn"].as_u64() == Some(last) && m["state"] == "replicating") {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "mirrors did not converge: {status}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = wait_all_consistent(&vdir, 3);
     let mirror = |name: &str| status["mirrors"].as_array().unwrap().iter().find(|m| m["name"] == name).unwrap().clone();
+    for m in ["empty", "seeded", "partial"].map(mirror) {
+        println!("{}: chunks sent {} (zeroed {}) of {}, sent bytes {}", m["name"], m["sync_chunks_sent"], m["sync_chunks_zeroed"], m["sync_chunks_total"], m["sent_bytes"]);
+    }
+    let counts = |m: serde_json::Value| (m["sync_chunks_total"].as_u64().unwrap(), m["sync_chunks_sent"].as_u64().unwrap(), m["sync_chunks_zeroed"].as_u64().unwrap(), m["sent_bytes"].as_u64().unwrap());
+    assert_eq!(counts(mirror("empty")), (128, 8, 0, 8 << 20), "empty replica: only the non-zero chunks travel");
+    assert_eq!(counts(mirror("seeded")), (128, 0, 0, 0), "seeded replica: only hashes travel");
+    assert_eq!(counts(mirror("partial")), (128, 3, 2, 1 << 20), "partial replica: chunk 3 as data, chunks 12 and 20 (zero at the source) zeroed by flag");
     for (name, _, adir) in &appliers {
         let view = applier_status(adir);
         assert_eq!(view["replicas"][0]["consistent"], true, "{name}: {view}");
-        let image = view["replicas"][0]["image"].as_str().unwrap().to_string();
-        assert!(compare(&uri, &image), "{name}: replica {image} differs from the source");
+        assert!(compare(&uri, view["replicas"][0]["image"].as_str().unwrap()), "{name}: replica differs from the source");
     }
-    let (empty, seeded_view, partial_view) = (mirror("empty"), mirror("seeded"), mirror("partial"));
-    // The writes may land before or after a chunk is hashed; chunks 100..116 may travel too.
-    let sent = |m: &serde_json::Value| m["sync_chunks_sent"].as_u64().unwrap();
-    for m in [&empty, &seeded_view, &partial_view] {
-        println!("{}: chunks sent {} (zeroed {}) of {}, sent bytes {}", m["name"], m["sync_chunks_sent"], m["sync_chunks_zeroed"], m["sync_chunks_total"], m["sent_bytes"]);
+    drop(served);
+
+    // Phase 2: a fourth, empty replica synchronises while writes go on (chunks 100..116).
+    let adir = tmp.path().join("applier-late");
+    let applier_fp = fingerprint_line(&stdout(&cli(&["applier", "init", "--dir", adir.to_str().unwrap()])));
+    assert!(cli(&["applier", "allow", "--dir", adir.to_str().unwrap(), &volume_fp]).status.success());
+    let port = free_udp_port();
+    assert!(cli(&["mirror", "add", "--dir", vdir.to_str().unwrap(), "--to", &format!("127.0.0.1:{port}"), "--fingerprint", &applier_fp, "--name", "late"]).status.success());
+    appliers.push(("late", Applier::start(&adir, port), adir));
+    let served = Served::start(&vdir, &[]);
+    let commands: Vec<String> = (0..16).map(|i| format!("write -P {} {}M 1M", 0x10 + i, 100 + i)).chain(["flush".to_string()]).collect();
+    let refs: Vec<&str> = commands.iter().map(String::as_str).collect();
+    assert!(qemu_io(&uri, &refs).status.success());
+    let status = wait_all_consistent(&vdir, 4);
+    println!("late: {}", status["mirrors"].as_array().unwrap().iter().find(|m| m["name"] == "late").unwrap());
+    for (name, _, adir) in &appliers {
+        let view = applier_status(adir);
+        assert!(compare(&uri, view["replicas"][0]["image"].as_str().unwrap()), "{name}: replica differs from the source after writes during the sync");
     }
-    assert_eq!(empty["sync_chunks_total"], 128);
-    assert!((8..=8 + 16).contains(&sent(&empty)), "empty replica: only non-zero chunks travel: {empty}");
-    assert_eq!(empty["sync_chunks_zeroed"], 0, "{empty}");
-    assert!(sent(&seeded_view) <= 16, "seeded replica: (almost) nothing travels: {seeded_view}");
-    assert!((3..=3 + 16).contains(&sent(&partial_view)), "partial replica: {partial_view}");
-    assert!(partial_view["sync_chunks_zeroed"].as_u64().unwrap() >= 1, "chunk 12 zeroed by flag: {partial_view}");
     drop(served);
     drop(appliers);
 }
