@@ -147,24 +147,27 @@ fn raw_quic(base: &Path, total: u64) -> f64 {
     let receiver = std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         runtime.block_on(async move {
-            let endpoint = quinn::Endpoint::server(server_config, "127.0.0.1:0".parse().unwrap()).unwrap();
+            let endpoint = tls::endpoint("127.0.0.1:0".parse().unwrap(), Some(server_config)).unwrap();
             address_tx.send(endpoint.local_addr().unwrap()).unwrap();
             let connection = endpoint.accept().await.unwrap().await.unwrap();
             let (_send, mut recv) = connection.accept_bi().await.unwrap();
-            let mut buffer = vec![0u8; 4 << 20];
             let mut received = 0u64;
             while received < total {
-                match recv.read(&mut buffer).await.unwrap() {
-                    Some(n) => received += n as u64,
+                match recv.read_chunk(4 << 20, true).await.unwrap() {
+                    Some(chunk) => received += chunk.bytes.len() as u64,
                     None => break,
                 }
+            }
+            if std::env::var("BENCH_ONLY").as_deref() == Ok("quic") {
+                println!("receiver path: {:?}", connection.stats().path);
+                println!("receiver udp rx: {:?}", connection.stats().udp_rx);
             }
             connection.close(0u32.into(), b"done");
         });
     });
     let address = address_rx.recv().unwrap();
     let elapsed = runtime.block_on(async {
-        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let mut endpoint = tls::endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
         endpoint.set_default_client_config(tls::client_config(&client_id, &server_id.fingerprint).unwrap());
         let connection = endpoint.connect(address, "applier").unwrap().await.unwrap();
         let (mut send, _recv) = connection.open_bi().await.unwrap();
@@ -175,7 +178,13 @@ fn raw_quic(base: &Path, total: u64) -> f64 {
             send.write_all(&chunk).await.unwrap();
             sent += chunk.len() as u64;
         }
+        let stats_before_close = connection.stats();
         connection.closed().await;
+        if std::env::var("BENCH_ONLY").as_deref() == Ok("quic") {
+            println!("sender path: {:?}", stats_before_close.path);
+            println!("sender frames tx: {:?}", stats_before_close.frame_tx);
+            println!("sender udp tx: {:?}", stats_before_close.udp_tx);
+        }
         started.elapsed()
     });
     receiver.join().unwrap();

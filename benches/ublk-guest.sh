@@ -5,7 +5,7 @@
 set -eu
 cd /tmp
 SECONDS_PER_JOB="${BENCH_SECONDS:-15}"
-size=512M
+size=256M
 truncate -s "$size" /tmp/backing.img
 
 wait_device() { tries=0; until [ -b "$1" ]; do tries=$((tries+1)); [ $tries -lt 300 ] || { echo "no $1"; exit 1; }; sleep 0.1; done; }
@@ -17,7 +17,7 @@ run_jobs() { # TARGET DEVICE
             randread-4k-qd32) set -- --rw=randread --bs=4k --iodepth=32 ;;
             write-1m-qd8) set -- --rw=write --bs=1M --iodepth=8 ;;
         esac
-        fio --name=bench --filename="$DEVICE" --direct=1 --ioengine=io_uring "$@" --size=384M \
+        fio --name=bench --filename="$DEVICE" --direct=1 --ioengine=io_uring "$@" --size=192M \
             --time_based --runtime="$SECONDS_PER_JOB" --ramp_time=2 --group_reporting --output-format=terse \
             --terse-version=3 > /tmp/fio.out 2>/tmp/fio.err || { cat /tmp/fio.err; exit 1; }
         # terse v3: field 8 read IOPS, 49 write IOPS, 7 read KB/s, 48 write KB/s
@@ -34,7 +34,7 @@ TARGET=libublk-loop DEVICE=/dev/ublkb7 run_jobs
 kill -TERM $loop_pid 2>/dev/null; loop del -n 7 >/dev/null 2>&1 || true; wait $loop_pid 2>/dev/null || true
 
 echo "== ublk-mirror, no mirror"
-ublk-mirror volume create --dir /tmp/v --name bench --size "$size" --backing /tmp/backing.img --journal-size 256M >/tmp/create.out
+ublk-mirror volume create --dir /tmp/v --name bench --size "$size" --backing /tmp/backing.img --journal-size 128M >/tmp/create.out
 ublk-mirror run --dir /tmp/v --ublk --ublk-id 1 > /tmp/run.out 2>/tmp/run.log &
 run=$!
 wait_device /dev/ublkb1

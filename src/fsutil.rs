@@ -160,3 +160,22 @@ pub fn now_micros() -> u64 {
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
 }
+
+/// Raises a socket's send and receive buffers to `bytes`: first with the FORCE options
+/// (root may exceed the sysctl limits), else within the limits. Best effort: a socket with
+/// default buffers still works, only slower.
+pub fn enlarge_socket_buffers(socket: &impl std::os::fd::AsRawFd, bytes: usize) {
+    let value = bytes.min(i32::MAX as usize) as libc::c_int;
+    for (force, plain) in [(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF), (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF)] {
+        for option in [force, plain] {
+            // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live local c_int;
+            // the descriptor is valid for the call (borrowed from `socket`).
+            let result = unsafe {
+                libc::setsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, option, (&value as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t)
+            };
+            if result == 0 {
+                break;
+            }
+        }
+    }
+}

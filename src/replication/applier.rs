@@ -129,7 +129,7 @@ impl Applier {
         let dir = self.dir.clone();
         let extra = self.extra_allowed.clone();
         let allow: tls::AllowList = Arc::new(move |fingerprint: &str| extra.iter().any(|f| f == fingerprint) || allowed(&dir).iter().any(|f| f == fingerprint));
-        let endpoint = quinn::Endpoint::server(tls::server_config(&identity, allow)?, listen)?;
+        let endpoint = tls::endpoint(listen, Some(tls::server_config(&identity, allow)?))?;
         *lock(&self.listen) = endpoint.local_addr().ok();
         tracing::info!(listen = %endpoint.local_addr()?, fingerprint = %identity.fingerprint, "applier listening");
         tokio::pin!(stop);

@@ -184,7 +184,7 @@ impl Sender {
             .next()
             .ok_or_else(|| LinkError::Protocol(format!("cannot resolve {}", self.config.address)))?;
         let local: SocketAddr = if address.is_ipv4() { "0.0.0.0:0".parse().expect("addr") } else { "[::]:0".parse().expect("addr") };
-        let mut endpoint = quinn::Endpoint::client(local)?;
+        let mut endpoint = tls::endpoint(local, None)?;
         endpoint.set_default_client_config(tls::client_config(&identity, &self.config.fingerprint)?);
         let connection = endpoint.connect(address, "applier")?.await?;
         let (mut send, mut recv) = connection.open_bi().await?;

@@ -170,6 +170,24 @@ pub fn server_config(identity: &Identity, allowed: AllowList) -> Result<quinn::S
     Ok(server)
 }
 
+/// UDP socket buffers asked for. The kernel default (about 208 KiB) overflows at a few
+/// hundred MB/s and every drop costs QUIC a congestion-window cut, so ask for more; root may
+/// exceed `net.core.rmem_max`/`wmem_max` (SO_RCVBUFFORCE), others get what the limits allow.
+const SOCKET_BUFFER_BYTES: usize = 16 << 20;
+
+/// A UDP socket bound to `address` with large send and receive buffers, for quinn.
+pub fn bind_udp(address: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket = std::net::UdpSocket::bind(address)?;
+    crate::fsutil::enlarge_socket_buffers(&socket, SOCKET_BUFFER_BYTES);
+    Ok(socket)
+}
+
+/// A quinn endpoint on [`bind_udp`]; a server when `server` is given.
+pub fn endpoint(address: std::net::SocketAddr, server: Option<quinn::ServerConfig>) -> std::io::Result<quinn::Endpoint> {
+    let runtime = quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime for quinn"))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, bind_udp(address)?, runtime)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
