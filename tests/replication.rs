@@ -495,3 +495,43 @@ fn initial_sync_sends_only_differing_chunks_and_converges_under_writes() {
     drop(served);
     drop(appliers);
 }
+
+/// More writes than the journal holds while the applier is down: writes wait (journal full,
+/// the mirror holds the trim floor), and once the applier is back the mirror's progress frees
+/// the journal, the writes complete and the replica converges. (Before the fix, an idle
+/// volume applier never checkpointed again and the writes waited forever.)
+#[test]
+fn a_full_journal_held_by_a_mirror_drains_when_the_applier_returns() {
+    require_tool("qemu-io", "qemu-utils");
+    let tmp = tempfile::tempdir().unwrap();
+    let (adir, vdir, port) = setup(tmp.path(), None);
+    let applier = Applier::start(&adir, port);
+    let served = Served::start(&vdir, &[]);
+    wait_consistent(&vdir);
+    drop(applier);
+    let uri = served.uri("vol0");
+    // 96 MiB of writes into a 64 MiB journal, over a 32 MiB device (overwrites).
+    let writer = {
+        let uri = uri.clone();
+        std::thread::spawn(move || {
+            let commands: Vec<String> = (0..96).map(|i| format!("write -P {} {}M 1M", i % 250 + 1, i % 32)).chain(["flush".to_string()]).collect();
+            let refs: Vec<&str> = commands.iter().map(String::as_str).collect();
+            qemu_io(&uri, &refs)
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while status_json(&vdir)["volume"]["mode"] != "full" {
+        assert!(Instant::now() < deadline, "the journal never filled: {}", status_json(&vdir));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!writer.is_finished(), "writes wait while the journal is full");
+    let _applier = Applier::start(&adir, port);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !writer.is_finished() {
+        assert!(Instant::now() < deadline, "writes still waiting after the applier returned: {}", status_json(&vdir));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(writer.join().unwrap().status.success());
+    wait_caught_up(&vdir);
+    assert!(compare(&uri, adir.join("replicas/vol0/data.img").to_str().unwrap()), "replica differs after the drain");
+}

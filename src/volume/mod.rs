@@ -528,7 +528,16 @@ impl Volume {
 
     /// Limits journal trimming to LSNs every mirror has received (senders call this on acks).
     pub fn set_trim_floor(&self, lsn: u64) {
-        self.shared.trim_floor.store(lsn, Ordering::Release);
+        let previous = self.shared.trim_floor.swap(lsn, Ordering::AcqRel);
+        // A full journal held by a lagging mirror: writers wait for a trim, and the applier
+        // (idle, everything applied) has no reason to checkpoint. Trim here, through what is
+        // already durable in the backing store, so the mirror's progress frees space at once.
+        if lsn > previous && self.shared.journal.is_full() && !crate::failpoint::enabled("journal-no-trim") {
+            let durable = self.shared.checkpoint_lsn.load(Ordering::Acquire);
+            if let Err(error) = self.shared.journal.trim_through(durable.min(lsn)) {
+                tracing::warn!(error = %error, "journal trim failed; will retry at the next checkpoint");
+            }
+        }
     }
 
     pub fn generation(&self) -> uuid::Uuid {
@@ -805,7 +814,8 @@ fn applier_loop(shared: Arc<Shared>, items: Receiver<ApplyItem>) {
         let item = match items.recv_timeout(CHECKPOINT_INTERVAL) {
             Ok(item) => item,
             Err(RecvTimeoutError::Timeout) => {
-                if applied_since_checkpoint {
+                // Also when the journal is full: the trim floor may have moved since.
+                if applied_since_checkpoint || shared.journal.is_full() {
                     checkpoint(&shared);
                     applied_since_checkpoint = false;
                     last_checkpoint = Instant::now();
