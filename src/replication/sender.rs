@@ -94,7 +94,7 @@ impl Senders {
             .collect();
         let mut threads = Vec::new();
         for (config, status) in configs.into_iter().zip(&statuses) {
-            let sender = Sender { dir: dir.to_path_buf(), config, volume: volume.clone(), status: status.clone(), all: statuses.clone(), stop: stop.clone() };
+            let sender = Sender { dir: dir.to_path_buf(), config, volume: volume.clone(), status: status.clone(), all: statuses.clone(), stop: stop.clone(), synced_here: Arc::new(AtomicBool::new(false)) };
             let name = format!("sender-{}", sender.config.name);
             threads.push(
                 std::thread::Builder::new()
@@ -126,6 +126,10 @@ struct Sender {
     status: Arc<Mutex<MirrorStatus>>,
     all: Vec<Arc<Mutex<MirrorStatus>>>,
     stop: Arc<AtomicBool>,
+    /// This process copied the chunks of the replica's current synchronisation. An
+    /// inconsistent replica synchronised by an earlier process is synchronised again: its
+    /// chunks may hold writes that process acknowledged but lost in a crash.
+    synced_here: Arc<AtomicBool>,
 }
 
 /// A record sent and not yet applied: for lag and the window.
@@ -222,7 +226,8 @@ impl Sender {
             status.state = if consistent { "replicating" } else { "syncing" }.into();
         }
         let journal_gap = received + 1 < journal.first_lsn();
-        if needs_sync || journal_gap {
+        let unfinished_elsewhere = !consistent && !needs_sync && !self.synced_here.load(Ordering::SeqCst);
+        if needs_sync || journal_gap || unfinished_elsewhere {
             if journal_gap && !needs_sync {
                 tracing::warn!(mirror = %self.config.name, received, first = journal.first_lsn(), "the journal no longer reaches back to the replica's checkpoint: synchronising");
             }
@@ -365,13 +370,12 @@ impl Sender {
             first += count;
             lock(&self.status).sync_chunks_compared = first;
         }
-        // Every write the chunk reads saw is durable at the source before the replica may be
-        // called consistent at an LSN covering it.
-        let volume = self.volume.clone();
-        // (A few milliseconds on this sender's own runtime, whose ack task is not running yet.)
-        volume.submit_and_wait(crate::volume::WriteOp::Flush)
-            .map_err(|e| LinkError::Protocol(format!("flush the volume after synchronisation: {e}")))?;
-        let consistent_lsn = journal.synced_lsn().max(base);
+        // The replica is consistent once it applied every write the chunk reads could have
+        // seen: all LSNs assigned so far. Those are streamed only once durable here, so the
+        // replica waits for them. (No FLUSH through the volume's queue: behind writes waiting
+        // for journal space that this very sync holds, it would never complete.)
+        let consistent_lsn = self.volume.numbers().last_lsn.max(base);
+        self.synced_here.store(true, Ordering::SeqCst);
         write_control(send, &Control::SyncDone { base_lsn: base, consistent_lsn }).await?;
         lock(&self.status).consistent_lsn = Some(consistent_lsn);
         tracing::info!(mirror = %self.config.name, base, consistent_lsn, sent = lock(&self.status).sync_chunks_sent, "synchronisation copied; replaying the journal");
