@@ -14,3 +14,10 @@ pub mod status;
 pub mod daemon;
 pub mod replication;
 pub mod ublk;
+
+/// Locks a mutex, taking over one that a panicked thread left poisoned: every holder leaves
+/// the guarded data consistent before anything that can panic, and refusing service after
+/// one failed thread would lose more than it protects.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

@@ -290,7 +290,7 @@ fn serve(
         tracing::info!(device = %started.device, volume = %name, queues = started.queues, depth = started.depth, "ublk device started");
         let _ = ready.send(Ok(started));
         // Wait for shutdown (the sender is dropped), then let the kernel drain and stop.
-        let _ = crate::volume::lock(&stop).recv();
+        let _ = crate::lock(&stop).recv();
         if let Err(error) = ctrl.kill_dev() {
             tracing::warn!("stop ublk device: {error}");
         }
@@ -345,14 +345,14 @@ struct Completions {
 
 impl Completions {
     fn push(&self, tag: u16, result: i32) {
-        crate::volume::lock(&self.done).push((tag, result));
+        crate::lock(&self.done).push((tag, result));
         // An eventfd counter cannot overflow with one write per request; a failed write would
         // only mean the queue is already being torn down.
         let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
     }
 
     fn take(&self) -> Vec<(u16, i32)> {
-        std::mem::take(&mut *crate::volume::lock(&self.done))
+        std::mem::take(&mut *crate::lock(&self.done))
     }
 }
 

@@ -12,6 +12,7 @@ use super::framing::{read_frame, write_control, LinkError};
 use super::replica::Replica;
 use super::tls;
 use super::wire::{Control, Frame, Refusal};
+use crate::lock;
 
 pub const IDENTITY_DIR: &str = "identity";
 pub const ALLOWED_FILE: &str = "allowed";
@@ -112,10 +113,6 @@ pub struct Applier {
     extra_allowed: Vec<String>,
     replicas: Mutex<HashMap<String, Slot>>,
     listen: Mutex<Option<SocketAddr>>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Applier {

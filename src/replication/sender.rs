@@ -18,6 +18,7 @@ use super::tls;
 use super::wire::{self, Control, Frame, Hello};
 use crate::journal::JournalReader;
 use crate::volume::Volume;
+use crate::lock;
 
 /// Unacknowledged bytes in flight at most.
 const WINDOW_BYTES: u64 = 64 << 20;
@@ -67,10 +68,6 @@ pub struct Senders {
     statuses: Vec<Arc<Mutex<MirrorStatus>>>,
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Senders {

@@ -23,7 +23,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -32,6 +32,7 @@ use config::*;
 use index::{apply_overlays, ExtentData, PendingIndex};
 
 use crate::journal::{apply_record, AppendError, Journal, JournalError, JournalReader, JournalWriter, RecordKind, FLAG_FUA};
+use crate::lock;
 
 /// The journal is made durable at least this often while unsynced records exist, so the
 /// applier (which applies only durable records) keeps moving without any FLUSH.
@@ -223,10 +224,6 @@ struct Shared {
     failure: Mutex<Option<String>>,
     state: Mutex<VolumeState>,
     counters: Counters,
-}
-
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Shared {
