@@ -237,11 +237,6 @@ impl Applier {
         };
         write_control(send, &Control::Welcome { received_lsn, applied_lsn, consistent, needs_sync, consistent_lsn }).await?;
         tracing::info!(volume = %name, received_lsn, applied_lsn, consistent, needs_sync, "source connected");
-        // Runs one replica operation off the async runtime (they do file I/O and fsync).
-        async fn blocking<T: Send + 'static>(replica: &Arc<Mutex<Replica>>, operation: impl FnOnce(&mut Replica) -> Result<T, super::replica::ReplicaError> + Send + 'static) -> Result<T, LinkError> {
-            let worker = replica.clone();
-            Ok(tokio::task::spawn_blocking(move || operation(&mut lock(&worker))).await.map_err(|e| LinkError::Protocol(e.to_string()))??)
-        }
         while let Some(frame) = read_frame(recv).await? {
             let records = match frame {
                 Frame::Records(records) => records,
@@ -268,12 +263,10 @@ impl Applier {
                 Frame::Control(other) => return Err(LinkError::Protocol(format!("unexpected {other:?} during streaming"))),
             };
             // Durable in our journal first (the source may trim up to it), then applied.
-            let worker = replica.clone();
-            let received = tokio::task::spawn_blocking(move || lock(&worker).receive(&records)).await.map_err(|e| LinkError::Protocol(e.to_string()))??;
+            let received = blocking(replica, move |r| r.receive(&records)).await?;
             let applied = lock(replica).applied_lsn();
             write_control(send, &Control::Ack { received_lsn: received, applied_lsn: applied }).await?;
-            let worker = replica.clone();
-            let applied = tokio::task::spawn_blocking(move || lock(&worker).apply()).await.map_err(|e| LinkError::Protocol(e.to_string()))??;
+            let applied = blocking(replica, |r| r.apply()).await?;
             write_control(send, &Control::Ack { received_lsn: received, applied_lsn: applied }).await?;
         }
         Ok(())
@@ -307,6 +300,15 @@ impl Applier {
         replicas.sort_by(|a, b| a.volume.cmp(&b.volume));
         ApplierStatus { running: true, fingerprint, listen: self.local_addr().map(|a| a.to_string()), replicas }
     }
+}
+
+/// Runs one replica operation off the async runtime (they do file I/O and fsync).
+async fn blocking<T: Send + 'static>(
+    replica: &Arc<Mutex<Replica>>,
+    operation: impl FnOnce(&mut Replica) -> Result<T, super::replica::ReplicaError> + Send + 'static,
+) -> Result<T, LinkError> {
+    let worker = replica.clone();
+    Ok(tokio::task::spawn_blocking(move || operation(&mut lock(&worker))).await.map_err(|e| LinkError::Protocol(e.to_string()))??)
 }
 
 fn replicas_on_disk(dir: &Path) -> Vec<(String, super::replica::ReplicaState)> {

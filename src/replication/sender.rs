@@ -387,8 +387,7 @@ impl Sender {
             status.received_lsn = received;
             status.applied_lsn = applied;
         }
-        let floor = self.all.iter().map(|s| lock(s).received_lsn).min().unwrap_or(u64::MAX);
-        self.volume.set_trim_floor(floor);
+        self.publish_trim_floor();
     }
 
     fn update_lag(&self, in_flight: &Mutex<VecDeque<InFlight>>) {
@@ -415,6 +414,11 @@ impl Sender {
                 status.state = "replicating".into();
             }
         }
+        self.publish_trim_floor();
+    }
+
+    /// The volume may trim its journal only through what every mirror has received.
+    fn publish_trim_floor(&self) {
         let floor = self.all.iter().map(|s| lock(s).received_lsn).min().unwrap_or(u64::MAX);
         self.volume.set_trim_floor(floor);
     }
