@@ -153,19 +153,20 @@ impl Replica {
         let state = ReplicaState::load(dir)?;
         let image = std::fs::OpenOptions::new().read(true).write(true).open(&state.image).map_err(io(format!("open replica image {}", state.image.display())))?;
         let journal_dir = dir.join(JOURNAL_DIR);
-        if !journal_dir.exists() {
-            // A crash inside `sync_done` between saving the state and recreating the journal.
-            Journal::create_at(&journal_dir, journal_options(state.volume_uuid), state.applied_lsn + 1)?;
-        }
-        let (mut journal, mut writer, _report) = Journal::open(&journal_dir, journal_options(state.volume_uuid))?;
-        if journal.synced_lsn() < state.applied_lsn && journal.first_lsn() <= state.applied_lsn {
-            // The image is ahead of this journal (a sync completed but the journal reset did
-            // not): everything through `applied` is in the image, so continue after it.
-            drop((journal, writer));
-            std::fs::remove_dir_all(&journal_dir).map_err(io(format!("remove {}", journal_dir.display())))?;
-            Journal::create_at(&journal_dir, journal_options(state.volume_uuid), state.applied_lsn + 1)?;
-            (journal, writer, _) = Journal::open(&journal_dir, journal_options(state.volume_uuid))?;
-        }
+        let (journal, writer) = if !journal_dir.exists() {
+            // A crash inside `sync_done` between moving the old journal aside and creating the new.
+            restart_journal(dir, state.volume_uuid, state.applied_lsn + 1)?
+        } else {
+            let (journal, writer, _report) = Journal::open(&journal_dir, journal_options(state.volume_uuid))?;
+            if journal.synced_lsn() < state.applied_lsn && journal.first_lsn() <= state.applied_lsn {
+                // The image is ahead of this journal (a sync completed but the journal reset
+                // did not): everything through `applied` is in the image, so continue after it.
+                drop((journal, writer));
+                restart_journal(dir, state.volume_uuid, state.applied_lsn + 1)?
+            } else {
+                (journal, writer)
+            }
+        };
         let mut replica = Replica { dir: dir.to_path_buf(), state, image, journal, writer, counters: ReplicaCounters::default() };
         replica.apply()?;
         Ok(replica)
@@ -268,6 +269,22 @@ impl Replica {
     }
 }
 
+/// Replaces a replica's journal by an empty one whose first record will be `first_lsn`: the
+/// old one (if any) is moved aside first, so a crash leaves either it or nothing, never a
+/// half-made journal, and `open` handles both.
+fn restart_journal(dir: &Path, volume_uuid: uuid::Uuid, first_lsn: u64) -> Result<(Arc<Journal>, JournalWriter), ReplicaError> {
+    let journal_dir = dir.join(JOURNAL_DIR);
+    let aside = dir.join("journal.resetting");
+    let _ = std::fs::remove_dir_all(&aside);
+    if journal_dir.exists() {
+        std::fs::rename(&journal_dir, &aside).map_err(io(format!("move aside {}", journal_dir.display())))?;
+    }
+    Journal::create_at(&journal_dir, journal_options(volume_uuid), first_lsn)?;
+    let (journal, writer, _) = Journal::open(&journal_dir, journal_options(volume_uuid))?;
+    let _ = std::fs::remove_dir_all(&aside);
+    Ok((journal, writer))
+}
+
 /// Initial synchronisation (see `docs/replication-protocol.md`).
 impl Replica {
     fn chunk_count(&self) -> u64 {
@@ -342,16 +359,9 @@ impl Replica {
         self.settle_consistency();
         // State first: `open` repairs a journal that is behind the state or missing.
         self.state.save(&self.dir)?;
-        let journal_dir = self.dir.join(JOURNAL_DIR);
-        let options = journal_options(self.state.volume_uuid);
-        let placeholder_dir = self.dir.join("journal.resetting");
-        let _ = std::fs::remove_dir_all(&placeholder_dir);
-        std::fs::rename(&journal_dir, &placeholder_dir).map_err(io(format!("move aside {}", journal_dir.display())))?;
-        Journal::create_at(&journal_dir, options.clone(), base_lsn + 1)?;
-        let (journal, writer, _) = Journal::open(&journal_dir, options)?;
+        let (journal, writer) = restart_journal(&self.dir, self.state.volume_uuid, base_lsn + 1)?;
         self.journal = journal;
         self.writer = writer;
-        let _ = std::fs::remove_dir_all(&placeholder_dir);
         Ok(())
     }
 
