@@ -139,7 +139,9 @@ impl UblkServer {
             None
         };
         let io_buffer = volume.config().max_io().min(MAX_IO_BUFFER) as u32;
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<DeviceRecord, FrontendError>>();
+        // The control thread sends the record once the device runs; if it fails first, it drops
+        // the sender and its result says why.
+        let (ready_tx, ready_rx) = mpsc::channel::<DeviceRecord>();
         let (stop_tx, stop_rx) = mpsc::channel::<()>();
         let options = options.clone();
         let thread = std::thread::Builder::new()
@@ -147,11 +149,7 @@ impl UblkServer {
             .spawn(move || serve(volume, options, recover_id, io_buffer, ready_tx, stop_rx))
             .map_err(|source| FrontendError::Io { context: "spawn ublk control thread".into(), source })?;
         let record = match ready_rx.recv() {
-            Ok(Ok(record)) => record,
-            Ok(Err(error)) => {
-                let _ = thread.join();
-                return Err(error);
-            }
+            Ok(record) => record,
             Err(_) => {
                 return Err(match thread.join() {
                     Ok(Err(error)) => error,
@@ -233,13 +231,9 @@ fn serve(
     options: UblkOptions,
     recover_id: Option<u32>,
     io_buffer: u32,
-    ready: mpsc::Sender<Result<DeviceRecord, FrontendError>>,
+    ready: mpsc::Sender<DeviceRecord>,
     stop: mpsc::Receiver<()>,
 ) -> Result<(), FrontendError> {
-    let fail = |error: FrontendError| {
-        let _ = ready.send(Err(FrontendError::Driver { context: "start device".into(), message: error.to_string() }));
-        error
-    };
     let name = volume.config().name.clone();
     let ctrl = match recover_id {
         None => UblkCtrlBuilder::default()
@@ -254,19 +248,17 @@ fn serve(
             .map_err(|error| match options.id {
                 Some(id) if device_exists(id) => FrontendError::IdTaken(id),
                 _ => driver_error("add device")(error),
-            })
-            .map_err(fail)?,
+            })?,
         Some(id) => {
-            let existing = UblkCtrl::new_simple(id as i32).map_err(driver_error("open device")).map_err(fail)?;
-            existing.start_user_recover().map_err(driver_error("start user recovery (is the old server still running?)")).map_err(fail)?;
+            let existing = UblkCtrl::new_simple(id as i32).map_err(driver_error("open device"))?;
+            existing.start_user_recover().map_err(driver_error("start user recovery (is the old server still running?)"))?;
             drop(existing);
             UblkCtrlBuilder::default()
                 .name("ublk-mirror")
                 .id(id as i32)
                 .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
                 .build()
-                .map_err(driver_error("re-open device for recovery"))
-                .map_err(fail)?
+                .map_err(driver_error("re-open device for recovery"))?
         }
     };
     let info = ctrl.dev_info();
@@ -288,7 +280,7 @@ fn serve(
     let stop = Mutex::new(stop);
     let result = ctrl.run_target(init, queue_main, move |ctrl: &UblkCtrl| {
         tracing::info!(device = %started.device, volume = %name, queues = started.queues, depth = started.depth, "ublk device started");
-        let _ = ready.send(Ok(started));
+        let _ = ready.send(started);
         // Wait for shutdown (the sender is dropped), then let the kernel drain and stop.
         let _ = crate::lock(&stop).recv();
         if let Err(error) = ctrl.kill_dev() {
