@@ -58,8 +58,7 @@ fn qemu_io_patterns_and_qemu_img_compare() {
     for i in 0..64usize {
         ops.push(Op::Pattern((0x80 + (i % 64)) as u8, (16 << 20) + i * 8192, 4096));
     }
-    let command_refs: Vec<&str> = commands.iter().map(String::as_str).collect();
-    let output = qemu_io(&uri, &command_refs);
+    let output = qemu_io(&uri, &commands);
     let text = format!("{}{}", stdout(&output), stderr(&output));
     assert!(output.status.success(), "{text}");
     assert!(!text.contains("failed") && !text.contains("error"), "{text}");

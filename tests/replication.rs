@@ -102,19 +102,26 @@ fn compare(a: &str, b: &str) -> bool {
     output.status.success()
 }
 
-fn setup(tmp: &Path, fingerprint_override: Option<&str>) -> (std::path::PathBuf, std::path::PathBuf, u16) {
-    let adir = tmp.join("applier");
+/// Makes an applier in `adir` that allows the volume, and a mirror of the volume named
+/// `mirror` to it on a fresh port (pinned to `pin`, default the applier's own fingerprint).
+/// Returns the port; the applier is not started.
+fn configure_applier(adir: &Path, vdir: &Path, volume_fp: &str, mirror: &str, pin: Option<&str>) -> u16 {
     let output = cli(&["applier", "init", "--dir", adir.to_str().unwrap()]);
     assert!(output.status.success(), "{}", stderr(&output));
     let applier_fp = fingerprint_line(&stdout(&output));
-    let vdir = tmp.join("vol");
-    let volume_fp = fingerprint_line(&create_volume(&vdir, "vol0", "32M", &["--journal-size", "64M", "--segment-size", "8M"]));
-    let output = cli(&["applier", "allow", "--dir", adir.to_str().unwrap(), &volume_fp]);
+    let output = cli(&["applier", "allow", "--dir", adir.to_str().unwrap(), volume_fp]);
     assert!(output.status.success(), "{}", stderr(&output));
     let port = free_udp_port();
-    let pin = fingerprint_override.unwrap_or(&applier_fp);
-    let output = cli(&["mirror", "add", "--dir", vdir.to_str().unwrap(), "--to", &format!("127.0.0.1:{port}"), "--fingerprint", pin]);
+    let output = cli(&["mirror", "add", "--dir", vdir.to_str().unwrap(), "--to", &format!("127.0.0.1:{port}"), "--fingerprint", pin.unwrap_or(&applier_fp), "--name", mirror]);
     assert!(output.status.success(), "{}", stderr(&output));
+    port
+}
+
+fn setup(tmp: &Path, fingerprint_override: Option<&str>) -> (std::path::PathBuf, std::path::PathBuf, u16) {
+    let adir = tmp.join("applier");
+    let vdir = tmp.join("vol");
+    let volume_fp = fingerprint_line(&create_volume(&vdir, "vol0", "32M", &["--journal-size", "64M", "--segment-size", "8M"]));
+    let port = configure_applier(&adir, &vdir, &volume_fp, "mirror", fingerprint_override);
     (adir, vdir, port)
 }
 
@@ -138,8 +145,7 @@ fn replica_equals_source_and_survives_an_applier_kill() {
         }
     }
     commands.push("flush".into());
-    let refs: Vec<&str> = commands.iter().map(String::as_str).collect();
-    let output = qemu_io(&uri, &refs);
+    let output = qemu_io(&uri, &commands);
     assert!(output.status.success(), "{}", stderr(&output));
     let status = wait_caught_up(&vdir);
     assert_eq!(status["mirrors"][0]["state"], "replicating", "{status}");
@@ -157,8 +163,7 @@ fn replica_equals_source_and_survives_an_applier_kill() {
             commands.push(format!("write -P {} {} 65536", i % 200 + 20, (i * 104729 % 480) * 65536));
         }
         commands.push("flush".into());
-        let refs: Vec<&str> = commands.iter().map(String::as_str).collect();
-        qemu_io(&writer_uri, &refs)
+        qemu_io(&writer_uri, &commands)
     });
     std::thread::sleep(Duration::from_millis(300));
     applier.kill9();
@@ -438,16 +443,11 @@ fn initial_sync_sends_only_differing_chunks_and_converges_under_writes() {
     let mut appliers = Vec::new();
     for (name, image) in [("empty", None), ("seeded", Some(&seeded)), ("partial", Some(&partial))] {
         let adir = tmp.path().join(format!("applier-{name}"));
-        let output = cli(&["applier", "init", "--dir", adir.to_str().unwrap()]);
-        let applier_fp = fingerprint_line(&stdout(&output));
-        assert!(cli(&["applier", "allow", "--dir", adir.to_str().unwrap(), &volume_fp]).status.success());
+        let port = configure_applier(&adir, &vdir, &volume_fp, name, None);
         if let Some(image) = image {
             let output = cli(&["applier", "replica", "add", "--dir", adir.to_str().unwrap(), "--volume", "vol0", "--image", image.to_str().unwrap()]);
             assert!(output.status.success(), "{}", stderr(&output));
         }
-        let port = free_udp_port();
-        let output = cli(&["mirror", "add", "--dir", vdir.to_str().unwrap(), "--to", &format!("127.0.0.1:{port}"), "--fingerprint", &applier_fp, "--name", name]);
-        assert!(output.status.success(), "{}", stderr(&output));
         appliers.push((name, Applier::start(&adir, port), adir));
     }
     // A bad attachment is refused up front.
@@ -477,15 +477,11 @@ fn initial_sync_sends_only_differing_chunks_and_converges_under_writes() {
 
     // Phase 2: a fourth, empty replica synchronises while writes go on (chunks 100..116).
     let adir = tmp.path().join("applier-late");
-    let applier_fp = fingerprint_line(&stdout(&cli(&["applier", "init", "--dir", adir.to_str().unwrap()])));
-    assert!(cli(&["applier", "allow", "--dir", adir.to_str().unwrap(), &volume_fp]).status.success());
-    let port = free_udp_port();
-    assert!(cli(&["mirror", "add", "--dir", vdir.to_str().unwrap(), "--to", &format!("127.0.0.1:{port}"), "--fingerprint", &applier_fp, "--name", "late"]).status.success());
+    let port = configure_applier(&adir, &vdir, &volume_fp, "late", None);
     appliers.push(("late", Applier::start(&adir, port), adir));
     let served = Served::start(&vdir, &[]);
     let commands: Vec<String> = (0..16).map(|i| format!("write -P {} {}M 1M", 0x10 + i, 100 + i)).chain(["flush".to_string()]).collect();
-    let refs: Vec<&str> = commands.iter().map(String::as_str).collect();
-    assert!(qemu_io(&uri, &refs).status.success());
+    assert!(qemu_io(&uri, &commands).status.success());
     let status = wait_all_consistent(&vdir, 4);
     println!("late: {}", status["mirrors"].as_array().unwrap().iter().find(|m| m["name"] == "late").unwrap());
     for (name, _, adir) in &appliers {
@@ -515,8 +511,7 @@ fn a_full_journal_held_by_a_mirror_drains_when_the_applier_returns() {
         let uri = uri.clone();
         std::thread::spawn(move || {
             let commands: Vec<String> = (0..96).map(|i| format!("write -P {} {}M 1M", i % 250 + 1, i % 32)).chain(["flush".to_string()]).collect();
-            let refs: Vec<&str> = commands.iter().map(String::as_str).collect();
-            qemu_io(&uri, &refs)
+            qemu_io(&uri, &commands)
         })
     };
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -127,11 +127,11 @@ pub fn status_json(dir: &Path) -> serde_json::Value {
     serde_json::from_slice(&output.stdout).expect("status --json prints JSON")
 }
 
-pub fn qemu_io(uri: &str, commands: &[&str]) -> Output {
+pub fn qemu_io<S: AsRef<str>>(uri: &str, commands: &[S]) -> Output {
     let mut command = Command::new("qemu-io");
     command.args(["-f", "raw", uri]);
     for c in commands {
-        command.args(["-c", c]);
+        command.args(["-c", c.as_ref()]);
     }
     command.output().expect("run qemu-io")
 }
