@@ -152,7 +152,7 @@ fn raw_quic(base: &Path, total: u64) -> f64 {
     let client_fp = client_id.fingerprint.clone();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     // The receiver runs in its own thread and runtime, like the applier process.
-    let server_config = tls::server_config(&server_id, Arc::new(move |fp: &str| fp == client_fp)).unwrap();
+    let server_config = tls::server_config(&server_id, Arc::new(move |fp: &str| fp == client_fp), std::time::Duration::from_secs(15)).unwrap();
     let (address_tx, address_rx) = std::sync::mpsc::channel();
     let receiver = std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -178,7 +178,7 @@ fn raw_quic(base: &Path, total: u64) -> f64 {
     let address = address_rx.recv().unwrap();
     let elapsed = runtime.block_on(async {
         let mut endpoint = tls::endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
-        endpoint.set_default_client_config(tls::client_config(&client_id, &server_id.fingerprint).unwrap());
+        endpoint.set_default_client_config(tls::client_config(&client_id, &server_id.fingerprint, std::time::Duration::from_secs(15)).unwrap());
         let connection = endpoint.connect(address, "applier").unwrap().await.unwrap();
         let (mut send, _recv) = connection.open_bi().await.unwrap();
         let chunk = vec![0x5au8; 4 << 20];

@@ -22,3 +22,39 @@ pub fn notify(message: &str) {
         tracing::warn!(%error, "sd_notify failed");
     }
 }
+
+/// Sends `STATUS=<line>` every few seconds while started by systemd (what `systemctl status`
+/// shows under the unit). Stops when dropped.
+pub struct StatusReporter {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+const STATUS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl StatusReporter {
+    pub fn start(line: impl Fn() -> String + Send + 'static) -> StatusReporter {
+        if std::env::var_os("NOTIFY_SOCKET").is_none() {
+            return StatusReporter { stop: None, thread: None };
+        }
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("sd-status".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(STATUS_INTERVAL) {
+                    notify(&format!("STATUS={}", line()));
+                }
+            })
+            .ok();
+        StatusReporter { stop: Some(stop), thread }
+    }
+}
+
+impl Drop for StatusReporter {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

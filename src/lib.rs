@@ -12,6 +12,8 @@ pub mod nbd;
 pub mod control;
 pub mod status;
 pub mod daemon;
+pub mod metrics;
+pub mod install;
 pub mod replication;
 pub mod ublk;
 

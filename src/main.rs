@@ -56,6 +56,19 @@ enum Command {
     /// The receiving side: a daemon that keeps replicas of volumes from allowed sources.
     #[command(subcommand)]
     Applier(ApplierCommand),
+    /// Install the binary, systemd units (ublk-mirror@.service, ublk-mirror-applier.service),
+    /// udev rules, the ublk module-load snippet and /etc/default/ublk-mirror (kept if present).
+    InstallUnits(InstallArgs),
+    /// Remove what install-units installed (state directories and an edited
+    /// /etc/default/ublk-mirror are kept). Stop the services first.
+    UninstallUnits(InstallArgs),
+}
+
+#[derive(Args)]
+struct InstallArgs {
+    /// Install under this directory instead of / (a staged install, like DESTDIR).
+    #[arg(long, default_value = "/")]
+    root: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -64,6 +77,9 @@ enum MirrorCommand {
     Add(MirrorAddArgs),
     /// Stop mirroring to the named applier (its journal retention is released).
     Remove(MirrorRemoveArgs),
+    /// Change a mirror's bandwidth limit or idle timeout. A running volume applies a new rate
+    /// at once; the idle timeout at the next connection.
+    Set(MirrorSetArgs),
     /// Wait until the mirrors have applied every write the running volume had journaled when
     /// the command started (e.g. before a planned failover, or in scripts). Exits 1 on timeout.
     Wait(MirrorWaitArgs),
@@ -83,6 +99,20 @@ struct MirrorWaitArgs {
 }
 
 #[derive(Args)]
+struct MirrorSetArgs {
+    #[arg(long)]
+    dir: PathBuf,
+    #[arg(long, default_value = "mirror")]
+    name: String,
+    /// Bytes per second at most, e.g. 50M (powers of 1024), or "none" for no limit.
+    #[arg(long, value_name = "RATE|none")]
+    max_rate: Option<String>,
+    /// Seconds without a packet before the connection is re-established (1..600).
+    #[arg(long, value_name = "SECONDS")]
+    idle_timeout: Option<u64>,
+}
+
+#[derive(Args)]
 struct MirrorAddArgs {
     /// State directory of the volume.
     #[arg(long)]
@@ -96,6 +126,14 @@ struct MirrorAddArgs {
     /// Name of this mirror (default: "mirror").
     #[arg(long, default_value = "mirror")]
     name: String,
+    /// Bandwidth limit: bytes per second at most, e.g. 50M (powers of 1024; default none).
+    /// Journal records and initial-sync chunks both count.
+    #[arg(long, value_name = "RATE", value_parser = parse_size)]
+    max_rate: Option<u64>,
+    /// Seconds without a packet from the applier before the connection is declared dead
+    /// and re-established (1..600, default 15).
+    #[arg(long, value_name = "SECONDS")]
+    idle_timeout: Option<u64>,
 }
 
 #[derive(Args)]
@@ -122,16 +160,20 @@ enum ApplierCommand {
     /// Replicas managed by hand.
     #[command(subcommand)]
     Replica(ReplicaCommand),
-    /// Serve replicas until SIGTERM or SIGINT.
+    /// Serve replicas until SIGTERM or SIGINT. Settings come from DIR/applier.toml; flags
+    /// override them.
     Run {
         #[arg(long)]
         dir: PathBuf,
-        /// UDP address to listen on, e.g. 0.0.0.0:7420.
+        /// UDP address to listen on, e.g. 0.0.0.0:7420 (default: `listen` in DIR/applier.toml).
         #[arg(long)]
-        listen: std::net::SocketAddr,
+        listen: Option<std::net::SocketAddr>,
         /// Also accept this source fingerprint (repeatable), besides ADIR/allowed.
         #[arg(long)]
         allow: Vec<String>,
+        /// Serve Prometheus metrics at http://ADDR/metrics (default: `metrics` in applier.toml).
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Show the replicas: LSNs received and applied, consistency, connection.
     Status {
@@ -212,17 +254,22 @@ struct RunArgs {
     /// Device id N for /dev/ublkbN (default: the lowest free one).
     #[arg(long, requires = "ublk")]
     ublk_id: Option<u32>,
-    /// Hardware queues of the ublk device, each served by its own thread and io_uring.
-    #[arg(long, default_value_t = 1, requires = "ublk")]
-    queues: u16,
-    /// Requests in flight per queue.
-    #[arg(long, default_value_t = 128, requires = "ublk")]
-    depth: u16,
+    /// Hardware queues of the ublk device, each served by its own thread and io_uring
+    /// (default 1, or run.queues).
+    #[arg(long, requires = "ublk")]
+    queues: Option<u16>,
+    /// Requests in flight per queue (default 128, or run.depth).
+    #[arg(long, requires = "ublk")]
+    depth: Option<u16>,
     /// Re-attach to the ublk device left behind by a server that was killed (user recovery):
     /// I/O the kernel held meanwhile is re-issued, a mounted filesystem sees no error. The
     /// device id comes from DIR/ublk-device.json unless --ublk-id is given.
     #[arg(long, requires = "ublk")]
     recover: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9420 (default:
+    /// run.metrics in DIR/volume.toml).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args)]
@@ -233,6 +280,15 @@ struct StatusArgs {
     /// Print JSON (field names are stable) instead of text.
     #[arg(long)]
     json: bool,
+    /// Redraw the table every --interval seconds until interrupted (or --count times).
+    #[arg(long, conflicts_with = "json")]
+    watch: bool,
+    /// Seconds between refreshes with --watch.
+    #[arg(long, default_value_t = 2.0, requires = "watch")]
+    interval: f64,
+    /// Stop after this many refreshes with --watch.
+    #[arg(long, requires = "watch")]
+    count: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -274,7 +330,10 @@ fn main() {
             ublk_mirror::replication::mirror::remove(&args.dir, &args.name).map_err(anyhow::Error::from).map(|()| println!("removed mirror {}", args.name))
         }
         Command::Mirror(MirrorCommand::Wait(args)) => mirror_wait(args),
+        Command::Mirror(MirrorCommand::Set(args)) => mirror_set(args),
         Command::Applier(command) => applier(command),
+        Command::InstallUnits(args) => install_units(args),
+        Command::UninstallUnits(args) => uninstall_units(args),
     };
     if let Err(error) = result {
         eprintln!("ublk-mirror: error: {error:#}");
@@ -333,12 +392,31 @@ fn create(args: CreateArgs) -> Result<()> {
 }
 
 fn run(args: RunArgs) -> Result<()> {
-    if args.nbd.is_empty() && !args.ublk {
-        bail!("nothing to serve: give --ublk and/or at least one --nbd unix:PATH or --nbd tcp:HOST:PORT");
+    // The volume's file first: a bad [run] table must be reported before anything starts.
+    let config = ublk_mirror::volume::VolumeConfig::load(&args.dir).with_context(|| format!("open volume {}", args.dir.display()))?;
+    let settings = config.run.clone();
+    let config_file = args.dir.join(ublk_mirror::volume::config::CONFIG_FILE);
+    // Exports: the command line's --nbd/--ublk, if any, replace the configured ones.
+    let (nbd, use_ublk) = if args.nbd.is_empty() && !args.ublk { (settings.nbd.clone(), settings.ublk) } else { (args.nbd.clone(), args.ublk) };
+    if nbd.is_empty() && !use_ublk {
+        bail!(
+            "nothing to serve: give --ublk and/or at least one --nbd unix:PATH or --nbd tcp:HOST:PORT, or set run.ublk / run.nbd in {}",
+            config_file.display()
+        );
     }
-    let addresses = args.nbd.iter().map(|a| a.parse::<NbdAddress>()).collect::<Result<Vec<_>, _>>()?;
-    let ublk_options = UblkOptions { id: args.ublk_id, queues: args.queues, depth: args.depth, recover: args.recover };
-    if args.ublk {
+    let addresses = nbd.iter().map(|a| a.parse::<NbdAddress>()).collect::<Result<Vec<_>, _>>()?;
+    let from_file = !args.ublk;
+    let ublk_options = UblkOptions {
+        id: args.ublk_id.or(if from_file { settings.ublk_id } else { None }),
+        queues: args.queues.or(if from_file { settings.queues } else { None }).unwrap_or(1),
+        depth: args.depth.or(if from_file { settings.depth } else { None }).unwrap_or(128),
+        recover: args.recover,
+    };
+    let metrics_address = match args.metrics {
+        Some(address) => Some(address),
+        None => settings.metrics.as_deref().map(|text| ublk_mirror::volume::config::parse_listen_address(text).map_err(anyhow::Error::msg)).transpose()?,
+    };
+    if use_ublk {
         // Before opening the volume: a missing driver must change nothing.
         ublk::preflight(&ublk_options)?;
     }
@@ -347,7 +425,7 @@ fn run(args: RunArgs) -> Result<()> {
     let name = volume.config().name.clone();
     let server = NbdServer::start(&addresses, volume.clone(), &name)?;
     let mut exports: Vec<String> = server.bound_addresses().iter().map(|a| a.to_string()).collect();
-    let ublk_server = if args.ublk {
+    let ublk_server = if use_ublk {
         let started = UblkServer::start(volume.clone(), &args.dir, &ublk_options).context("start ublk device")?;
         // The device path alone on a line, for scripts.
         println!("{}", started.record().device);
@@ -358,29 +436,48 @@ fn run(args: RunArgs) -> Result<()> {
     };
     let device = ublk_server.as_ref().map(|s| s.record().device.clone());
     let senders = Arc::new(ublk_mirror::replication::sender::Senders::start(&args.dir, volume.clone()).context("start mirrors")?);
-    let status_volume = volume.clone();
-    let status_exports = exports.clone();
-    let status_device = device.clone();
-    let status_senders = senders.clone();
-    let control = control::ControlServer::start(
-        &args.dir.join(CONTROL_SOCKET),
-        Arc::new(move |command: &str| match command {
-            "status" => {
-                let mut status = status::live(&status_volume, &status_exports);
-                status.volume.device = status_device.clone();
-                status.mirrors = status_senders.statuses().into_iter().filter_map(|m| serde_json::to_value(m).ok()).collect();
-                serde_json::to_value(status).unwrap_or_default()
-            }
-            other => serde_json::json!({ "error": format!("unknown request {other:?}") }),
-        }),
-    )
-    .context("start control socket")?;
+    let live_status: Arc<dyn Fn() -> status::Status + Send + Sync> = {
+        let (volume, exports, device, senders) = (volume.clone(), exports.clone(), device.clone(), senders.clone());
+        Arc::new(move || {
+            let mut status = status::live(&volume, &exports);
+            status.volume.device = device.clone();
+            status.mirrors = senders.statuses().into_iter().filter_map(|m| serde_json::to_value(m).ok()).collect();
+            status
+        })
+    };
+    let control = {
+        let (live_status, senders) = (live_status.clone(), senders.clone());
+        control::ControlServer::start(
+            &args.dir.join(CONTROL_SOCKET),
+            Arc::new(move |command: &str| match command {
+                "status" => serde_json::to_value(live_status()).unwrap_or_default(),
+                "reload-mirrors" => match senders.reload() {
+                    Ok(()) => serde_json::json!({ "reloaded": true }),
+                    Err(error) => serde_json::json!({ "error": format!("{error:#}") }),
+                },
+                other => serde_json::json!({ "error": format!("unknown request {other:?}") }),
+            }),
+        )
+        .context("start control socket")?
+    };
+    let metrics = match metrics_address {
+        Some(address) => {
+            let (live_status, volume) = (live_status.clone(), volume.clone());
+            Some(ublk_mirror::metrics::MetricsServer::start(address, Arc::new(move || ublk_mirror::metrics::render_volume(&live_status(), volume.latency())))?)
+        }
+        None => None,
+    };
     tracing::info!(volume = %name, exports = ?exports, "serving");
     daemon::notify(&format!("READY=1\nSTATUS=serving {name} on {}", exports.join(", ")));
+    let reporter = daemon::StatusReporter::start({
+        let live_status = live_status.clone();
+        move || status::one_line(&live_status())
+    });
     let mut signals = signals;
     let signal = signals.forever().next().unwrap_or(signal_hook::consts::SIGTERM);
     tracing::info!(signal, "stopping: draining requests, flushing the journal");
-    daemon::notify("STOPPING=1");
+    drop(reporter);
+    daemon::notify("STOPPING=1\nSTATUS=stopping: draining requests, flushing the journal");
     if let Some(ublk_server) = ublk_server {
         if let Err(error) = ublk_server.shutdown() {
             tracing::error!("remove ublk device: {error:#}");
@@ -388,6 +485,8 @@ fn run(args: RunArgs) -> Result<()> {
     }
     server.shutdown();
     drop(control);
+    drop(metrics);
+    drop(live_status);
     volume.shutdown().context("shut down volume")?;
     if let Ok(senders) = Arc::try_unwrap(senders) {
         senders.shutdown();
@@ -397,21 +496,52 @@ fn run(args: RunArgs) -> Result<()> {
 }
 
 fn show_status(args: StatusArgs) -> Result<()> {
-    let socket = args.dir.join(CONTROL_SOCKET);
-    let status = if ublk_mirror::volume::is_locked(&args.dir) {
-        let value = control::request(&socket, "status").with_context(|| {
-            format!("volume {} is in use but its control socket {} does not answer", args.dir.display(), socket.display())
-        })?;
-        serde_json::from_value::<status::Status>(value).context("parse status from the running volume")?
-    } else {
-        status::offline(&args.dir).with_context(|| format!("read volume {}", args.dir.display()))?
+    let read = || -> Result<status::Status> {
+        let socket = args.dir.join(CONTROL_SOCKET);
+        if ublk_mirror::volume::is_locked(&args.dir) {
+            let value = control::request(&socket, "status").with_context(|| {
+                format!("volume {} is in use but its control socket {} does not answer", args.dir.display(), socket.display())
+            })?;
+            serde_json::from_value::<status::Status>(value).context("parse status from the running volume")
+        } else {
+            status::offline(&args.dir).with_context(|| format!("read volume {}", args.dir.display()))
+        }
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
-    } else {
-        print!("{}", status::render_text(&status));
+        println!("{}", serde_json::to_string_pretty(&read()?)?);
+        return Ok(());
     }
-    Ok(())
+    if !args.watch {
+        print!("{}", status::render_text(&read()?));
+        return Ok(());
+    }
+    if !(args.interval.is_finite() && args.interval >= 0.1) {
+        bail!("--interval {} must be at least 0.1 seconds", args.interval);
+    }
+    let clear = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let mut shown = 0u64;
+    loop {
+        // A volume that stops meanwhile is shown from its files; only unreadable state ends the watch.
+        let text = read()?;
+        if clear {
+            print!("\x1b[H\x1b[2J");
+        }
+        println!("{}  (every {}s)", fsutil_now_text(), args.interval);
+        print!("{}", status::render_text(&text));
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        shown += 1;
+        if args.count.is_some_and(|count| shown >= count) {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_secs_f64(args.interval));
+    }
+}
+
+/// Wall-clock time as HH:MM:SS UTC, for the --watch header.
+fn fsutil_now_text() -> String {
+    let seconds = ublk_mirror::fsutil::now_micros() / 1_000_000;
+    format!("{:02}:{:02}:{:02} UTC", seconds / 3600 % 24, seconds / 60 % 60, seconds % 60)
 }
 
 fn dump(args: DumpArgs) -> Result<()> {
@@ -445,9 +575,63 @@ fn dump(args: DumpArgs) -> Result<()> {
 }
 
 fn mirror_add(args: MirrorAddArgs) -> Result<()> {
-    let config = ublk_mirror::replication::mirror::MirrorConfig { name: args.name.clone(), address: args.to, fingerprint: args.fingerprint };
+    let config = ublk_mirror::replication::mirror::MirrorConfig {
+        name: args.name.clone(),
+        address: args.to,
+        fingerprint: args.fingerprint,
+        max_rate: args.max_rate,
+        idle_timeout: args.idle_timeout,
+    };
     ublk_mirror::replication::mirror::add(&args.dir, &config).with_context(|| format!("add mirror to {}", args.dir.display()))?;
     println!("added mirror {} -> {} (starts with the next `run`)", config.name, config.address);
+    Ok(())
+}
+
+fn mirror_set(args: MirrorSetArgs) -> Result<()> {
+    let max_rate = match args.max_rate.as_deref() {
+        None => None,
+        Some("none") => Some(None),
+        Some(text) => Some(Some(parse_size(text).context("--max-rate")?)),
+    };
+    if max_rate.is_none() && args.idle_timeout.is_none() {
+        bail!("nothing to change: give --max-rate RATE|none and/or --idle-timeout SECONDS");
+    }
+    let config = ublk_mirror::replication::mirror::set(&args.dir, &args.name, max_rate, args.idle_timeout)?;
+    let rate = config.max_rate.map_or("none".to_string(), |r| format!("{}/s", ublk_mirror::size::format_size(r)));
+    println!("mirror {}: max rate {rate}, idle timeout {} s", config.name, config.idle_timeout().as_secs());
+    if ublk_mirror::volume::is_locked(&args.dir) {
+        let reply = control::request(&args.dir.join(CONTROL_SOCKET), "reload-mirrors").context("tell the running volume")?;
+        if let Some(error) = reply["error"].as_str() {
+            bail!("the running volume could not apply the change: {error}");
+        }
+        println!("applied to the running volume (the idle timeout at the next connection)");
+    }
+    Ok(())
+}
+
+fn install_units(args: InstallArgs) -> Result<()> {
+    let binary = std::env::current_exe().context("find this binary")?;
+    for line in ublk_mirror::install::install(&args.root, &binary)? {
+        println!("{line}");
+    }
+    if args.root == Path::new("/") {
+        for line in ublk_mirror::install::reload_managers() {
+            println!("{line}");
+        }
+        println!("next: ublk-mirror volume create --dir /var/lib/ublk-mirror/NAME ...; set [run] in its volume.toml; systemctl enable --now ublk-mirror@NAME");
+    }
+    Ok(())
+}
+
+fn uninstall_units(args: InstallArgs) -> Result<()> {
+    for line in ublk_mirror::install::uninstall(&args.root)? {
+        println!("{line}");
+    }
+    if args.root == Path::new("/") {
+        for line in ublk_mirror::install::reload_managers() {
+            println!("{line}");
+        }
+    }
     Ok(())
 }
 
@@ -471,14 +655,30 @@ fn applier(command: ApplierCommand) -> Result<()> {
                 println!("{fingerprint} was already allowed");
             }
         }
-        ApplierCommand::Run { dir, listen, allow } => {
+        ApplierCommand::Run { dir, listen, allow, metrics } => {
             for fingerprint in &allow {
                 ublk_mirror::identity::parse_fingerprint(fingerprint)?;
             }
+            if !dir.join(applier::IDENTITY_DIR).exists() {
+                bail!("{} holds no applier; run `ublk-mirror applier init --dir {}` first", dir.display(), dir.display());
+            }
+            let config = ublk_mirror::replication::applier_config::ApplierConfig::load(&dir)?;
+            let config_file = dir.join(ublk_mirror::replication::applier_config::CONFIG_FILE);
+            let Some(listen) = listen.or(config.listen_address()) else {
+                bail!("no address to listen on: give --listen IP:PORT or set listen in {}", config_file.display());
+            };
+            let metrics_address = metrics.or(config.metrics_address());
             let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("lock")).with_context(|| format!("open {}", dir.join("lock").display()))?;
             rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(|_| anyhow::anyhow!("applier {} is in use by another process", dir.display()))?;
-            let state = applier::Applier::new(&dir, allow);
+            let state = applier::Applier::new(&dir, allow, config.idle_timeout());
             let status_state = state.clone();
+            let _metrics = match metrics_address {
+                Some(address) => {
+                    let state = state.clone();
+                    Some(ublk_mirror::metrics::MetricsServer::start(address, Arc::new(move || ublk_mirror::metrics::render_applier(&state.status())))?)
+                }
+                None => None,
+            };
             let _control = control::ControlServer::start(
                 &dir.join(applier::CONTROL_SOCKET),
                 Arc::new(move |command: &str| match command {
@@ -494,10 +694,20 @@ fn applier(command: ApplierCommand) -> Result<()> {
                     let _ = stop_tx.send(());
                 }
             });
-            daemon::notify("READY=1");
-            runtime.block_on(state.serve(listen, async move {
-                let _ = stop_rx.await;
-            }))?;
+            let reporter = daemon::StatusReporter::start({
+                let state = state.clone();
+                move || applier::one_line(&state.status())
+            });
+            let ready = state.clone();
+            runtime.block_on(state.serve(
+                listen,
+                move |address| daemon::notify(&format!("READY=1\nSTATUS=listening on {address}; {}", applier::one_line(&ready.status()))),
+                async move {
+                    let _ = stop_rx.await;
+                    drop(reporter);
+                    daemon::notify("STOPPING=1\nSTATUS=stopping");
+                },
+            ))?;
             tracing::info!("applier stopped");
         }
         ApplierCommand::Status { dir, json } => {

@@ -36,6 +36,33 @@ pub fn format_size(bytes: u64) -> String {
     bytes.to_string()
 }
 
+/// Serde for an optional size in configuration files: a number of bytes or a string such as
+/// "50M"; written back in the short string form.
+pub mod serde_optional_size {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        Bytes(u64),
+        Text(String),
+    }
+
+    pub fn serialize<S: Serializer>(value: &Option<u64>, serializer: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(bytes) => serializer.serialize_str(&super::format_size(*bytes)),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+        match Written::deserialize(deserializer).map_err(|_| serde::de::Error::custom("expected a number of bytes or a size such as \"50M\""))? {
+            Written::Bytes(bytes) => Ok(Some(bytes)),
+            Written::Text(text) => super::parse_size(&text).map(Some).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

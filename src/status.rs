@@ -179,3 +179,22 @@ pub fn render_text(status: &Status) -> String {
     }
     out
 }
+
+/// One line for systemd's STATUS=: mode and each mirror's state and lag.
+pub fn one_line(status: &Status) -> String {
+    use crate::size::format_size;
+    let n = &status.volume.numbers;
+    let mode = serde_json::to_value(n.mode).ok().and_then(|m| m.as_str().map(String::from)).unwrap_or_default();
+    let mut line = format!("{} {mode}, last LSN {}", status.volume.name, n.last_lsn);
+    for mirror in &status.mirrors {
+        line.push_str(&format!(
+            "; mirror {} {} lag {} records / {}B / {:.1}s",
+            mirror["name"].as_str().unwrap_or("?"),
+            mirror["state"].as_str().unwrap_or("?"),
+            mirror["lag_records"].as_u64().unwrap_or(0),
+            format_size(mirror["lag_bytes"].as_u64().unwrap_or(0)),
+            mirror["lag_seconds"].as_f64().unwrap_or(0.0)
+        ));
+    }
+    line
+}

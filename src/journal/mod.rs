@@ -6,6 +6,7 @@
 //! recovery (`recovery.rs`). Format: `format.rs` and `docs/journal-format.md`.
 
 pub mod format;
+mod ledger;
 mod recovery;
 mod uring;
 
@@ -19,6 +20,8 @@ use std::time::Duration;
 
 pub use format::{RecordHeader, RecordKind, BLOCK_SIZE, FLAG_FUA, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE};
 use format::{segment_file_name, SegmentHeader};
+pub use ledger::Backlog;
+use ledger::Ledger;
 pub use recovery::{RecoveryMode, RecoveryReport};
 
 use crate::fsutil::{self, AlignedBuffer};
@@ -147,6 +150,8 @@ pub struct Journal {
     full: AtomicBool,
     /// The active segment, for [`Journal::sync`] from other threads.
     active_file: Mutex<Option<Arc<File>>>,
+    /// Payload bytes and append times of the retained records, for lag.
+    ledger: Mutex<Ledger>,
 }
 
 impl Journal {
@@ -192,6 +197,10 @@ impl Journal {
 
     fn from_recovered(dir: &Path, options: JournalOptions, recovered: recovery::Recovered) -> Arc<Journal> {
         let last_lsn = recovered.report.last_lsn;
+        let mut ledger = Ledger::new(recovered.report.first_lsn);
+        for (index, (payload_bytes, timestamp_us)) in recovered.records.iter().enumerate() {
+            ledger.push(recovered.report.first_lsn + index as u64, *payload_bytes, *timestamp_us);
+        }
         Arc::new(Journal {
             dir: dir.to_path_buf(),
             options,
@@ -202,6 +211,7 @@ impl Journal {
             synced_lsn: AtomicU64::new(last_lsn),
             full: AtomicBool::new(false),
             active_file: Mutex::new(None),
+            ledger: Mutex::new(ledger),
         })
     }
 
@@ -288,12 +298,19 @@ impl Journal {
             table.spare.push(spare);
             freed += 1;
         }
+        let first_lsn = table.retained[0].first_lsn;
         drop(table);
+        crate::lock(&self.ledger).trim_before(first_lsn);
         if freed > 0 {
             fsutil::sync_dir(&self.dir).map_err(io_error(format!("sync {}", self.dir.display())))?;
             self.space_freed.notify_all();
         }
         Ok(freed)
+    }
+
+    /// The retained records after `lsn`: how far a reader at `lsn` is behind.
+    pub fn backlog_after(&self, lsn: u64) -> Backlog {
+        crate::lock(&self.ledger).after(lsn)
     }
 
     /// Where record `lsn` lives: the path of its segment and that segment's first LSN.
@@ -477,6 +494,7 @@ impl JournalWriter {
         self.buffer[start + exact..start + encoded].fill(0);
         self.buffer_len += encoded;
         self.next_lsn += 1;
+        crate::lock(&self.journal.ledger).push(lsn, payload_len, header.timestamp_us);
         Ok(lsn)
     }
 

@@ -45,6 +45,8 @@ pub(super) struct Recovered {
     pub retained: Vec<SegmentEntry>,
     pub spare: Vec<PathBuf>,
     pub active_header: SegmentHeader,
+    /// Payload bytes and append time of every retained record, in LSN order.
+    pub records: Vec<(u64, u64)>,
 }
 
 /// Where and why the scan of one segment stopped.
@@ -75,6 +77,7 @@ pub(super) fn recover(dir: &Path, options: Option<&JournalOptions>, mode: Recove
     }
 
     let mut retained: Vec<SegmentEntry> = Vec::new();
+    let mut records: Vec<(u64, u64)> = Vec::new();
     let mut active_header = None;
     let mut previous_stop: Option<(PathBuf, ScanStop)> = None;
     let mut expected_lsn: Option<u64> = None;
@@ -144,7 +147,7 @@ pub(super) fn recover(dir: &Path, options: Option<&JournalOptions>, mode: Recove
             }
         }
 
-        let (next_lsn, stop) = scan_segment(&bytes, &header);
+        let (next_lsn, stop) = scan_segment(&bytes, &header, &mut records);
         if is_last {
             let damage = find_later_records(&bytes, &header, stop.position, next_lsn);
             if let Some((position, lsn, synced_lsn)) = damage.proof {
@@ -207,16 +210,20 @@ pub(super) fn recover(dir: &Path, options: Option<&JournalOptions>, mode: Recove
         used_bytes: retained.iter().map(|s| s.end - SEGMENT_HEADER_SIZE).sum(),
         torn_tail,
     };
-    Ok(Recovered { report, retained, spare, active_header })
+    // Segments before a gap were dropped: keep the records of the retained LSN range only.
+    let retained_records = (last_lsn + 1 - first_lsn) as usize;
+    records.drain(..records.len().saturating_sub(retained_records));
+    Ok(Recovered { report, retained, spare, active_header, records })
 }
 
 /// Reads records from the start of the segment while they verify and their LSNs follow on.
-fn scan_segment(bytes: &[u8], header: &SegmentHeader) -> (u64, ScanStop) {
+fn scan_segment(bytes: &[u8], header: &SegmentHeader, records: &mut Vec<(u64, u64)>) -> (u64, ScanStop) {
     let mut position = SEGMENT_HEADER_SIZE;
     let mut lsn = header.first_lsn;
     loop {
         match record_at(bytes, header, position) {
             Ok(record) if record.lsn == lsn => {
+                records.push((record.payload_len as u64, record.timestamp_us));
                 position += align_up(record.encoded_len() as u64, RECORD_ALIGN);
                 lsn += 1;
             }

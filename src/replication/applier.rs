@@ -26,6 +26,7 @@ pub fn init(dir: &Path) -> Result<String, LinkError> {
     }
     std::fs::create_dir_all(dir.join(REPLICAS_DIR))?;
     crate::fsutil::write_atomic(&dir.join(ALLOWED_FILE), b"")?;
+    super::applier_config::ApplierConfig::write_template(dir).map_err(|e| LinkError::Protocol(e.to_string()))?;
     Ok(crate::identity::create(&dir.join(IDENTITY_DIR), "applier").map_err(|e| LinkError::Protocol(e.to_string()))?)
 }
 
@@ -92,6 +93,12 @@ pub struct ReplicaStatus {
     pub connected: bool,
     pub records_received: u64,
     pub records_duplicated: u64,
+    /// Payload bytes received (records and synchronisation chunks) since the applier started.
+    #[serde(default)]
+    pub bytes_received: u64,
+    /// Connections accepted from the source since the applier started.
+    #[serde(default)]
+    pub connections: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -105,30 +112,33 @@ pub struct ApplierStatus {
 struct Slot {
     replica: Arc<Mutex<Replica>>,
     connected: bool,
+    connections: u64,
 }
 
 /// Shared state of a running applier.
 pub struct Applier {
     dir: PathBuf,
     extra_allowed: Vec<String>,
+    idle_timeout: std::time::Duration,
     replicas: Mutex<HashMap<String, Slot>>,
     listen: Mutex<Option<SocketAddr>>,
 }
 
 impl Applier {
-    pub fn new(dir: &Path, extra_allowed: Vec<String>) -> Arc<Applier> {
-        Arc::new(Applier { dir: dir.to_path_buf(), extra_allowed, replicas: Mutex::new(HashMap::new()), listen: Mutex::new(None) })
+    pub fn new(dir: &Path, extra_allowed: Vec<String>, idle_timeout: std::time::Duration) -> Arc<Applier> {
+        Arc::new(Applier { dir: dir.to_path_buf(), extra_allowed, idle_timeout, replicas: Mutex::new(HashMap::new()), listen: Mutex::new(None) })
     }
 
-    /// Binds `listen` and serves until `stop` resolves.
-    pub async fn serve(self: Arc<Self>, listen: SocketAddr, stop: impl std::future::Future<Output = ()>) -> Result<(), LinkError> {
+    /// Binds `listen`, calls `ready` with the bound address, and serves until `stop` resolves.
+    pub async fn serve(self: Arc<Self>, listen: SocketAddr, ready: impl FnOnce(SocketAddr), stop: impl std::future::Future<Output = ()>) -> Result<(), LinkError> {
         let identity = tls::Identity::load(&self.dir.join(IDENTITY_DIR))?;
         let dir = self.dir.clone();
         let extra = self.extra_allowed.clone();
         let allow: tls::AllowList = Arc::new(move |fingerprint: &str| extra.iter().any(|f| f == fingerprint) || allowed(&dir).iter().any(|f| f == fingerprint));
-        let endpoint = tls::endpoint(listen, Some(tls::server_config(&identity, allow)?))?;
+        let endpoint = tls::endpoint(listen, Some(tls::server_config(&identity, allow, self.idle_timeout)?))?;
         *lock(&self.listen) = endpoint.local_addr().ok();
         tracing::info!(listen = %endpoint.local_addr()?, fingerprint = %identity.fingerprint, "applier listening");
+        ready(endpoint.local_addr()?);
         tokio::pin!(stop);
         loop {
             tokio::select! {
@@ -194,7 +204,9 @@ impl Applier {
         let already_connected = {
             let mut replicas = lock(&self.replicas);
             let slot = replicas.get_mut(&name).expect("registered by replica_for");
-            std::mem::replace(&mut slot.connected, true)
+            let already = std::mem::replace(&mut slot.connected, true);
+            slot.connections += !already as u64;
+            already
         };
         if already_connected {
             let refusal = Refusal::Other(format!("volume {name} is already connected"));
@@ -226,7 +238,7 @@ impl Applier {
             Replica::create(&dir, hello, None)?
         };
         let replica = Arc::new(Mutex::new(replica));
-        replicas.insert(hello.volume_name.clone(), Slot { replica: replica.clone(), connected: false });
+        replicas.insert(hello.volume_name.clone(), Slot { replica: replica.clone(), connected: false, connections: 0 });
         Ok(replica)
     }
 
@@ -288,6 +300,8 @@ impl Applier {
                     connected: slot.connected,
                     records_received: counters.records_received,
                     records_duplicated: counters.records_duplicated,
+                    bytes_received: counters.bytes_received,
+                    connections: slot.connections,
                 }
             })
             .collect();
@@ -300,6 +314,27 @@ impl Applier {
         replicas.sort_by(|a, b| a.volume.cmp(&b.volume));
         ApplierStatus { running: true, fingerprint, listen: self.local_addr().map(|a| a.to_string()), replicas }
     }
+}
+
+/// One line for systemd's STATUS=: each replica's LSNs and state.
+pub fn one_line(status: &ApplierStatus) -> String {
+    if status.replicas.is_empty() {
+        return "no replicas yet".into();
+    }
+    let parts: Vec<String> = status
+        .replicas
+        .iter()
+        .map(|r| {
+            format!(
+                "{} applied {} {} {}",
+                r.volume,
+                r.applied_lsn,
+                if r.consistent { "consistent" } else { "INCONSISTENT" },
+                if r.connected { "connected" } else { "disconnected" }
+            )
+        })
+        .collect();
+    parts.join("; ")
 }
 
 /// Runs one replica operation off the async runtime (they do file I/O and fsync).
@@ -337,6 +372,8 @@ fn offline_replica(dir: &Path, name: String, state: super::replica::ReplicaState
         connected: false,
         records_received: 0,
         records_duplicated: 0,
+        bytes_received: 0,
+        connections: 0,
     }
 }
 

@@ -16,7 +16,45 @@ pub struct MirrorConfig {
     pub address: String,
     /// Pinned certificate fingerprint of the applier.
     pub fingerprint: String,
+    /// Most bytes per second this mirror sends (journal records and sync chunks); absent:
+    /// unlimited. In the file a number of bytes or a size such as "50M" (powers of 1024).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::size::serde_optional_size")]
+    pub max_rate: Option<u64>,
+    /// Seconds without any packet from the applier after which the connection is declared
+    /// dead and re-established (keep-alives are sent at a third of it). Default 15.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<u64>,
 }
+
+pub const DEFAULT_IDLE_TIMEOUT_SECONDS: u64 = 15;
+
+impl MirrorConfig {
+    pub fn idle_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT_SECONDS))
+    }
+
+    /// Checks every key; the message names the key at fault.
+    pub fn validate(&self) -> Result<(), String> {
+        crate::volume::config::validate_name(&self.name).map_err(|e| format!("name: {e}"))?;
+        crate::identity::parse_fingerprint(&self.fingerprint).map_err(|e| format!("fingerprint: {e}"))?;
+        if self.address.rsplit_once(':').is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err()) {
+            return Err(format!("address: {:?} must be HOST:PORT", self.address));
+        }
+        if self.max_rate == Some(0) {
+            return Err("max_rate: 0 is not a rate; leave the key out for no limit".into());
+        }
+        if let Some(rate) = self.max_rate.filter(|&r| r < MIN_RATE) {
+            return Err(format!("max_rate: {rate} bytes/s is below the smallest limit, {MIN_RATE} (64K)"));
+        }
+        if let Some(seconds) = self.idle_timeout.filter(|s| !(1..=600).contains(s)) {
+            return Err(format!("idle_timeout: {seconds} must be between 1 and 600 seconds"));
+        }
+        Ok(())
+    }
+}
+
+/// Below this a single largest record would take seconds to pass the limiter.
+pub const MIN_RATE: u64 = 64 << 10;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MirrorState {
@@ -41,11 +79,7 @@ fn state_path(dir: &Path, name: &str) -> PathBuf {
 }
 
 pub fn add(dir: &Path, config: &MirrorConfig) -> Result<(), MirrorError> {
-    crate::volume::config::validate_name(&config.name).map_err(|e| MirrorError::Invalid(format!("mirror name {e}")))?;
-    crate::identity::parse_fingerprint(&config.fingerprint).map_err(|e| MirrorError::Invalid(e.to_string()))?;
-    if config.address.rsplit_once(':').is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err()) {
-        return Err(MirrorError::Invalid(format!("applier address {:?} must be HOST:PORT", config.address)));
-    }
+    config.validate().map_err(|e| MirrorError::Invalid(format!("mirror {e}")))?;
     if !dir.join(crate::volume::config::CONFIG_FILE).exists() {
         return Err(MirrorError::Invalid(format!("{} holds no volume", dir.display())));
     }
@@ -57,8 +91,53 @@ pub fn add(dir: &Path, config: &MirrorConfig) -> Result<(), MirrorError> {
     std::fs::create_dir_all(dir.join(MIRRORS_DIR)).map_err(io(format!("create {}", dir.join(MIRRORS_DIR).display())))?;
     // The state goes first: from now on the journal keeps everything this mirror still needs.
     save_state(dir, &config.name, MirrorState::default())?;
-    let text = toml::to_string_pretty(config).expect("mirror config serialises");
-    crate::fsutil::write_atomic(&path, text.as_bytes()).map_err(io(format!("write {}", path.display())))
+    save(dir, config)
+}
+
+/// Writes a mirror's file (documented; see docs/configuration.md).
+fn save(dir: &Path, config: &MirrorConfig) -> Result<(), MirrorError> {
+    let path = config_path(dir, &config.name);
+    let text = format!(
+        "# ublk-mirror mirror of this volume; written by `ublk-mirror mirror add`/`mirror set`.\n\
+         # Keys: name, address (HOST:PORT), fingerprint (sha256:...), max_rate (bytes/s, e.g. \"50M\"),\n\
+         # idle_timeout (seconds). See docs/configuration.md.\n{}",
+        toml::to_string_pretty(config).expect("mirror config serialises")
+    );
+    crate::fsutil::write_atomic(&path, text.as_bytes()).map_err(|source| MirrorError::Io { context: format!("write {}", path.display()), source })
+}
+
+/// Changes a mirror's rate limit and idle timeout (`None`: leave as is). A running volume
+/// picks the rate up at once (see `reload`), the idle timeout at the next connection.
+pub fn set(dir: &Path, name: &str, max_rate: Option<Option<u64>>, idle_timeout: Option<u64>) -> Result<MirrorConfig, MirrorError> {
+    let mut config = load(dir, name)?;
+    if let Some(rate) = max_rate {
+        config.max_rate = rate;
+    }
+    if let Some(seconds) = idle_timeout {
+        config.idle_timeout = Some(seconds);
+    }
+    config.validate().map_err(|e| MirrorError::Invalid(format!("mirror {e}")))?;
+    save(dir, &config)?;
+    Ok(config)
+}
+
+/// Reads and validates one mirror's file; errors name the file and the key.
+pub fn load(dir: &Path, name: &str) -> Result<MirrorConfig, MirrorError> {
+    let path = config_path(dir, name);
+    if !path.exists() {
+        return Err(MirrorError::Invalid(format!("no mirror named {name:?} in {}", dir.display())));
+    }
+    load_file(&path)
+}
+
+fn load_file(path: &Path) -> Result<MirrorConfig, MirrorError> {
+    let text = std::fs::read_to_string(path).map_err(|source| MirrorError::Io { context: format!("read {}", path.display()), source })?;
+    let config: MirrorConfig = toml::from_str(&text).map_err(|e| MirrorError::Invalid(format!("{}: {}", path.display(), e.to_string().trim_end())))?;
+    config.validate().map_err(|e| MirrorError::Invalid(format!("{}: {e}", path.display())))?;
+    if path.file_stem().is_some_and(|stem| stem != config.name.as_str()) {
+        return Err(MirrorError::Invalid(format!("{}: name: {:?} differs from the file's name", path.display(), config.name)));
+    }
+    Ok(config)
 }
 
 pub fn remove(dir: &Path, name: &str) -> Result<(), MirrorError> {
@@ -77,9 +156,7 @@ pub fn list(dir: &Path) -> Result<Vec<MirrorConfig>, MirrorError> {
     for entry in entries.flatten() {
         let path = entry.path();
         if path.extension().is_some_and(|e| e == "toml") {
-            let text = std::fs::read_to_string(&path).map_err(|source| MirrorError::Io { context: format!("read {}", path.display()), source })?;
-            let config: MirrorConfig = toml::from_str(&text).map_err(|e| MirrorError::Invalid(format!("{}: {e}", path.display())))?;
-            mirrors.push(config);
+            mirrors.push(load_file(&path)?);
         }
     }
     mirrors.sort_by(|a, b| a.name.cmp(&b.name));

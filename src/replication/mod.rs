@@ -2,8 +2,10 @@
 //! applier daemon.
 
 pub mod applier;
+pub mod applier_config;
 pub mod framing;
 pub mod mirror;
+pub mod rate;
 pub mod sender;
 pub mod replica;
 pub mod tls;

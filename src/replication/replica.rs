@@ -89,6 +89,8 @@ pub struct ReplicaCounters {
     /// Records that arrived again after a reconnect (already received): skipped.
     pub records_duplicated: u64,
     pub records_applied: u64,
+    /// Payload bytes of fresh records and of synchronisation chunks written.
+    pub bytes_received: u64,
 }
 
 pub struct Replica {
@@ -241,6 +243,7 @@ impl Replica {
         }
         self.writer.commit(true)?;
         self.counters.records_received += fresh.len() as u64;
+        self.counters.bytes_received += fresh.iter().map(|r| r.payload.len() as u64).sum::<u64>();
         Ok(self.received_lsn())
     }
 
@@ -330,6 +333,7 @@ impl Replica {
             return Err(ReplicaError::Rejected("a chunk arrived outside a synchronisation".into()));
         }
         let (offset, length) = self.chunk_range(chunk)?;
+        self.counters.bytes_received += data.len() as u64;
         let is_device = crate::fsutil::is_block_device(&self.image).unwrap_or(false);
         if zero {
             if !data.is_empty() {

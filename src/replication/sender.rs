@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::framing::{read_frame, write_control, LinkError};
 use super::mirror::{self, MirrorConfig, MirrorState};
+use super::rate::RateLimiter;
 use super::tls;
 use super::wire::{self, Control, Frame, Hello};
 use crate::journal::JournalReader;
@@ -42,7 +43,7 @@ pub struct MirrorStatus {
     pub consistent: bool,
     pub received_lsn: u64,
     pub applied_lsn: u64,
-    /// Payload bytes of records sent and not yet applied.
+    /// Payload bytes of the records the replica has not applied (sent or not).
     pub lag_bytes: u64,
     /// Records not yet applied on the replica.
     pub lag_records: u64,
@@ -50,6 +51,11 @@ pub struct MirrorStatus {
     pub lag_seconds: f64,
     pub sent_bytes: u64,
     pub sent_records: u64,
+    /// Bytes sent per second, averaged over about the last second (0 while disconnected).
+    pub throughput_bytes_per_second: f64,
+    /// The bandwidth limit in bytes per second (`max_rate`; absent: none).
+    pub max_rate: Option<u64>,
+    /// Connections lost or refused since `run` started (each followed by a retry).
     pub reconnects: u64,
     pub last_error: Option<String>,
     /// Initial synchronisation: chunks of `sync_chunk_bytes` compared so far, of all, and how
@@ -65,7 +71,11 @@ pub struct MirrorStatus {
 
 /// The senders of a volume; computes the journal trim floor from all of them.
 pub struct Senders {
+    dir: PathBuf,
+    volume: Arc<Volume>,
     statuses: Vec<Arc<Mutex<MirrorStatus>>>,
+    /// Each mirror's rate limit, by name, shared with its sender.
+    rates: Vec<(String, Arc<AtomicU64>)>,
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
@@ -82,6 +92,7 @@ impl Senders {
                 Arc::new(Mutex::new(MirrorStatus {
                     name: c.name.clone(),
                     address: c.address.clone(),
+                    max_rate: c.max_rate,
                     state: "disconnected".into(),
                     received_lsn: state.received_lsn,
                     applied_lsn: state.applied_lsn,
@@ -90,8 +101,20 @@ impl Senders {
             })
             .collect();
         let mut threads = Vec::new();
+        let mut rates = Vec::new();
         for (config, status) in configs.into_iter().zip(&statuses) {
-            let sender = Sender { dir: dir.to_path_buf(), config, volume: volume.clone(), status: status.clone(), all: statuses.clone(), stop: stop.clone(), synced_here: Arc::new(AtomicBool::new(false)) };
+            let rate = Arc::new(AtomicU64::new(config.max_rate.unwrap_or(0)));
+            rates.push((config.name.clone(), rate.clone()));
+            let sender = Sender {
+                dir: dir.to_path_buf(),
+                config,
+                volume: volume.clone(),
+                status: status.clone(),
+                all: statuses.clone(),
+                stop: stop.clone(),
+                synced_here: Arc::new(AtomicBool::new(false)),
+                rate,
+            };
             let name = format!("sender-{}", sender.config.name);
             threads.push(
                 std::thread::Builder::new()
@@ -100,11 +123,38 @@ impl Senders {
                     .map_err(|source| mirror::MirrorError::Io { context: "start sender thread".into(), source })?,
             );
         }
-        Ok(Senders { statuses, stop, threads })
+        Ok(Senders { dir: dir.to_path_buf(), volume, statuses, rates, stop, threads })
     }
 
+    /// Every mirror's status, its lag measured now against the journal: what the replica
+    /// lacks is every record after its `applied` checkpoint, sent or not.
     pub fn statuses(&self) -> Vec<MirrorStatus> {
-        self.statuses.iter().map(|s| lock(s).clone()).collect()
+        let journal = self.volume.journal();
+        self.statuses
+            .iter()
+            .map(|s| {
+                let mut status = lock(s).clone();
+                let backlog = journal.backlog_after(status.applied_lsn);
+                status.lag_bytes = backlog.payload_bytes;
+                status.lag_records = backlog.records;
+                status.lag_seconds = backlog.oldest_timestamp_us.map_or(0.0, |oldest| crate::fsutil::now_micros().saturating_sub(oldest) as f64 / 1e6);
+                status
+            })
+            .collect()
+    }
+
+    /// Re-reads the mirrors' files and applies their rate limits to the running senders
+    /// (after `mirror set`). Mirrors added or removed take effect at the next `run`.
+    pub fn reload(&self) -> Result<(), mirror::MirrorError> {
+        for config in mirror::list(&self.dir)? {
+            if let Some((_, rate)) = self.rates.iter().find(|(name, _)| *name == config.name) {
+                rate.store(config.max_rate.unwrap_or(0), Ordering::Relaxed);
+                if let Some(status) = self.statuses.iter().find(|s| lock(s).name == config.name) {
+                    lock(status).max_rate = config.max_rate;
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn shutdown(mut self) {
@@ -127,13 +177,14 @@ struct Sender {
     /// inconsistent replica synchronised by an earlier process is synchronised again: its
     /// chunks may hold writes that process acknowledged but lost in a crash.
     synced_here: Arc<AtomicBool>,
+    /// Bytes per second this mirror may send (0: unlimited), shared with [`Senders::reload`].
+    rate: Arc<AtomicU64>,
 }
 
-/// A record sent and not yet applied: for lag and the window.
+/// A record sent and not yet applied: for the window.
 struct InFlight {
     lsn: u64,
     bytes: u64,
-    timestamp_us: u64,
 }
 
 impl Sender {
@@ -159,6 +210,7 @@ impl Sender {
                 }
                 status.connected = false;
                 status.state = "disconnected".into();
+                status.throughput_bytes_per_second = 0.0;
                 if let Err(error) = &result {
                     status.last_error = Some(format!("{error:#}"));
                     status.reconnects += 1;
@@ -186,7 +238,7 @@ impl Sender {
             .ok_or_else(|| LinkError::Protocol(format!("cannot resolve {}", self.config.address)))?;
         let local: SocketAddr = if address.is_ipv4() { "0.0.0.0:0".parse().expect("addr") } else { "[::]:0".parse().expect("addr") };
         let mut endpoint = tls::endpoint(local, None)?;
-        endpoint.set_default_client_config(tls::client_config(&identity, &self.config.fingerprint)?);
+        endpoint.set_default_client_config(tls::client_config(&identity, &self.config.fingerprint, self.config.idle_timeout())?);
         let connection = endpoint.connect(address, "applier")?.await?;
         let (mut send, mut recv) = connection.open_bi().await?;
         let journal = self.volume.journal().clone();
@@ -222,13 +274,14 @@ impl Sender {
             status.consistent_lsn = consistent_lsn;
             status.state = if consistent { "replicating" } else { "syncing" }.into();
         }
+        let mut limiter = RateLimiter::new(self.rate.clone());
         let journal_gap = received + 1 < journal.first_lsn();
         let unfinished_elsewhere = !consistent && !needs_sync && !self.synced_here.load(Ordering::SeqCst);
         if needs_sync || journal_gap || unfinished_elsewhere {
             if journal_gap && !needs_sync {
                 tracing::warn!(mirror = %self.config.name, received, first = journal.first_lsn(), "the journal no longer reaches back to the replica's checkpoint: synchronising");
             }
-            received = self.synchronise(&mut send, &mut recv, applied).await?;
+            received = self.synchronise(&mut send, &mut recv, applied, &mut limiter).await?;
         } else {
             self.acknowledged(received, applied);
         }
@@ -255,7 +308,13 @@ impl Sender {
             })
         };
         let mut reader = JournalReader::new(journal.clone(), received + 1)?;
+        let mut meter = (Instant::now(), lock(&self.status).sent_bytes);
         loop {
+            if meter.0.elapsed() >= Duration::from_secs(1) {
+                let mut status = lock(&self.status);
+                status.throughput_bytes_per_second = (status.sent_bytes - meter.1) as f64 / meter.0.elapsed().as_secs_f64();
+                meter = (Instant::now(), status.sent_bytes);
+            }
             if self.stop.load(Ordering::SeqCst) {
                 connection.close(0u32.into(), b"volume stopping");
                 break;
@@ -269,8 +328,9 @@ impl Sender {
             let unacked: u64 = lock(&in_flight).iter().map(|r| r.bytes).sum();
             let mut batch = Vec::new();
             let mut bytes = 0usize;
+            let batch_bytes = limiter.batch_limit(BATCH_BYTES);
             // Only records durable at the source: a replica must never get ahead of it.
-            while unacked + (bytes as u64) < WINDOW_BYTES && bytes < BATCH_BYTES && batch.len() < BATCH_RECORDS && reader.next_lsn() <= journal.synced_lsn() {
+            while unacked + (bytes as u64) < WINDOW_BYTES && bytes < batch_bytes && batch.len() < BATCH_RECORDS && reader.next_lsn() <= journal.synced_lsn() {
                 match reader.next_record()? {
                     Some(record) => {
                         bytes += record.payload.len();
@@ -281,25 +341,24 @@ impl Sender {
             }
             if batch.is_empty() {
                 tokio::time::sleep(Duration::from_millis(2)).await;
-                self.update_lag(&in_flight);
                 continue;
             }
             let pairs: Vec<_> = batch.iter().map(|r| (r.header, r.payload.as_slice())).collect();
-            send.write_all(&wire::encode_batch_header(&pairs)).await?;
+            let header = wire::encode_batch_header(&pairs);
+            limiter.pace((header.len() + bytes) as u64).await;
+            send.write_all(&header).await?;
             for record in &batch {
                 send.write_all(&record.payload).await?;
             }
             {
                 let mut flight = lock(&in_flight);
                 for record in &batch {
-                    flight.push_back(InFlight { lsn: record.header.lsn, bytes: record.payload.len() as u64 + 64, timestamp_us: record.header.timestamp_us });
+                    flight.push_back(InFlight { lsn: record.header.lsn, bytes: record.payload.len() as u64 + 64 });
                 }
             }
             let mut status = lock(&self.status);
             status.sent_bytes += bytes as u64;
             status.sent_records += batch.len() as u64;
-            drop(status);
-            self.update_lag(&in_flight);
         }
         Ok(())
     }
@@ -308,7 +367,7 @@ impl Sender {
     /// sends the chunks that differ (zeros as a flag, not data). Writes go on meanwhile; the
     /// journal from the returned base LSN is kept and streamed afterwards, which completes
     /// chunks read while they changed.
-    async fn synchronise(&self, send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, replica_applied: u64) -> Result<u64, LinkError> {
+    async fn synchronise(&self, send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, replica_applied: u64, limiter: &mut RateLimiter) -> Result<u64, LinkError> {
         let journal = self.volume.journal().clone();
         // Hold the whole retained journal while choosing the base, then everything after it.
         // (`received` of a syncing mirror is the sync's base: what the journal must keep.
@@ -358,6 +417,7 @@ impl Sender {
                 let zero = data.iter().all(|&b| b == 0);
                 let data = if zero { Vec::new() } else { std::mem::take(data) };
                 let bytes = data.len() as u64;
+                limiter.pace(bytes).await;
                 write_control(send, &Control::SyncChunk { chunk, zero, data }).await?;
                 let mut status = lock(&self.status);
                 status.sync_chunks_sent += 1;
@@ -388,18 +448,6 @@ impl Sender {
             status.applied_lsn = applied;
         }
         self.publish_trim_floor();
-    }
-
-    fn update_lag(&self, in_flight: &Mutex<VecDeque<InFlight>>) {
-        let flight = lock(in_flight);
-        let last = self.volume.journal().written_lsn();
-        let mut status = lock(&self.status);
-        status.lag_bytes = flight.iter().filter(|r| r.lsn > status.applied_lsn).map(|r| r.bytes).sum();
-        status.lag_records = last.saturating_sub(status.applied_lsn);
-        status.lag_seconds = match flight.iter().find(|r| r.lsn > status.applied_lsn) {
-            Some(oldest) if status.lag_records > 0 => crate::fsutil::now_micros().saturating_sub(oldest.timestamp_us) as f64 / 1e6,
-            _ => 0.0,
-        };
     }
 
     /// Records the applier's checkpoints and moves the volume's trim floor.

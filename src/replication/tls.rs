@@ -130,19 +130,22 @@ impl ClientCertVerifier for AllowedClients {
 }
 
 /// Transport settings for a long-lived bulk stream: windows large enough for a WAN
-/// bandwidth-delay product, keep-alives so an idle mirror stays connected.
-fn transport() -> Arc<quinn::TransportConfig> {
+/// bandwidth-delay product, keep-alives so an idle mirror stays connected. The connection
+/// is declared dead after `idle_timeout` without a packet (QUIC uses the smaller of the two
+/// sides' values); keep-alives go out at a third of it so an idle link never hits it.
+fn transport(idle_timeout: Duration) -> Arc<quinn::TransportConfig> {
     let mut transport = quinn::TransportConfig::default();
     transport.stream_receive_window(quinn::VarInt::from_u32(64 << 20));
     transport.receive_window(quinn::VarInt::from_u32(128 << 20));
     transport.send_window(128 << 20);
-    transport.keep_alive_interval(Some(Duration::from_secs(2)));
-    transport.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(15_000))));
+    transport.keep_alive_interval(Some(idle_timeout / 3));
+    let millis = u32::try_from(idle_timeout.as_millis()).unwrap_or(u32::MAX);
+    transport.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(millis))));
     Arc::new(transport)
 }
 
 /// The sender's side: present `identity`, accept only the applier whose fingerprint is pinned.
-pub fn client_config(identity: &Identity, applier_fingerprint: &str) -> Result<quinn::ClientConfig, TlsError> {
+pub fn client_config(identity: &Identity, applier_fingerprint: &str, idle_timeout: Duration) -> Result<quinn::ClientConfig, TlsError> {
     let provider = provider();
     let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -152,12 +155,12 @@ pub fn client_config(identity: &Identity, applier_fingerprint: &str) -> Result<q
     config.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(config).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-    client.transport_config(transport());
+    client.transport_config(transport(idle_timeout));
     Ok(client)
 }
 
 /// The applier's side: present `identity`, accept only clients `allowed` says yes to.
-pub fn server_config(identity: &Identity, allowed: AllowList) -> Result<quinn::ServerConfig, TlsError> {
+pub fn server_config(identity: &Identity, allowed: AllowList, idle_timeout: Duration) -> Result<quinn::ServerConfig, TlsError> {
     let provider = provider();
     let mut config = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -166,7 +169,7 @@ pub fn server_config(identity: &Identity, allowed: AllowList) -> Result<quinn::S
     config.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(config).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(transport());
+    server.transport_config(transport(idle_timeout));
     Ok(server)
 }
 
@@ -199,7 +202,7 @@ mod tests {
 
     async fn try_connect(server: &Identity, allow: &str, client: &Identity, pin: &str) -> Result<Vec<u8>, String> {
         let allow = allow.to_string();
-        let endpoint = quinn::Endpoint::server(server_config(server, Arc::new(move |fp| fp == allow)).unwrap(), "127.0.0.1:0".parse().unwrap()).unwrap();
+        let endpoint = quinn::Endpoint::server(server_config(server, Arc::new(move |fp| fp == allow), Duration::from_secs(15)).unwrap(), "127.0.0.1:0".parse().unwrap()).unwrap();
         let address = endpoint.local_addr().unwrap();
         let accept = tokio::spawn(async move {
             let connection = endpoint.accept().await?.await.ok()?;
@@ -211,7 +214,7 @@ mod tests {
             Some(())
         });
         let mut client_endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        client_endpoint.set_default_client_config(client_config(client, pin).unwrap());
+        client_endpoint.set_default_client_config(client_config(client, pin, Duration::from_secs(15)).unwrap());
         let result = async {
             let connection = client_endpoint.connect(address, "applier").map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
             let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;

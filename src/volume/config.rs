@@ -32,6 +32,61 @@ pub struct VolumeConfig {
     /// The backing file or block device holding the volume's data.
     pub backing: PathBuf,
     pub journal: JournalConfig,
+    /// What `run` serves when started without export flags (e.g. by systemd).
+    #[serde(default, skip_serializing_if = "RunConfig::is_default")]
+    pub run: RunConfig,
+}
+
+/// The `[run]` table: defaults for `ublk-mirror run`; command-line flags override them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// NBD exports, `unix:PATH` or `tcp:HOST:PORT`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nbd: Vec<String>,
+    /// Serve the volume as /dev/ublkbN.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ublk: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ublk_id: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queues: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub depth: Option<u16>,
+    /// Address of the Prometheus metrics endpoint, HOST:PORT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
+}
+
+impl RunConfig {
+    fn is_default(&self) -> bool {
+        self == &RunConfig::default()
+    }
+
+    /// Checks every key of the `[run]` table; the message names the key at fault.
+    pub fn validate(&self) -> Result<(), String> {
+        for (index, address) in self.nbd.iter().enumerate() {
+            address.parse::<crate::nbd::NbdAddress>().map_err(|e| format!("run.nbd[{index}]: {e}"))?;
+        }
+        if let Some(queues) = self.queues.filter(|q| !(1..=64).contains(q)) {
+            return Err(format!("run.queues: {queues} must be between 1 and 64"));
+        }
+        if let Some(depth) = self.depth.filter(|d| !(1..=4096).contains(d)) {
+            return Err(format!("run.depth: {depth} must be between 1 and 4096"));
+        }
+        if (self.ublk_id.is_some() || self.queues.is_some() || self.depth.is_some()) && !self.ublk {
+            return Err("run.ublk_id, run.queues and run.depth apply to the ublk device: set run.ublk = true as well".into());
+        }
+        if let Some(metrics) = &self.metrics {
+            parse_listen_address(metrics).map_err(|e| format!("run.metrics: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// A HOST:PORT to listen on (an IP address, not a name: listening must not depend on DNS).
+pub fn parse_listen_address(text: &str) -> Result<std::net::SocketAddr, String> {
+    text.parse().map_err(|_| format!("{text:?} is not an address to listen on (IP:PORT, e.g. 127.0.0.1:9420 or [::1]:9420)"))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,9 +127,10 @@ impl VolumeConfig {
     pub fn save(&self, dir: &Path) -> Result<(), VolumeError> {
         let path = dir.join(CONFIG_FILE);
         let body = toml::to_string_pretty(self).expect("config serialises");
+        let run_example = if self.run.is_default() { RUN_TABLE_EXAMPLE } else { "" };
         let text = format!(
             "# ublk-mirror volume configuration (format {CONFIG_FORMAT}); written by `ublk-mirror volume create`.\n\
-             # Sizes are in bytes. See docs/configuration.md.\n{body}"
+             # Sizes are in bytes. Every key is described in docs/configuration.md.\n{body}{run_example}"
         );
         crate::fsutil::write_atomic(&path, text.as_bytes()).map_err(|source| VolumeError::Io { context: format!("write {}", path.display()), source })
     }
@@ -105,7 +161,7 @@ impl VolumeConfig {
                 self.journal.capacity / 2
             ));
         }
-        Ok(())
+        self.run.validate()
     }
 }
 
@@ -118,6 +174,19 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Appended to a new volume.toml: the `[run]` keys, commented out, so the file documents them.
+const RUN_TABLE_EXAMPLE: &str = "
+# What `ublk-mirror run --dir DIR` serves when no --nbd/--ublk flag is given (systemd's
+# ublk-mirror@NAME.service runs it that way). Flags given on the command line replace these.
+# [run]
+# nbd = [\"unix:/run/ublk-mirror/NAME.sock\"]   # NBD exports: unix:PATH or tcp:HOST:PORT
+# ublk = true                                  # serve /dev/ublkbN
+# ublk_id = 0                                  # N of /dev/ublkbN (default: lowest free)
+# queues = 1                                   # ublk hardware queues (1..64)
+# depth = 128                                  # requests in flight per queue (1..4096)
+# metrics = \"127.0.0.1:9420\"                  # Prometheus text format at http://ADDR/metrics
+";
 
 /// What survives restarts besides the journal: how far the backing store is known durable.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -224,6 +224,7 @@ struct Shared {
     failure: Mutex<Option<String>>,
     state: Mutex<VolumeState>,
     counters: Counters,
+    latency: crate::metrics::RequestLatency,
 }
 
 impl Shared {
@@ -285,6 +286,7 @@ impl Volume {
             size: options.size,
             backing: backing.clone(),
             journal: JournalConfig { capacity: journal_size, segment_size, pending_window: 0 },
+            run: Default::default(),
         };
         config.journal.pending_window = options.pending_window.unwrap_or(DEFAULT_PENDING_WINDOW.min(journal_size / 2));
         config.validate().map_err(|message| VolumeError::Invalid(format!("invalid volume settings: {message}")))?;
@@ -405,6 +407,7 @@ impl Volume {
             failure: Mutex::new(None),
             state: Mutex::new(state),
             counters: Counters::default(),
+            latency: Default::default(),
         });
         // Trim what the checkpoint already covers (and every mirror has received).
         if !crate::failpoint::enabled("journal-no-trim") {
@@ -481,6 +484,16 @@ impl Volume {
                 }
             }
         }
+        let started = std::time::Instant::now();
+        let shared = self.shared.clone();
+        let is_flush = matches!(op, WriteOp::Flush);
+        let is_discard = matches!(op, WriteOp::Discard { .. });
+        let completion: Completion = Box::new(move |result| {
+            let latency = &shared.latency;
+            let histogram = if is_flush { &latency.flush } else if is_discard { &latency.discard } else { &latency.write };
+            histogram.observe(started.elapsed());
+            completion(result)
+        });
         let sender = lock(&self.submit).clone();
         let Some(sender) = sender else { return completion(Err(VolumeError::ShuttingDown)) };
         if let Err(mpsc::SendError(request)) = sender.send(Request { op, completion }) {
@@ -521,6 +534,11 @@ impl Volume {
             read_bytes: counters.read_bytes.load(Ordering::Relaxed),
             failure,
         }
+    }
+
+    /// Request latency histograms (for metrics).
+    pub fn latency(&self) -> &crate::metrics::RequestLatency {
+        &self.shared.latency
     }
 
     /// Limits journal trimming to LSNs every mirror has received (senders call this on acks).
