@@ -36,6 +36,18 @@ pub fn format_size(bytes: u64) -> String {
     bytes.to_string()
 }
 
+/// Rounded for people: 0B, 512B, 4.0K, 12.3M, 1.5G (powers of 1024).
+pub fn human_size(bytes: u64) -> String {
+    let mut value = bytes as f64;
+    for suffix in ["B", "K", "M", "G", "T"] {
+        if value < 1024.0 || suffix == "T" {
+            return if suffix == "B" { format!("{bytes}B") } else { format!("{value:.1}{suffix}") };
+        }
+        value /= 1024.0;
+    }
+    unreachable!("the loop returns at T")
+}
+
 /// Serde for an optional size in configuration files: a number of bytes or a string such as
 /// "50M"; written back in the short string form.
 pub mod serde_optional_size {

@@ -154,25 +154,8 @@ pub fn render_text(status: &Status) -> String {
     if v.running {
         out.push_str(&format!("  io       {} writes ({} bytes), {} flushes, {} reads ({} bytes), {} bytes pending apply\n", n.writes, n.written_bytes, n.flushes, n.reads, n.read_bytes, n.pending_bytes));
     }
-    for mirror in &status.mirrors {
-        let text = |key: &str| mirror[key].as_str().unwrap_or("?").to_string();
-        let number = |key: &str| mirror[key].as_u64().unwrap_or(0);
-        out.push_str(&format!(
-            "  mirror   {} -> {}: {} received {} applied {} lag {} records / {} bytes / {:.1}s, sent {} bytes",
-            text("name"),
-            text("address"),
-            text("state"),
-            number("received_lsn"),
-            number("applied_lsn"),
-            number("lag_records"),
-            number("lag_bytes"),
-            mirror["lag_seconds"].as_f64().unwrap_or(0.0),
-            number("sent_bytes")
-        ));
-        if let Some(error) = mirror["last_error"].as_str().filter(|_| mirror["connected"] != true) {
-            out.push_str(&format!(" (last error: {error})"));
-        }
-        out.push('\n');
+    if !status.mirrors.is_empty() {
+        out.push_str(&mirror_table(&status.mirrors));
     }
     if let Some(failure) = &n.failure {
         out.push_str(&format!("  FAILED   {failure}\n"));
@@ -197,4 +180,46 @@ pub fn one_line(status: &Status) -> String {
         ));
     }
     line
+}
+
+/// One line per mirror, columns aligned (like `drbdadm status`).
+fn mirror_table(mirrors: &[serde_json::Value]) -> String {
+    use crate::size::human_size;
+    let header = ["MIRROR", "TO", "STATE", "CONSISTENT", "LAG", "LAG-BYTES", "LAG-AGE", "RATE", "SENT", "LIMIT", "RECONNECTS"];
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
+    let mut errors = Vec::new();
+    for m in mirrors {
+        let text = |key: &str| m[key].as_str().unwrap_or("?").to_string();
+        let number = |key: &str| m[key].as_u64().unwrap_or(0);
+        let mut state = text("state");
+        if state == "syncing" && number("sync_chunks_total") > 0 {
+            state = format!("syncing {}%", number("sync_chunks_compared") * 100 / number("sync_chunks_total"));
+        }
+        rows.push(vec![
+            text("name"),
+            text("address"),
+            state,
+            if m["consistent"] == true { "yes" } else { "no" }.to_string(),
+            format!("{} rec", number("lag_records")),
+            human_size(number("lag_bytes")),
+            format!("{:.1}s", m["lag_seconds"].as_f64().unwrap_or(0.0)),
+            format!("{}/s", human_size(m["throughput_bytes_per_second"].as_f64().unwrap_or(0.0) as u64)),
+            human_size(number("sent_bytes")),
+            m["max_rate"].as_u64().map_or("-".to_string(), |r| format!("{}/s", human_size(r))),
+            number("reconnects").to_string(),
+        ]);
+        if let Some(error) = m["last_error"].as_str().filter(|_| m["connected"] != true) {
+            errors.push(format!("  {}: last error: {error}\n", text("name")));
+        }
+    }
+    let widths: Vec<usize> = (0..header.len()).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for row in &rows {
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
+        out.push_str(&format!("  {}\n", cells.join("  ").trim_end()));
+    }
+    for error in errors {
+        out.push_str(&error);
+    }
+    out
 }

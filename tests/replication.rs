@@ -4,55 +4,7 @@ mod common;
 use common::*;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn fingerprint_line(output: &str) -> String {
-    output.lines().find(|l| l.starts_with("sha256:")).expect("fingerprint line").to_string()
-}
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-struct Applier {
-    child: Child,
-}
-
-impl Applier {
-    fn start(dir: &Path, port: u16) -> Applier {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.with_extension("log")).unwrap();
-        let child = Command::new(bin())
-            .args(["applier", "run", "--dir", dir.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !dir.join("control.sock").exists() {
-            assert!(Instant::now() < deadline, "applier did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Applier { child }
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Applier {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-fn applier_status(dir: &Path) -> serde_json::Value {
-    let output = cli(&["applier", "status", "--dir", dir.to_str().unwrap(), "--json"]);
-    assert!(output.status.success(), "{}", stderr(&output));
-    serde_json::from_slice(&output.stdout).unwrap()
-}
 
 /// Waits (bounded) until `count` mirrors are consistent and have applied everything.
 fn wait_all_consistent(volume: &Path, count: usize) -> serde_json::Value {
@@ -67,39 +19,6 @@ fn wait_all_consistent(volume: &Path, count: usize) -> serde_json::Value {
         assert!(Instant::now() < deadline, "mirrors did not converge: {status}");
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-/// Waits (bounded) until the mirror's initial synchronisation is complete.
-fn wait_consistent(volume: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while status_json(volume)["mirrors"][0]["consistent"] != true {
-        assert!(Instant::now() < deadline, "mirror never became consistent: {}", status_json(volume));
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Waits (bounded) until the mirror has applied everything the volume journaled.
-fn wait_caught_up(volume: &Path) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let status = status_json(volume);
-        let last = status["volume"]["last_lsn"].as_u64().unwrap();
-        let mirror = &status["mirrors"][0];
-        if mirror["applied_lsn"].as_u64() == Some(last) && mirror["connected"] == true && mirror["consistent"] == true && last > 0 {
-            return status;
-        }
-        if Instant::now() >= deadline {
-            let log = std::fs::read_to_string(volume.parent().unwrap().join("applier.log")).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(12).collect();
-            panic!("mirror did not catch up: {status}\napplier log (last lines, newest first):\n{}", tail.join("\n"));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn compare(a: &str, b: &str) -> bool {
-    let output = Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", a, b]).output().unwrap();
-    output.status.success()
 }
 
 /// Makes an applier in `adir` that allows the volume, and a mirror of the volume named

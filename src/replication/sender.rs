@@ -51,7 +51,11 @@ pub struct MirrorStatus {
     pub lag_seconds: f64,
     pub sent_bytes: u64,
     pub sent_records: u64,
-    /// Bytes sent per second, averaged over about the last second (0 while disconnected).
+    /// Payload bytes the replica acknowledged as applied since `run` started.
+    #[serde(default)]
+    pub applied_bytes: u64,
+    /// Payload bytes applied on the replica per second, over about the last second: what
+    /// the link really carries (0 while disconnected).
     pub throughput_bytes_per_second: f64,
     /// The bandwidth limit in bytes per second (`max_rate`; absent: none).
     pub max_rate: Option<u64>,
@@ -294,7 +298,13 @@ impl Sender {
                 loop {
                     match read_frame(&mut recv).await? {
                         Some(Frame::Control(Control::Ack { received_lsn, applied_lsn })) => {
-                            lock(&in_flight).retain(|r| r.lsn > applied_lsn);
+                            let done: u64 = {
+                                let mut flight = lock(&in_flight);
+                                let before: u64 = flight.iter().map(|r| r.bytes).sum();
+                                flight.retain(|r| r.lsn > applied_lsn);
+                                before - flight.iter().map(|r| r.bytes).sum::<u64>()
+                            };
+                            lock(&sender.status).applied_bytes += done;
                             sender.acknowledged(received_lsn, applied_lsn);
                             if last_persist.elapsed() >= PERSIST_INTERVAL {
                                 let _ = mirror::save_state(&sender.dir, &sender.config.name, MirrorState { received_lsn, applied_lsn });
@@ -308,12 +318,12 @@ impl Sender {
             })
         };
         let mut reader = JournalReader::new(journal.clone(), received + 1)?;
-        let mut meter = (Instant::now(), lock(&self.status).sent_bytes);
+        let mut meter = (Instant::now(), lock(&self.status).applied_bytes);
         loop {
             if meter.0.elapsed() >= Duration::from_secs(1) {
                 let mut status = lock(&self.status);
-                status.throughput_bytes_per_second = (status.sent_bytes - meter.1) as f64 / meter.0.elapsed().as_secs_f64();
-                meter = (Instant::now(), status.sent_bytes);
+                status.throughput_bytes_per_second = (status.applied_bytes - meter.1) as f64 / meter.0.elapsed().as_secs_f64();
+                meter = (Instant::now(), status.applied_bytes);
             }
             if self.stop.load(Ordering::SeqCst) {
                 connection.close(0u32.into(), b"volume stopping");
@@ -325,7 +335,8 @@ impl Sender {
                     _ => Err(LinkError::Protocol("the applier closed the stream".into())),
                 };
             }
-            let unacked: u64 = lock(&in_flight).iter().map(|r| r.bytes).sum();
+            // Headers count too: a window of tiny records must stay bounded.
+            let unacked: u64 = lock(&in_flight).iter().map(|r| r.bytes + wire::RECORD_HEADER_BYTES).sum();
             let mut batch = Vec::new();
             let mut bytes = 0usize;
             let batch_bytes = limiter.batch_limit(BATCH_BYTES);
@@ -353,7 +364,7 @@ impl Sender {
             {
                 let mut flight = lock(&in_flight);
                 for record in &batch {
-                    flight.push_back(InFlight { lsn: record.header.lsn, bytes: record.payload.len() as u64 + 64 });
+                    flight.push_back(InFlight { lsn: record.header.lsn, bytes: record.payload.len() as u64 });
                 }
             }
             let mut status = lock(&self.status);

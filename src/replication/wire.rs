@@ -16,6 +16,8 @@ pub const SYNC_CHUNK: u64 = 1 << 20;
 pub const SYNC_HASH_BATCH: usize = 64;
 /// Largest frame body accepted: one batch of up to 32 MiB of payload plus headers.
 pub const MAX_FRAME: u32 = 40 << 20;
+/// What one record's header costs on the wire at most (bincode varints; for the window).
+pub const RECORD_HEADER_BYTES: u64 = 64;
 const KIND_CONTROL: u8 = 1;
 const KIND_RECORDS: u8 = 2;
 

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod nbd_client;
+pub mod relay;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -48,12 +49,18 @@ pub struct Served {
 
 impl Served {
     pub fn start(dir: &Path, env: &[(&str, &str)]) -> Served {
+        Served::start_with_args(dir, &[], env)
+    }
+
+    /// Like `start`, with more arguments for `run` (e.g. --metrics).
+    pub fn start_with_args(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Served {
         let socket = dir.with_extension("sock");
         let log = dir.with_extension(format!("log.{}", std::process::id()));
         let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         let mut command = Command::new(bin());
         command
             .args(["run", "--dir", dir.to_str().unwrap(), "--nbd", &format!("unix:{}", socket.display())])
+            .args(args)
             .stdout(Stdio::null())
             .stderr(log_file);
         for (key, value) in env {
@@ -135,3 +142,85 @@ pub fn qemu_io<S: AsRef<str>>(uri: &str, commands: &[S]) -> Output {
     }
     command.output().expect("run qemu-io")
 }
+
+pub fn fingerprint_line(output: &str) -> String {
+    output.lines().find(|l| l.starts_with("sha256:")).expect("fingerprint line").to_string()
+}
+
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub struct Applier {
+    pub child: Child,
+}
+
+impl Applier {
+    pub fn start(dir: &Path, port: u16) -> Applier {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.with_extension("log")).unwrap();
+        let child = Command::new(bin())
+            .args(["applier", "run", "--dir", dir.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !dir.join("control.sock").exists() {
+            assert!(Instant::now() < deadline, "applier did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Applier { child }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Applier {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn applier_status(dir: &Path) -> serde_json::Value {
+    let output = cli(&["applier", "status", "--dir", dir.to_str().unwrap(), "--json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+pub fn compare(a: &str, b: &str) -> bool {
+    let output = Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", a, b]).output().unwrap();
+    output.status.success()
+}
+
+
+/// Waits (bounded) until the mirror's initial synchronisation is complete.
+pub fn wait_consistent(volume: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while status_json(volume)["mirrors"][0]["consistent"] != true {
+        assert!(Instant::now() < deadline, "mirror never became consistent: {}", status_json(volume));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits (bounded) until the mirror has applied everything the volume journaled.
+pub fn wait_caught_up(volume: &Path) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let status = status_json(volume);
+        let last = status["volume"]["last_lsn"].as_u64().unwrap();
+        let mirror = &status["mirrors"][0];
+        if mirror["applied_lsn"].as_u64() == Some(last) && mirror["connected"] == true && mirror["consistent"] == true && last > 0 {
+            return status;
+        }
+        if Instant::now() >= deadline {
+            let log = std::fs::read_to_string(volume.parent().unwrap().join("applier.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(12).collect();
+            panic!("mirror did not catch up: {status}\napplier log (last lines, newest first):\n{}", tail.join("\n"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
