@@ -5,7 +5,7 @@
 set -euo pipefail
 # qemu-system-x86, busybox-static, cpio, xz-utils: the VM harness (ublk/vm/run) for hosts whose
 # kernel lacks ublk. Recommends are skipped: qemu-system-x86 would pull in a desktop's worth.
-packages=(build-essential pkg-config libclang-dev busybox-static cpio xz-utils fio e2fsprogs util-linux procps python3)
+packages=(build-essential pkg-config libclang-dev busybox-static cpio xz-utils fio e2fsprogs util-linux procps python3 systemd)
 qemu_packages=(qemu-utils qemu-system-x86)
 if [ "$(id -u)" -ne 0 ]; then
     echo "setup.sh: run as root (it calls apt-get install)" >&2

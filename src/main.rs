@@ -336,9 +336,23 @@ fn main() {
         Command::UninstallUnits(args) => uninstall_units(args),
     };
     if let Err(error) = result {
-        eprintln!("ublk-mirror: error: {error:#}");
+        eprintln!("ublk-mirror: error: {}", describe(&error));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes, like `{:#}`, but without repeating a cause that a message
+/// already quotes (errors that say "context: cause" and also report the cause as source).
+fn describe(error: &anyhow::Error) -> String {
+    let mut message = error.to_string();
+    for cause in error.chain().skip(1) {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+    }
+    message
 }
 
 fn mirror_wait(args: MirrorWaitArgs) -> Result<()> {
@@ -395,6 +409,8 @@ fn run(args: RunArgs) -> Result<()> {
     // The volume's file first: a bad [run] table must be reported before anything starts.
     let config = ublk_mirror::volume::VolumeConfig::load(&args.dir).with_context(|| format!("open volume {}", args.dir.display()))?;
     let settings = config.run.clone();
+    // So are the mirrors' files.
+    ublk_mirror::replication::mirror::list(&args.dir)?;
     let config_file = args.dir.join(ublk_mirror::volume::config::CONFIG_FILE);
     // Exports: the command line's --nbd/--ublk, if any, replace the configured ones.
     let (nbd, use_ublk) = if args.nbd.is_empty() && !args.ublk { (settings.nbd.clone(), settings.ublk) } else { (args.nbd.clone(), args.ublk) };

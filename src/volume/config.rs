@@ -185,7 +185,7 @@ const RUN_TABLE_EXAMPLE: &str = "
 # ublk_id = 0                                  # N of /dev/ublkbN (default: lowest free)
 # queues = 1                                   # ublk hardware queues (1..64)
 # depth = 128                                  # requests in flight per queue (1..4096)
-# metrics = \"127.0.0.1:9420\"                  # Prometheus text format at http://ADDR/metrics
+# metrics = \"127.0.0.1:9420\"                 # Prometheus text format at http://ADDR/metrics
 ";
 
 /// What survives restarts besides the journal: how far the backing store is known durable.
