@@ -6,12 +6,17 @@
 //! 2. The transport's ceiling for the same bytes between the same kind of endpoints: one raw
 //!    QUIC stream (same TLS and transport settings as the sender) and one plain TCP stream.
 //! 3. fio 4 KiB random writes at QD32 through NBD with one live mirror against the same
-//!    volume with none.
+//!    volume with none, and the time the mirror needs to catch up after that burst.
+//! 4. The 1 MiB backlog drained through the impairment relay (tests/common/relay.rs) at
+//!    50 ms RTT without loss, capped at BENCH_LINK_MBPS MB/s (default 50), against that
+//!    capacity.
 //! BENCH_SECONDS scales the fio runs (default 15). BENCH_ONLY=quic measures only the raw
-//! QUIC stream (for investigating the transport ceiling).
+//! QUIC stream (for investigating the transport ceiling), BENCH_ONLY=wan only row 4.
 
 use std::path::{Path, PathBuf};
 mod common;
+#[path = "../tests/common/relay.rs"]
+mod relay;
 
 use common::Daemon;
 use std::process::{Command, Stdio};
@@ -28,6 +33,18 @@ fn main() {
         println!("raw QUIC stream, 1 GiB: {:.0} MB/s", raw_quic(&base, 1 << 30));
         return;
     }
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("wan") {
+        let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-wan");
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        let link_mbps: u64 = std::env::var("BENCH_LINK_MBPS").ok().and_then(|s| s.parse().ok()).unwrap_or(50);
+        let link = relay::Impairment::wan(Duration::from_millis(50), 0.0, Some(link_mbps * 1_000_000));
+        let (bytes, _, secs) = backlog_drain(&base, "1m", 1 << 30, Some(link));
+        let rate = bytes as f64 / secs / 1e6;
+        println!("backlog drain, 1M writes, 50 ms RTT, {link_mbps} MB/s link: {rate:.1} MB/s ({:.2}x the link; {secs:.1} s)", rate / link_mbps as f64);
+        let _ = std::fs::remove_dir_all(&base);
+        return;
+    }
     let seconds: u64 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(15);
     let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-replication");
     let _ = std::fs::remove_dir_all(&base);
@@ -36,17 +53,25 @@ fn main() {
     let mut rows: Vec<(String, String)> = Vec::new();
 
     for (label, bs, total) in [("1M writes", "1m", 1u64 << 30), ("4K writes", "4k", 256u64 << 20)] {
-        let (bytes, records, secs) = backlog_drain(&base, bs, total);
+        let (bytes, records, secs) = backlog_drain(&base, bs, total, None);
         rows.push((format!("backlog drain, {label}, {} MiB", bytes >> 20), format!("{:.0} MB/s, {:.0} records/s ({secs:.1} s)", bytes as f64 / secs / 1e6, records as f64 / secs)));
     }
+    let link_mbps: u64 = std::env::var("BENCH_LINK_MBPS").ok().and_then(|s| s.parse().ok()).unwrap_or(50);
+    let link = relay::Impairment::wan(Duration::from_millis(50), 0.0, Some(link_mbps * 1_000_000));
+    let (bytes, _, secs) = backlog_drain(&base, "1m", 1 << 30, Some(link));
+    let rate = bytes as f64 / secs / 1e6;
+    rows.push((format!("backlog drain, 1M writes, 50 ms RTT, {link_mbps} MB/s link"), format!("{rate:.1} MB/s ({:.2}x the link; {secs:.1} s)", rate / link_mbps as f64)));
     let quic = raw_quic(&base, 1 << 30);
     rows.push(("raw QUIC stream, 1 GiB, 4 MiB writes".into(), format!("{quic:.0} MB/s")));
     let tcp = raw_tcp(1 << 30);
     rows.push(("plain TCP stream, 1 GiB".into(), format!("{tcp:.0} MB/s")));
-    let without = fio_iops(&base, false, seconds);
-    let with = fio_iops(&base, true, seconds);
+    let (without, _) = fio_iops(&base, false, seconds);
+    let (with, catch_up) = fio_iops(&base, true, seconds);
     rows.push((format!("NBD 4K randwrite QD32 {seconds}s, no mirror"), format!("{without:.0} IOPS")));
     rows.push((format!("NBD 4K randwrite QD32 {seconds}s, live mirror"), format!("{with:.0} IOPS ({:.2}x)", with / without)));
+    if let Some((records, secs)) = catch_up {
+        rows.push((format!("catch-up after the {seconds}s burst"), format!("{secs:.2} s ({records} records behind when the burst ended)")));
+    }
 
     println!();
     for (what, value) in &rows {
@@ -83,6 +108,13 @@ fn free_port() -> u16 {
 
 /// A volume with a mirror configured to an applier at a fresh port; returns (vdir, adir, port).
 fn mirrored_volume(base: &Path, name: &str, journal: &str) -> (PathBuf, PathBuf, u16) {
+    let port = free_port();
+    let (vdir, adir) = mirrored_volume_to(base, name, journal, &format!("127.0.0.1:{port}"));
+    (vdir, adir, port)
+}
+
+/// A volume whose mirror sends to `address` (the applier, or a relay in front of it).
+fn mirrored_volume_to(base: &Path, name: &str, journal: &str, address: &str) -> (PathBuf, PathBuf) {
     let vdir = base.join(format!("{name}-vol"));
     let adir = base.join(format!("{name}-applier"));
     let _ = std::fs::remove_dir_all(&vdir);
@@ -90,9 +122,8 @@ fn mirrored_volume(base: &Path, name: &str, journal: &str) -> (PathBuf, PathBuf,
     let volume_fp = fingerprint(&run(&["volume", "create", "--dir", vdir.to_str().unwrap(), "--name", "bench", "--size", "2G", "--journal-size", journal]));
     let applier_fp = fingerprint(&run(&["applier", "init", "--dir", adir.to_str().unwrap()]));
     run(&["applier", "allow", "--dir", adir.to_str().unwrap(), &volume_fp]);
-    let port = free_port();
-    run(&["mirror", "add", "--dir", vdir.to_str().unwrap(), "--to", &format!("127.0.0.1:{port}"), "--fingerprint", &applier_fp]);
-    (vdir, adir, port)
+    run(&["mirror", "add", "--dir", vdir.to_str().unwrap(), "--to", address, "--fingerprint", &applier_fp]);
+    (vdir, adir)
 }
 
 fn status(dir: &Path) -> serde_json::Value {
@@ -106,8 +137,14 @@ fn fio(uri: &str, rw: &str, bs: &str, extra: &[&str]) {
     assert!(status.success());
 }
 
-fn backlog_drain(base: &Path, bs: &str, total: u64) -> (u64, u64, f64) {
-    let (vdir, adir, port) = mirrored_volume(base, &format!("drain-{bs}"), "3G");
+/// Writes `total` bytes while the applier is down, then times the drain; through a relay
+/// with `link` impairments when given.
+fn backlog_drain(base: &Path, bs: &str, total: u64, link: Option<relay::Impairment>) -> (u64, u64, f64) {
+    let port = free_port();
+    let relay = link.map(|link| relay::Relay::start(format!("127.0.0.1:{port}").parse().unwrap(), link, relay::Impairment { rate: None, ..link }, 50));
+    let to = relay.as_ref().map_or(format!("127.0.0.1:{port}"), |r| r.address().to_string());
+    let name = if relay.is_some() { format!("wan-{bs}") } else { format!("drain-{bs}") };
+    let (vdir, adir) = mirrored_volume_to(base, &name, "3G", &to);
     let socket = base.join("drain.sock");
     let _ = std::fs::remove_file(&socket);
     let _volume = spawn(&["run", "--dir", vdir.to_str().unwrap(), "--nbd", &format!("unix:{}", socket.display())], &vdir.join("control.sock"));
@@ -138,7 +175,11 @@ fn backlog_drain(base: &Path, bs: &str, total: u64) -> (u64, u64, f64) {
         assert!(Instant::now() < deadline, "the backlog did not drain: {now}");
         std::thread::sleep(Duration::from_millis(20));
     }
-    (total, last - start_applied, started.elapsed().as_secs_f64())
+    let elapsed = started.elapsed().as_secs_f64();
+    if let Some(relay) = &relay {
+        eprintln!("relay: {:?}", relay.stats);
+    }
+    (total, last - start_applied, elapsed)
 }
 
 fn raw_quic(base: &Path, total: u64) -> f64 {
@@ -178,7 +219,7 @@ fn raw_quic(base: &Path, total: u64) -> f64 {
     let address = address_rx.recv().unwrap();
     let elapsed = runtime.block_on(async {
         let mut endpoint = tls::endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
-        endpoint.set_default_client_config(tls::client_config(&client_id, &server_id.fingerprint, std::time::Duration::from_secs(15)).unwrap());
+        endpoint.set_default_client_config(tls::client_config(&client_id, &server_id.fingerprint, std::time::Duration::from_secs(15), tls::Congestion::default()).unwrap());
         let connection = endpoint.connect(address, "applier").unwrap().await.unwrap();
         let (mut send, _recv) = connection.open_bi().await.unwrap();
         let chunk = vec![0x5au8; 4 << 20];
@@ -230,7 +271,9 @@ fn raw_tcp(total: u64) -> f64 {
     total as f64 / started.elapsed().as_secs_f64() / 1e6
 }
 
-fn fio_iops(base: &Path, mirrored: bool, seconds: u64) -> f64 {
+/// IOPS of the burst, and for a mirrored volume how many records the mirror was behind when
+/// it ended and how long it took to apply them.
+fn fio_iops(base: &Path, mirrored: bool, seconds: u64) -> (f64, Option<(u64, f64)>) {
     let name = if mirrored { "live" } else { "none" };
     let (vdir, adir, port) = mirrored_volume(base, name, "1G");
     if !mirrored {
@@ -240,5 +283,18 @@ fn fio_iops(base: &Path, mirrored: bool, seconds: u64) -> f64 {
     let socket = base.join(format!("{name}.sock"));
     let _ = std::fs::remove_file(&socket);
     let _volume = spawn(&["run", "--dir", vdir.to_str().unwrap(), "--nbd", &format!("unix:{}", socket.display())], &vdir.join("control.sock"));
-    common::fio(base, &format!("nbd+unix:///bench?socket={}", socket.display()), "randwrite", "4k", 32, seconds).iops
+    let iops = common::fio(base, &format!("nbd+unix:///bench?socket={}", socket.display()), "randwrite", "4k", 32, seconds).iops;
+    if !mirrored {
+        return (iops, None);
+    }
+    let ended = Instant::now();
+    let at_end = status(&vdir);
+    let last = at_end["volume"]["last_lsn"].as_u64().unwrap();
+    let behind = last - at_end["mirrors"][0]["applied_lsn"].as_u64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while status(&vdir)["mirrors"][0]["applied_lsn"].as_u64() != Some(last) {
+        assert!(Instant::now() < deadline, "the mirror did not catch up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (iops, Some((behind, ended.elapsed().as_secs_f64())))
 }

@@ -134,6 +134,24 @@ struct MirrorAddArgs {
     /// and re-established (1..600, default 15).
     #[arg(long, value_name = "SECONDS")]
     idle_timeout: Option<u64>,
+    /// Congestion control: bbr (default: keeps a lossy long path busy) or cubic (loss-based).
+    #[arg(long, value_enum)]
+    congestion: Option<CongestionArg>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CongestionArg {
+    Bbr,
+    Cubic,
+}
+
+impl From<CongestionArg> for ublk_mirror::replication::tls::Congestion {
+    fn from(value: CongestionArg) -> Self {
+        match value {
+            CongestionArg::Bbr => Self::Bbr,
+            CongestionArg::Cubic => Self::Cubic,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -597,6 +615,7 @@ fn mirror_add(args: MirrorAddArgs) -> Result<()> {
         fingerprint: args.fingerprint,
         max_rate: args.max_rate,
         idle_timeout: args.idle_timeout,
+        congestion: args.congestion.map(Into::into),
     };
     ublk_mirror::replication::mirror::add(&args.dir, &config).with_context(|| format!("add mirror to {}", args.dir.display()))?;
     println!("added mirror {} -> {} (starts with the next `run`)", config.name, config.address);

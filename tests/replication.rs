@@ -308,7 +308,7 @@ fn garbage_from_an_authenticated_client_leaves_the_replica_untouched() {
     for (what, bytes) in attacks {
         runtime.block_on(async {
             let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-            endpoint.set_default_client_config(tls::client_config(&identity, &applier_fp, std::time::Duration::from_secs(15)).unwrap());
+            endpoint.set_default_client_config(tls::client_config(&identity, &applier_fp, std::time::Duration::from_secs(15), tls::Congestion::default()).unwrap());
             let connection = endpoint.connect(format!("127.0.0.1:{port}").parse().unwrap(), "applier").unwrap().await.unwrap();
             let (mut send, mut recv) = connection.open_bi().await.unwrap();
             framing::write_control(&mut send, &wire::Control::Hello(hello.clone())).await.unwrap();

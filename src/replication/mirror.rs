@@ -24,6 +24,9 @@ pub struct MirrorConfig {
     /// dead and re-established (keep-alives are sent at a third of it). Default 15.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout: Option<u64>,
+    /// Congestion control of this mirror's connection: "bbr" (default) or "cubic".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub congestion: Option<super::tls::Congestion>,
 }
 
 pub const DEFAULT_IDLE_TIMEOUT_SECONDS: u64 = 15;
@@ -100,7 +103,7 @@ fn save(dir: &Path, config: &MirrorConfig) -> Result<(), MirrorError> {
     let text = format!(
         "# ublk-mirror mirror of this volume; written by `ublk-mirror mirror add`/`mirror set`.\n\
          # Keys: name, address (HOST:PORT), fingerprint (sha256:...), max_rate (bytes/s, e.g. \"50M\"),\n\
-         # idle_timeout (seconds). See docs/configuration.md.\n{}",
+         # idle_timeout (seconds), congestion (\"bbr\" or \"cubic\"). See docs/configuration.md.\n{}",
         toml::to_string_pretty(config).expect("mirror config serialises")
     );
     crate::fsutil::write_atomic(&path, text.as_bytes()).map_err(|source| MirrorError::Io { context: format!("write {}", path.display()), source })

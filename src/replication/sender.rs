@@ -242,7 +242,7 @@ impl Sender {
             .ok_or_else(|| LinkError::Protocol(format!("cannot resolve {}", self.config.address)))?;
         let local: SocketAddr = if address.is_ipv4() { "0.0.0.0:0".parse().expect("addr") } else { "[::]:0".parse().expect("addr") };
         let mut endpoint = tls::endpoint(local, None)?;
-        endpoint.set_default_client_config(tls::client_config(&identity, &self.config.fingerprint, self.config.idle_timeout())?);
+        endpoint.set_default_client_config(tls::client_config(&identity, &self.config.fingerprint, self.config.idle_timeout(), self.config.congestion.unwrap_or_default())?);
         let connection = endpoint.connect(address, "applier")?.await?;
         let (mut send, mut recv) = connection.open_bi().await?;
         let journal = self.volume.journal().clone();

@@ -129,11 +129,23 @@ impl ClientCertVerifier for AllowedClients {
     }
 }
 
+/// The congestion controller of the side that sends the data (the mirror's sender).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Congestion {
+    /// Paces at the measured bottleneck rate; random loss costs little. The default.
+    #[default]
+    Bbr,
+    /// Loss-based (halves on loss): gentler on shared links with deep buffers and no random
+    /// loss, collapses on lossy long paths.
+    Cubic,
+}
+
 /// Transport settings for a long-lived bulk stream: windows large enough for a WAN
 /// bandwidth-delay product, keep-alives so an idle mirror stays connected. The connection
 /// is declared dead after `idle_timeout` without a packet (QUIC uses the smaller of the two
 /// sides' values); keep-alives go out at a third of it so an idle link never hits it.
-fn transport(idle_timeout: Duration) -> Arc<quinn::TransportConfig> {
+fn transport(idle_timeout: Duration, congestion: Congestion) -> Arc<quinn::TransportConfig> {
     let mut transport = quinn::TransportConfig::default();
     transport.stream_receive_window(quinn::VarInt::from_u32(64 << 20));
     transport.receive_window(quinn::VarInt::from_u32(128 << 20));
@@ -142,14 +154,17 @@ fn transport(idle_timeout: Duration) -> Arc<quinn::TransportConfig> {
     // BBR paces to the measured bottleneck bandwidth instead of halving on every loss: a WAN
     // path with 1% random loss keeps most of its capacity (Cubic's rate falls to about
     // MSS/RTT * 1.2/sqrt(loss), a few hundred KB/s at 80 ms RTT).
-    transport.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+    match congestion {
+        Congestion::Bbr => transport.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default())),
+        Congestion::Cubic => transport.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default())),
+    };
     let millis = u32::try_from(idle_timeout.as_millis()).unwrap_or(u32::MAX);
     transport.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(millis))));
     Arc::new(transport)
 }
 
 /// The sender's side: present `identity`, accept only the applier whose fingerprint is pinned.
-pub fn client_config(identity: &Identity, applier_fingerprint: &str, idle_timeout: Duration) -> Result<quinn::ClientConfig, TlsError> {
+pub fn client_config(identity: &Identity, applier_fingerprint: &str, idle_timeout: Duration, congestion: Congestion) -> Result<quinn::ClientConfig, TlsError> {
     let provider = provider();
     let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -159,7 +174,7 @@ pub fn client_config(identity: &Identity, applier_fingerprint: &str, idle_timeou
     config.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(config).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-    client.transport_config(transport(idle_timeout));
+    client.transport_config(transport(idle_timeout, congestion));
     Ok(client)
 }
 
@@ -173,7 +188,7 @@ pub fn server_config(identity: &Identity, allowed: AllowList, idle_timeout: Dura
     config.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(config).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(transport(idle_timeout));
+    server.transport_config(transport(idle_timeout, Congestion::default()));
     Ok(server)
 }
 
@@ -218,7 +233,7 @@ mod tests {
             Some(())
         });
         let mut client_endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        client_endpoint.set_default_client_config(client_config(client, pin, Duration::from_secs(15)).unwrap());
+        client_endpoint.set_default_client_config(client_config(client, pin, Duration::from_secs(15), Congestion::default()).unwrap());
         let result = async {
             let connection = client_endpoint.connect(address, "applier").map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
             let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
