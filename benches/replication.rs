@@ -4,9 +4,12 @@
 //! 1. Backlog drain: a volume writes a backlog while its applier is down; then the applier
 //!    starts and we time until it has applied everything (1 MiB and 4 KiB writes).
 //! 2. The transport's ceiling for the same bytes between the same kind of endpoints: one raw
-//!    QUIC stream (same TLS and transport settings as the sender) and one plain TCP stream.
+//!    QUIC stream (same TLS and transport settings as the sender, receiver in a second
+//!    process) and one plain TCP stream; and the disk's durable sequential write rate.
 //! 3. fio 4 KiB random writes at QD32 through NBD with one live mirror against the same
-//!    volume with none, and the time the mirror needs to catch up after that burst.
+//!    volume with none, and the time the mirror needs to catch up after that burst; once
+//!    with the applier competing for this machine's CPUs, once at idle priority (SCHED_IDLE),
+//!    standing in for an applier on its own host.
 //! 4. The 1 MiB backlog drained through the impairment relay (tests/common/relay.rs) at
 //!    50 ms RTT without loss, capped at BENCH_LINK_MBPS MB/s (default 50), against that
 //!    capacity.
@@ -25,7 +28,14 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ublk-mirror");
 
+// The same allocator as the binary, so the in-process QUIC baseline runs like the sender.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
+    if let Ok(spec) = std::env::var("BENCH_QUIC_RECEIVER") {
+        return quic_receiver(&spec);
+    }
     if std::env::var("BENCH_ONLY").as_deref() == Ok("quic") {
         let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-quic");
         let _ = std::fs::remove_dir_all(&base);
@@ -62,16 +72,20 @@ fn main() {
     let rate = bytes as f64 / secs / 1e6;
     rows.push((format!("backlog drain, 1M writes, 50 ms RTT, {link_mbps} MB/s link"), format!("{rate:.1} MB/s ({:.2}x the link; {secs:.1} s)", rate / link_mbps as f64)));
     let quic = raw_quic(&base, 1 << 30);
-    rows.push(("raw QUIC stream, 1 GiB, 4 MiB writes".into(), format!("{quic:.0} MB/s")));
+    rows.push(("raw QUIC stream, 1 GiB, two processes".into(), format!("{quic:.0} MB/s")));
     let tcp = raw_tcp(1 << 30);
     rows.push(("plain TCP stream, 1 GiB".into(), format!("{tcp:.0} MB/s")));
-    let (without, _) = fio_iops(&base, false, seconds);
-    let (with, catch_up) = fio_iops(&base, true, seconds);
+    let (without, _) = fio_iops(&base, false, seconds, false);
     rows.push((format!("NBD 4K randwrite QD32 {seconds}s, no mirror"), format!("{without:.0} IOPS")));
-    rows.push((format!("NBD 4K randwrite QD32 {seconds}s, live mirror"), format!("{with:.0} IOPS ({:.2}x)", with / without)));
-    if let Some((records, secs)) = catch_up {
-        rows.push((format!("catch-up after the {seconds}s burst"), format!("{secs:.2} s ({records} records behind when the burst ended)")));
+    for (label, niced) in [("live mirror", false), ("live mirror, applier at idle priority", true)] {
+        let (with, catch_up) = fio_iops(&base, true, seconds, niced);
+        rows.push((format!("NBD 4K randwrite QD32 {seconds}s, {label}"), format!("{with:.0} IOPS ({:.2}x)", with / without)));
+        if let Some((records, secs)) = catch_up {
+            rows.push((format!("  catch-up after that burst"), format!("{secs:.2} s ({records} records behind when it ended)")));
+        }
     }
+    let disk = disk_write_rate(&base);
+    rows.push(("disk: 1 GiB buffered write + fdatasync".into(), format!("{disk:.0} MB/s (the applier writes every byte twice: journal, image)")));
 
     println!();
     for (what, value) in &rows {
@@ -126,6 +140,12 @@ fn mirrored_volume_to(base: &Path, name: &str, journal: &str, address: &str) -> 
     (vdir, adir)
 }
 
+/// Waits until the mirror applied everything journaled so far (`mirror wait` polls the
+/// control socket every 50 ms; cheaper than spawning `status` in a loop).
+fn mirror_wait(vdir: &Path) {
+    run(&["mirror", "wait", "--dir", vdir.to_str().unwrap(), "--timeout", "900"]);
+}
+
 fn status(dir: &Path) -> serde_json::Value {
     serde_json::from_str(&run(&["status", "--dir", dir.to_str().unwrap(), "--json"])).unwrap()
 }
@@ -166,15 +186,7 @@ fn backlog_drain(base: &Path, bs: &str, total: u64, link: Option<relay::Impairme
     let start_applied = before["mirrors"][0]["applied_lsn"].as_u64().unwrap_or(0);
     let started = Instant::now();
     let _applier = spawn(&["applier", "run", "--dir", adir.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")], &adir.join("control.sock"));
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let now = status(&vdir);
-        if now["mirrors"][0]["applied_lsn"].as_u64() == Some(last) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the backlog did not drain: {now}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    mirror_wait(&vdir);
     let elapsed = started.elapsed().as_secs_f64();
     if let Some(relay) = &relay {
         eprintln!("relay: {:?}", relay.stats);
@@ -182,7 +194,11 @@ fn backlog_drain(base: &Path, bs: &str, total: u64, link: Option<relay::Impairme
     (total, last - start_applied, elapsed)
 }
 
+/// The transport's ceiling: one QUIC stream with the sender's TLS and transport settings,
+/// sender in this process, receiver in a child process (this same bench binary, started with
+/// BENCH_QUIC_RECEIVER set), like the sender in `run` and the applier process.
 fn raw_quic(base: &Path, total: u64) -> f64 {
+    use std::io::BufRead;
     use ublk_mirror::replication::tls;
     let a = base.join("quic-a");
     let b = base.join("quic-b");
@@ -190,33 +206,15 @@ fn raw_quic(base: &Path, total: u64) -> f64 {
     ublk_mirror::identity::create(&b, "b").unwrap();
     let server_id = tls::Identity::load(&a).unwrap();
     let client_id = tls::Identity::load(&b).unwrap();
-    let client_fp = client_id.fingerprint.clone();
+    let mut receiver = Command::new(std::env::current_exe().unwrap())
+        .env("BENCH_QUIC_RECEIVER", format!("{}|{}|{total}", a.display(), client_id.fingerprint))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(receiver.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    let address: std::net::SocketAddr = line.trim().parse().expect("the receiver prints its address");
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    // The receiver runs in its own thread and runtime, like the applier process.
-    let server_config = tls::server_config(&server_id, Arc::new(move |fp: &str| fp == client_fp), std::time::Duration::from_secs(15)).unwrap();
-    let (address_tx, address_rx) = std::sync::mpsc::channel();
-    let receiver = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        runtime.block_on(async move {
-            let endpoint = tls::endpoint("127.0.0.1:0".parse().unwrap(), Some(server_config)).unwrap();
-            address_tx.send(endpoint.local_addr().unwrap()).unwrap();
-            let connection = endpoint.accept().await.unwrap().await.unwrap();
-            let (_send, mut recv) = connection.accept_bi().await.unwrap();
-            let mut received = 0u64;
-            while received < total {
-                match recv.read_chunk(4 << 20, true).await.unwrap() {
-                    Some(chunk) => received += chunk.bytes.len() as u64,
-                    None => break,
-                }
-            }
-            if std::env::var("BENCH_ONLY").as_deref() == Ok("quic") {
-                println!("receiver path: {:?}", connection.stats().path);
-                println!("receiver udp rx: {:?}", connection.stats().udp_rx);
-            }
-            connection.close(0u32.into(), b"done");
-        });
-    });
-    let address = address_rx.recv().unwrap();
     let elapsed = runtime.block_on(async {
         let mut endpoint = tls::endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
         endpoint.set_default_client_config(tls::client_config(&client_id, &server_id.fingerprint, std::time::Duration::from_secs(15), tls::Congestion::default()).unwrap());
@@ -230,6 +228,7 @@ fn raw_quic(base: &Path, total: u64) -> f64 {
             sent += chunk.len() as u64;
         }
         let stats_before_close = connection.stats();
+        // The receiver closes once it has read everything.
         connection.closed().await;
         if std::env::var("BENCH_ONLY").as_deref() == Ok("quic") {
             println!("sender path: {:?}", stats_before_close.path);
@@ -238,8 +237,54 @@ fn raw_quic(base: &Path, total: u64) -> f64 {
         }
         started.elapsed()
     });
-    receiver.join().unwrap();
+    receiver.wait().unwrap();
     total as f64 / elapsed.as_secs_f64() / 1e6
+}
+
+/// The receiving end of [`raw_quic`], run in the child process.
+fn quic_receiver(spec: &str) {
+    use ublk_mirror::replication::tls;
+    let mut parts = spec.split('|');
+    let (dir, client_fp, total) = (parts.next().unwrap(), parts.next().unwrap().to_string(), parts.next().unwrap().parse::<u64>().unwrap());
+    let server_id = tls::Identity::load(Path::new(dir)).unwrap();
+    let server_config = tls::server_config(&server_id, Arc::new(move |fp: &str| fp == client_fp), std::time::Duration::from_secs(15)).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async move {
+        let endpoint = tls::endpoint("127.0.0.1:0".parse().unwrap(), Some(server_config)).unwrap();
+        println!("{}", endpoint.local_addr().unwrap());
+        let connection = endpoint.accept().await.unwrap().await.unwrap();
+        let (_send, mut recv) = connection.accept_bi().await.unwrap();
+        let mut received = 0u64;
+        let mut buffer = vec![0u8; 4 << 20];
+        while received < total {
+            match recv.read(&mut buffer).await.unwrap() {
+                Some(n) => received += n as u64,
+                None => break,
+            }
+        }
+        if std::env::var("BENCH_ONLY").as_deref() == Ok("quic") {
+            eprintln!("receiver path: {:?}", connection.stats().path);
+            eprintln!("receiver udp rx: {:?}", connection.stats().udp_rx);
+        }
+        connection.close(0u32.into(), b"done");
+        endpoint.wait_idle().await;
+    });
+}
+
+/// What this disk gives a sequential buffered write made durable (the applier's pattern).
+fn disk_write_rate(base: &Path) -> f64 {
+    use std::io::Write;
+    let path = base.join("disk-rate");
+    let mut file = std::fs::File::create(&path).unwrap();
+    let chunk = vec![0x5au8; 4 << 20];
+    let started = Instant::now();
+    for _ in 0..256 {
+        file.write_all(&chunk).unwrap();
+    }
+    file.sync_data().unwrap();
+    let rate = (1u64 << 30) as f64 / started.elapsed().as_secs_f64() / 1e6;
+    let _ = std::fs::remove_file(&path);
+    rate
 }
 
 fn raw_tcp(total: u64) -> f64 {
@@ -273,16 +318,32 @@ fn raw_tcp(total: u64) -> f64 {
 
 /// IOPS of the burst, and for a mirrored volume how many records the mirror was behind when
 /// it ended and how long it took to apply them.
-fn fio_iops(base: &Path, mirrored: bool, seconds: u64) -> (f64, Option<(u64, f64)>) {
-    let name = if mirrored { "live" } else { "none" };
+fn fio_iops(base: &Path, mirrored: bool, seconds: u64, applier_niced: bool) -> (f64, Option<(u64, f64)>) {
+    let name = if applier_niced { "niced" } else if mirrored { "live" } else { "none" };
     let (vdir, adir, port) = mirrored_volume(base, name, "1G");
     if !mirrored {
         run(&["mirror", "remove", "--dir", vdir.to_str().unwrap()]);
     }
-    let _applier = mirrored.then(|| spawn(&["applier", "run", "--dir", adir.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")], &adir.join("control.sock")));
+    let _applier = mirrored.then(|| {
+        let applier = spawn(&["applier", "run", "--dir", adir.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")], &adir.join("control.sock"));
+        if applier_niced {
+            // Idle priority: the applier gets only what the source leaves, as on its own host.
+            let status = Command::new("chrt").args(["--idle", "0", "-a", "-p"]).arg(applier.0.id().to_string()).stdout(Stdio::null()).status().expect("chrt (util-linux)");
+            assert!(status.success());
+        }
+        applier
+    });
     let socket = base.join(format!("{name}.sock"));
     let _ = std::fs::remove_file(&socket);
     let _volume = spawn(&["run", "--dir", vdir.to_str().unwrap(), "--nbd", &format!("unix:{}", socket.display())], &vdir.join("control.sock"));
+    if mirrored {
+        // The burst starts once the new replica's initial synchronisation is over.
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while status(&vdir)["mirrors"][0]["consistent"] != true {
+            assert!(Instant::now() < deadline, "the initial synchronisation did not finish");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
     let iops = common::fio(base, &format!("nbd+unix:///bench?socket={}", socket.display()), "randwrite", "4k", 32, seconds).iops;
     if !mirrored {
         return (iops, None);
@@ -291,10 +352,6 @@ fn fio_iops(base: &Path, mirrored: bool, seconds: u64) -> (f64, Option<(u64, f64
     let at_end = status(&vdir);
     let last = at_end["volume"]["last_lsn"].as_u64().unwrap();
     let behind = last - at_end["mirrors"][0]["applied_lsn"].as_u64().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while status(&vdir)["mirrors"][0]["applied_lsn"].as_u64() != Some(last) {
-        assert!(Instant::now() < deadline, "the mirror did not catch up");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    mirror_wait(&vdir);
     (iops, Some((behind, ended.elapsed().as_secs_f64())))
 }

@@ -399,7 +399,7 @@ fn mirror_wait(args: MirrorWaitArgs) -> Result<()> {
         if std::time::Instant::now() >= deadline {
             bail!("timed out after {} s waiting for LSN {target}: {}", args.timeout, behind.join(", "));
         }
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
 
