@@ -64,28 +64,28 @@ fn main() {
 
     for (label, bs, total) in [("1M writes", "1m", 1u64 << 30), ("4K writes", "4k", 256u64 << 20)] {
         let (bytes, records, secs) = backlog_drain(&base, bs, total, None);
-        rows.push((format!("backlog drain, {label}, {} MiB", bytes >> 20), format!("{:.0} MB/s, {:.0} records/s ({secs:.1} s)", bytes as f64 / secs / 1e6, records as f64 / secs)));
+        add(&mut rows, (format!("backlog drain, {label}, {} MiB", bytes >> 20), format!("{:.0} MB/s, {:.0} records/s ({secs:.1} s)", bytes as f64 / secs / 1e6, records as f64 / secs)));
     }
     let link_mbps: u64 = std::env::var("BENCH_LINK_MBPS").ok().and_then(|s| s.parse().ok()).unwrap_or(50);
     let link = relay::Impairment::wan(Duration::from_millis(50), 0.0, Some(link_mbps * 1_000_000));
     let (bytes, _, secs) = backlog_drain(&base, "1m", 1 << 30, Some(link));
     let rate = bytes as f64 / secs / 1e6;
-    rows.push((format!("backlog drain, 1M writes, 50 ms RTT, {link_mbps} MB/s link"), format!("{rate:.1} MB/s ({:.2}x the link; {secs:.1} s)", rate / link_mbps as f64)));
+    add(&mut rows, (format!("backlog drain, 1M writes, 50 ms RTT, {link_mbps} MB/s link"), format!("{rate:.1} MB/s ({:.2}x the link; {secs:.1} s)", rate / link_mbps as f64)));
     let quic = raw_quic(&base, 1 << 30);
-    rows.push(("raw QUIC stream, 1 GiB, two processes".into(), format!("{quic:.0} MB/s")));
+    add(&mut rows, ("raw QUIC stream, 1 GiB, two processes".into(), format!("{quic:.0} MB/s")));
     let tcp = raw_tcp(1 << 30);
-    rows.push(("plain TCP stream, 1 GiB".into(), format!("{tcp:.0} MB/s")));
+    add(&mut rows, ("plain TCP stream, 1 GiB".into(), format!("{tcp:.0} MB/s")));
     let (without, _) = fio_iops(&base, false, seconds, false);
-    rows.push((format!("NBD 4K randwrite QD32 {seconds}s, no mirror"), format!("{without:.0} IOPS")));
+    add(&mut rows, (format!("NBD 4K randwrite QD32 {seconds}s, no mirror"), format!("{without:.0} IOPS")));
     for (label, niced) in [("live mirror", false), ("live mirror, applier at idle priority", true)] {
         let (with, catch_up) = fio_iops(&base, true, seconds, niced);
-        rows.push((format!("NBD 4K randwrite QD32 {seconds}s, {label}"), format!("{with:.0} IOPS ({:.2}x)", with / without)));
+        add(&mut rows, (format!("NBD 4K randwrite QD32 {seconds}s, {label}"), format!("{with:.0} IOPS ({:.2}x)", with / without)));
         if let Some((records, secs)) = catch_up {
-            rows.push((format!("  catch-up after that burst"), format!("{secs:.2} s ({records} records behind when it ended)")));
+            add(&mut rows, (format!("  catch-up after that burst"), format!("{secs:.2} s ({records} records behind when it ended)")));
         }
     }
     let disk = disk_write_rate(&base);
-    rows.push(("disk: 1 GiB buffered write + fdatasync".into(), format!("{disk:.0} MB/s (the applier writes every byte twice: journal, image)")));
+    add(&mut rows, ("disk: 1 GiB buffered write + fdatasync".into(), format!("{disk:.0} MB/s (the applier writes every byte twice: journal, image)")));
 
     println!();
     for (what, value) in &rows {
@@ -94,6 +94,12 @@ fn main() {
     println!();
     println!("targets: backlog drain >= 0.9x the raw QUIC stream; IOPS with a live mirror >= 0.9x without");
     let _ = std::fs::remove_dir_all(&base);
+}
+
+/// Adds a row to the final table and shows it at once (a later failure keeps what was measured).
+fn add(rows: &mut Vec<(String, String)>, row: (String, String)) {
+    eprintln!("{:<48} {}", row.0, row.1);
+    rows.push(row);
 }
 
 fn run(args: &[&str]) -> String {
@@ -328,7 +334,7 @@ fn fio_iops(base: &Path, mirrored: bool, seconds: u64, applier_niced: bool) -> (
         let applier = spawn(&["applier", "run", "--dir", adir.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")], &adir.join("control.sock"));
         if applier_niced {
             // Idle priority: the applier gets only what the source leaves, as on its own host.
-            let status = Command::new("chrt").args(["--idle", "0", "-a", "-p"]).arg(applier.0.id().to_string()).stdout(Stdio::null()).status().expect("chrt (util-linux)");
+            let status = Command::new("chrt").args(["--all-tasks", "--idle", "--pid", "0"]).arg(applier.0.id().to_string()).stdout(Stdio::null()).status().expect("chrt (util-linux)");
             assert!(status.success());
         }
         applier

@@ -18,6 +18,12 @@ pub const IDENTITY_DIR: &str = "identity";
 pub const ALLOWED_FILE: &str = "allowed";
 pub const REPLICAS_DIR: &str = "replicas";
 pub const CONTROL_SOCKET: &str = "control.sock";
+/// The image is made durable (and `applied` acknowledged) after this many applied records
+/// or bytes...
+const CHECKPOINT_RECORDS: u64 = 16384;
+const CHECKPOINT_BYTES: u64 = 64 << 20;
+/// ...or this long after the first record applied since the last checkpoint.
+const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Creates an applier directory with its identity; returns the certificate fingerprint.
 pub fn init(dir: &Path) -> Result<String, LinkError> {
@@ -213,7 +219,7 @@ impl Applier {
             write_control(&mut send, &Control::Refused(refusal.clone())).await?;
             return Err(LinkError::Refused(refusal));
         }
-        let result = self.stream(&name, &replica, &mut send, &mut recv).await;
+        let result = self.stream(&name, &replica, &mut send, recv).await;
         if let Some(slot) = lock(&self.replicas).get_mut(&name) {
             slot.connected = false;
         }
@@ -242,46 +248,113 @@ impl Applier {
         Ok(replica)
     }
 
-    async fn stream(&self, name: &str, replica: &Arc<Mutex<Replica>>, send: &mut quinn::SendStream, recv: &mut quinn::RecvStream) -> Result<(), LinkError> {
+    async fn stream(&self, name: &str, replica: &Arc<Mutex<Replica>>, send: &mut quinn::SendStream, mut recv: quinn::RecvStream) -> Result<(), LinkError> {
         let (received_lsn, applied_lsn, consistent, needs_sync, consistent_lsn) = {
             let r = lock(replica);
             (r.received_lsn(), r.applied_lsn(), r.state().consistent, r.state().needs_sync(), r.state().consistent_lsn)
         };
         write_control(send, &Control::Welcome { received_lsn, applied_lsn, consistent, needs_sync, consistent_lsn }).await?;
         tracing::info!(volume = %name, received_lsn, applied_lsn, consistent, needs_sync, "source connected");
-        while let Some(frame) = read_frame(recv).await? {
+        // Frames are read by their own task, so the next batch crosses the network while this
+        // one is made durable and applied. A frame that fails to decode ends the reader, and
+        // with it this loop, before anything of it reaches the replica.
+        let (frames_in, mut frames) = tokio::sync::mpsc::channel::<Frame>(2);
+        let reader = tokio::spawn(async move {
+            while let Some(frame) = read_frame(&mut recv).await? {
+                if frames_in.send(frame).await.is_err() {
+                    break;
+                }
+            }
+            Ok::<(), LinkError>(())
+        });
+        let result = self.process(name, replica, send, &mut frames).await;
+        drop(frames);
+        // Whatever was applied is made durable (and acknowledged, if the source still listens).
+        let applied = blocking(replica, |r| r.checkpoint()).await;
+        if result.is_ok() {
+            if let Ok(applied) = applied {
+                let received = lock(replica).received_lsn();
+                let _ = write_control(send, &Control::Ack { received_lsn: received, applied_lsn: applied }).await;
+            }
+        }
+        result?;
+        applied?;
+        reader.await.map_err(|e| LinkError::Protocol(e.to_string()))?
+    }
+
+    /// Handles frames until the reader stops. Records become durable in the replica's journal
+    /// and are acknowledged as `received` batch by batch; they are applied to the image at once
+    /// but made durable there (an image sync, `applied` acknowledged) only every
+    /// [`CHECKPOINT_RECORDS`] records, [`CHECKPOINT_BYTES`] or [`CHECKPOINT_INTERVAL`], which spares an image sync
+    /// and a state-file replace per batch.
+    async fn process(&self, name: &str, replica: &Arc<Mutex<Replica>>, send: &mut quinn::SendStream, frames: &mut tokio::sync::mpsc::Receiver<Frame>) -> Result<(), LinkError> {
+        let mut checkpoint_due: Option<tokio::time::Instant> = None;
+        loop {
+            let frame = match checkpoint_due {
+                Some(due) => tokio::select! {
+                    frame = frames.recv() => frame,
+                    _ = tokio::time::sleep_until(due) => {
+                        self.checkpoint(replica, send).await?;
+                        checkpoint_due = None;
+                        continue;
+                    }
+                },
+                None => frames.recv().await,
+            };
+            let Some(frame) = frame else { return Ok(()) };
             let records = match frame {
                 Frame::Records(records) => records,
-                Frame::Control(Control::SyncStart { base_lsn }) => {
-                    tracing::info!(volume = %name, base_lsn, "initial synchronisation started");
-                    blocking(replica, |r| r.sync_start()).await?;
+                Frame::Control(control) => {
+                    // Synchronisation steps start from a durable image.
+                    if checkpoint_due.take().is_some() {
+                        self.checkpoint(replica, send).await?;
+                    }
+                    self.control(name, replica, send, control).await?;
                     continue;
                 }
-                Frame::Control(Control::SyncHashes { first_chunk, hashes }) => {
-                    let differ = blocking(replica, move |r| r.differing_chunks(first_chunk, &hashes)).await?;
-                    write_control(send, &Control::SyncDiffer { first_chunk, differ }).await?;
-                    continue;
-                }
-                Frame::Control(Control::SyncChunk { chunk, zero, data }) => {
-                    blocking(replica, move |r| r.write_chunk(chunk, zero, &data)).await?;
-                    continue;
-                }
-                Frame::Control(Control::SyncDone { base_lsn, consistent_lsn }) => {
-                    blocking(replica, move |r| r.sync_done(base_lsn, consistent_lsn)).await?;
-                    tracing::info!(volume = %name, base_lsn, consistent_lsn, "initial synchronisation copied; replaying the journal");
-                    write_control(send, &Control::Ack { received_lsn: base_lsn, applied_lsn: base_lsn }).await?;
-                    continue;
-                }
-                Frame::Control(other) => return Err(LinkError::Protocol(format!("unexpected {other:?} during streaming"))),
             };
             // Durable in our journal first (the source may trim up to it), then applied.
-            let received = blocking(replica, move |r| r.receive(&records)).await?;
-            let applied = lock(replica).applied_lsn();
+            let (received, applied, unsynced) = blocking(replica, move |r| {
+                let received = r.receive(&records)?;
+                r.apply_unsynced()?;
+                Ok((received, r.applied_lsn(), r.unsynced()))
+            })
+            .await?;
             write_control(send, &Control::Ack { received_lsn: received, applied_lsn: applied }).await?;
-            let applied = blocking(replica, |r| r.apply()).await?;
-            write_control(send, &Control::Ack { received_lsn: received, applied_lsn: applied }).await?;
+            let (unsynced_records, unsynced_bytes) = unsynced;
+            if unsynced_records >= CHECKPOINT_RECORDS || unsynced_bytes >= CHECKPOINT_BYTES {
+                self.checkpoint(replica, send).await?;
+                checkpoint_due = None;
+            } else if unsynced_records > 0 && checkpoint_due.is_none() {
+                checkpoint_due = Some(tokio::time::Instant::now() + CHECKPOINT_INTERVAL);
+            }
         }
-        Ok(())
+    }
+
+    async fn checkpoint(&self, replica: &Arc<Mutex<Replica>>, send: &mut quinn::SendStream) -> Result<(), LinkError> {
+        let applied = blocking(replica, |r| r.checkpoint()).await?;
+        let received = lock(replica).received_lsn();
+        write_control(send, &Control::Ack { received_lsn: received, applied_lsn: applied }).await
+    }
+
+    async fn control(&self, name: &str, replica: &Arc<Mutex<Replica>>, send: &mut quinn::SendStream, control: Control) -> Result<(), LinkError> {
+        match control {
+            Control::SyncStart { base_lsn } => {
+                tracing::info!(volume = %name, base_lsn, "initial synchronisation started");
+                blocking(replica, |r| r.sync_start()).await
+            }
+            Control::SyncHashes { first_chunk, hashes } => {
+                let differ = blocking(replica, move |r| r.differing_chunks(first_chunk, &hashes)).await?;
+                write_control(send, &Control::SyncDiffer { first_chunk, differ }).await
+            }
+            Control::SyncChunk { chunk, zero, data } => blocking(replica, move |r| r.write_chunk(chunk, zero, &data)).await,
+            Control::SyncDone { base_lsn, consistent_lsn } => {
+                blocking(replica, move |r| r.sync_done(base_lsn, consistent_lsn)).await?;
+                tracing::info!(volume = %name, base_lsn, consistent_lsn, "initial synchronisation copied; replaying the journal");
+                write_control(send, &Control::Ack { received_lsn: base_lsn, applied_lsn: base_lsn }).await
+            }
+            other => Err(LinkError::Protocol(format!("unexpected {other:?} during streaming"))),
+        }
     }
 
     pub fn status(&self) -> ApplierStatus {

@@ -100,6 +100,10 @@ pub struct Replica {
     journal: Arc<Journal>,
     writer: JournalWriter,
     counters: ReplicaCounters,
+    /// Applied to the image but not yet made durable there (`state.applied_lsn` is durable).
+    applied_unsynced: u64,
+    /// Payload bytes applied since the last checkpoint.
+    unsynced_bytes: u64,
 }
 
 /// Journal sizing for replicas: room for bursts while the image catches up.
@@ -169,7 +173,8 @@ impl Replica {
                 (journal, writer)
             }
         };
-        let mut replica = Replica { dir: dir.to_path_buf(), state, image, journal, writer, counters: ReplicaCounters::default() };
+        let applied_unsynced = state.applied_lsn;
+        let mut replica = Replica { dir: dir.to_path_buf(), state, image, journal, writer, counters: ReplicaCounters::default(), applied_unsynced, unsynced_bytes: 0 };
         replica.apply()?;
         Ok(replica)
     }
@@ -250,25 +255,49 @@ impl Replica {
     /// Applies every received record not yet applied, in LSN order, makes the image durable,
     /// advances `applied`, and trims the journal. Returns the applied LSN.
     pub fn apply(&mut self) -> Result<u64, ReplicaError> {
+        self.apply_unsynced()?;
+        self.checkpoint()
+    }
+
+    /// Writes every received record not yet applied to the image, in LSN order, without
+    /// making the image durable: `applied` does not move until [`Replica::checkpoint`]. (A crash
+    /// meanwhile redoes them from the journal, which keeps them until then.) Returns the LSN
+    /// applied so far.
+    pub fn apply_unsynced(&mut self) -> Result<u64, ReplicaError> {
         let target = self.received_lsn();
-        if self.state.applied_lsn >= target {
-            return Ok(self.state.applied_lsn);
+        if self.applied_unsynced >= target {
+            return Ok(self.applied_unsynced);
         }
         let is_device = crate::fsutil::is_block_device(&self.image).unwrap_or(false);
-        let mut reader = JournalReader::new(self.journal.clone(), self.state.applied_lsn + 1)?;
-        let mut applied = self.state.applied_lsn;
+        let mut reader = JournalReader::new(self.journal.clone(), self.applied_unsynced + 1)?;
         while let Some(record) = reader.next_record()? {
             let h = record.header;
             crate::journal::apply_record(&self.image, is_device, h.kind, h.offset, h.length, &record.payload).map_err(io(format!("apply LSN {} to {}", h.lsn, self.state.image.display())))?;
-            applied = h.lsn;
+            self.applied_unsynced = h.lsn;
+            self.unsynced_bytes += record.payload.len() as u64;
             self.counters.records_applied += 1;
         }
+        Ok(self.applied_unsynced)
+    }
+
+    /// Records and payload bytes applied but not yet durable in the image.
+    pub fn unsynced(&self) -> (u64, u64) {
+        (self.applied_unsynced - self.state.applied_lsn, self.unsynced_bytes)
+    }
+
+    /// Makes what [`Replica::apply_unsynced`] wrote durable: image sync, `applied` advanced
+    /// and saved, journal trimmed. Returns the applied LSN.
+    pub fn checkpoint(&mut self) -> Result<u64, ReplicaError> {
+        if self.applied_unsynced <= self.state.applied_lsn {
+            return Ok(self.state.applied_lsn);
+        }
         self.image.sync_data().map_err(io(format!("sync {}", self.state.image.display())))?;
-        self.state.applied_lsn = applied;
+        self.state.applied_lsn = self.applied_unsynced;
+        self.unsynced_bytes = 0;
         self.settle_consistency();
         self.state.save(&self.dir)?;
-        self.journal.trim_through(applied)?;
-        Ok(applied)
+        self.journal.trim_through(self.state.applied_lsn)?;
+        Ok(self.state.applied_lsn)
     }
 }
 
@@ -304,6 +333,7 @@ impl Replica {
 
     /// A synchronisation begins: the image stops being a consistent state of the source.
     pub fn sync_start(&mut self) -> Result<(), ReplicaError> {
+        self.checkpoint()?;
         self.state.consistent = false;
         self.state.consistent_lsn = None;
         self.state.save(&self.dir)
@@ -359,6 +389,7 @@ impl Replica {
         }
         self.image.sync_all().map_err(io(format!("sync {}", self.state.image.display())))?;
         self.state.applied_lsn = base_lsn;
+        self.applied_unsynced = base_lsn;
         self.state.consistent_lsn = Some(consistent_lsn);
         self.settle_consistency();
         // State first: `open` repairs a journal that is behind the state or missing.

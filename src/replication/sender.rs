@@ -185,10 +185,18 @@ struct Sender {
     rate: Arc<AtomicU64>,
 }
 
-/// A record sent and not yet applied: for the window.
+/// A record sent on this connection.
+#[derive(Clone, Copy)]
 struct InFlight {
     lsn: u64,
     bytes: u64,
+}
+
+/// Records sent and not yet received (the window) or not yet applied (for throughput).
+#[derive(Default)]
+struct Flight {
+    received: VecDeque<InFlight>,
+    unapplied: VecDeque<InFlight>,
 }
 
 impl Sender {
@@ -289,7 +297,7 @@ impl Sender {
         } else {
             self.acknowledged(received, applied);
         }
-        let in_flight: Arc<Mutex<VecDeque<InFlight>>> = Arc::new(Mutex::new(VecDeque::new()));
+        let in_flight: Arc<Mutex<Flight>> = Arc::default();
         let acks = {
             let sender = self.clone();
             let in_flight = in_flight.clone();
@@ -298,11 +306,16 @@ impl Sender {
                 loop {
                     match read_frame(&mut recv).await? {
                         Some(Frame::Control(Control::Ack { received_lsn, applied_lsn })) => {
+                            // The window closes on `received` (durable at the applier); applied
+                            // bytes are counted for the throughput.
                             let done: u64 = {
                                 let mut flight = lock(&in_flight);
-                                let before: u64 = flight.iter().map(|r| r.bytes).sum();
-                                flight.retain(|r| r.lsn > applied_lsn);
-                                before - flight.iter().map(|r| r.bytes).sum::<u64>()
+                                flight.received.retain(|r| r.lsn > received_lsn);
+                                let mut done = 0;
+                                while flight.unapplied.front().is_some_and(|r| r.lsn <= applied_lsn) {
+                                    done += flight.unapplied.pop_front().map_or(0, |r| r.bytes);
+                                }
+                                done
                             };
                             lock(&sender.status).applied_bytes += done;
                             sender.acknowledged(received_lsn, applied_lsn);
@@ -336,7 +349,7 @@ impl Sender {
                 };
             }
             // Headers count too: a window of tiny records must stay bounded.
-            let unacked: u64 = lock(&in_flight).iter().map(|r| r.bytes + wire::RECORD_HEADER_BYTES).sum();
+            let unacked: u64 = lock(&in_flight).received.iter().map(|r| r.bytes + wire::RECORD_HEADER_BYTES).sum();
             let mut batch = Vec::new();
             let mut bytes = 0usize;
             let batch_bytes = limiter.batch_limit(BATCH_BYTES);
@@ -364,7 +377,9 @@ impl Sender {
             {
                 let mut flight = lock(&in_flight);
                 for record in &batch {
-                    flight.push_back(InFlight { lsn: record.header.lsn, bytes: record.payload.len() as u64 });
+                    let sent = InFlight { lsn: record.header.lsn, bytes: record.payload.len() as u64 };
+                    flight.received.push_back(sent);
+                    flight.unapplied.push_back(sent);
                 }
             }
             let mut status = lock(&self.status);
