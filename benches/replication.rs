@@ -187,17 +187,33 @@ fn backlog_drain(base: &Path, bs: &str, total: u64, link: Option<relay::Impairme
     // The backlog: written while no applier listens.
     let rw = if bs == "1m" { "write" } else { "randwrite" };
     fio(&format!("nbd+unix:///bench?socket={}", socket.display()), rw, bs, &["--size=2g", &format!("--io_size={total}")]);
-    let before = status(&vdir);
-    let last = before["volume"]["last_lsn"].as_u64().unwrap();
-    let start_applied = before["mirrors"][0]["applied_lsn"].as_u64().unwrap_or(0);
-    let started = Instant::now();
+    let last = status(&vdir)["volume"]["last_lsn"].as_u64().unwrap();
     let _applier = spawn(&["applier", "run", "--dir", adir.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")], &adir.join("control.sock"));
+    // The clock starts when the sender is connected (its reconnect backoff, up to 5 s while
+    // the applier was down, is not the drain's speed); records applied by then are not counted.
+    let socket = vdir.join("control.sock");
+    let connected = loop {
+        let now = control_status(&socket);
+        if now["mirrors"][0]["connected"] == true {
+            break now;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let started = Instant::now();
+    let start_applied = connected["mirrors"][0]["applied_lsn"].as_u64().unwrap_or(0);
     mirror_wait(&vdir);
     let elapsed = started.elapsed().as_secs_f64();
     if let Some(relay) = &relay {
         eprintln!("relay: {:?}", relay.stats);
     }
-    (total, last - start_applied, elapsed)
+    let records = last - start_applied;
+    let record_bytes = if bs == "1m" { 1 << 20 } else { 4096 };
+    (records * record_bytes, records, elapsed)
+}
+
+/// Status through the control socket (cheap enough to poll every few milliseconds).
+fn control_status(socket: &Path) -> serde_json::Value {
+    ublk_mirror::control::request(socket, "status").expect("status from the running volume")
 }
 
 /// The transport's ceiling: one QUIC stream with the sender's TLS and transport settings,

@@ -179,3 +179,21 @@ pub fn enlarge_socket_buffers(socket: &impl std::os::fd::AsRawFd, bytes: usize) 
         }
     }
 }
+
+/// True when `file` holds no data in `offset..offset + length` (a hole: reads as zeros),
+/// found with SEEK_DATA without reading. False when unsure (block devices, file systems
+/// without SEEK_DATA): the caller then reads.
+pub fn is_hole(file: &File, offset: u64, length: u64) -> bool {
+    match rustix::fs::seek(file, rustix::fs::SeekFrom::Data(offset as i64)) {
+        Ok(next_data) => next_data >= offset.saturating_add(length),
+        // No data at or after `offset`.
+        Err(rustix::io::Errno::NXIO) => true,
+        Err(_) => false,
+    }
+}
+
+/// Tells the kernel the range will not be read again soon (a bulk scan such as an initial
+/// synchronisation), so it does not crowd the page cache. Dirty pages stay. Best effort.
+pub fn drop_from_cache(file: &File, offset: u64, length: u64) {
+    let _ = rustix::fs::fadvise(file, offset, length, rustix::fs::Advice::DontNeed);
+}

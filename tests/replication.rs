@@ -99,8 +99,9 @@ fn replica_equals_source_and_survives_an_applier_kill() {
     assert!(status["mirrors"][0]["reconnects"].as_u64().unwrap() >= 1);
     assert!(compare(&uri, replica.to_str().unwrap()), "replica differs after the applier restart");
     let duplicated = applier_status(&adir)["replicas"][0]["records_duplicated"].as_u64().unwrap();
-    // Records sent twice stay within the unacknowledged window (64 MiB of 64 KiB writes).
-    assert!(duplicated <= 1024, "{duplicated} records resent");
+    // Records sent twice stay within the unacknowledged window: 16 MiB holds 255 records of
+    // 64 KiB plus their headers (one more may top it up).
+    assert!(duplicated <= 256, "{duplicated} records resent");
     drop(served);
 }
 

@@ -346,11 +346,19 @@ impl Replica {
         }
         let mut buffer = vec![0u8; SYNC_CHUNK as usize];
         let mut differ = Vec::new();
+        let is_device = crate::fsutil::is_block_device(&self.image).unwrap_or(false);
         for (index, hash) in hashes.iter().enumerate() {
             let chunk = first_chunk.checked_add(index as u64).ok_or_else(|| ReplicaError::Rejected("chunk index overflows".into()))?;
             let (offset, length) = self.chunk_range(chunk)?;
-            self.image.read_exact_at(&mut buffer[..length], offset).map_err(io(format!("read {}", self.state.image.display())))?;
-            if blake3::hash(&buffer[..length]).as_bytes() != hash {
+            // A hole is zeros: hashed without reading (nor filling the page cache with it).
+            let ours = if !is_device && crate::fsutil::is_hole(&self.image, offset, length as u64) {
+                super::sender::zero_hash(length)
+            } else {
+                self.image.read_exact_at(&mut buffer[..length], offset).map_err(io(format!("read {}", self.state.image.display())))?;
+                crate::fsutil::drop_from_cache(&self.image, offset, length as u64);
+                *blake3::hash(&buffer[..length]).as_bytes()
+            };
+            if &ours != hash {
                 differ.push(chunk);
             }
         }

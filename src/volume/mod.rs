@@ -472,6 +472,27 @@ impl Volume {
         Ok(())
     }
 
+    /// Reads device bytes for a bulk scan (an initial synchronisation): a range that is a hole
+    /// in the backing store with nothing pending over it is reported as zeros without being
+    /// read (returns true, `buf` zeroed), and what is read is dropped from the page cache
+    /// afterwards. Either way the result equals [`Volume::read`]'s. (Reading holes would fill
+    /// the page cache with zero pages that make later small writes to them expensive.)
+    pub fn read_for_scan(&self, offset: u64, buf: &mut [u8]) -> Result<bool, VolumeError> {
+        self.check_range(offset, buf.len() as u64)?;
+        let length = buf.len() as u64;
+        // Overlays first, as in `read`: a record applied after this look is in the backing
+        // store by the time SEEK_DATA looks.
+        let overlays = lock(&self.shared.index).overlays(offset, length);
+        if overlays.is_empty() && !self.shared.backing_is_device && crate::fsutil::is_hole(&self.shared.backing, offset, length) {
+            buf.fill(0);
+            return Ok(true);
+        }
+        self.shared.backing.read_exact_at(buf, offset).map_err(io_context("read backing store"))?;
+        crate::fsutil::drop_from_cache(&self.shared.backing, offset, length);
+        apply_overlays(buf, offset, &overlays);
+        Ok(false)
+    }
+
     /// Queues a write-side request; `completion` runs once it is done (on the writer thread).
     pub fn submit(&self, op: WriteOp, completion: Completion) {
         if let Some((offset, length)) = op.range() {
