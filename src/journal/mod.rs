@@ -750,6 +750,57 @@ struct OpenSegment {
     header: SegmentHeader,
     first_lsn: u64,
     position: u64,
+    /// Read-ahead: bytes of the file from `ahead_start`, so small records cost no syscall each.
+    ahead: Vec<u8>,
+    ahead_start: u64,
+}
+
+/// Bytes read ahead at a time.
+const READ_AHEAD: usize = 1 << 20;
+
+impl OpenSegment {
+    /// The record at `position`, from the read-ahead buffer when it holds a valid one there,
+    /// else from the file (refilling the buffer). Bytes read ahead past the journal's written
+    /// end at the time (zeros, or a recycled file's old records, which fail the salted CRC)
+    /// are never trusted: a record that does not verify in the buffer is read again from the
+    /// file, which is what decides.
+    fn record_at(&mut self, position: u64) -> Result<Option<Record>, JournalError> {
+        if let Some(record) = self.buffered_record(position) {
+            return Ok(Some(record));
+        }
+        let length = READ_AHEAD.min((self.header.segment_size.saturating_sub(position)) as usize);
+        if length < RECORD_HEADER_SIZE {
+            return Ok(None);
+        }
+        self.ahead.resize(length, 0);
+        let mut filled = 0;
+        // A short read ends at the file's end (only in a file being extended; segments are
+        // allocated full size).
+        while filled < length {
+            match self.file.read_at(&mut self.ahead[filled..], position + filled as u64) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) => return Err(io_error("read journal segment")(error)),
+            }
+        }
+        self.ahead.truncate(filled);
+        self.ahead_start = position;
+        if let Some(record) = self.buffered_record(position) {
+            return Ok(Some(record));
+        }
+        // A record larger than the read-ahead: read it directly.
+        read_record(&self.file, &self.header, position)
+    }
+
+    fn buffered_record(&self, position: u64) -> Option<Record> {
+        let offset = position.checked_sub(self.ahead_start)? as usize;
+        let head: &[u8; RECORD_HEADER_SIZE] = self.ahead.get(offset..offset + RECORD_HEADER_SIZE)?.try_into().ok()?;
+        let record_header = format::decode_header(head, self.header.segment_size - position).ok()?;
+        let payload = self.ahead.get(offset + RECORD_HEADER_SIZE..offset + RECORD_HEADER_SIZE + record_header.payload_len as usize)?;
+        format::verify_record(head, payload, self.header.salt).ok()?;
+        Some(Record { header: record_header, payload: payload.to_vec() })
+    }
 }
 
 impl JournalReader {
@@ -773,7 +824,12 @@ impl JournalReader {
                 self.segment = Some(open_segment_at(&path, first_lsn, self.next_lsn)?);
             }
             let segment = self.segment.as_mut().expect("opened above");
-            match read_record(&segment.file, &segment.header, segment.position)? {
+            let position = segment.position;
+            // Read ahead only while well behind the writer: a reader tailing the journal
+            // would otherwise fetch a megabyte per record, mostly not yet written.
+            let catching_up = self.journal.written_lsn().saturating_sub(self.next_lsn) >= 16;
+            let found = if catching_up { segment.record_at(position)? } else { read_record(&segment.file, &segment.header, position)? };
+            match found {
                 Some(record) if record.header.lsn == self.next_lsn => {
                     segment.position += align_up(record.header.encoded_len() as u64, RECORD_ALIGN);
                     self.next_lsn += 1;
@@ -809,9 +865,10 @@ fn open_segment_at(path: &Path, first_lsn: u64, lsn: u64) -> Result<OpenSegment,
     let mut block = vec![0u8; BLOCK_SIZE];
     file.read_exact_at(&mut block, 0).map_err(io_error(format!("read header of {}", path.display())))?;
     let header = SegmentHeader::decode(&block).map_err(|problem| JournalError::Corrupt(format!("{}: {problem}", path.display())))?;
-    let mut segment = OpenSegment { file, header, first_lsn, position: SEGMENT_HEADER_SIZE };
+    let mut segment = OpenSegment { file, header, first_lsn, position: SEGMENT_HEADER_SIZE, ahead: Vec::new(), ahead_start: 0 };
     while first_lsn < lsn {
-        match read_record(&segment.file, &segment.header, segment.position)? {
+        let position = segment.position;
+        match segment.record_at(position)? {
             Some(record) if record.header.lsn < lsn => {
                 segment.position += align_up(record.header.encoded_len() as u64, RECORD_ALIGN);
             }
