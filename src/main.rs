@@ -560,7 +560,7 @@ fn show_status(args: StatusArgs) -> Result<()> {
         if clear {
             print!("\x1b[H\x1b[2J");
         }
-        println!("{}  (every {}s)", fsutil_now_text(), args.interval);
+        println!("{}  (every {}s)", utc_clock_text(), args.interval);
         print!("{}", status::render_text(&text));
         use std::io::Write;
         std::io::stdout().flush()?;
@@ -573,7 +573,7 @@ fn show_status(args: StatusArgs) -> Result<()> {
 }
 
 /// Wall-clock time as HH:MM:SS UTC, for the --watch header.
-fn fsutil_now_text() -> String {
+fn utc_clock_text() -> String {
     let seconds = ublk_mirror::fsutil::now_micros() / 1_000_000;
     format!("{:02}:{:02}:{:02} UTC", seconds / 3600 % 24, seconds / 60 % 60, seconds % 60)
 }

@@ -189,7 +189,7 @@ fn render_mirror(out: &mut Exposition, volume: &str, m: &MirrorStatus) {
     out.gauge("ublk_mirror_mirror_lag_bytes", "Payload bytes of records the replica has not applied.", &labels, m.lag_bytes as f64);
     out.gauge("ublk_mirror_mirror_lag_records", "Records the replica has not applied.", &labels, m.lag_records as f64);
     out.gauge("ublk_mirror_mirror_lag_seconds", "Age of the oldest record the replica has not applied.", &labels, m.lag_seconds);
-    out.gauge("ublk_mirror_mirror_throughput_bytes_per_second", "Bytes sent per second, over about the last second.", &labels, m.throughput_bytes_per_second);
+    out.gauge("ublk_mirror_mirror_throughput_bytes_per_second", "Payload bytes the replica applied per second, over about the last second.", &labels, m.throughput_bytes_per_second);
     if let Some(rate) = m.max_rate {
         out.gauge("ublk_mirror_mirror_max_rate_bytes_per_second", "The mirror's bandwidth limit.", &labels, rate as f64);
     }

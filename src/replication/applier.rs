@@ -271,11 +271,8 @@ impl Applier {
         drop(frames);
         // Whatever was applied is made durable (and acknowledged, if the source still listens).
         let applied = blocking(replica, |r| r.checkpoint()).await;
-        if result.is_ok() {
-            if let Ok(applied) = applied {
-                let received = lock(replica).received_lsn();
-                let _ = write_control(send, &Control::Ack { received_lsn: received, applied_lsn: applied }).await;
-            }
+        if let (Ok(()), Ok(applied)) = (&result, &applied) {
+            let _ = acknowledge(replica, send, *applied).await;
         }
         result?;
         applied?;
@@ -333,8 +330,7 @@ impl Applier {
 
     async fn checkpoint(&self, replica: &Arc<Mutex<Replica>>, send: &mut quinn::SendStream) -> Result<(), LinkError> {
         let applied = blocking(replica, |r| r.checkpoint()).await?;
-        let received = lock(replica).received_lsn();
-        write_control(send, &Control::Ack { received_lsn: received, applied_lsn: applied }).await
+        acknowledge(replica, send, applied).await
     }
 
     async fn control(&self, name: &str, replica: &Arc<Mutex<Replica>>, send: &mut quinn::SendStream, control: Control) -> Result<(), LinkError> {
@@ -387,6 +383,12 @@ impl Applier {
         replicas.sort_by(|a, b| a.volume.cmp(&b.volume));
         ApplierStatus { running: true, fingerprint, listen: self.local_addr().map(|a| a.to_string()), replicas }
     }
+}
+
+/// Tells the source the replica's checkpoints after a checkpoint made `applied` durable.
+async fn acknowledge(replica: &Arc<Mutex<Replica>>, send: &mut quinn::SendStream, applied: u64) -> Result<(), LinkError> {
+    let received = lock(replica).received_lsn();
+    write_control(send, &Control::Ack { received_lsn: received, applied_lsn: applied }).await
 }
 
 /// One line for systemd's STATUS=: each replica's LSNs and state.

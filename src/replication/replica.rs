@@ -352,7 +352,7 @@ impl Replica {
             let (offset, length) = self.chunk_range(chunk)?;
             // A hole is zeros: hashed without reading (nor filling the page cache with it).
             let ours = if !is_device && crate::fsutil::is_hole(&self.image, offset, length as u64) {
-                super::sender::zero_hash(length)
+                super::wire::zero_chunk_hash(length)
             } else {
                 self.image.read_exact_at(&mut buffer[..length], offset).map_err(io(format!("read {}", self.state.image.display())))?;
                 crate::fsutil::drop_from_cache(&self.image, offset, length as u64);

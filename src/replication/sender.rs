@@ -32,16 +32,6 @@ const BATCH_RECORDS: usize = 1024;
 /// Checkpoints are persisted at most this often (the applier re-sends them on reconnect).
 const PERSIST_INTERVAL: Duration = Duration::from_millis(500);
 
-/// BLAKE3 of `length` zero bytes (a hole), computed once per length.
-pub fn zero_hash(length: usize) -> [u8; 32] {
-    static FULL_CHUNK: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
-    if length as u64 == wire::SYNC_CHUNK {
-        *FULL_CHUNK.get_or_init(|| *blake3::hash(&vec![0u8; length]).as_bytes())
-    } else {
-        *blake3::hash(&vec![0u8; length]).as_bytes()
-    }
-}
-
 /// One mirror as `status` reports it (`mirrors[]`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct MirrorStatus {
@@ -199,17 +189,34 @@ struct Sender {
 }
 
 /// A record sent on this connection.
-#[derive(Clone, Copy)]
 struct InFlight {
     lsn: u64,
     bytes: u64,
 }
 
-/// Records sent and not yet received (the window) or not yet applied (for throughput).
+/// Records sent on this connection and not yet applied, oldest first. Those after
+/// `received_lsn` are the window (not yet durable at the applier).
 #[derive(Default)]
 struct Flight {
-    received: VecDeque<InFlight>,
-    unapplied: VecDeque<InFlight>,
+    records: VecDeque<InFlight>,
+    received_lsn: u64,
+}
+
+impl Flight {
+    /// Bytes sent and not yet received, record headers included.
+    fn window_bytes(&self) -> u64 {
+        self.records.iter().filter(|r| r.lsn > self.received_lsn).map(|r| r.bytes + wire::RECORD_HEADER_BYTES).sum()
+    }
+
+    /// Records the checkpoints; returns the payload bytes newly applied.
+    fn acknowledge(&mut self, received_lsn: u64, applied_lsn: u64) -> u64 {
+        self.received_lsn = self.received_lsn.max(received_lsn);
+        let mut applied = 0;
+        while self.records.front().is_some_and(|r| r.lsn <= applied_lsn) {
+            applied += self.records.pop_front().map_or(0, |r| r.bytes);
+        }
+        applied
+    }
 }
 
 impl Sender {
@@ -321,15 +328,7 @@ impl Sender {
                         Some(Frame::Control(Control::Ack { received_lsn, applied_lsn })) => {
                             // The window closes on `received` (durable at the applier); applied
                             // bytes are counted for the throughput.
-                            let done: u64 = {
-                                let mut flight = lock(&in_flight);
-                                flight.received.retain(|r| r.lsn > received_lsn);
-                                let mut done = 0;
-                                while flight.unapplied.front().is_some_and(|r| r.lsn <= applied_lsn) {
-                                    done += flight.unapplied.pop_front().map_or(0, |r| r.bytes);
-                                }
-                                done
-                            };
+                            let done = lock(&in_flight).acknowledge(received_lsn, applied_lsn);
                             lock(&sender.status).applied_bytes += done;
                             sender.acknowledged(received_lsn, applied_lsn);
                             if last_persist.elapsed() >= PERSIST_INTERVAL {
@@ -362,7 +361,7 @@ impl Sender {
                 };
             }
             // Headers count too: a window of tiny records must stay bounded.
-            let unacked: u64 = lock(&in_flight).received.iter().map(|r| r.bytes + wire::RECORD_HEADER_BYTES).sum();
+            let unacked = lock(&in_flight).window_bytes();
             let mut batch = Vec::new();
             let mut bytes = 0usize;
             let batch_bytes = limiter.batch_limit(BATCH_BYTES);
@@ -390,9 +389,7 @@ impl Sender {
             {
                 let mut flight = lock(&in_flight);
                 for record in &batch {
-                    let sent = InFlight { lsn: record.header.lsn, bytes: record.payload.len() as u64 };
-                    flight.received.push_back(sent);
-                    flight.unapplied.push_back(sent);
+                    flight.records.push_back(InFlight { lsn: record.header.lsn, bytes: record.payload.len() as u64 });
                 }
             }
             let mut status = lock(&self.status);
@@ -441,7 +438,7 @@ impl Sender {
                 let offset = chunk * wire::SYNC_CHUNK;
                 let mut data = vec![0u8; (size - offset).min(wire::SYNC_CHUNK) as usize];
                 let hole = self.volume.read_for_scan(offset, &mut data).map_err(|e| LinkError::Protocol(format!("read chunk {chunk} of the volume: {e}")))?;
-                hashes.push(if hole { zero_hash(data.len()) } else { *blake3::hash(&data).as_bytes() });
+                hashes.push(if hole { wire::zero_chunk_hash(data.len()) } else { *blake3::hash(&data).as_bytes() });
                 chunks.push(data);
             }
             write_control(send, &Control::SyncHashes { first_chunk: first, hashes }).await?;

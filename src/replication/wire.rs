@@ -21,6 +21,16 @@ pub const RECORD_HEADER_BYTES: u64 = 64;
 const KIND_CONTROL: u8 = 1;
 const KIND_RECORDS: u8 = 2;
 
+/// BLAKE3 of a chunk of `length` zero bytes (a hole); the full-size chunk's is computed once.
+pub fn zero_chunk_hash(length: usize) -> [u8; 32] {
+    static FULL_CHUNK: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    if length as u64 == SYNC_CHUNK {
+        *FULL_CHUNK.get_or_init(|| *blake3::hash(&vec![0u8; length]).as_bytes())
+    } else {
+        *blake3::hash(&vec![0u8; length]).as_bytes()
+    }
+}
+
 /// Control messages decode within 2 MiB: the largest is a `SyncChunk` (one 1 MiB chunk).
 fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_little_endian().with_limit::<{ 2 << 20 }>()
