@@ -2,18 +2,22 @@
 //!
 //! On loopback, in one run:
 //! 1. Backlog drain: a volume writes a backlog while its applier is down; then the applier
-//!    starts and we time until it has applied everything (1 MiB and 4 KiB writes).
+//!    starts and we time until it has received everything (durable in the applier's journal:
+//!    the source's journal is drained and may be trimmed) and until it has applied everything
+//!    (durable in the replica image), for 1 MiB and 4 KiB writes; once more for 1 MiB with the
+//!    applier's files on a disk of their own (see below).
 //! 2. The transport's ceiling for the same bytes between the same kind of endpoints: one raw
 //!    QUIC stream (same TLS and transport settings as the sender, receiver in a second
 //!    process) and one plain TCP stream; and the disk's durable sequential write rate.
 //! 3. fio 4 KiB random writes at QD32 through NBD with one live mirror against the same
-//!    volume with none, and the time the mirror needs to catch up after that burst; once
-//!    with the applier competing for this machine's CPUs, once at idle priority (SCHED_IDLE),
-//!    standing in for an applier on its own host.
+//!    volume with none, and the time the mirror needs to catch up after that burst; once with
+//!    the applier's files on a disk of their own, once on the volume's disk. This machine has
+//!    one disk, so "a disk of their own" is ext4 on a RAM-backed loop device (root needed),
+//!    standing in for the replica host's disk; the applier still shares the two CPUs.
 //! 4. The 1 MiB backlog drained through the impairment relay (tests/common/relay.rs) at
 //!    50 ms RTT without loss, capped at BENCH_LINK_MBPS MB/s (default 50), against that
 //!    capacity.
-//! BENCH_SECONDS scales the fio runs (default 15). BENCH_ONLY=quic measures only the raw
+//! BENCH_SECONDS sets the fio bursts (default 30). BENCH_ONLY=quic measures only the raw
 //! QUIC stream (for investigating the transport ceiling), BENCH_ONLY=wan only row 4.
 
 use std::path::{Path, PathBuf};
@@ -49,43 +53,53 @@ fn main() {
         std::fs::create_dir_all(&base).unwrap();
         let link_mbps: u64 = std::env::var("BENCH_LINK_MBPS").ok().and_then(|s| s.parse().ok()).unwrap_or(50);
         let link = relay::Impairment::wan(Duration::from_millis(50), 0.0, Some(link_mbps * 1_000_000));
-        let (bytes, _, secs) = backlog_drain(&base, "1m", 1 << 30, Some(link));
+        let drain = backlog_drain(&base, &base, "1m", 1 << 30, Some(link));
+        let (bytes, secs) = (drain.bytes, drain.applied_seconds);
         let rate = bytes as f64 / secs / 1e6;
         println!("backlog drain, 1M writes, 50 ms RTT, {link_mbps} MB/s link: {rate:.1} MB/s ({:.2}x the link; {secs:.1} s)", rate / link_mbps as f64);
         let _ = std::fs::remove_dir_all(&base);
         return;
     }
-    let seconds: u64 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(15);
+    let seconds: u64 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
     let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-replication");
     let _ = std::fs::remove_dir_all(&base);
     std::fs::create_dir_all(&base).unwrap();
     println!("ublk-mirror replication benchmark (loopback; one run)");
     let mut rows: Vec<(String, String)> = Vec::new();
 
-    for (label, bs, total) in [("1M writes", "1m", 1u64 << 30), ("4K writes", "4k", 256u64 << 20)] {
-        let (bytes, records, secs) = backlog_drain(&base, bs, total, None);
-        add(&mut rows, (format!("backlog drain, {label}, {} MiB", bytes >> 20), format!("{:.0} MB/s, {:.0} records/s ({secs:.1} s)", bytes as f64 / secs / 1e6, records as f64 / secs)));
+    let own_disk = RamDisk::new(&base.join("applier-disk"), "6G");
+    for (label, bs, total, applier_base) in [
+        ("1M writes", "1m", 1u64 << 30, &base),
+        ("4K writes", "4k", 256u64 << 20, &base),
+        ("1M writes, applier's own disk", "1m", 1u64 << 30, &own_disk.mount),
+    ] {
+        let drain = backlog_drain(&base, applier_base, bs, total, None);
+        let rate = |secs: f64| format!("{:.0} MB/s, {:.0} records/s ({secs:.1} s)", drain.bytes as f64 / secs / 1e6, drain.records as f64 / secs);
+        add(&mut rows, (format!("backlog drain, {label}, {} MiB, received", drain.bytes >> 20), rate(drain.received_seconds)));
+        add(&mut rows, ("  ... and applied".into(), rate(drain.applied_seconds)));
     }
     let link_mbps: u64 = std::env::var("BENCH_LINK_MBPS").ok().and_then(|s| s.parse().ok()).unwrap_or(50);
     let link = relay::Impairment::wan(Duration::from_millis(50), 0.0, Some(link_mbps * 1_000_000));
-    let (bytes, _, secs) = backlog_drain(&base, "1m", 1 << 30, Some(link));
+    let drain = backlog_drain(&base, &base, "1m", 1 << 30, Some(link));
+    let (bytes, secs) = (drain.bytes, drain.applied_seconds);
     let rate = bytes as f64 / secs / 1e6;
     add(&mut rows, (format!("backlog drain, 1M writes, 50 ms RTT, {link_mbps} MB/s link"), format!("{rate:.1} MB/s ({:.2}x the link; {secs:.1} s)", rate / link_mbps as f64)));
     let quic = raw_quic(&base, 1 << 30);
     add(&mut rows, ("raw QUIC stream, 1 GiB, two processes".into(), format!("{quic:.0} MB/s")));
     let tcp = raw_tcp(1 << 30);
     add(&mut rows, ("plain TCP stream, 1 GiB".into(), format!("{tcp:.0} MB/s")));
-    let (without, _) = fio_iops(&base, false, seconds, false);
+    let (without, _) = fio_iops(&base, &base, false, seconds);
     add(&mut rows, (format!("NBD 4K randwrite QD32 {seconds}s, no mirror"), format!("{without:.0} IOPS")));
-    for (label, niced) in [("live mirror", false), ("live mirror, applier at idle priority", true)] {
-        let (with, catch_up) = fio_iops(&base, true, seconds, niced);
+    for (label, applier_base) in [("live mirror, applier's own disk", &own_disk.mount), ("live mirror, applier on the same disk", &base)] {
+        let (with, catch_up) = fio_iops(&base, applier_base, true, seconds);
         add(&mut rows, (format!("NBD 4K randwrite QD32 {seconds}s, {label}"), format!("{with:.0} IOPS ({:.2}x)", with / without)));
         if let Some((records, secs)) = catch_up {
             add(&mut rows, (format!("  catch-up after that burst"), format!("{secs:.2} s ({records} records behind when it ended)")));
         }
     }
     let disk = disk_write_rate(&base);
-    add(&mut rows, ("disk: 1 GiB buffered write + fdatasync".into(), format!("{disk:.0} MB/s (the applier writes every byte twice: journal, image)")));
+    add(&mut rows, ("disk: 1 GiB buffered write + fdatasync".into(), format!("{disk:.0} MB/s: an applier on this disk writes every byte twice (journal, image), so applied <= {:.0} MB/s", disk / 2.0)));
+    drop(own_disk);
 
     println!();
     for (what, value) in &rows {
@@ -126,17 +140,18 @@ fn free_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// A volume with a mirror configured to an applier at a fresh port; returns (vdir, adir, port).
-fn mirrored_volume(base: &Path, name: &str, journal: &str) -> (PathBuf, PathBuf, u16) {
+/// A volume with a mirror configured to an applier at a fresh port, the applier's directory
+/// under `applier_base`; returns (vdir, adir, port).
+fn mirrored_volume(base: &Path, applier_base: &Path, name: &str, journal: &str) -> (PathBuf, PathBuf, u16) {
     let port = free_port();
-    let (vdir, adir) = mirrored_volume_to(base, name, journal, &format!("127.0.0.1:{port}"));
+    let (vdir, adir) = mirrored_volume_to(base, applier_base, name, journal, &format!("127.0.0.1:{port}"));
     (vdir, adir, port)
 }
 
 /// A volume whose mirror sends to `address` (the applier, or a relay in front of it).
-fn mirrored_volume_to(base: &Path, name: &str, journal: &str, address: &str) -> (PathBuf, PathBuf) {
+fn mirrored_volume_to(base: &Path, applier_base: &Path, name: &str, journal: &str, address: &str) -> (PathBuf, PathBuf) {
     let vdir = base.join(format!("{name}-vol"));
-    let adir = base.join(format!("{name}-applier"));
+    let adir = applier_base.join(format!("{name}-applier"));
     let _ = std::fs::remove_dir_all(&vdir);
     let _ = std::fs::remove_dir_all(&adir);
     let volume_fp = fingerprint(&run(&["volume", "create", "--dir", vdir.to_str().unwrap(), "--name", "bench", "--size", "2G", "--journal-size", journal]));
@@ -163,14 +178,24 @@ fn fio(uri: &str, rw: &str, bs: &str, extra: &[&str]) {
     assert!(status.success());
 }
 
+/// What a backlog drain measured: payload bytes and records of the backlog, seconds from
+/// the sender's connection until the applier had received (durably journaled) and applied
+/// (durable in the image) all of it.
+struct Drain {
+    bytes: u64,
+    records: u64,
+    received_seconds: f64,
+    applied_seconds: f64,
+}
+
 /// Writes `total` bytes while the applier is down, then times the drain; through a relay
 /// with `link` impairments when given.
-fn backlog_drain(base: &Path, bs: &str, total: u64, link: Option<relay::Impairment>) -> (u64, u64, f64) {
+fn backlog_drain(base: &Path, applier_base: &Path, bs: &str, total: u64, link: Option<relay::Impairment>) -> Drain {
     let port = free_port();
     let relay = link.map(|link| relay::Relay::start(format!("127.0.0.1:{port}").parse().unwrap(), link, relay::Impairment { rate: None, ..link }, 50));
     let to = relay.as_ref().map_or(format!("127.0.0.1:{port}"), |r| r.address().to_string());
     let name = if relay.is_some() { format!("wan-{bs}") } else { format!("drain-{bs}") };
-    let (vdir, adir) = mirrored_volume_to(base, &name, "3G", &to);
+    let (vdir, adir) = mirrored_volume_to(base, applier_base, &name, "3G", &to);
     let socket = base.join("drain.sock");
     let _ = std::fs::remove_file(&socket);
     let _volume = spawn(&["run", "--dir", vdir.to_str().unwrap(), "--nbd", &format!("unix:{}", socket.display())], &vdir.join("control.sock"));
@@ -201,14 +226,26 @@ fn backlog_drain(base: &Path, bs: &str, total: u64, link: Option<relay::Impairme
     };
     let started = Instant::now();
     let start_applied = connected["mirrors"][0]["applied_lsn"].as_u64().unwrap_or(0);
-    mirror_wait(&vdir);
-    let elapsed = started.elapsed().as_secs_f64();
+    let deadline = started + Duration::from_secs(900);
+    let mut received_seconds = None;
+    let applied_seconds = loop {
+        let now = control_status(&socket);
+        let mirror = &now["mirrors"][0];
+        if received_seconds.is_none() && mirror["received_lsn"].as_u64().unwrap_or(0) >= last {
+            received_seconds = Some(started.elapsed().as_secs_f64());
+        }
+        if mirror["applied_lsn"].as_u64().unwrap_or(0) >= last {
+            break started.elapsed().as_secs_f64();
+        }
+        assert!(Instant::now() < deadline, "the backlog did not drain in 900 s");
+        std::thread::sleep(Duration::from_millis(5));
+    };
     if let Some(relay) = &relay {
         eprintln!("relay: {:?}", relay.stats);
     }
     let records = last - start_applied;
     let record_bytes = if bs == "1m" { 1 << 20 } else { 4096 };
-    (records * record_bytes, records, elapsed)
+    Drain { bytes: records * record_bytes, records, received_seconds: received_seconds.unwrap_or(applied_seconds), applied_seconds }
 }
 
 /// Status through the control socket (cheap enough to poll every few milliseconds).
@@ -339,22 +376,15 @@ fn raw_tcp(total: u64) -> f64 {
 }
 
 /// IOPS of the burst, and for a mirrored volume how many records the mirror was behind when
-/// it ended and how long it took to apply them.
-fn fio_iops(base: &Path, mirrored: bool, seconds: u64, applier_niced: bool) -> (f64, Option<(u64, f64)>) {
-    let name = if applier_niced { "niced" } else if mirrored { "live" } else { "none" };
-    let (vdir, adir, port) = mirrored_volume(base, name, "1G");
+/// it ended and how long it took to apply them. The applier's directory is under
+/// `applier_base`.
+fn fio_iops(base: &Path, applier_base: &Path, mirrored: bool, seconds: u64) -> (f64, Option<(u64, f64)>) {
+    let name = if !mirrored { "none" } else if applier_base == base { "live-same-disk" } else { "live-own-disk" };
+    let (vdir, adir, port) = mirrored_volume(base, applier_base, name, "1G");
     if !mirrored {
         run(&["mirror", "remove", "--dir", vdir.to_str().unwrap()]);
     }
-    let _applier = mirrored.then(|| {
-        let applier = spawn(&["applier", "run", "--dir", adir.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")], &adir.join("control.sock"));
-        if applier_niced {
-            // Idle priority: the applier gets only what the source leaves, as on its own host.
-            let status = Command::new("chrt").args(["--all-tasks", "--idle", "--pid", "0"]).arg(applier.0.id().to_string()).stdout(Stdio::null()).status().expect("chrt (util-linux)");
-            assert!(status.success());
-        }
-        applier
-    });
+    let _applier = mirrored.then(|| spawn(&["applier", "run", "--dir", adir.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")], &adir.join("control.sock")));
     let socket = base.join(format!("{name}.sock"));
     let _ = std::fs::remove_file(&socket);
     let _volume = spawn(&["run", "--dir", vdir.to_str().unwrap(), "--nbd", &format!("unix:{}", socket.display())], &vdir.join("control.sock"));
@@ -376,4 +406,35 @@ fn fio_iops(base: &Path, mirrored: bool, seconds: u64, applier_niced: bool) -> (
     let behind = last - at_end["mirrors"][0]["applied_lsn"].as_u64().unwrap();
     mirror_wait(&vdir);
     (iops, Some((behind, ended.elapsed().as_secs_f64())))
+}
+
+/// An ext4 filesystem on a loop device backed by a sparse file in /dev/shm, mounted under
+/// `mount`: a disk of its own for the applier on a machine with one disk (the replica host's
+/// disk, in a real deployment). Unmounted and deleted when dropped.
+struct RamDisk {
+    mount: PathBuf,
+    image: PathBuf,
+}
+
+impl RamDisk {
+    fn new(mount: &Path, size: &str) -> RamDisk {
+        let image = PathBuf::from(format!("/dev/shm/ublk-mirror-bench-{}.img", std::process::id()));
+        let _ = std::fs::remove_file(&image);
+        std::fs::create_dir_all(mount).unwrap();
+        let ok = |what: &str, command: &mut Command| {
+            let output = command.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert!(output.status.success(), "{what} failed (the applier's own disk needs root and loop devices): {}", String::from_utf8_lossy(&output.stderr));
+        };
+        ok("truncate", Command::new("truncate").args(["-s", size]).arg(&image));
+        ok("mkfs.ext4", Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image));
+        ok("mount -o loop", Command::new("mount").args(["-o", "loop"]).arg(&image).arg(mount));
+        RamDisk { mount: mount.to_path_buf(), image }
+    }
+}
+
+impl Drop for RamDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mount).status();
+        let _ = std::fs::remove_file(&self.image);
+    }
 }

@@ -23,7 +23,7 @@ pub const CONTROL_SOCKET: &str = "control.sock";
 const CHECKPOINT_RECORDS: u64 = 16384;
 const CHECKPOINT_BYTES: u64 = 64 << 20;
 /// ...or this long after the first record applied since the last checkpoint.
-const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(1000);
 
 /// Creates an applier directory with its identity; returns the certificate fingerprint.
 pub fn init(dir: &Path) -> Result<String, LinkError> {
@@ -281,28 +281,53 @@ impl Applier {
 
     /// Handles frames until the reader stops. Records become durable in the replica's journal
     /// and are acknowledged as `received` batch by batch; they are applied to the image at once
-    /// but made durable there (an image sync, `applied` acknowledged) only every
-    /// [`CHECKPOINT_RECORDS`] records, [`CHECKPOINT_BYTES`] or [`CHECKPOINT_INTERVAL`], which spares an image sync
-    /// and a state-file replace per batch.
+    /// (from memory) but made durable there (an image sync, `applied` acknowledged) only every
+    /// [`CHECKPOINT_RECORDS`] records, [`CHECKPOINT_BYTES`] or [`CHECKPOINT_INTERVAL`]. The image
+    /// sync runs beside the batches that keep arriving (one at a time), so the journal and the
+    /// image are written to concurrently rather than in turns.
     async fn process(&self, name: &str, replica: &Arc<Mutex<Replica>>, send: &mut quinn::SendStream, frames: &mut tokio::sync::mpsc::Receiver<Frame>) -> Result<(), LinkError> {
         let mut checkpoint_due: Option<tokio::time::Instant> = None;
+        let mut syncing: Option<tokio::task::JoinHandle<Result<u64, LinkError>>> = None;
+        // A control frame read while gathering record batches, handled next.
+        let mut held: Option<Frame> = None;
         loop {
-            let frame = match checkpoint_due {
-                Some(due) => tokio::select! {
-                    frame = frames.recv() => frame,
-                    _ = tokio::time::sleep_until(due) => {
-                        self.checkpoint(replica, send).await?;
-                        checkpoint_due = None;
-                        continue;
-                    }
-                },
-                None => frames.recv().await,
+            let frame = if let Some(frame) = held.take() { Some(frame) } else { tokio::select! {
+                frame = frames.recv() => frame,
+                finished = async { syncing.as_mut().expect("enabled only while syncing").await }, if syncing.is_some() => {
+                    syncing = None;
+                    let applied = finished.map_err(|e| LinkError::Protocol(e.to_string()))??;
+                    acknowledge(replica, send, applied).await?;
+                    continue;
+                }
+                _ = tokio::time::sleep_until(checkpoint_due.unwrap_or_else(tokio::time::Instant::now)), if checkpoint_due.is_some() && syncing.is_none() => {
+                    checkpoint_due = None;
+                    syncing = Some(start_checkpoint(replica));
+                    continue;
+                }
+            }};
+            let Some(frame) = frame else {
+                finish_checkpoint(replica, send, &mut syncing).await?;
+                return Ok(());
             };
-            let Some(frame) = frame else { return Ok(()) };
             let records = match frame {
-                Frame::Records(records) => records,
+                Frame::Records(mut records) => {
+                    // Batches that queued up meanwhile become durable together: one journal
+                    // sync (and one acknowledgement) for all of them.
+                    loop {
+                        match frames.try_recv() {
+                            Ok(Frame::Records(more)) => records.extend(more),
+                            Ok(control) => {
+                                held = Some(control);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    records
+                }
                 Frame::Control(control) => {
                     // Synchronisation steps start from a durable image.
+                    finish_checkpoint(replica, send, &mut syncing).await?;
                     if checkpoint_due.take().is_some() {
                         self.checkpoint(replica, send).await?;
                     }
@@ -310,18 +335,29 @@ impl Applier {
                     continue;
                 }
             };
+            // The journal is trimmed only by checkpoints: past half full, let them catch up
+            // before taking more (a full journal would end the connection).
+            if lock(replica).journal_fill() > 0.5 {
+                finish_checkpoint(replica, send, &mut syncing).await?;
+                self.checkpoint(replica, send).await?;
+                checkpoint_due = None;
+            }
             // Durable in our journal first (the source may trim up to it), then applied.
             let (received, applied, unsynced) = blocking(replica, move |r| {
                 let received = r.receive(&records)?;
-                r.apply_unsynced()?;
+                r.apply_received(&records)?;
                 Ok((received, r.applied_lsn(), r.unsynced()))
             })
             .await?;
             write_control(send, &Control::Ack { received_lsn: received, applied_lsn: applied }).await?;
             let (unsynced_records, unsynced_bytes) = unsynced;
             if unsynced_records >= CHECKPOINT_RECORDS || unsynced_bytes >= CHECKPOINT_BYTES {
-                self.checkpoint(replica, send).await?;
-                checkpoint_due = None;
+                // Now, or as soon as the checkpoint in progress is done.
+                checkpoint_due = Some(tokio::time::Instant::now());
+                if syncing.is_none() {
+                    checkpoint_due = None;
+                    syncing = Some(start_checkpoint(replica));
+                }
             } else if unsynced_records > 0 && checkpoint_due.is_none() {
                 checkpoint_due = Some(tokio::time::Instant::now() + CHECKPOINT_INTERVAL);
             }
@@ -383,6 +419,25 @@ impl Applier {
         replicas.sort_by(|a, b| a.volume.cmp(&b.volume));
         ApplierStatus { running: true, fingerprint, listen: self.local_addr().map(|a| a.to_string()), replicas }
     }
+}
+
+/// Starts a checkpoint whose image sync runs off the runtime without holding the replica:
+/// batches go on being received and applied meanwhile. Resolves to the applied LSN.
+fn start_checkpoint(replica: &Arc<Mutex<Replica>>) -> tokio::task::JoinHandle<Result<u64, LinkError>> {
+    let replica = replica.clone();
+    tokio::task::spawn_blocking(move || {
+        let begun = lock(&replica).begin_checkpoint();
+        let Some(pending) = begun else { return Ok(lock(&replica).applied_lsn()) };
+        pending.sync_image()?;
+        Ok(lock(&replica).finish_checkpoint(pending)?)
+    })
+}
+
+/// Waits for the checkpoint in progress, if any, and acknowledges what it made durable.
+async fn finish_checkpoint(replica: &Arc<Mutex<Replica>>, send: &mut quinn::SendStream, syncing: &mut Option<tokio::task::JoinHandle<Result<u64, LinkError>>>) -> Result<(), LinkError> {
+    let Some(task) = syncing.take() else { return Ok(()) };
+    let applied = task.await.map_err(|e| LinkError::Protocol(e.to_string()))??;
+    acknowledge(replica, send, applied).await
 }
 
 /// Tells the source the replica's checkpoints after a checkpoint made `applied` durable.

@@ -39,7 +39,7 @@ pub async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Option<Frame>, L
     let length = wire::check_length(prefix)?;
     let mut body = vec![0u8; length];
     recv.read_exact(&mut body).await?;
-    Ok(Some(wire::decode_body(&body)?))
+    Ok(Some(wire::decode_frame(body.into())?))
 }
 
 pub async fn write_control(send: &mut quinn::SendStream, message: &Control) -> Result<(), LinkError> {

@@ -96,14 +96,18 @@ pub struct ReplicaCounters {
 pub struct Replica {
     dir: PathBuf,
     state: ReplicaState,
-    image: File,
+    /// Shared so a checkpoint can sync it while batches are still being applied.
+    image: Arc<File>,
+    image_is_device: bool,
     journal: Arc<Journal>,
     writer: JournalWriter,
     counters: ReplicaCounters,
     /// Applied to the image but not yet made durable there (`state.applied_lsn` is durable).
     applied_unsynced: u64,
-    /// Payload bytes applied since the last checkpoint.
+    /// Payload bytes applied since the last checkpoint began.
     unsynced_bytes: u64,
+    /// Applied LSN that the last checkpoint begun covers.
+    checkpoint_begun_lsn: u64,
 }
 
 /// Journal sizing for replicas: room for bursts while the image catches up.
@@ -174,7 +178,19 @@ impl Replica {
             }
         };
         let applied_unsynced = state.applied_lsn;
-        let mut replica = Replica { dir: dir.to_path_buf(), state, image, journal, writer, counters: ReplicaCounters::default(), applied_unsynced, unsynced_bytes: 0 };
+        let image_is_device = crate::fsutil::is_block_device(&image).unwrap_or(false);
+        let mut replica = Replica {
+            dir: dir.to_path_buf(),
+            state,
+            image: Arc::new(image),
+            image_is_device,
+            journal,
+            writer,
+            counters: ReplicaCounters::default(),
+            applied_unsynced,
+            unsynced_bytes: 0,
+            checkpoint_begun_lsn: applied_unsynced,
+        };
         replica.apply()?;
         Ok(replica)
     }
@@ -268,36 +284,101 @@ impl Replica {
         if self.applied_unsynced >= target {
             return Ok(self.applied_unsynced);
         }
-        let is_device = crate::fsutil::is_block_device(&self.image).unwrap_or(false);
         let mut reader = JournalReader::new(self.journal.clone(), self.applied_unsynced + 1)?;
         while let Some(record) = reader.next_record()? {
             let h = record.header;
-            crate::journal::apply_record(&self.image, is_device, h.kind, h.offset, h.length, &record.payload).map_err(io(format!("apply LSN {} to {}", h.lsn, self.state.image.display())))?;
-            self.applied_unsynced = h.lsn;
-            self.unsynced_bytes += record.payload.len() as u64;
-            self.counters.records_applied += 1;
+            self.apply_one(h.lsn, h.kind, h.offset, h.length, &record.payload)?;
         }
         Ok(self.applied_unsynced)
     }
 
-    /// Records and payload bytes applied but not yet durable in the image.
+    /// Like [`Replica::apply_unsynced`], for the batch [`Replica::receive`] just made durable:
+    /// its records are applied from memory rather than read back from the journal. Records
+    /// already applied are skipped; anything received but not in the batch (a gap) is read
+    /// from the journal. Returns the LSN applied so far.
+    pub fn apply_received(&mut self, records: &[ReceivedRecord]) -> Result<u64, ReplicaError> {
+        let received = self.received_lsn();
+        for record in records {
+            if record.lsn <= self.applied_unsynced {
+                continue;
+            }
+            // Journal first: never apply what is not durable there (nor out of order).
+            if record.lsn > received || record.lsn != self.applied_unsynced + 1 {
+                break;
+            }
+            self.apply_one(record.lsn, record.kind, record.offset, record.length, &record.payload)?;
+        }
+        self.apply_unsynced()
+    }
+
+    fn apply_one(&mut self, lsn: u64, kind: crate::journal::RecordKind, offset: u64, length: u64, payload: &[u8]) -> Result<(), ReplicaError> {
+        // The error's context is formatted only on failure: this runs once per record.
+        crate::journal::apply_record(&self.image, self.image_is_device, kind, offset, length, payload)
+            .map_err(|source| ReplicaError::Io { context: format!("apply LSN {lsn} to {}", self.state.image.display()), source })?;
+        self.applied_unsynced = lsn;
+        self.unsynced_bytes += payload.len() as u64;
+        self.counters.records_applied += 1;
+        Ok(())
+    }
+
+    /// Records and payload bytes applied and not yet covered by a checkpoint (finished or
+    /// in progress).
     pub fn unsynced(&self) -> (u64, u64) {
-        (self.applied_unsynced - self.state.applied_lsn, self.unsynced_bytes)
+        (self.applied_unsynced - self.state.applied_lsn.max(self.checkpoint_begun_lsn), self.unsynced_bytes)
     }
 
     /// Makes what [`Replica::apply_unsynced`] wrote durable: image sync, `applied` advanced
     /// and saved, journal trimmed. Returns the applied LSN.
     pub fn checkpoint(&mut self) -> Result<u64, ReplicaError> {
+        let Some(pending) = self.begin_checkpoint() else { return Ok(self.state.applied_lsn) };
+        pending.sync_image()?;
+        self.finish_checkpoint(pending)
+    }
+
+    /// The first half of a checkpoint that lets batches go on being applied while the image
+    /// syncs (the slow part): what the sync will cover. `None` when nothing is unsynced.
+    pub fn begin_checkpoint(&mut self) -> Option<PendingCheckpoint> {
         if self.applied_unsynced <= self.state.applied_lsn {
+            return None;
+        }
+        let pending = PendingCheckpoint { applied_lsn: self.applied_unsynced, image: self.image.clone(), path: self.state.image.clone() };
+        self.unsynced_bytes = 0;
+        self.checkpoint_begun_lsn = self.applied_unsynced;
+        Some(pending)
+    }
+
+    /// The second half: after [`PendingCheckpoint::sync_image`], `applied` advances to what the
+    /// sync covered and is saved; the journal is trimmed through it. Returns the applied LSN.
+    pub fn finish_checkpoint(&mut self, pending: PendingCheckpoint) -> Result<u64, ReplicaError> {
+        if pending.applied_lsn <= self.state.applied_lsn {
             return Ok(self.state.applied_lsn);
         }
-        self.image.sync_data().map_err(io(format!("sync {}", self.state.image.display())))?;
-        self.state.applied_lsn = self.applied_unsynced;
-        self.unsynced_bytes = 0;
+        self.state.applied_lsn = pending.applied_lsn;
         self.settle_consistency();
         self.state.save(&self.dir)?;
         self.journal.trim_through(self.state.applied_lsn)?;
         Ok(self.state.applied_lsn)
+    }
+
+    /// How full the replica's journal is (0.0 to 1.0): received but not yet checkpointed.
+    pub fn journal_fill(&self) -> f64 {
+        let usage = self.journal.usage();
+        usage.used_bytes as f64 / usage.capacity_bytes.max(1) as f64
+    }
+}
+
+/// A checkpoint in progress (see [`Replica::begin_checkpoint`]).
+pub struct PendingCheckpoint {
+    applied_lsn: u64,
+    image: Arc<File>,
+    path: PathBuf,
+}
+
+impl PendingCheckpoint {
+    /// Makes every write applied before the checkpoint began durable in the image. Needs no
+    /// access to the replica, so it may run while more batches are applied.
+    pub fn sync_image(&self) -> Result<(), ReplicaError> {
+        self.image.sync_data().map_err(io(format!("sync {}", self.path.display())))
     }
 }
 
@@ -346,7 +427,7 @@ impl Replica {
         }
         let mut buffer = vec![0u8; SYNC_CHUNK as usize];
         let mut differ = Vec::new();
-        let is_device = crate::fsutil::is_block_device(&self.image).unwrap_or(false);
+        let is_device = self.image_is_device;
         for (index, hash) in hashes.iter().enumerate() {
             let chunk = first_chunk.checked_add(index as u64).ok_or_else(|| ReplicaError::Rejected("chunk index overflows".into()))?;
             let (offset, length) = self.chunk_range(chunk)?;
@@ -372,7 +453,7 @@ impl Replica {
         }
         let (offset, length) = self.chunk_range(chunk)?;
         self.counters.bytes_received += data.len() as u64;
-        let is_device = crate::fsutil::is_block_device(&self.image).unwrap_or(false);
+        let is_device = self.image_is_device;
         if zero {
             if !data.is_empty() {
                 return Err(ReplicaError::Rejected(format!("zero chunk {chunk} carries {} bytes", data.len())));
@@ -398,6 +479,8 @@ impl Replica {
         self.image.sync_all().map_err(io(format!("sync {}", self.state.image.display())))?;
         self.state.applied_lsn = base_lsn;
         self.applied_unsynced = base_lsn;
+        self.checkpoint_begun_lsn = base_lsn;
+        self.unsynced_bytes = 0;
         self.state.consistent_lsn = Some(consistent_lsn);
         self.settle_consistency();
         // State first: `open` repairs a journal that is behind the state or missing.
@@ -428,7 +511,7 @@ mod tests {
     }
 
     fn write(lsn: u64, offset: u64, byte: u8, len: usize) -> ReceivedRecord {
-        ReceivedRecord { lsn, kind: RecordKind::Write, flags: 0, offset, length: len as u64, timestamp_us: 0, payload: vec![byte; len] }
+        ReceivedRecord { lsn, kind: RecordKind::Write, flags: 0, offset, length: len as u64, timestamp_us: 0, payload: vec![byte; len].into() }
     }
 
     #[test]
@@ -445,7 +528,7 @@ mod tests {
         // A resend after reconnect: duplicates skipped and counted.
         assert_eq!(replica.receive(&[write(2, 4096, 2, 4096), write(3, 0, 3, 512)]).unwrap(), 3);
         assert_eq!(replica.counters().records_duplicated, 1);
-        let discard = ReceivedRecord { lsn: 4, kind: RecordKind::Discard, flags: 0, offset: 4096, length: 4096, timestamp_us: 0, payload: vec![] };
+        let discard = ReceivedRecord { lsn: 4, kind: RecordKind::Discard, flags: 0, offset: 4096, length: 4096, timestamp_us: 0, payload: Default::default() };
         replica.receive(&[discard]).unwrap();
         assert_eq!(replica.applied_lsn(), 0, "receiving does not apply");
         drop(replica);

@@ -380,12 +380,15 @@ impl Sender {
                 continue;
             }
             let pairs: Vec<_> = batch.iter().map(|r| (r.header, r.payload.as_slice())).collect();
-            let header = wire::encode_batch_header(&pairs);
-            limiter.pace((header.len() + bytes) as u64).await;
-            send.write_all(&header).await?;
+            // One contiguous frame handed to QUIC as one chunk: a write per record (1024 of
+            // them for a batch of 4 KiB writes) cost more CPU than copying the payloads.
+            let mut frame = wire::encode_batch_header(&pairs);
+            frame.reserve(bytes);
             for record in &batch {
-                send.write_all(&record.payload).await?;
+                frame.extend_from_slice(&record.payload);
             }
+            limiter.pace(frame.len() as u64).await;
+            send.write_chunk(bytes::Bytes::from(frame)).await?;
             {
                 let mut flight = lock(&in_flight);
                 for record in &batch {

@@ -117,7 +117,8 @@ pub struct ReceivedRecord {
     pub offset: u64,
     pub length: u64,
     pub timestamp_us: u64,
-    pub payload: Vec<u8>,
+    /// A slice of the received frame (no copy).
+    pub payload: bytes::Bytes,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,6 +193,11 @@ pub fn check_length(prefix: [u8; 4]) -> Result<usize, WireError> {
 
 /// Decodes a frame body (without its length prefix).
 pub fn decode_body(body: &[u8]) -> Result<Frame, WireError> {
+    decode_frame(bytes::Bytes::copy_from_slice(body))
+}
+
+/// Decodes a frame body that the caller hands over: record payloads stay slices of it.
+pub fn decode_frame(body: bytes::Bytes) -> Result<Frame, WireError> {
     let (&kind, rest) = body.split_first().ok_or(WireError::Empty)?;
     match kind {
         KIND_CONTROL => {
@@ -202,12 +208,12 @@ pub fn decode_body(body: &[u8]) -> Result<Frame, WireError> {
             }
             Ok(Frame::Control(message))
         }
-        KIND_RECORDS => decode_batch(rest).map(Frame::Records),
+        KIND_RECORDS => decode_batch(body.slice(1..)).map(Frame::Records),
         other => Err(WireError::UnknownKind(other)),
     }
 }
 
-fn decode_batch(body: &[u8]) -> Result<Vec<ReceivedRecord>, WireError> {
+fn decode_batch(body: bytes::Bytes) -> Result<Vec<ReceivedRecord>, WireError> {
     let bad = |m: String| WireError::BadBatch(m);
     let header_len = u32::from_le_bytes(body.get(0..4).ok_or_else(|| bad("truncated header length".into()))?.try_into().expect("4")) as usize;
     let header_bytes = body.get(4..4 + header_len).ok_or_else(|| bad(format!("header of {header_len} bytes runs past the frame")))?;
@@ -216,7 +222,7 @@ fn decode_batch(body: &[u8]) -> Result<Vec<ReceivedRecord>, WireError> {
     if used != header_len {
         return Err(bad("batch header has trailing bytes".into()));
     }
-    let mut payloads = &body[4 + header_len..];
+    let mut position = 4 + header_len;
     let mut records = Vec::with_capacity(header.records.len());
     let mut previous: Option<u64> = None;
     for wire in header.records {
@@ -236,11 +242,11 @@ fn decode_batch(body: &[u8]) -> Result<Vec<ReceivedRecord>, WireError> {
             return Err(bad(format!("LSN {}: inconsistent lengths", wire.lsn)));
         }
         let n = wire.payload_len as usize;
-        if payloads.len() < n {
+        if body.len() - position < n {
             return Err(bad(format!("LSN {}: payload of {n} bytes runs past the frame", wire.lsn)));
         }
-        let (payload, rest) = payloads.split_at(n);
-        payloads = rest;
+        let payload = body.slice(position..position + n);
+        position += n;
         records.push(ReceivedRecord {
             lsn: wire.lsn,
             kind,
@@ -248,11 +254,11 @@ fn decode_batch(body: &[u8]) -> Result<Vec<ReceivedRecord>, WireError> {
             offset: wire.offset,
             length: wire.length,
             timestamp_us: wire.timestamp_us,
-            payload: payload.to_vec(),
+            payload,
         });
     }
-    if !payloads.is_empty() {
-        return Err(bad(format!("{} bytes after the last payload", payloads.len())));
+    if position != body.len() {
+        return Err(bad(format!("{} bytes after the last payload", body.len() - position)));
     }
     Ok(records)
 }
@@ -295,7 +301,7 @@ mod tests {
         assert_eq!(check_length(frame[0..4].try_into().unwrap()).unwrap(), frame.len() - 4);
         let Frame::Records(decoded) = decode_body(&frame[4..]).unwrap() else { panic!("records expected") };
         assert_eq!(decoded.len(), 2);
-        assert_eq!(decoded[0].payload, data);
+        assert_eq!(decoded[0].payload, &data[..]);
         assert_eq!(decoded[1].kind, RecordKind::Discard);
     }
 

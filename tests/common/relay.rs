@@ -35,16 +35,20 @@ pub struct Impairment {
     pub rate: Option<u64>,
     /// Most queueing delay the bottleneck buffers before it drops (tail drop).
     pub queue: Duration,
+    /// Largest UDP payload the path carries; larger datagrams are dropped, as a router
+    /// drops packets over its MTU (None: no limit, like loopback).
+    pub mtu: Option<usize>,
 }
 
 impl Impairment {
     pub fn clean() -> Impairment {
-        Impairment { delay: Duration::ZERO, jitter: Duration::ZERO, loss: 0.0, duplicate: 0.0, reorder: 0.0, reorder_delay: Duration::ZERO, rate: None, queue: Duration::from_millis(100) }
+        Impairment { delay: Duration::ZERO, jitter: Duration::ZERO, loss: 0.0, duplicate: 0.0, reorder: 0.0, reorder_delay: Duration::ZERO, rate: None, queue: Duration::from_millis(100), mtu: None }
     }
 
-    /// A WAN-like path: `rtt` split evenly between the directions.
+    /// A WAN-like path: `rtt` split evenly between the directions, Ethernet's MTU (1500 bytes
+    /// less the IPv4 and UDP headers), so path MTU discovery finds no jumbo frames.
     pub fn wan(rtt: Duration, loss: f64, rate: Option<u64>) -> Impairment {
-        Impairment { delay: rtt / 2, loss, rate, ..Impairment::clean() }
+        Impairment { delay: rtt / 2, loss, rate, mtu: Some(1500 - 28), ..Impairment::clean() }
     }
 }
 
@@ -59,6 +63,8 @@ pub struct RelayStats {
     pub overflowed: AtomicU64,
     /// Dropped by a partition.
     pub blackholed: AtomicU64,
+    /// Dropped for exceeding the path's MTU.
+    pub too_big: AtomicU64,
     pub bytes: AtomicU64,
 }
 
@@ -154,6 +160,8 @@ fn pump(from: &UdpSocket, to: &UdpSocket, destination: Destination, impairment: 
             let now = Instant::now();
             if shared.partitioned.load(Ordering::SeqCst) {
                 stats.blackholed.fetch_add(1, Ordering::Relaxed);
+            } else if impairment.mtu.is_some_and(|mtu| length > mtu) {
+                stats.too_big.fetch_add(1, Ordering::Relaxed);
             } else if rng.gen_bool(impairment.loss) {
                 stats.lost.fetch_add(1, Ordering::Relaxed);
             } else {
