@@ -789,7 +789,22 @@ impl OpenSegment {
         if let Some(record) = self.buffered_record(position) {
             return Ok(Some(record));
         }
-        // A record larger than the read-ahead: read it directly.
+        // A record larger than the read-ahead (a 1 MiB write): read the rest of it after what
+        // is buffered rather than all of it again. The CRC still decides whether it is valid.
+        let whole = self.ahead.get(..RECORD_HEADER_SIZE).and_then(|head| {
+            let header = format::decode_header(head.try_into().ok()?, self.header.segment_size - position).ok()?;
+            Some(RECORD_HEADER_SIZE + header.payload_len as usize)
+        });
+        if let Some(whole) = whole.filter(|&whole| whole > self.ahead.len()) {
+            let have = self.ahead.len();
+            self.ahead.resize(whole, 0);
+            if self.file.read_exact_at(&mut self.ahead[have..], position + have as u64).is_err() {
+                self.ahead.truncate(have);
+            }
+            if let Some(record) = self.buffered_record(position) {
+                return Ok(Some(record));
+            }
+        }
         read_record(&self.file, &self.header, position)
     }
 

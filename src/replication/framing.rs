@@ -37,8 +37,14 @@ pub async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Option<Frame>, L
         Err(error) => return Err(error.into()),
     }
     let length = wire::check_length(prefix)?;
-    let mut body = vec![0u8; length];
-    recv.read_exact(&mut body).await?;
+    // Gathered from QUIC's chunks: one copy, and no zero-filling of a buffer it overwrites.
+    let mut body = Vec::with_capacity(length);
+    while body.len() < length {
+        match recv.read_chunk(length - body.len(), true).await.map_err(quinn::ReadExactError::ReadError)? {
+            Some(chunk) => body.extend_from_slice(&chunk.bytes),
+            None => return Err(quinn::ReadExactError::FinishedEarly(body.len()).into()),
+        }
+    }
     Ok(Some(wire::decode_frame(body.into())?))
 }
 
