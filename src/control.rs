@@ -13,6 +13,8 @@ pub type Handler = Arc<dyn Fn(&str) -> serde_json::Value + Send + Sync>;
 
 pub struct ControlServer {
     path: PathBuf,
+    /// The listening socket, shut down to wake the accepting thread when stopping.
+    listener: UnixListener,
     stopping: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -22,10 +24,11 @@ impl ControlServer {
     pub fn start(path: &Path, handler: Handler) -> std::io::Result<ControlServer> {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)?;
+        let accepting = listener.try_clone()?;
         let stopping = Arc::new(AtomicBool::new(false));
         let stop = stopping.clone();
         let thread = std::thread::Builder::new().name("control".into()).spawn(move || {
-            for stream in listener.incoming() {
+            for stream in accepting.incoming() {
                 if stop.load(Ordering::SeqCst) {
                     return;
                 }
@@ -36,7 +39,7 @@ impl ControlServer {
                 });
             }
         })?;
-        Ok(ControlServer { path: path.to_path_buf(), stopping, thread: Some(thread) })
+        Ok(ControlServer { path: path.to_path_buf(), listener, stopping, thread: Some(thread) })
     }
 }
 
@@ -54,7 +57,9 @@ use std::io::Read;
 impl Drop for ControlServer {
     fn drop(&mut self) {
         self.stopping.store(true, Ordering::SeqCst);
-        let _ = UnixStream::connect(&self.path);
+        // Shutting the listener down makes a blocked accept fail at once (Linux); connecting
+        // to the path would not reach it if the file was removed or replaced meanwhile.
+        let _ = rustix::net::shutdown(&self.listener, rustix::net::Shutdown::ReadWrite);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }

@@ -29,6 +29,8 @@ const WINDOW_BYTES: u64 = 16 << 20;
 /// Payload bytes per batch at most.
 const BATCH_BYTES: usize = 4 << 20;
 const BATCH_RECORDS: usize = 1024;
+/// Nice value added to sender threads (the volume's applier thread uses 5).
+const SENDER_NICE: i32 = 5;
 /// Checkpoints are persisted at most this often (the applier re-sends them on reconnect).
 const PERSIST_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -221,6 +223,10 @@ impl Flight {
 
 impl Sender {
     fn run(self) {
+        // Replication is background work, like applying to the backing store: the threads
+        // that acknowledge requests come first; the journal absorbs what a burst leaves
+        // unsent.
+        crate::volume::lower_thread_priority(SENDER_NICE);
         let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(runtime) => runtime,
             Err(error) => {
