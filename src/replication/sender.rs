@@ -207,7 +207,10 @@ struct Flight {
 impl Flight {
     /// Bytes sent and not yet received, record headers included.
     fn window_bytes(&self) -> u64 {
-        self.records.iter().filter(|r| r.lsn > self.received_lsn).map(|r| r.bytes + wire::RECORD_HEADER_BYTES).sum()
+        // Records are in LSN order: sum only those after `received`, not every unapplied one
+        // (the applier checkpoints once a second, so tens of thousands may wait for `applied`).
+        let first_unreceived = self.records.partition_point(|r| r.lsn <= self.received_lsn);
+        self.records.range(first_unreceived..).map(|r| r.bytes + wire::RECORD_HEADER_BYTES).sum()
     }
 
     /// Records the checkpoints; returns the payload bytes newly applied.
