@@ -512,6 +512,7 @@ fn run(args: RunArgs) -> Result<()> {
     tracing::info!(signal, "stopping: draining requests, flushing the journal");
     drop(reporter);
     daemon::notify("STOPPING=1\nSTATUS=stopping: draining requests, flushing the journal");
+    volume.begin_shutdown();
     if let Some(ublk_server) = ublk_server {
         if let Err(error) = ublk_server.shutdown() {
             tracing::error!("remove ublk device: {error:#}");

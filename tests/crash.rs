@@ -278,4 +278,13 @@ fn journal_full_makes_writes_wait_and_status_say_full() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(status_json(&dir)["volume"]["last_lsn"].as_u64().unwrap(), last);
     assert!(last < 2048);
+    // A volume whose journal is full still stops on SIGTERM (the waiting write fails, it was
+    // never acknowledged), and everything journaled is there after a restart.
+    let mut served = served;
+    let stopping = Instant::now();
+    assert_eq!(served.terminate(), Some(0), "{}", served.log_text());
+    assert!(stopping.elapsed() < Duration::from_secs(15), "stopping took {:?}", stopping.elapsed());
+    assert!(served.log_text().contains("stopping with a full journal"), "{}", served.log_text());
+    let status = status_json(&dir);
+    assert_eq!(status["volume"]["last_lsn"].as_u64().unwrap(), last, "{status}");
 }

@@ -83,7 +83,7 @@ fn append_iterate_recover() {
     drop((journal, writer));
     let (journal, _writer, report) = Journal::open(&dir, opts).unwrap();
     assert_eq!(report.last_lsn, 201);
-    assert_eq!(read_all(&journal, 201)[0].payload, b"abc");
+    assert_eq!(read_all(&journal, 201)[0].payload, &b"abc"[..]);
 }
 
 #[test]
@@ -128,7 +128,7 @@ fn torn_tail_at_every_byte_offset() {
         drop((journal, writer));
         let (journal, _, report) = Journal::open(&work, opts).unwrap();
         assert_eq!(report.last_lsn, 21);
-        assert_eq!(read_all(&journal, 21)[0].payload, b"after");
+        assert_eq!(read_all(&journal, 21)[0].payload, &b"after"[..]);
     }
     // Untouched, the last record is there.
     let (_, _, report) = Journal::open(&base, opts).unwrap();

@@ -18,6 +18,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
+
 pub use format::{RecordHeader, RecordKind, BLOCK_SIZE, FLAG_FUA, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE};
 use format::{segment_file_name, SegmentHeader};
 pub use ledger::Backlog;
@@ -93,7 +95,8 @@ impl JournalOptions {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     pub header: RecordHeader,
-    pub payload: Vec<u8>,
+    /// A slice of the reader's buffer: cheap to clone and to hand to the network.
+    pub payload: Bytes,
 }
 
 /// A retained segment as the journal's table knows it.
@@ -324,6 +327,16 @@ impl Journal {
         let index = table.retained.partition_point(|s| s.first_lsn <= lsn).saturating_sub(1);
         let entry = &table.retained[index];
         Ok((entry.path.clone(), entry.first_lsn))
+    }
+
+    /// Where the written records of the segment starting at `first_lsn` end (the segment's
+    /// size if the table no longer holds it: readers then rely on the CRC alone).
+    fn segment_end(&self, first_lsn: u64) -> u64 {
+        let table = self.lock_table();
+        match table.retained.iter().find(|s| s.first_lsn == first_lsn) {
+            Some(segment) => segment.end,
+            None => self.options.segment_size,
+        }
     }
 
     /// The segment that follows the one starting at `first_lsn`, if it exists yet.
@@ -750,8 +763,9 @@ struct OpenSegment {
     header: SegmentHeader,
     first_lsn: u64,
     position: u64,
-    /// Read-ahead: bytes of the file from `ahead_start`, so small records cost no syscall each.
-    ahead: Vec<u8>,
+    /// Read-ahead: bytes of the file from `ahead_start`. Records are handed out as slices of
+    /// it (no copy per record), and small records cost no syscall each.
+    ahead: Bytes,
     ahead_start: u64,
 }
 
@@ -760,50 +774,41 @@ const READ_AHEAD: usize = 1 << 20;
 
 impl OpenSegment {
     /// The record at `position`, from the read-ahead buffer when it holds a valid one there,
-    /// else from the file (refilling the buffer). Bytes read ahead past the journal's written
-    /// end at the time (zeros, or a recycled file's old records, which fail the salted CRC)
-    /// are never trusted: a record that does not verify in the buffer is read again from the
-    /// file, which is what decides.
-    fn record_at(&mut self, position: u64) -> Result<Option<Record>, JournalError> {
+    /// else from the file (refilling the buffer). `written_end` is where the journal's table
+    /// says this segment's written records end: the refill reads up to it and no further, so
+    /// a reader tailing the writer gets every new record with one read. The CRC still decides
+    /// what is a record: bytes past the end (zeros, or a recycled file's old records, which
+    /// fail the salted CRC) are never trusted, and a record that does not verify in the buffer
+    /// is read again from the file.
+    fn record_at(&mut self, position: u64, written_end: u64) -> Result<Option<Record>, JournalError> {
         if let Some(record) = self.buffered_record(position) {
             return Ok(Some(record));
         }
-        let length = READ_AHEAD.min((self.header.segment_size.saturating_sub(position)) as usize);
-        if length < RECORD_HEADER_SIZE {
-            return Ok(None);
+        let available = written_end.min(self.header.segment_size).saturating_sub(position);
+        if available < RECORD_HEADER_SIZE as u64 {
+            // The table's end lags the written LSN for a moment after a commit: read exactly.
+            return read_record(&self.file, &self.header, position);
         }
-        self.ahead.resize(length, 0);
-        let mut filled = 0;
-        // A short read ends at the file's end (only in a file being extended; segments are
-        // allocated full size).
-        while filled < length {
-            match self.file.read_at(&mut self.ahead[filled..], position + filled as u64) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-                Err(error) => return Err(io_error("read journal segment")(error)),
-            }
-        }
-        self.ahead.truncate(filled);
-        self.ahead_start = position;
-        if let Some(record) = self.buffered_record(position) {
-            return Ok(Some(record));
-        }
+        let mut buffer = BytesMut::zeroed(READ_AHEAD.min(available as usize));
+        let filled = read_fully_at(&self.file, &mut buffer, position).map_err(io_error("read journal segment"))?;
+        buffer.truncate(filled);
         // A record larger than the read-ahead (a 1 MiB write): read the rest of it after what
-        // is buffered rather than all of it again. The CRC still decides whether it is valid.
-        let whole = self.ahead.get(..RECORD_HEADER_SIZE).and_then(|head| {
+        // is buffered rather than all of it again.
+        let whole = buffer.get(..RECORD_HEADER_SIZE).and_then(|head| {
             let header = format::decode_header(head.try_into().ok()?, self.header.segment_size - position).ok()?;
             Some(RECORD_HEADER_SIZE + header.payload_len as usize)
         });
-        if let Some(whole) = whole.filter(|&whole| whole > self.ahead.len()) {
-            let have = self.ahead.len();
-            self.ahead.resize(whole, 0);
-            if self.file.read_exact_at(&mut self.ahead[have..], position + have as u64).is_err() {
-                self.ahead.truncate(have);
+        if let Some(whole) = whole.filter(|&whole| whole > buffer.len()) {
+            let have = buffer.len();
+            buffer.resize(whole, 0);
+            if self.file.read_exact_at(&mut buffer[have..], position + have as u64).is_err() {
+                buffer.truncate(have);
             }
-            if let Some(record) = self.buffered_record(position) {
-                return Ok(Some(record));
-            }
+        }
+        self.ahead = buffer.freeze();
+        self.ahead_start = position;
+        if let Some(record) = self.buffered_record(position) {
+            return Ok(Some(record));
         }
         read_record(&self.file, &self.header, position)
     }
@@ -812,10 +817,24 @@ impl OpenSegment {
         let offset = position.checked_sub(self.ahead_start)? as usize;
         let head: &[u8; RECORD_HEADER_SIZE] = self.ahead.get(offset..offset + RECORD_HEADER_SIZE)?.try_into().ok()?;
         let record_header = format::decode_header(head, self.header.segment_size - position).ok()?;
-        let payload = self.ahead.get(offset + RECORD_HEADER_SIZE..offset + RECORD_HEADER_SIZE + record_header.payload_len as usize)?;
-        format::verify_record(head, payload, self.header.salt).ok()?;
-        Some(Record { header: record_header, payload: payload.to_vec() })
+        let payload_range = offset + RECORD_HEADER_SIZE..offset + RECORD_HEADER_SIZE + record_header.payload_len as usize;
+        format::verify_record(head, self.ahead.get(payload_range.clone())?, self.header.salt).ok()?;
+        Some(Record { header: record_header, payload: self.ahead.slice(payload_range) })
     }
+}
+
+/// Reads from `position` until `buffer` is full or the file ends; returns the bytes read.
+fn read_fully_at(file: &File, buffer: &mut [u8], position: u64) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buffer.len() {
+        match file.read_at(&mut buffer[filled..], position + filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(filled)
 }
 
 impl JournalReader {
@@ -836,14 +855,15 @@ impl JournalReader {
         loop {
             if self.segment.is_none() {
                 let (path, first_lsn) = self.journal.locate(self.next_lsn)?;
-                self.segment = Some(open_segment_at(&path, first_lsn, self.next_lsn)?);
+                let written_end = self.journal.segment_end(first_lsn);
+                self.segment = Some(open_segment_at(&path, first_lsn, self.next_lsn, written_end)?);
             }
             let segment = self.segment.as_mut().expect("opened above");
             let position = segment.position;
-            // Read ahead only while well behind the writer: a reader tailing the journal
-            // would otherwise fetch a megabyte per record, mostly not yet written.
-            let catching_up = self.journal.written_lsn().saturating_sub(self.next_lsn) >= 16;
-            let found = if catching_up { segment.record_at(position)? } else { read_record(&segment.file, &segment.header, position)? };
+            let found = match segment.buffered_record(position) {
+                Some(record) => Some(record),
+                None => segment.record_at(position, self.journal.segment_end(segment.first_lsn))?,
+            };
             match found {
                 Some(record) if record.header.lsn == self.next_lsn => {
                     segment.position += align_up(record.header.encoded_len() as u64, RECORD_ALIGN);
@@ -875,15 +895,15 @@ impl JournalReader {
     }
 }
 
-fn open_segment_at(path: &Path, first_lsn: u64, lsn: u64) -> Result<OpenSegment, JournalError> {
+fn open_segment_at(path: &Path, first_lsn: u64, lsn: u64, written_end: u64) -> Result<OpenSegment, JournalError> {
     let file = File::open(path).map_err(io_error(format!("open {}", path.display())))?;
     let mut block = vec![0u8; BLOCK_SIZE];
     file.read_exact_at(&mut block, 0).map_err(io_error(format!("read header of {}", path.display())))?;
     let header = SegmentHeader::decode(&block).map_err(|problem| JournalError::Corrupt(format!("{}: {problem}", path.display())))?;
-    let mut segment = OpenSegment { file, header, first_lsn, position: SEGMENT_HEADER_SIZE, ahead: Vec::new(), ahead_start: 0 };
+    let mut segment = OpenSegment { file, header, first_lsn, position: SEGMENT_HEADER_SIZE, ahead: Bytes::new(), ahead_start: 0 };
     while first_lsn < lsn {
         let position = segment.position;
-        match segment.record_at(position)? {
+        match segment.record_at(position, written_end)? {
             Some(record) if record.header.lsn < lsn => {
                 segment.position += align_up(record.header.encoded_len() as u64, RECORD_ALIGN);
             }
@@ -903,10 +923,10 @@ fn read_record(file: &File, header: &SegmentHeader, position: u64) -> Result<Opt
     let Ok(record_header) = format::decode_header(&head, header.segment_size - position) else {
         return Ok(None);
     };
-    let mut payload = vec![0u8; record_header.payload_len as usize];
+    let mut payload = BytesMut::zeroed(record_header.payload_len as usize);
     file.read_exact_at(&mut payload, position + RECORD_HEADER_SIZE as u64).map_err(io_error("read journal record payload"))?;
     if format::verify_record(&head, &payload, header.salt).is_err() {
         return Ok(None);
     }
-    Ok(Some(Record { header: record_header, payload }))
+    Ok(Some(Record { header: record_header, payload: payload.freeze() }))
 }

@@ -21,7 +21,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -221,6 +221,9 @@ struct Shared {
     checkpoint_lsn: AtomicU64,
     /// The journal is never trimmed past this LSN: what every mirror has received.
     trim_floor: AtomicU64,
+    /// Set by [`Volume::shutdown`]: a writer waiting for journal space gives up (a full
+    /// journal held by an unreachable mirror would otherwise keep the volume from stopping).
+    closing: AtomicBool,
     failure: Mutex<Option<String>>,
     state: Mutex<VolumeState>,
     counters: Counters,
@@ -404,6 +407,7 @@ impl Volume {
             last_lsn: AtomicU64::new(report.last_lsn),
             checkpoint_lsn: AtomicU64::new(report.last_lsn),
             trim_floor: AtomicU64::new(crate::replication::mirror::trim_floor(dir)),
+            closing: AtomicBool::new(false),
             failure: Mutex::new(None),
             state: Mutex::new(state),
             counters: Counters::default(),
@@ -580,9 +584,17 @@ impl Volume {
         lock(&self.shared.state).generation
     }
 
+    /// The first step of stopping, before the frontends drain their in-flight requests:
+    /// from now on a write that finds the journal full fails at once instead of waiting for
+    /// a trim (which, with the journal held by an unreachable mirror, may never come).
+    pub fn begin_shutdown(&self) {
+        self.shared.closing.store(true, Ordering::Release);
+    }
+
     /// Stops accepting requests, drains the queue, makes everything durable, applies and
     /// checkpoints it, and marks the shutdown clean. Idempotent.
     pub fn shutdown(&self) -> Result<(), VolumeError> {
+        self.begin_shutdown();
         let sender = lock(&self.submit).take();
         if sender.is_none() && lock(&self.threads).is_empty() {
             return Ok(());
@@ -717,7 +729,17 @@ impl WriterLoop {
                         return (request.completion)(Err(VolumeError::Failed(failure)));
                     }
                     tracing::warn!("journal full: writes wait until it is trimmed");
-                    while !self.writer.wait_for_space(Duration::from_millis(200)) {}
+                    loop {
+                        if self.shared.closing.load(Ordering::Acquire) {
+                            // Not journaled, so not acknowledged: the client sees the error
+                            // and nothing it was told is safe is lost.
+                            tracing::warn!(offset, length, "stopping with a full journal: a waiting write fails");
+                            return (request.completion)(Err(VolumeError::ShuttingDown));
+                        }
+                        if self.writer.wait_for_space(Duration::from_millis(200)) {
+                            break;
+                        }
+                    }
                 }
                 Err(AppendError::Failed(error)) => {
                     self.shared.fail(format!("journal append: {error}"));
