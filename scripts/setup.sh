@@ -31,6 +31,13 @@ apt-get "${apt_options[@]}" update
 apt-get "${apt_options[@]}" install -y --no-install-recommends "${packages[@]}"
 apt-get "${apt_options[@]}" install -y --no-install-recommends "${qemu_release[@]}" "${qemu_packages[@]}"
 if ! command -v cargo >/dev/null 2>&1; then
-    echo "setup.sh: cargo not found: install a Rust toolchain >= 1.80 (https://rustup.rs), then rerun" >&2
+    echo "setup.sh: cargo not found: install a Rust toolchain >= 1.89 (https://rustup.rs), then rerun" >&2
+    exit 1
+fi
+# The locked dependencies need rustc 1.89 (Cargo.toml's rust-version); say so before a long
+# build fails with a less direct message.
+rustc_version=$(rustc --version | awk '{print $2}')
+if [ "$(printf '%s\n1.89.0\n' "$rustc_version" | sort -V | head -1)" != 1.89.0 ]; then
+    echo "setup.sh: rustc $rustc_version is too old: ublk-mirror needs >= 1.89 (rustup update stable), then rerun" >&2
     exit 1
 fi
