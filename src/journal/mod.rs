@@ -789,9 +789,8 @@ impl OpenSegment {
             // The table's end lags the written LSN for a moment after a commit: read exactly.
             return read_record(&self.file, &self.header, position);
         }
-        let mut buffer = BytesMut::zeroed(READ_AHEAD.min(available as usize));
-        let filled = read_fully_at(&self.file, &mut buffer, position).map_err(io_error("read journal segment"))?;
-        buffer.truncate(filled);
+        let mut buffer = BytesMut::new();
+        fsutil::read_at_into(&self.file, &mut buffer, READ_AHEAD.min(available as usize), position).map_err(io_error("read journal segment"))?;
         // A record larger than the read-ahead (a 1 MiB write): read the rest of it after what
         // is buffered rather than all of it again.
         let whole = buffer.get(..RECORD_HEADER_SIZE).and_then(|head| {
@@ -799,9 +798,9 @@ impl OpenSegment {
             Some(RECORD_HEADER_SIZE + header.payload_len as usize)
         });
         if let Some(whole) = whole.filter(|&whole| whole > buffer.len()) {
+            // A short or failed read leaves a record that does not verify: read_record decides.
             let have = buffer.len();
-            buffer.resize(whole, 0);
-            if self.file.read_exact_at(&mut buffer[have..], position + have as u64).is_err() {
+            if fsutil::read_at_into(&self.file, &mut buffer, whole - have, position + have as u64).is_err() {
                 buffer.truncate(have);
             }
         }
@@ -821,20 +820,6 @@ impl OpenSegment {
         format::verify_record(head, self.ahead.get(payload_range.clone())?, self.header.salt).ok()?;
         Some(Record { header: record_header, payload: self.ahead.slice(payload_range) })
     }
-}
-
-/// Reads from `position` until `buffer` is full or the file ends; returns the bytes read.
-fn read_fully_at(file: &File, buffer: &mut [u8], position: u64) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buffer.len() {
-        match file.read_at(&mut buffer[filled..], position + filled as u64) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-            Err(error) => return Err(error),
-        }
-    }
-    Ok(filled)
 }
 
 impl JournalReader {
