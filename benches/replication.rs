@@ -54,12 +54,8 @@ fn main() {
         let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-wan");
         let _ = std::fs::remove_dir_all(&base);
         std::fs::create_dir_all(&base).unwrap();
-        let link_mbps: u64 = std::env::var("BENCH_LINK_MBPS").ok().and_then(|s| s.parse().ok()).unwrap_or(50);
-        let link = relay::Impairment::wan(Duration::from_millis(50), 0.0, Some(link_mbps * 1_000_000));
-        let drain = backlog_drain(&base, &base, "1m", 1 << 30, Some(link));
-        let (bytes, secs) = (drain.bytes, drain.applied_seconds);
-        let rate = bytes as f64 / secs / 1e6;
-        println!("backlog drain, 1M writes, 50 ms RTT, {link_mbps} MB/s link: {rate:.1} MB/s ({:.2}x the link; {secs:.1} s)", rate / link_mbps as f64);
+        let (what, value) = wan_drain(&base);
+        println!("{what}: {value}");
         let _ = std::fs::remove_dir_all(&base);
         return;
     }
@@ -81,12 +77,7 @@ fn main() {
         add(&mut rows, (format!("backlog drain, {label}, {} MiB, received", drain.bytes >> 20), rate(drain.received_seconds)));
         add(&mut rows, ("  ... and applied".into(), rate(drain.applied_seconds)));
     }
-    let link_mbps: u64 = std::env::var("BENCH_LINK_MBPS").ok().and_then(|s| s.parse().ok()).unwrap_or(50);
-    let link = relay::Impairment::wan(Duration::from_millis(50), 0.0, Some(link_mbps * 1_000_000));
-    let drain = backlog_drain(&base, &base, "1m", 1 << 30, Some(link));
-    let (bytes, secs) = (drain.bytes, drain.applied_seconds);
-    let rate = bytes as f64 / secs / 1e6;
-    add(&mut rows, (format!("backlog drain, 1M writes, 50 ms RTT, {link_mbps} MB/s link"), format!("{rate:.1} MB/s ({:.2}x the link; {secs:.1} s)", rate / link_mbps as f64)));
+    add(&mut rows, wan_drain(&base));
     let quic = raw_quic(&base, 1 << 30);
     add(&mut rows, ("raw QUIC stream, 1 GiB, two processes".into(), format!("{quic:.0} MB/s")));
     let tcp = raw_tcp(1 << 30);
@@ -135,6 +126,16 @@ fn main() {
     println!();
     println!("targets: backlog drain >= 0.9x the raw QUIC stream; IOPS with a live mirror >= 0.9x without");
     let _ = std::fs::remove_dir_all(&base);
+}
+
+/// Row 4: the 1 MiB backlog drained through the relay at 50 ms RTT and BENCH_LINK_MBPS.
+fn wan_drain(base: &Path) -> (String, String) {
+    let link_mbps: u64 = std::env::var("BENCH_LINK_MBPS").ok().and_then(|s| s.parse().ok()).unwrap_or(50);
+    let link = relay::Impairment::wan(Duration::from_millis(50), 0.0, Some(link_mbps * 1_000_000));
+    let drain = backlog_drain(base, base, "1m", 1 << 30, Some(link));
+    let (bytes, secs) = (drain.bytes, drain.applied_seconds);
+    let rate = bytes as f64 / secs / 1e6;
+    (format!("backlog drain, 1M writes, 50 ms RTT, {link_mbps} MB/s link"), format!("{rate:.1} MB/s ({:.2}x the link; {secs:.1} s)", rate / link_mbps as f64))
 }
 
 /// Adds a row to the final table and shows it at once (a later failure keeps what was measured).

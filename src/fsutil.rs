@@ -209,7 +209,7 @@ pub fn read_at_into(file: &File, buffer: &mut bytes::BytesMut, length: usize, po
         let start = buffer.len();
         let spare = &mut buffer.spare_capacity_mut()[..target - start];
         match rustix::io::pread_uninit(file, spare, at) {
-            Ok((read, _)) if read.is_empty() => break,
+            Ok(([], _)) => break,
             Ok((read, _)) => {
                 let count = read.len();
                 // SAFETY: pread initialised exactly `count` bytes of the spare capacity, which

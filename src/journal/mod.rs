@@ -774,16 +774,17 @@ const READ_AHEAD: usize = 1 << 20;
 
 impl OpenSegment {
     /// The record at `position`, from the read-ahead buffer when it holds a valid one there,
-    /// else from the file (refilling the buffer). `written_end` is where the journal's table
-    /// says this segment's written records end: the refill reads up to it and no further, so
-    /// a reader tailing the writer gets every new record with one read. The CRC still decides
+    /// else from the file (refilling the buffer). A refill reads up to where the journal's
+    /// table says this segment's written records end and no further, so a reader tailing the
+    /// writer gets every new record with one read (the table is consulted only on a refill). The CRC still decides
     /// what is a record: bytes past the end (zeros, or a recycled file's old records, which
     /// fail the salted CRC) are never trusted, and a record that does not verify in the buffer
     /// is read again from the file.
-    fn record_at(&mut self, position: u64, written_end: u64) -> Result<Option<Record>, JournalError> {
+    fn record_at(&mut self, position: u64, journal: &Journal) -> Result<Option<Record>, JournalError> {
         if let Some(record) = self.buffered_record(position) {
             return Ok(Some(record));
         }
+        let written_end = journal.segment_end(self.first_lsn);
         let available = written_end.min(self.header.segment_size).saturating_sub(position);
         if available < RECORD_HEADER_SIZE as u64 {
             // The table's end lags the written LSN for a moment after a commit: read exactly.
@@ -840,15 +841,11 @@ impl JournalReader {
         loop {
             if self.segment.is_none() {
                 let (path, first_lsn) = self.journal.locate(self.next_lsn)?;
-                let written_end = self.journal.segment_end(first_lsn);
-                self.segment = Some(open_segment_at(&path, first_lsn, self.next_lsn, written_end)?);
+                self.segment = Some(open_segment_at(&self.journal, &path, first_lsn, self.next_lsn)?);
             }
             let segment = self.segment.as_mut().expect("opened above");
             let position = segment.position;
-            let found = match segment.buffered_record(position) {
-                Some(record) => Some(record),
-                None => segment.record_at(position, self.journal.segment_end(segment.first_lsn))?,
-            };
+            let found = segment.record_at(position, &self.journal)?;
             match found {
                 Some(record) if record.header.lsn == self.next_lsn => {
                     segment.position += align_up(record.header.encoded_len() as u64, RECORD_ALIGN);
@@ -880,7 +877,7 @@ impl JournalReader {
     }
 }
 
-fn open_segment_at(path: &Path, first_lsn: u64, lsn: u64, written_end: u64) -> Result<OpenSegment, JournalError> {
+fn open_segment_at(journal: &Journal, path: &Path, first_lsn: u64, lsn: u64) -> Result<OpenSegment, JournalError> {
     let file = File::open(path).map_err(io_error(format!("open {}", path.display())))?;
     let mut block = vec![0u8; BLOCK_SIZE];
     file.read_exact_at(&mut block, 0).map_err(io_error(format!("read header of {}", path.display())))?;
@@ -888,7 +885,7 @@ fn open_segment_at(path: &Path, first_lsn: u64, lsn: u64, written_end: u64) -> R
     let mut segment = OpenSegment { file, header, first_lsn, position: SEGMENT_HEADER_SIZE, ahead: Bytes::new(), ahead_start: 0 };
     while first_lsn < lsn {
         let position = segment.position;
-        match segment.record_at(position, written_end)? {
+        match segment.record_at(position, journal)? {
             Some(record) if record.header.lsn < lsn => {
                 segment.position += align_up(record.header.encoded_len() as u64, RECORD_ALIGN);
             }

@@ -427,12 +427,11 @@ impl Replica {
         }
         let mut buffer = vec![0u8; SYNC_CHUNK as usize];
         let mut differ = Vec::new();
-        let is_device = self.image_is_device;
         for (index, hash) in hashes.iter().enumerate() {
             let chunk = first_chunk.checked_add(index as u64).ok_or_else(|| ReplicaError::Rejected("chunk index overflows".into()))?;
             let (offset, length) = self.chunk_range(chunk)?;
             // A hole is zeros: hashed without reading (nor filling the page cache with it).
-            let ours = if !is_device && crate::fsutil::is_hole(&self.image, offset, length as u64) {
+            let ours = if !self.image_is_device && crate::fsutil::is_hole(&self.image, offset, length as u64) {
                 super::wire::zero_chunk_hash(length)
             } else {
                 self.image.read_exact_at(&mut buffer[..length], offset).map_err(io(format!("read {}", self.state.image.display())))?;
@@ -453,12 +452,11 @@ impl Replica {
         }
         let (offset, length) = self.chunk_range(chunk)?;
         self.counters.bytes_received += data.len() as u64;
-        let is_device = self.image_is_device;
         if zero {
             if !data.is_empty() {
                 return Err(ReplicaError::Rejected(format!("zero chunk {chunk} carries {} bytes", data.len())));
             }
-            crate::fsutil::zero_range(&self.image, offset, length as u64, true, is_device).map_err(io(format!("zero chunk {chunk} of {}", self.state.image.display())))
+            crate::fsutil::zero_range(&self.image, offset, length as u64, true, self.image_is_device).map_err(io(format!("zero chunk {chunk} of {}", self.state.image.display())))
         } else {
             if data.len() != length {
                 return Err(ReplicaError::Rejected(format!("chunk {chunk} has {} bytes, expected {length}", data.len())));

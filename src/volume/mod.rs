@@ -221,7 +221,7 @@ struct Shared {
     checkpoint_lsn: AtomicU64,
     /// The journal is never trimmed past this LSN: what every mirror has received.
     trim_floor: AtomicU64,
-    /// Set by [`Volume::shutdown`]: a writer waiting for journal space gives up (a full
+    /// Set by [`Volume::begin_shutdown`]: a writer waiting for journal space gives up (a full
     /// journal held by an unreachable mirror would otherwise keep the volume from stopping).
     closing: AtomicBool,
     failure: Mutex<Option<String>>,
