@@ -21,7 +21,7 @@
 //!    capacity.
 //! BENCH_SECONDS sets the fio bursts (default 30), BENCH_ROUNDS how many times the bursts
 //! without a mirror and with one (applier's own disk) alternate (default 2; means reported). BENCH_ONLY=quic measures only the raw
-//! QUIC stream (for investigating the transport ceiling), BENCH_ONLY=wan only row 4.
+//! QUIC stream (for investigating the transport ceiling), BENCH_ONLY=wan only row 4, BENCH_ONLY=iops only the NBD rows.
 
 use std::path::{Path, PathBuf};
 mod common;
@@ -63,6 +63,16 @@ fn main() {
     let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-replication");
     let _ = std::fs::remove_dir_all(&base);
     std::fs::create_dir_all(&base).unwrap();
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("iops") {
+        let own_disk = RamDisk::new();
+        let mut rows = Vec::new();
+        iops_rows(&base, &own_disk.mount, seconds, &mut rows);
+        for (what, value) in &rows {
+            println!("{what:<48} {value}");
+        }
+        let _ = std::fs::remove_dir_all(&base);
+        return;
+    }
     println!("ublk-mirror replication benchmark (loopback; one run)");
     let mut rows: Vec<(String, String)> = Vec::new();
 
@@ -82,39 +92,7 @@ fn main() {
     add(&mut rows, ("raw QUIC stream, 1 GiB, two processes".into(), format!("{quic:.0} MB/s")));
     let tcp = raw_tcp(1 << 30);
     add(&mut rows, ("plain TCP stream, 1 GiB".into(), format!("{tcp:.0} MB/s")));
-    // The bursts alternate (none, mirror; mirror, none; ...) and start after a `sync`: on this
-    // shared one-disk VM a single 30 s burst varies by +-10% with the page cache's state, which
-    // is as large as the effect measured.
-    let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2).max(1);
-    let (mut without, mut with, mut catch_ups) = (Vec::new(), Vec::new(), Vec::new());
-    for round in 0..rounds {
-        for mirrored in if round % 2 == 0 { [false, true] } else { [true, false] } {
-            let (iops, catch_up) = fio_iops(&base, &own_disk.mount, mirrored, seconds);
-            eprintln!("  round {}: {} {iops:.0} IOPS", round + 1, if mirrored { "live mirror, applier's own disk" } else { "no mirror" });
-            if mirrored { with.push(iops) } else { without.push(iops) }
-            catch_ups.extend(catch_up);
-        }
-    }
-    let mean = |values: &[f64]| values.iter().sum::<f64>() / values.len() as f64;
-    let spread = |values: &[f64]| format!("{:.0}-{:.0}", values.iter().cloned().fold(f64::MAX, f64::min), values.iter().cloned().fold(0.0, f64::max));
-    let without_mean = mean(&without);
-    add(&mut rows, (format!("NBD 4K randwrite QD32 {seconds}s, no mirror"), format!("{without_mean:.0} IOPS (mean of {rounds}: {})", spread(&without))));
-    add(&mut rows, (format!("NBD 4K randwrite QD32 {seconds}s, live mirror, applier's own disk"), format!("{:.0} IOPS ({:.2}x; mean of {rounds}: {})", mean(&with), mean(&with) / without_mean, spread(&with))));
-    for (records, secs) in catch_ups {
-        add(&mut rows, ("  catch-up after that burst".into(), format!("{secs:.2} s ({records} records behind when it ended)")));
-    }
-    // Calibration: the same burst without a mirror while one busy loop runs at idle priority
-    // (SCHED_IDLE: it only ever gets CPU time nothing else wants). What it costs is what any
-    // background work costs this pipeline on this machine, however low its priority.
-    let hog = IdleHog::start();
-    let (hogged, _) = fio_iops(&base, &base, false, seconds);
-    drop(hog);
-    add(&mut rows, (format!("NBD 4K randwrite QD32 {seconds}s, no mirror, idle-priority busy loop"), format!("{hogged:.0} IOPS ({:.2}x)", hogged / without_mean)));
-    let (same_disk, catch_up) = fio_iops(&base, &base, true, seconds);
-    add(&mut rows, (format!("NBD 4K randwrite QD32 {seconds}s, live mirror, applier on the same disk"), format!("{same_disk:.0} IOPS ({:.2}x)", same_disk / without_mean)));
-    if let Some((records, secs)) = catch_up {
-        add(&mut rows, ("  catch-up after that burst".into(), format!("{secs:.2} s ({records} records behind when it ended)")));
-    }
+    iops_rows(&base, &own_disk.mount, seconds, &mut rows);
     let disk = disk_write_rate(&base);
     add(&mut rows, ("disk: 1 GiB buffered write + fdatasync".into(), format!("{disk:.0} MB/s: an applier on this disk writes every byte twice (journal, image), so applied <= {:.0} MB/s", disk / 2.0)));
     drop(own_disk);
@@ -126,6 +104,44 @@ fn main() {
     println!();
     println!("targets: backlog drain >= 0.9x the raw QUIC stream; IOPS with a live mirror >= 0.9x without");
     let _ = std::fs::remove_dir_all(&base);
+}
+
+/// The NBD rows: 4K random writes with no mirror and with a live one, catch-up times, the
+/// calibration row and the same-disk row.
+fn iops_rows(base: &Path, own_disk: &Path, seconds: u64, rows: &mut Vec<(String, String)>) {
+    // The bursts alternate (none, mirror; mirror, none; ...) and start after a `sync`: on this
+    // shared one-disk VM a single 30 s burst varies by +-10% with the page cache's state, which
+    // is as large as the effect measured.
+    let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2).max(1);
+    let (mut without, mut with, mut catch_ups) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        for mirrored in if round % 2 == 0 { [false, true] } else { [true, false] } {
+            let (iops, catch_up) = fio_iops(base, own_disk, mirrored, seconds);
+            eprintln!("  round {}: {} {iops:.0} IOPS", round + 1, if mirrored { "live mirror, applier's own disk" } else { "no mirror" });
+            if mirrored { with.push(iops) } else { without.push(iops) }
+            catch_ups.extend(catch_up);
+        }
+    }
+    let mean = |values: &[f64]| values.iter().sum::<f64>() / values.len() as f64;
+    let spread = |values: &[f64]| format!("{:.0}-{:.0}", values.iter().cloned().fold(f64::MAX, f64::min), values.iter().cloned().fold(0.0, f64::max));
+    let without_mean = mean(&without);
+    add(rows, (format!("NBD 4K randwrite QD32 {seconds}s, no mirror"), format!("{without_mean:.0} IOPS (mean of {rounds}: {})", spread(&without))));
+    add(rows, (format!("NBD 4K randwrite QD32 {seconds}s, live mirror, applier's own disk"), format!("{:.0} IOPS ({:.2}x; mean of {rounds}: {})", mean(&with), mean(&with) / without_mean, spread(&with))));
+    for (records, secs) in catch_ups {
+        add(rows, ("  catch-up after that burst".into(), format!("{secs:.2} s ({records} records behind when it ended)")));
+    }
+    // Calibration: the same burst without a mirror while one busy loop runs at idle priority
+    // (SCHED_IDLE: it only ever gets CPU time nothing else wants). What it costs is what any
+    // background work costs this pipeline on this machine, however low its priority.
+    let hog = IdleHog::start();
+    let (hogged, _) = fio_iops(base, base, false, seconds);
+    drop(hog);
+    add(rows, (format!("NBD 4K randwrite QD32 {seconds}s, no mirror, idle-priority busy loop"), format!("{hogged:.0} IOPS ({:.2}x)", hogged / without_mean)));
+    let (same_disk, catch_up) = fio_iops(base, base, true, seconds);
+    add(rows, (format!("NBD 4K randwrite QD32 {seconds}s, live mirror, applier on the same disk"), format!("{same_disk:.0} IOPS ({:.2}x)", same_disk / without_mean)));
+    if let Some((records, secs)) = catch_up {
+        add(rows, ("  catch-up after that burst".into(), format!("{secs:.2} s ({records} records behind when it ended)")));
+    }
 }
 
 /// Row 4: the 1 MiB backlog drained through the relay at 50 ms RTT and BENCH_LINK_MBPS.

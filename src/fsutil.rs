@@ -198,6 +198,28 @@ pub fn drop_from_cache(file: &File, offset: u64, length: u64) {
     let _ = rustix::fs::fadvise(file, offset, length, rustix::fs::Advice::DontNeed);
 }
 
+/// Writes `parts` one after the other at `offset` with as few `pwritev` calls as it takes
+/// (a received payload arrives in pieces; gathering it first would copy it once more).
+pub fn write_all_vectored_at(file: &File, parts: &[&[u8]], offset: u64) -> io::Result<()> {
+    let mut slices: Vec<io::IoSlice> = parts.iter().filter(|p| !p.is_empty()).map(|p| io::IoSlice::new(p)).collect();
+    let mut remaining = &mut slices[..];
+    let mut at = offset;
+    while !remaining.is_empty() {
+        // The kernel takes at most IOV_MAX (1024) slices per call.
+        let take = remaining.len().min(1024);
+        match rustix::io::pwritev(file, &remaining[..take], at) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "pwritev wrote nothing")),
+            Ok(written) => {
+                at += written as u64;
+                io::IoSlice::advance_slices(&mut remaining, written);
+            }
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Ok(())
+}
+
 /// Appends up to `length` bytes of `file` from `position` to `buffer` (fewer at the file's
 /// end), reading into its spare capacity: no zero-filling of memory the read overwrites (a
 /// megabyte per journal read-ahead refill showed up in the sender's profile).

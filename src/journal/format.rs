@@ -89,7 +89,12 @@ impl RecordHeader {
 
     /// Writes header and payload into `out` (exactly `encoded_len()` bytes), CRC included.
     pub fn encode(&self, payload: &[u8], salt: u64, out: &mut [u8]) {
-        debug_assert_eq!(payload.len(), self.payload_len as usize);
+        self.encode_parts(std::iter::once(payload), salt, out)
+    }
+
+    /// [`RecordHeader::encode`] for a payload in pieces (as received from the network),
+    /// copied one after the other.
+    pub fn encode_parts<'a>(&self, payload: impl Iterator<Item = &'a [u8]>, salt: u64, out: &mut [u8]) {
         debug_assert_eq!(out.len(), self.encoded_len());
         let header = &mut out[..RECORD_HEADER_SIZE];
         header.fill(0);
@@ -104,8 +109,14 @@ impl RecordHeader {
         // 36..40: CRC, computed with these bytes zero.
         header[40..48].copy_from_slice(&self.synced_lsn.to_le_bytes());
         header[48..56].copy_from_slice(&self.timestamp_us.to_le_bytes());
-        out[RECORD_HEADER_SIZE..].copy_from_slice(payload);
-        let crc = record_crc(salt, &out[..RECORD_HEADER_SIZE], payload);
+        let mut at = RECORD_HEADER_SIZE;
+        for part in payload {
+            out[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+        debug_assert_eq!(at, out.len());
+        let (header, payload) = out.split_at(RECORD_HEADER_SIZE);
+        let crc = record_crc(salt, header, payload);
         out[36..40].copy_from_slice(&crc.to_le_bytes());
     }
 }

@@ -37,15 +37,19 @@ pub async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Option<Frame>, L
         Err(error) => return Err(error.into()),
     }
     let length = wire::check_length(prefix)?;
-    // Gathered from QUIC's chunks: one copy, and no zero-filling of a buffer it overwrites.
-    let mut body = Vec::with_capacity(length);
-    while body.len() < length {
-        match recv.read_chunk(length - body.len(), true).await.map_err(quinn::ReadExactError::ReadError)? {
-            Some(chunk) => body.extend_from_slice(&chunk.bytes),
-            None => return Err(quinn::ReadExactError::FinishedEarly(body.len()).into()),
+    // Kept in the chunks QUIC hands over: record payloads stay slices of them (no copy).
+    let mut chunks = Vec::new();
+    let mut have = 0;
+    while have < length {
+        match recv.read_chunk(length - have, true).await.map_err(quinn::ReadExactError::ReadError)? {
+            Some(chunk) => {
+                have += chunk.bytes.len();
+                chunks.push(chunk.bytes);
+            }
+            None => return Err(quinn::ReadExactError::FinishedEarly(have).into()),
         }
     }
-    Ok(Some(wire::decode_frame(body.into())?))
+    Ok(Some(wire::decode_frame(chunks)?))
 }
 
 pub async fn write_control(send: &mut quinn::SendStream, message: &Control) -> Result<(), LinkError> {

@@ -255,7 +255,7 @@ impl Replica {
             expected += 1;
         }
         for record in &fresh {
-            let lsn = match self.writer.append(record.kind, record.offset, record.length, &record.payload, record.flags) {
+            let lsn = match self.writer.append_parts(record.kind, record.offset, record.length, record.payload.parts(), record.flags) {
                 Ok(lsn) => lsn,
                 Err(AppendError::JournalFull) => return Err(ReplicaError::JournalFull),
                 Err(AppendError::Failed(error)) => return Err(error.into()),
@@ -287,7 +287,7 @@ impl Replica {
         let mut reader = JournalReader::new(self.journal.clone(), self.applied_unsynced + 1)?;
         while let Some(record) = reader.next_record()? {
             let h = record.header;
-            self.apply_one(h.lsn, h.kind, h.offset, h.length, &record.payload)?;
+            self.apply_one(h.lsn, h.kind, h.offset, h.length, &[&record.payload[..]])?;
         }
         Ok(self.applied_unsynced)
     }
@@ -306,17 +306,17 @@ impl Replica {
             if record.lsn > received || record.lsn != self.applied_unsynced + 1 {
                 break;
             }
-            self.apply_one(record.lsn, record.kind, record.offset, record.length, &record.payload)?;
+            self.apply_one(record.lsn, record.kind, record.offset, record.length, &record.payload.parts().collect::<Vec<_>>())?;
         }
         self.apply_unsynced()
     }
 
-    fn apply_one(&mut self, lsn: u64, kind: crate::journal::RecordKind, offset: u64, length: u64, payload: &[u8]) -> Result<(), ReplicaError> {
+    fn apply_one(&mut self, lsn: u64, kind: crate::journal::RecordKind, offset: u64, length: u64, payload: &[&[u8]]) -> Result<(), ReplicaError> {
         // The error's context is formatted only on failure: this runs once per record.
-        crate::journal::apply_record(&self.image, self.image_is_device, kind, offset, length, payload)
+        crate::journal::apply_record_parts(&self.image, self.image_is_device, kind, offset, length, payload)
             .map_err(|source| ReplicaError::Io { context: format!("apply LSN {lsn} to {}", self.state.image.display()), source })?;
         self.applied_unsynced = lsn;
-        self.unsynced_bytes += payload.len() as u64;
+        self.unsynced_bytes += payload.iter().map(|part| part.len() as u64).sum::<u64>();
         self.counters.records_applied += 1;
         Ok(())
     }
@@ -537,6 +537,33 @@ mod tests {
         assert_eq!(&image[..512], &[3u8; 512][..]);
         assert_eq!(&image[512..4096], &[1u8; 3584][..]);
         assert!(image[4096..8192].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn a_payload_in_pieces_is_journaled_and_applied_whole() {
+        use super::super::wire::{self, Frame};
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("r");
+        let mut replica = Replica::create(&dir, &hello(1 << 20), None).unwrap();
+        replica.sync_start().unwrap();
+        replica.sync_done(0, 0).unwrap();
+        let data: Vec<u8> = (0..12288u32).map(|i| (i % 251) as u8).collect();
+        let header = crate::journal::RecordHeader { kind: RecordKind::Write, flags: 0, lsn: 1, offset: 8192, length: 12288, payload_len: 12288, synced_lsn: 0, timestamp_us: 0 };
+        let mut frame = wire::encode_batch_header(&[(header, &data[..])]);
+        frame.extend_from_slice(&data);
+        // As QUIC may deliver it: the payload spans three chunks.
+        let body = bytes::Bytes::from(frame).slice(4..);
+        let chunks = vec![body.slice(..1000), body.slice(1000..9000), body.slice(9000..)];
+        let Frame::Records(records) = wire::decode_frame(chunks).unwrap() else { panic!("records expected") };
+        assert_eq!(records[0].payload.parts().count(), 3);
+        assert_eq!(replica.receive(&records).unwrap(), 1);
+        let journaled = crate::journal::JournalReader::new(replica.journal.clone(), 1).unwrap().next_record().unwrap().unwrap();
+        assert_eq!(journaled.payload, &data[..], "journaled whole (and its CRC verified on reading)");
+        replica.apply_received(&records).unwrap();
+        replica.checkpoint().unwrap();
+        let image = std::fs::read(dir.join(DEFAULT_IMAGE)).unwrap();
+        assert_eq!(&image[8192..8192 + 12288], &data[..], "applied whole, in order");
+        assert!(image[..8192].iter().chain(&image[8192 + 12288..]).all(|&b| b == 0));
     }
 
     #[test]
