@@ -16,6 +16,9 @@
 //!    host's disk; the applier still shares the two CPUs with the source and fio.
 //!    A calibration row runs the burst without a mirror beside one busy loop at idle
 //!    priority: the cost of any background CPU work to this pipeline on this machine.
+//!    Drains and live bursts also report the mirror's CPU time per record (per MiB for 1 MiB
+//!    writes): the volume's sender thread, which is what a mirror costs the source host, and
+//!    the applier process, which on a real deployment runs on the replica host.
 //! 4. The 1 MiB backlog drained through the impairment relay (tests/common/relay.rs) at
 //!    50 ms RTT without loss, capped at BENCH_LINK_MBPS MB/s (default 50), against that
 //!    capacity.
@@ -86,6 +89,8 @@ fn main() {
         let rate = |secs: f64| format!("{:.0} MB/s, {:.0} records/s ({secs:.1} s)", drain.bytes as f64 / secs / 1e6, drain.records as f64 / secs);
         add(&mut rows, (format!("backlog drain, {label}, {} MiB, received", drain.bytes >> 20), rate(drain.received_seconds)));
         add(&mut rows, ("  ... and applied".into(), rate(drain.applied_seconds)));
+        let cpu = if bs == "1m" { drain.cpu.per(drain.bytes >> 20, "MiB") } else { drain.cpu.per(drain.records, "record") };
+        add(&mut rows, ("  mirror CPU".into(), cpu));
     }
     add(&mut rows, wan_drain(&base));
     let quic = raw_quic(&base, 1 << 30);
@@ -116,10 +121,10 @@ fn iops_rows(base: &Path, own_disk: &Path, seconds: u64, rows: &mut Vec<(String,
     let (mut without, mut with, mut catch_ups) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
         for mirrored in if round % 2 == 0 { [false, true] } else { [true, false] } {
-            let (iops, catch_up) = fio_iops(base, own_disk, mirrored, seconds);
-            eprintln!("  round {}: {} {iops:.0} IOPS", round + 1, if mirrored { "live mirror, applier's own disk" } else { "no mirror" });
-            if mirrored { with.push(iops) } else { without.push(iops) }
-            catch_ups.extend(catch_up);
+            let burst = fio_iops(base, own_disk, mirrored, seconds);
+            eprintln!("  round {}: {} {:.0} IOPS", round + 1, if mirrored { "live mirror, applier's own disk" } else { "no mirror" }, burst.iops);
+            if mirrored { with.push(burst.iops) } else { without.push(burst.iops) }
+            catch_ups.extend(burst.catch_up.zip(burst.cpu));
         }
     }
     let mean = |values: &[f64]| values.iter().sum::<f64>() / values.len() as f64;
@@ -127,17 +132,19 @@ fn iops_rows(base: &Path, own_disk: &Path, seconds: u64, rows: &mut Vec<(String,
     let without_mean = mean(&without);
     add(rows, (format!("NBD 4K randwrite QD32 {seconds}s, no mirror"), format!("{without_mean:.0} IOPS (mean of {rounds}: {})", spread(&without))));
     add(rows, (format!("NBD 4K randwrite QD32 {seconds}s, live mirror, applier's own disk"), format!("{:.0} IOPS ({:.2}x; mean of {rounds}: {})", mean(&with), mean(&with) / without_mean, spread(&with))));
-    for (records, secs) in catch_ups {
-        add(rows, ("  catch-up after that burst".into(), format!("{secs:.2} s ({records} records behind when it ended)")));
+    // With what the mirror cost per record, burst and catch-up together (with the applier on
+    // a host of its own, only the sender's share is taken from the source).
+    for ((behind, secs), (cpu, records)) in catch_ups {
+        add(rows, ("  catch-up after that burst".into(), format!("{secs:.2} s ({behind} records behind when it ended); mirror CPU {} ({records} records)", cpu.per(records, "record"))));
     }
     // Calibration: the same burst without a mirror while one busy loop runs at idle priority
     // (SCHED_IDLE: it only ever gets CPU time nothing else wants). What it costs is what any
     // background work costs this pipeline on this machine, however low its priority.
     let hog = IdleHog::start();
-    let (hogged, _) = fio_iops(base, base, false, seconds);
+    let hogged = fio_iops(base, base, false, seconds).iops;
     drop(hog);
     add(rows, (format!("NBD 4K randwrite QD32 {seconds}s, no mirror, idle-priority busy loop"), format!("{hogged:.0} IOPS ({:.2}x)", hogged / without_mean)));
-    let (same_disk, catch_up) = fio_iops(base, base, true, seconds);
+    let Burst { iops: same_disk, catch_up, .. } = fio_iops(base, base, true, seconds);
     add(rows, (format!("NBD 4K randwrite QD32 {seconds}s, live mirror, applier on the same disk"), format!("{same_disk:.0} IOPS ({:.2}x)", same_disk / without_mean)));
     if let Some((records, secs)) = catch_up {
         add(rows, ("  catch-up after that burst".into(), format!("{secs:.2} s ({records} records behind when it ended)")));
@@ -230,6 +237,49 @@ struct Drain {
     records: u64,
     received_seconds: f64,
     applied_seconds: f64,
+    /// CPU time the drain took: the sender thread, and the whole applier process.
+    cpu: MirrorCpu,
+}
+
+/// CPU seconds of the mirror's two ends: the volume's sender thread (what the mirror costs
+/// the source host) and the applier process (the replica host's cost).
+#[derive(Clone, Copy, Default)]
+struct MirrorCpu {
+    sender: f64,
+    applier: f64,
+}
+
+impl MirrorCpu {
+    fn sample(volume_pid: u32, applier_pid: u32) -> MirrorCpu {
+        let sender = std::fs::read_dir(format!("/proc/{volume_pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .find(|task| std::fs::read_to_string(task.path().join("comm")).is_ok_and(|comm| comm.starts_with("sender-")))
+            .map_or(0.0, |task| cpu_seconds(&task.path().join("stat")));
+        MirrorCpu { sender, applier: cpu_seconds(Path::new(&format!("/proc/{applier_pid}/stat"))) }
+    }
+
+    fn since(self, earlier: MirrorCpu) -> MirrorCpu {
+        MirrorCpu { sender: self.sender - earlier.sender, applier: self.applier - earlier.applier }
+    }
+
+    /// "per record: sender 5.9 us, applier 12.8 us" (`unit`: record or MiB).
+    fn per(self, count: u64, unit: &str) -> String {
+        let each = |seconds: f64| seconds / count.max(1) as f64 * 1e6;
+        format!("per {unit}: sender {:.1} us, applier {:.1} us", each(self.sender), each(self.applier))
+    }
+}
+
+/// utime + stime of a /proc stat file, in seconds (0 if it cannot be read).
+fn cpu_seconds(stat: &Path) -> f64 {
+    let Ok(text) = std::fs::read_to_string(stat) else { return 0.0 };
+    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    let fields: Vec<&str> = text.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11) + ticks(12)) as f64 / per_second
 }
 
 /// Writes `total` bytes while the applier is down, then times the drain; through a relay
@@ -242,7 +292,7 @@ fn backlog_drain(base: &Path, applier_base: &Path, bs: &str, total: u64, link: O
     let (vdir, adir) = mirrored_volume_to(base, applier_base, &name, "3G", &to);
     let socket = base.join("drain.sock");
     let _ = std::fs::remove_file(&socket);
-    let _volume = spawn(&["run", "--dir", vdir.to_str().unwrap(), "--nbd", &format!("unix:{}", socket.display())], &vdir.join("control.sock"));
+    let volume = spawn(&["run", "--dir", vdir.to_str().unwrap(), "--nbd", &format!("unix:{}", socket.display())], &vdir.join("control.sock"));
     // The new (empty) replica's initial synchronisation first, so what is timed below is the
     // journal backlog alone.
     {
@@ -257,7 +307,7 @@ fn backlog_drain(base: &Path, applier_base: &Path, bs: &str, total: u64, link: O
     let rw = if bs == "1m" { "write" } else { "randwrite" };
     fio(&format!("nbd+unix:///bench?socket={}", socket.display()), rw, bs, &["--size=2g", &format!("--io_size={total}")]);
     let last = status(&vdir)["volume"]["last_lsn"].as_u64().unwrap();
-    let _applier = spawn(&["applier", "run", "--dir", adir.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")], &adir.join("control.sock"));
+    let applier = spawn(&["applier", "run", "--dir", adir.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")], &adir.join("control.sock"));
     // The clock starts when the sender is connected (its reconnect backoff, up to 5 s while
     // the applier was down, is not the drain's speed); records applied by then are not counted.
     let socket = vdir.join("control.sock");
@@ -269,6 +319,7 @@ fn backlog_drain(base: &Path, applier_base: &Path, bs: &str, total: u64, link: O
         std::thread::sleep(Duration::from_millis(5));
     };
     let started = Instant::now();
+    let cpu_at_start = MirrorCpu::sample(volume.0.id(), applier.0.id());
     let start_applied = connected["mirrors"][0]["applied_lsn"].as_u64().unwrap_or(0);
     let deadline = started + Duration::from_secs(900);
     let mut received_seconds = None;
@@ -284,12 +335,13 @@ fn backlog_drain(base: &Path, applier_base: &Path, bs: &str, total: u64, link: O
         assert!(Instant::now() < deadline, "the backlog did not drain in 900 s");
         std::thread::sleep(Duration::from_millis(5));
     };
+    let cpu = MirrorCpu::sample(volume.0.id(), applier.0.id()).since(cpu_at_start);
     if let Some(relay) = &relay {
         eprintln!("relay: {:?}", relay.stats);
     }
     let records = last - start_applied;
     let record_bytes = if bs == "1m" { 1 << 20 } else { 4096 };
-    Drain { bytes: records * record_bytes, records, received_seconds: received_seconds.unwrap_or(applied_seconds), applied_seconds }
+    Drain { bytes: records * record_bytes, records, received_seconds: received_seconds.unwrap_or(applied_seconds), applied_seconds, cpu }
 }
 
 /// Status through the control socket (cheap enough to poll every few milliseconds).
@@ -422,16 +474,25 @@ fn raw_tcp(total: u64) -> f64 {
 /// IOPS of the burst, and for a mirrored volume how many records the mirror was behind when
 /// it ended and how long it took to apply them. The applier's directory is under
 /// `applier_base`.
-fn fio_iops(base: &Path, applier_base: &Path, mirrored: bool, seconds: u64) -> (f64, Option<(u64, f64)>) {
+/// One fio burst: IOPS, and with a mirror the catch-up after it (records behind when it
+/// ended, seconds) and the mirror's CPU time from the burst's start to caught up, with the
+/// records written.
+struct Burst {
+    iops: f64,
+    catch_up: Option<(u64, f64)>,
+    cpu: Option<(MirrorCpu, u64)>,
+}
+
+fn fio_iops(base: &Path, applier_base: &Path, mirrored: bool, seconds: u64) -> Burst {
     let name = if !mirrored { "none" } else if applier_base == base { "live-same-disk" } else { "live-own-disk" };
     let (vdir, adir, port) = mirrored_volume(base, applier_base, name, "1G");
     if !mirrored {
         run(&["mirror", "remove", "--dir", vdir.to_str().unwrap()]);
     }
-    let _applier = mirrored.then(|| spawn(&["applier", "run", "--dir", adir.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")], &adir.join("control.sock")));
+    let applier = mirrored.then(|| spawn(&["applier", "run", "--dir", adir.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")], &adir.join("control.sock")));
     let socket = base.join(format!("{name}.sock"));
     let _ = std::fs::remove_file(&socket);
-    let _volume = spawn(&["run", "--dir", vdir.to_str().unwrap(), "--nbd", &format!("unix:{}", socket.display())], &vdir.join("control.sock"));
+    let volume = spawn(&["run", "--dir", vdir.to_str().unwrap(), "--nbd", &format!("unix:{}", socket.display())], &vdir.join("control.sock"));
     if mirrored {
         // The burst starts once the new replica's initial synchronisation is over.
         let deadline = Instant::now() + Duration::from_secs(300);
@@ -442,16 +503,18 @@ fn fio_iops(base: &Path, applier_base: &Path, mirrored: bool, seconds: u64) -> (
     }
     let _ = Command::new("sync").status();
     std::thread::sleep(Duration::from_secs(1));
+    let first_lsn = status(&vdir)["volume"]["last_lsn"].as_u64().unwrap_or(0);
+    let cpu_at_start = applier.as_ref().map(|applier| MirrorCpu::sample(volume.0.id(), applier.0.id()));
     let iops = common::fio(base, &format!("nbd+unix:///bench?socket={}", socket.display()), "randwrite", "4k", 32, seconds).iops;
-    if !mirrored {
-        return (iops, None);
-    }
+    let (Some(applier), Some(cpu_at_start)) = (&applier, cpu_at_start) else { return Burst { iops, catch_up: None, cpu: None } };
     let ended = Instant::now();
     let at_end = status(&vdir);
     let last = at_end["volume"]["last_lsn"].as_u64().unwrap();
     let behind = last - at_end["mirrors"][0]["applied_lsn"].as_u64().unwrap();
     mirror_wait(&vdir);
-    (iops, Some((behind, ended.elapsed().as_secs_f64())))
+    let catch_up = ended.elapsed().as_secs_f64();
+    let cpu = MirrorCpu::sample(volume.0.id(), applier.0.id()).since(cpu_at_start);
+    Burst { iops, catch_up: Some((behind, catch_up)), cpu: Some((cpu, last - first_lsn)) }
 }
 
 /// A directory in /dev/shm (tmpfs): a disk of its own for the applier on a machine with one
