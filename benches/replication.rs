@@ -80,6 +80,7 @@ fn main() {
     let mut rows: Vec<(String, String)> = Vec::new();
 
     let own_disk = RamDisk::new();
+    let mut own_disk_drain = None;
     for (label, bs, total, applier_base) in [
         ("1M writes", "1m", 1u64 << 30, &base),
         ("4K writes", "4k", 256u64 << 20, &base),
@@ -91,10 +92,17 @@ fn main() {
         add(&mut rows, ("  ... and applied".into(), rate(drain.applied_seconds)));
         let cpu = if bs == "1m" { drain.cpu.per(drain.bytes >> 20, "MiB") } else { drain.cpu.per(drain.records, "record") };
         add(&mut rows, ("  mirror CPU".into(), cpu));
+        if applier_base == &own_disk.mount {
+            own_disk_drain = Some(drain);
+        }
     }
     add(&mut rows, wan_drain(&base));
     let quic = raw_quic(&base, 1 << 30);
     add(&mut rows, ("raw QUIC stream, 1 GiB, two processes".into(), format!("{quic:.0} MB/s")));
+    if let Some(drain) = own_disk_drain {
+        let ratio = |secs: f64| drain.bytes as f64 / secs / 1e6 / quic;
+        add(&mut rows, ("  1M drain, applier's own disk, vs raw QUIC".into(), format!("received {:.2}x, applied {:.2}x", ratio(drain.received_seconds), ratio(drain.applied_seconds))));
+    }
     let tcp = raw_tcp(1 << 30);
     add(&mut rows, ("plain TCP stream, 1 GiB".into(), format!("{tcp:.0} MB/s")));
     iops_rows(&base, &own_disk.mount, seconds, &mut rows);

@@ -512,6 +512,14 @@ mod tests {
         ReceivedRecord { lsn, kind: RecordKind::Write, flags: 0, offset, length: len as u64, timestamp_us: 0, payload: vec![byte; len].into() }
     }
 
+    /// A new 1 MiB replica past its (empty) initial synchronisation: it takes records.
+    fn synced_replica(dir: &Path) -> Replica {
+        let mut replica = Replica::create(dir, &hello(1 << 20), None).unwrap();
+        replica.sync_start().unwrap();
+        replica.sync_done(0, 0).unwrap();
+        replica
+    }
+
     #[test]
     fn receive_apply_and_recover() {
         let tmp = tempfile::tempdir().unwrap();
@@ -544,9 +552,7 @@ mod tests {
         use super::super::wire::{self, Frame};
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("r");
-        let mut replica = Replica::create(&dir, &hello(1 << 20), None).unwrap();
-        replica.sync_start().unwrap();
-        replica.sync_done(0, 0).unwrap();
+        let mut replica = synced_replica(&dir);
         let data: Vec<u8> = (0..12288u32).map(|i| (i % 251) as u8).collect();
         let header = crate::journal::RecordHeader { kind: RecordKind::Write, flags: 0, lsn: 1, offset: 8192, length: 12288, payload_len: 12288, synced_lsn: 0, timestamp_us: 0 };
         let mut frame = wire::encode_batch_header(&[(header, &data[..])]);
@@ -570,9 +576,7 @@ mod tests {
     fn bad_batches_change_nothing() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("r");
-        let mut replica = Replica::create(&dir, &hello(1 << 20), None).unwrap();
-        replica.sync_start().unwrap();
-        replica.sync_done(0, 0).unwrap();
+        let mut replica = synced_replica(&dir);
         replica.receive(&[write(1, 0, 1, 4096)]).unwrap();
         let gap = replica.receive(&[write(3, 0, 9, 4096)]).unwrap_err();
         assert!(gap.to_string().contains("expected LSN 2"), "{gap}");
