@@ -22,6 +22,7 @@
 //! 4. The 1 MiB backlog drained through the impairment relay (tests/common/relay.rs) at
 //!    50 ms RTT without loss, capped at BENCH_LINK_MBPS MB/s (default 50), against that
 //!    capacity.
+//!
 //! BENCH_SECONDS sets the fio bursts (default 30), BENCH_ROUNDS how many times the bursts
 //! without a mirror and with one (applier's own disk) alternate (default 2; means reported). BENCH_ONLY=quic measures only the raw
 //! QUIC stream (for investigating the transport ceiling), BENCH_ONLY=wan only row 4, BENCH_ONLY=iops only the NBD rows.

@@ -22,7 +22,7 @@ pub const DIRECT_ALIGN: usize = 4096;
 
 impl AlignedBuffer {
     pub fn new(len: usize) -> Self {
-        assert!(len > 0 && len % DIRECT_ALIGN == 0, "aligned buffer length must be a positive multiple of {DIRECT_ALIGN}");
+        assert!(len > 0 && len.is_multiple_of(DIRECT_ALIGN), "aligned buffer length must be a positive multiple of {DIRECT_ALIGN}");
         let layout = std::alloc::Layout::from_size_align(len, DIRECT_ALIGN).expect("valid layout");
         // SAFETY: layout has non-zero size (checked above).
         let raw = unsafe { std::alloc::alloc_zeroed(layout) };

@@ -128,7 +128,7 @@ impl UblkServer {
     pub fn start(volume: Arc<Volume>, dir: &Path, options: &UblkOptions) -> Result<UblkServer, FrontendError> {
         preflight(options)?;
         let size = volume.size();
-        if size % 4096 != 0 {
+        if !size.is_multiple_of(4096) {
             return Err(FrontendError::Invalid(format!("volume size {size} is not a multiple of 4096 bytes")));
         }
         let record_path = dir.join(DEVICE_RECORD);

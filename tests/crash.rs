@@ -54,7 +54,7 @@ fn drive_load(socket: &Path, seed: u64) -> ClientLog {
     // Bounded in count and time; the server normally dies long before either bound.
     'load: while next_id < 50_000 && started.elapsed() < Duration::from_secs(20) {
         while in_flight.len() + flush_in_flight.len() < QUEUE_DEPTH {
-            if next_id % 40 == 0 && flush_in_flight.is_empty() {
+            if next_id.is_multiple_of(40) && flush_in_flight.is_empty() {
                 let Ok(cookie) = client.try_send(CMD_FLUSH, 0, 0, 0, &[]) else { break 'load };
                 flush_in_flight.insert(cookie, log.acked.len());
                 next_id += 1;

@@ -187,7 +187,7 @@ fn background_writer(socket: PathBuf, stop: std::sync::Arc<std::sync::atomic::At
             written += 1;
             // About 3 MB/s: a steady trickle, so a partition leaves a backlog of seconds.
             std::thread::sleep(Duration::from_millis(20));
-            if written % 8 == 0 {
+            if written.is_multiple_of(8) {
                 assert_eq!(client.flush(), 0);
             }
         }

@@ -167,7 +167,7 @@ fn distinguishable_load(socket: &Path, export: &str, seconds: u64) -> u64 {
     while started.elapsed() < Duration::from_secs(seconds) && id < 6000 {
         while in_flight < 16 && id < 6000 {
             id += 1;
-            let sent = if id % 50 == 0 {
+            let sent = if id.is_multiple_of(50) {
                 client.try_send(CMD_FLUSH, 0, 0, 0, &[])
             } else {
                 client.try_send(CMD_WRITE, 0, (id * 7919 % 8192) * 4096, 4096, &block_payload(id))

@@ -66,7 +66,7 @@ pub struct JournalOptions {
 
 impl JournalOptions {
     pub fn validate(&self) -> Result<(), JournalError> {
-        if self.segment_size < MIN_SEGMENT_SIZE || self.segment_size % BLOCK_SIZE as u64 != 0 {
+        if self.segment_size < MIN_SEGMENT_SIZE || !self.segment_size.is_multiple_of(BLOCK_SIZE as u64) {
             return Err(JournalError::Invalid(format!(
                 "segment size {} must be a multiple of {BLOCK_SIZE} and at least {MIN_SEGMENT_SIZE}",
                 self.segment_size
@@ -893,13 +893,10 @@ fn open_segment_at(journal: &Journal, path: &Path, first_lsn: u64, lsn: u64) -> 
     file.read_exact_at(&mut block, 0).map_err(io_error(format!("read header of {}", path.display())))?;
     let header = SegmentHeader::decode(&block).map_err(|problem| JournalError::Corrupt(format!("{}: {problem}", path.display())))?;
     let mut segment = OpenSegment { file, header, first_lsn, position: SEGMENT_HEADER_SIZE, ahead: Bytes::new(), ahead_start: 0 };
-    while first_lsn < lsn {
-        let position = segment.position;
-        match segment.record_at(position, journal)? {
-            Some(record) if record.header.lsn < lsn => {
-                segment.position += align_up(record.header.encoded_len() as u64, RECORD_ALIGN);
-            }
-            _ => break,
+    // Skip to `lsn` (a reader resuming mid-segment); the segment's first record needs no scan.
+    if lsn > first_lsn {
+        while let Some(record) = segment.record_at(segment.position, journal)?.filter(|record| record.header.lsn < lsn) {
+            segment.position += align_up(record.header.encoded_len() as u64, RECORD_ALIGN);
         }
     }
     Ok(segment)

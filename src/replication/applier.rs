@@ -33,7 +33,7 @@ pub fn init(dir: &Path) -> Result<String, LinkError> {
     std::fs::create_dir_all(dir.join(REPLICAS_DIR))?;
     crate::fsutil::write_atomic(&dir.join(ALLOWED_FILE), b"")?;
     super::applier_config::ApplierConfig::write_template(dir).map_err(|e| LinkError::Protocol(e.to_string()))?;
-    Ok(crate::identity::create(&dir.join(IDENTITY_DIR), "applier").map_err(|e| LinkError::Protocol(e.to_string()))?)
+    crate::identity::create(&dir.join(IDENTITY_DIR), "applier").map_err(|e| LinkError::Protocol(e.to_string()))
 }
 
 /// Fingerprints of sources the applier accepts (one per line in `ADIR/allowed`).

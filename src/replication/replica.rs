@@ -240,8 +240,7 @@ impl Replica {
         // Records already received (resent after a reconnect) are skipped, and counted.
         let fresh: Vec<&ReceivedRecord> = records.iter().filter(|r| r.lsn > received).collect();
         self.counters.records_duplicated += (records.len() - fresh.len()) as u64;
-        let mut expected = received + 1;
-        for record in &fresh {
+        for (expected, record) in (received + 1..).zip(&fresh) {
             if record.lsn != expected {
                 return Err(ReplicaError::Rejected(format!("expected LSN {expected}, got {} (a gap)", record.lsn)));
             }
@@ -252,7 +251,6 @@ impl Replica {
                     record.lsn, record.offset, record.length, self.state.size
                 )));
             }
-            expected += 1;
         }
         for record in &fresh {
             let lsn = match self.writer.append_parts(record.kind, record.offset, record.length, record.payload.parts(), record.flags) {

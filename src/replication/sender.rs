@@ -530,7 +530,7 @@ impl Sender {
 fn frame_chunks(header: Vec<u8>, batch: &[crate::journal::Record]) -> Vec<bytes::Bytes> {
     const OWN_CHUNK: usize = 64 << 10;
     let mut chunks = vec![bytes::Bytes::from(header)];
-    let mut rest = &batch[..];
+    let mut rest = batch;
     while let Some(first) = rest.first() {
         if first.payload.len() >= OWN_CHUNK {
             chunks.push(first.payload.clone());

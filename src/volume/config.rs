@@ -141,10 +141,10 @@ impl VolumeConfig {
             return Err(format!("format_version: {} is not supported (this build reads {CONFIG_FORMAT})", self.format_version));
         }
         validate_name(&self.name).map_err(|e| format!("name: {e}"))?;
-        if self.size == 0 || self.size % LOGICAL_BLOCK_SIZE != 0 {
+        if self.size == 0 || !self.size.is_multiple_of(LOGICAL_BLOCK_SIZE) {
             return Err(format!("size: {} must be a positive multiple of {LOGICAL_BLOCK_SIZE} bytes", self.size));
         }
-        if self.journal.segment_size < MIN_SEGMENT_SIZE || self.journal.segment_size % 4096 != 0 {
+        if self.journal.segment_size < MIN_SEGMENT_SIZE || !self.journal.segment_size.is_multiple_of(4096) {
             return Err(format!("journal.segment_size: {} must be a multiple of 4096 and at least {MIN_SEGMENT_SIZE}", self.journal.segment_size));
         }
         if self.journal.capacity / self.journal.segment_size < 2 {

@@ -272,7 +272,7 @@ impl Volume {
     /// Creates a volume's state directory: config, journal, state and identity.
     pub fn create(dir: &Path, options: &CreateOptions) -> Result<Created, VolumeError> {
         validate_name(&options.name).map_err(|e| VolumeError::Invalid(format!("volume name {e}")))?;
-        if options.size == 0 || options.size % LOGICAL_BLOCK_SIZE != 0 {
+        if options.size == 0 || !options.size.is_multiple_of(LOGICAL_BLOCK_SIZE) {
             return Err(VolumeError::Invalid(format!("volume size {} must be a positive multiple of {LOGICAL_BLOCK_SIZE} bytes", options.size)));
         }
         let journal_size = options.journal_size.unwrap_or(DEFAULT_JOURNAL_SIZE);
