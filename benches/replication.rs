@@ -133,7 +133,7 @@ fn iops_rows(base: &Path, own_disk: &Path, seconds: u64, rows: &mut Vec<(String,
             let burst = fio_iops(base, own_disk, mirrored, seconds);
             eprintln!("  round {}: {} {:.0} IOPS", round + 1, if mirrored { "live mirror, applier's own disk" } else { "no mirror" }, burst.iops);
             if mirrored { with.push(burst.iops) } else { without.push(burst.iops) }
-            catch_ups.extend(burst.catch_up.zip(burst.cpu));
+            catch_ups.extend(burst.catch_up);
         }
     }
     let mean = |values: &[f64]| values.iter().sum::<f64>() / values.len() as f64;
@@ -143,8 +143,8 @@ fn iops_rows(base: &Path, own_disk: &Path, seconds: u64, rows: &mut Vec<(String,
     add(rows, (format!("NBD 4K randwrite QD32 {seconds}s, live mirror, applier's own disk"), format!("{:.0} IOPS ({:.2}x; mean of {rounds}: {})", mean(&with), mean(&with) / without_mean, spread(&with))));
     // With what the mirror cost per record, burst and catch-up together (with the applier on
     // a host of its own, only the sender's share is taken from the source).
-    for ((behind, secs), (cpu, records)) in catch_ups {
-        add(rows, ("  catch-up after that burst".into(), format!("{secs:.2} s ({behind} records behind when it ended); mirror CPU {} ({records} records)", cpu.per(records, "record"))));
+    for CatchUp { behind, seconds: took, cpu, records } in catch_ups {
+        add(rows, ("  catch-up after that burst".into(), format!("{took:.2} s ({behind} records behind when it ended); mirror CPU {} ({records} records)", cpu.per(records, "record"))));
     }
     // Calibration: the same burst without a mirror while one busy loop runs at idle priority
     // (SCHED_IDLE: it only ever gets CPU time nothing else wants). What it costs is what any
@@ -155,8 +155,8 @@ fn iops_rows(base: &Path, own_disk: &Path, seconds: u64, rows: &mut Vec<(String,
     add(rows, (format!("NBD 4K randwrite QD32 {seconds}s, no mirror, idle-priority busy loop"), format!("{hogged:.0} IOPS ({:.2}x)", hogged / without_mean)));
     let Burst { iops: same_disk, catch_up, .. } = fio_iops(base, base, true, seconds);
     add(rows, (format!("NBD 4K randwrite QD32 {seconds}s, live mirror, applier on the same disk"), format!("{same_disk:.0} IOPS ({:.2}x)", same_disk / without_mean)));
-    if let Some((records, secs)) = catch_up {
-        add(rows, ("  catch-up after that burst".into(), format!("{secs:.2} s ({records} records behind when it ended)")));
+    if let Some(CatchUp { behind, seconds: took, .. }) = catch_up {
+        add(rows, ("  catch-up after that burst".into(), format!("{took:.2} s ({behind} records behind when it ended)")));
     }
 }
 
@@ -480,18 +480,24 @@ fn raw_tcp(total: u64) -> f64 {
     total as f64 / started.elapsed().as_secs_f64() / 1e6
 }
 
-/// IOPS of the burst, and for a mirrored volume how many records the mirror was behind when
-/// it ended and how long it took to apply them. The applier's directory is under
-/// `applier_base`.
-/// One fio burst: IOPS, and with a mirror the catch-up after it (records behind when it
-/// ended, seconds) and the mirror's CPU time from the burst's start to caught up, with the
-/// records written.
+/// One fio burst: its IOPS, and with a mirror what followed it.
 struct Burst {
     iops: f64,
-    catch_up: Option<(u64, f64)>,
-    cpu: Option<(MirrorCpu, u64)>,
+    catch_up: Option<CatchUp>,
 }
 
+/// After a burst with a live mirror: records the mirror was behind when the burst ended, the
+/// seconds it took to apply them, and the mirror's CPU time from the burst's start until it
+/// had caught up, with the records written meanwhile.
+struct CatchUp {
+    behind: u64,
+    seconds: f64,
+    cpu: MirrorCpu,
+    records: u64,
+}
+
+/// A 4K random-write burst through NBD on a new volume, with a live mirror when `mirrored`
+/// (the applier's directory under `applier_base`).
 fn fio_iops(base: &Path, applier_base: &Path, mirrored: bool, seconds: u64) -> Burst {
     let name = if !mirrored { "none" } else if applier_base == base { "live-same-disk" } else { "live-own-disk" };
     let (vdir, adir, port) = mirrored_volume(base, applier_base, name, "1G");
@@ -515,15 +521,15 @@ fn fio_iops(base: &Path, applier_base: &Path, mirrored: bool, seconds: u64) -> B
     let first_lsn = status(&vdir)["volume"]["last_lsn"].as_u64().unwrap_or(0);
     let cpu_at_start = applier.as_ref().map(|applier| MirrorCpu::sample(volume.0.id(), applier.0.id()));
     let iops = common::fio(base, &format!("nbd+unix:///bench?socket={}", socket.display()), "randwrite", "4k", 32, seconds).iops;
-    let (Some(applier), Some(cpu_at_start)) = (&applier, cpu_at_start) else { return Burst { iops, catch_up: None, cpu: None } };
+    let (Some(applier), Some(cpu_at_start)) = (&applier, cpu_at_start) else { return Burst { iops, catch_up: None } };
     let ended = Instant::now();
     let at_end = status(&vdir);
     let last = at_end["volume"]["last_lsn"].as_u64().unwrap();
     let behind = last - at_end["mirrors"][0]["applied_lsn"].as_u64().unwrap();
     mirror_wait(&vdir);
-    let catch_up = ended.elapsed().as_secs_f64();
+    let seconds = ended.elapsed().as_secs_f64();
     let cpu = MirrorCpu::sample(volume.0.id(), applier.0.id()).since(cpu_at_start);
-    Burst { iops, catch_up: Some((behind, catch_up)), cpu: Some((cpu, last - first_lsn)) }
+    Burst { iops, catch_up: Some(CatchUp { behind, seconds, cpu, records: last - first_lsn }) }
 }
 
 /// A directory in /dev/shm (tmpfs): a disk of its own for the applier on a machine with one

@@ -200,8 +200,8 @@ pub fn drop_from_cache(file: &File, offset: u64, length: u64) {
 
 /// Writes `parts` one after the other at `offset` with as few `pwritev` calls as it takes
 /// (a received payload arrives in pieces; gathering it first would copy it once more).
-pub fn write_all_vectored_at(file: &File, parts: &[&[u8]], offset: u64) -> io::Result<()> {
-    let mut slices: Vec<io::IoSlice> = parts.iter().filter(|p| !p.is_empty()).map(|p| io::IoSlice::new(p)).collect();
+pub fn write_all_vectored_at(file: &File, parts: &[impl AsRef<[u8]>], offset: u64) -> io::Result<()> {
+    let mut slices: Vec<io::IoSlice> = parts.iter().map(AsRef::as_ref).filter(|p| !p.is_empty()).map(io::IoSlice::new).collect();
     let mut remaining = &mut slices[..];
     let mut at = offset;
     while !remaining.is_empty() {

@@ -89,12 +89,12 @@ impl RecordHeader {
 
     /// Writes header and payload into `out` (exactly `encoded_len()` bytes), CRC included.
     pub fn encode(&self, payload: &[u8], salt: u64, out: &mut [u8]) {
-        self.encode_parts(std::iter::once(payload), salt, out)
+        self.encode_parts(&[payload], salt, out)
     }
 
     /// [`RecordHeader::encode`] for a payload in pieces (as received from the network),
     /// copied one after the other.
-    pub fn encode_parts<'a>(&self, payload: impl Iterator<Item = &'a [u8]>, salt: u64, out: &mut [u8]) {
+    pub fn encode_parts(&self, payload: &[impl AsRef<[u8]>], salt: u64, out: &mut [u8]) {
         debug_assert_eq!(out.len(), self.encoded_len());
         let header = &mut out[..RECORD_HEADER_SIZE];
         header.fill(0);
@@ -110,7 +110,7 @@ impl RecordHeader {
         header[40..48].copy_from_slice(&self.synced_lsn.to_le_bytes());
         header[48..56].copy_from_slice(&self.timestamp_us.to_le_bytes());
         let mut at = RECORD_HEADER_SIZE;
-        for part in payload {
+        for part in payload.iter().map(AsRef::as_ref) {
             out[at..at + part.len()].copy_from_slice(part);
             at += part.len();
         }

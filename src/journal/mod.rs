@@ -479,12 +479,12 @@ impl JournalWriter {
     /// segment is full; returns [`AppendError::JournalFull`] (nothing staged) when no segment
     /// can be had until a trim.
     pub fn append(&mut self, kind: RecordKind, offset: u64, length: u64, payload: &[u8], flags: u16) -> Result<u64, AppendError> {
-        self.append_parts(kind, offset, length, std::iter::once(payload), flags)
+        self.append_parts(kind, offset, length, &[payload], flags)
     }
 
     /// [`JournalWriter::append`] for a payload in pieces (as received from the network).
-    pub fn append_parts<'a>(&mut self, kind: RecordKind, offset: u64, length: u64, payload: impl Iterator<Item = &'a [u8]> + Clone, flags: u16) -> Result<u64, AppendError> {
-        let payload_len = payload.clone().map(|part| part.len() as u64).sum::<u64>();
+    pub fn append_parts(&mut self, kind: RecordKind, offset: u64, length: u64, payload: &[impl AsRef<[u8]>], flags: u16) -> Result<u64, AppendError> {
+        let payload_len = payload.iter().map(|part| part.as_ref().len() as u64).sum::<u64>();
         if payload_len > self.journal.options.max_payload() {
             return Err(JournalError::RecordTooLarge { size: payload_len, segment_size: self.journal.options.segment_size }.into());
         }
@@ -748,10 +748,10 @@ pub fn apply_record(store: &File, is_block_device: bool, kind: RecordKind, offse
 }
 
 /// [`apply_record`] for a payload in pieces (as received from the network).
-pub fn apply_record_parts(store: &File, is_block_device: bool, kind: RecordKind, offset: u64, length: u64, payload: &[&[u8]]) -> io::Result<()> {
+pub fn apply_record_parts(store: &File, is_block_device: bool, kind: RecordKind, offset: u64, length: u64, payload: &[impl AsRef<[u8]>]) -> io::Result<()> {
     match kind {
         RecordKind::Write => match payload {
-            [single] => store.write_all_at(single, offset),
+            [single] => store.write_all_at(single.as_ref(), offset),
             parts => fsutil::write_all_vectored_at(store, parts, offset),
         },
         RecordKind::WriteZeroes => fsutil::zero_range(store, offset, length, false, is_block_device),

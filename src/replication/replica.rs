@@ -285,7 +285,7 @@ impl Replica {
         let mut reader = JournalReader::new(self.journal.clone(), self.applied_unsynced + 1)?;
         while let Some(record) = reader.next_record()? {
             let h = record.header;
-            self.apply_one(h.lsn, h.kind, h.offset, h.length, &[&record.payload[..]])?;
+            self.apply_one(h.lsn, h.kind, h.offset, h.length, std::slice::from_ref(&record.payload))?;
         }
         Ok(self.applied_unsynced)
     }
@@ -304,12 +304,12 @@ impl Replica {
             if record.lsn > received || record.lsn != self.applied_unsynced + 1 {
                 break;
             }
-            self.apply_one(record.lsn, record.kind, record.offset, record.length, &record.payload.parts().collect::<Vec<_>>())?;
+            self.apply_one(record.lsn, record.kind, record.offset, record.length, record.payload.parts())?;
         }
         self.apply_unsynced()
     }
 
-    fn apply_one(&mut self, lsn: u64, kind: crate::journal::RecordKind, offset: u64, length: u64, payload: &[&[u8]]) -> Result<(), ReplicaError> {
+    fn apply_one(&mut self, lsn: u64, kind: crate::journal::RecordKind, offset: u64, length: u64, payload: &[bytes::Bytes]) -> Result<(), ReplicaError> {
         // The error's context is formatted only on failure: this runs once per record.
         crate::journal::apply_record_parts(&self.image, self.image_is_device, kind, offset, length, payload)
             .map_err(|source| ReplicaError::Io { context: format!("apply LSN {lsn} to {}", self.state.image.display()), source })?;
@@ -559,7 +559,7 @@ mod tests {
         let body = bytes::Bytes::from(frame).slice(4..);
         let chunks = vec![body.slice(..1000), body.slice(1000..9000), body.slice(9000..)];
         let Frame::Records(records) = wire::decode_frame(chunks).unwrap() else { panic!("records expected") };
-        assert_eq!(records[0].payload.parts().count(), 3);
+        assert_eq!(records[0].payload.parts().len(), 3);
         assert_eq!(replica.receive(&records).unwrap(), 1);
         let journaled = crate::journal::JournalReader::new(replica.journal.clone(), 1).unwrap().next_record().unwrap().unwrap();
         assert_eq!(journaled.payload, &data[..], "journaled whole (and its CRC verified on reading)");

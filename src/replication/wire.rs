@@ -127,21 +127,21 @@ pub struct ReceivedRecord {
 /// byte was 5-10% of the applier's time).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Payload {
+    /// Never empty pieces, so an empty payload has none.
     parts: Vec<bytes::Bytes>,
-    len: usize,
 }
 
 impl Payload {
     pub fn len(&self) -> usize {
-        self.len
+        self.parts.iter().map(bytes::Bytes::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.parts.is_empty()
     }
 
-    pub fn parts(&self) -> impl Iterator<Item = &[u8]> + Clone {
-        self.parts.iter().map(|part| &part[..])
+    pub fn parts(&self) -> &[bytes::Bytes] {
+        &self.parts
     }
 
     pub fn to_vec(&self) -> Vec<u8> {
@@ -151,8 +151,7 @@ impl Payload {
 
 impl From<bytes::Bytes> for Payload {
     fn from(bytes: bytes::Bytes) -> Payload {
-        let len = bytes.len();
-        Payload { parts: if len == 0 { Vec::new() } else { vec![bytes] }, len }
+        Payload { parts: if bytes.is_empty() { Vec::new() } else { vec![bytes] } }
     }
 }
 
@@ -193,7 +192,7 @@ impl ChunkCursor {
             }
         }
         self.remaining -= n;
-        Some(Payload { parts, len: n })
+        Some(Payload { parts })
     }
 
     /// The next `n` bytes in one buffer (copied only when they span chunks).
@@ -415,7 +414,7 @@ mod tests {
         for step in [1, 3, 64, 1000, 4999] {
             let chunks: Vec<_> = (0..body.len()).step_by(step).map(|at| body.slice(at..(at + step).min(body.len()))).chain([bytes::Bytes::new()]).collect();
             let Frame::Records(split) = decode_frame(chunks).unwrap() else { panic!("records expected") };
-            assert!(split[0].payload.parts().all(|part| part.len() <= step), "payload pieces are slices of the chunks, not gathered (step {step})");
+            assert!(split[0].payload.parts().iter().all(|part| part.len() <= step), "payload pieces are slices of the chunks, not gathered (step {step})");
             assert_eq!(split.iter().map(|r| (r.lsn, r.payload.to_vec())).collect::<Vec<_>>(), payloads(&whole));
         }
         // Truncated anywhere, in pieces: an error.
