@@ -8,7 +8,12 @@
 //!    applier's files on a disk of their own (see below).
 //! 2. The transport's ceiling for the same bytes between the same kind of endpoints: one raw
 //!    QUIC stream (same TLS and transport settings as the sender, receiver in a second
-//!    process) and one plain TCP stream; and the disk's durable sequential write rate.
+//!    process) with the CPU time of each end, and one plain TCP stream; and the disk's durable
+//!    sequential write rate. From the raw stream's CPU time and what the applier's two file
+//!    writes (journal, image) cost on its disk, upper bounds on the drain against the raw
+//!    stream: a mirror does at least the raw stream's work plus those writes, so sharing two
+//!    CPUs it cannot beat (raw CPU + writes) / 2 per MiB, and with a CPU per end it cannot
+//!    beat the applier's raw-receive + writes. They say what this machine allows at best.
 //! 3. fio 4 KiB random writes at QD32 through NBD with one live mirror against the same
 //!    volume with none, and the time the mirror needs to catch up after that burst; once with
 //!    the applier's files on a disk of their own, once on the volume's disk. This machine has
@@ -25,7 +30,10 @@
 //!
 //! BENCH_SECONDS sets the fio bursts (default 30), BENCH_ROUNDS how many times the bursts
 //! without a mirror and with one (applier's own disk) alternate (default 2; means reported). BENCH_ONLY=quic measures only the raw
-//! QUIC stream (for investigating the transport ceiling), BENCH_ONLY=wan only row 4, BENCH_ONLY=iops only the NBD rows.
+//! QUIC stream (for investigating the transport ceiling), BENCH_ONLY=wan only row 4, BENCH_ONLY=iops only the NBD rows,
+//! BENCH_ONLY=drain only the own-disk 1 MiB drain, the raw QUIC stream and the bounds (the
+//! drain target's ratio). BENCH_PIN=1 gives each end a CPU of its own, as on two hosts
+//! (volumes and the raw QUIC sender on CPU 0, appliers and the raw receiver on CPU 1).
 
 use std::path::{Path, PathBuf};
 mod common;
@@ -51,7 +59,7 @@ fn main() {
         let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-quic");
         let _ = std::fs::remove_dir_all(&base);
         std::fs::create_dir_all(&base).unwrap();
-        println!("raw QUIC stream, 1 GiB: {:.0} MB/s", raw_quic(&base, 1 << 30));
+        println!("raw QUIC stream, 1 GiB: {}", raw_quic(&base, 1 << 30).describe());
         return;
     }
     if std::env::var("BENCH_ONLY").as_deref() == Ok("wan") {
@@ -67,6 +75,22 @@ fn main() {
     let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-replication");
     let _ = std::fs::remove_dir_all(&base);
     std::fs::create_dir_all(&base).unwrap();
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("drain") {
+        // The ratio that the drain target is about, alone: the 1 MiB backlog with the
+        // applier's own disk, and the raw QUIC stream right after it.
+        let own_disk = RamDisk::new();
+        let drain = backlog_drain(&base, &own_disk.mount, "1m", 1 << 30, None);
+        let quic = raw_quic(&base, 1 << 30);
+        let writes = applier_writes_cpu(&own_disk.mount);
+        let rate = |secs: f64| drain.bytes as f64 / secs / 1e6;
+        println!("1M drain, applier's own disk: received {:.0} MB/s, applied {:.0} MB/s; mirror CPU {}", rate(drain.received_seconds), rate(drain.applied_seconds), drain.cpu.per(drain.bytes >> 20, "MiB"));
+        println!("raw QUIC stream, 1 GiB: {}", quic.describe());
+        println!("drain vs raw QUIC: received {:.2}x, applied {:.2}x", rate(drain.received_seconds) / quic.rate, rate(drain.applied_seconds) / quic.rate);
+        let (shared, own_cpus) = quic.drain_bounds(writes);
+        println!("applier's two file writes: {:.1} us CPU per MiB; drain bound from CPU: {shared:.2}x sharing two CPUs, {own_cpus:.2}x with a CPU per end", writes * 1e6);
+        let _ = std::fs::remove_dir_all(&base);
+        return;
+    }
     if std::env::var("BENCH_ONLY").as_deref() == Ok("iops") {
         let own_disk = RamDisk::new();
         let mut rows = Vec::new();
@@ -99,11 +123,16 @@ fn main() {
     }
     add(&mut rows, wan_drain(&base));
     let quic = raw_quic(&base, 1 << 30);
-    add(&mut rows, ("raw QUIC stream, 1 GiB, two processes".into(), format!("{quic:.0} MB/s")));
+    add(&mut rows, ("raw QUIC stream, 1 GiB, two processes".into(), quic.describe()));
     if let Some(drain) = own_disk_drain {
-        let ratio = |secs: f64| drain.bytes as f64 / secs / 1e6 / quic;
+        let ratio = |secs: f64| drain.bytes as f64 / secs / 1e6 / quic.rate;
         add(&mut rows, ("  1M drain, applier's own disk, vs raw QUIC".into(), format!("received {:.2}x, applied {:.2}x", ratio(drain.received_seconds), ratio(drain.applied_seconds))));
     }
+    // What this machine allows at best: the raw stream's CPU plus the applier's two writes.
+    let writes = applier_writes_cpu(&own_disk.mount);
+    let (shared, own_cpus) = quic.drain_bounds(writes);
+    add(&mut rows, ("  applier's two file writes (own disk)".into(), format!("{:.1} us CPU per MiB", writes * 1e6)));
+    add(&mut rows, ("  drain bound from CPU time, vs raw QUIC".into(), format!("{shared:.2}x sharing two CPUs, {own_cpus:.2}x with a CPU per end")));
     let tcp = raw_tcp(1 << 30);
     add(&mut rows, ("plain TCP stream, 1 GiB".into(), format!("{tcp:.0} MB/s")));
     iops_rows(&base, &own_disk.mount, seconds, &mut rows);
@@ -186,8 +215,39 @@ fn fingerprint(text: &str) -> String {
     text.lines().find(|l| l.starts_with("sha256:")).unwrap().to_string()
 }
 
+/// How often the drain asks the volume for its mirror's checkpoints (the timing's resolution).
+const STATUS_POLL: Duration = Duration::from_millis(20);
+
+/// With BENCH_PIN=1 each end of the mirror gets a CPU of its own, as on two hosts: volumes
+/// (and the raw QUIC sender) on CPU 0, appliers (and the raw QUIC receiver) on CPU 1.
+fn pinned_cpu(args: &[&str]) -> Option<usize> {
+    (std::env::var("BENCH_PIN").as_deref() == Ok("1")).then(|| usize::from(args.first() == Some(&"applier")))
+}
+
+/// Restricts the calling thread (and threads it starts later) to `cpu`, or lets it run
+/// anywhere again with `None`.
+fn pin_current_thread(cpu: Option<usize>) {
+    // SAFETY: cpu_set_t is plain data; sched_setaffinity reads the set we pass.
+    let result = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for cpu in cpu.map_or(0..libc::CPU_SETSIZE as usize, |cpu| cpu..cpu + 1) {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    assert_eq!(result, 0, "sched_setaffinity: {}", std::io::Error::last_os_error());
+}
+
 fn spawn(args: &[&str], ready: &Path) -> Daemon {
-    let child = Command::new(BIN).args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut command = match pinned_cpu(args) {
+        Some(cpu) => {
+            let mut command = Command::new("taskset");
+            command.args(["-c", &cpu.to_string(), BIN]);
+            command
+        }
+        None => Command::new(BIN),
+    };
+    let child = command.args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !ready.exists() {
         assert!(Instant::now() < deadline, "{args:?} did not start");
@@ -269,6 +329,10 @@ impl MirrorCpu {
         MirrorCpu { sender, applier: cpu_seconds(Path::new(&format!("/proc/{applier_pid}/stat"))) }
     }
 
+    fn scaled(self, factor: f64) -> MirrorCpu {
+        MirrorCpu { sender: self.sender * factor, applier: self.applier * factor }
+    }
+
     fn since(self, earlier: MirrorCpu) -> MirrorCpu {
         MirrorCpu { sender: self.sender - earlier.sender, applier: self.applier - earlier.applier }
     }
@@ -342,7 +406,9 @@ fn backlog_drain(base: &Path, applier_base: &Path, bs: &str, total: u64, link: O
             break started.elapsed().as_secs_f64();
         }
         assert!(Instant::now() < deadline, "the backlog did not drain in 900 s");
-        std::thread::sleep(Duration::from_millis(5));
+        // Each status request costs the volume a thread and a JSON reply: every 5 ms that was
+        // a fifth of the volume process's CPU during a drain (perf), taken from the sender.
+        std::thread::sleep(STATUS_POLL);
     };
     let cpu = MirrorCpu::sample(volume.0.id(), applier.0.id()).since(cpu_at_start);
     if let Some(relay) = &relay {
@@ -361,7 +427,7 @@ fn control_status(socket: &Path) -> serde_json::Value {
 /// The transport's ceiling: one QUIC stream with the sender's TLS and transport settings,
 /// sender in this process, receiver in a child process (this same bench binary, started with
 /// BENCH_QUIC_RECEIVER set), like the sender in `run` and the applier process.
-fn raw_quic(base: &Path, total: u64) -> f64 {
+fn raw_quic(base: &Path, total: u64) -> RawQuic {
     use std::io::BufRead;
     use ublk_mirror::replication::tls;
     let a = base.join("quic-a");
@@ -370,7 +436,9 @@ fn raw_quic(base: &Path, total: u64) -> f64 {
     ublk_mirror::identity::create(&b, "b").unwrap();
     let server_id = tls::Identity::load(&a).unwrap();
     let client_id = tls::Identity::load(&b).unwrap();
-    let mut receiver = Command::new(std::env::current_exe().unwrap())
+    let pinned = std::env::var("BENCH_PIN").as_deref() == Ok("1");
+    let mut receiver = Command::new(if pinned { "taskset".into() } else { std::env::current_exe().unwrap() })
+        .args(if pinned { vec!["-c".to_string(), "1".into(), std::env::current_exe().unwrap().display().to_string()] } else { vec![] })
         .env("BENCH_QUIC_RECEIVER", format!("{}|{}|{total}", a.display(), client_id.fingerprint))
         .stdout(Stdio::piped())
         .spawn()
@@ -378,7 +446,11 @@ fn raw_quic(base: &Path, total: u64) -> f64 {
     let mut line = String::new();
     std::io::BufReader::new(receiver.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
     let address: std::net::SocketAddr = line.trim().parse().expect("the receiver prints its address");
+    if pinned {
+        pin_current_thread(Some(0));
+    }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let sender_cpu_at_start = cpu_seconds(Path::new("/proc/thread-self/stat"));
     let elapsed = runtime.block_on(async {
         let mut endpoint = tls::endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
         endpoint.set_default_client_config(tls::client_config(&client_id, &server_id.fingerprint, std::time::Duration::from_secs(15), tls::Congestion::default()).unwrap());
@@ -401,8 +473,83 @@ fn raw_quic(base: &Path, total: u64) -> f64 {
         }
         started.elapsed()
     });
+    let sender_cpu = cpu_seconds(Path::new("/proc/thread-self/stat")) - sender_cpu_at_start;
+    if pinned {
+        pin_current_thread(None);
+    }
+    let children_before = children_cpu_seconds();
     receiver.wait().unwrap();
-    total as f64 / elapsed.as_secs_f64() / 1e6
+    // The same measure as the mirror's CPU rows, for comparison: the sending thread, and the
+    // whole receiving process (handshake included).
+    let cpu = MirrorCpu { sender: sender_cpu, applier: children_cpu_seconds() - children_before };
+    RawQuic { rate: total as f64 / elapsed.as_secs_f64() / 1e6, cpu_per_mib: cpu.scaled(1.0 / (total >> 20) as f64) }
+}
+
+/// The raw QUIC stream's rate (MB/s) and the CPU seconds per MiB of its two ends.
+struct RawQuic {
+    rate: f64,
+    cpu_per_mib: MirrorCpu,
+}
+
+impl RawQuic {
+    fn describe(&self) -> String {
+        let (sender, receiver) = (self.cpu_per_mib.sender * 1e6, self.cpu_per_mib.applier * 1e6);
+        format!("{:.0} MB/s; CPU per MiB: sender {sender:.1} us, receiver {receiver:.1} us", self.rate)
+    }
+
+    /// Upper bounds on a drain's rate against this stream, from CPU time alone: the mirror
+    /// does at least what the raw stream does plus the applier's two file writes
+    /// (`writes_per_mib`: its journal and its image; the sender's journal read and CRC checks
+    /// are left out, so the bounds are generous). Returned: with both ends sharing this
+    /// machine's two CPUs, and with a CPU for each end (as on two hosts).
+    fn drain_bounds(&self, writes_per_mib: f64) -> (f64, f64) {
+        let raw_wall_per_mib = 1.048576 / self.rate;
+        let MirrorCpu { sender, applier: receiver } = self.cpu_per_mib;
+        let shared = raw_wall_per_mib / ((sender + receiver + writes_per_mib) / 2.0);
+        let own_cpus = raw_wall_per_mib / sender.max(receiver + writes_per_mib);
+        (shared, own_cpus)
+    }
+}
+
+/// CPU seconds per MiB that the applier's two file writes cost on the disk at `dir`, measured
+/// on this thread: 1 GiB written in 1 MiB pieces into a new sparse file (the replica image
+/// of a new mirror) and again over it (a recycled journal segment: its pages exist).
+fn applier_writes_cpu(dir: &Path) -> f64 {
+    use std::os::unix::fs::FileExt;
+    let path = dir.join("write-cost");
+    let file = std::fs::File::create(&path).unwrap();
+    let chunk = vec![0xa5u8; 1 << 20];
+    let started = thread_cpu_seconds();
+    for pass in 0..2 {
+        for i in 0..1024u64 {
+            file.write_all_at(&chunk, i << 20).unwrap_or_else(|e| panic!("write pass {pass}: {e}"));
+        }
+    }
+    let per_mib = (thread_cpu_seconds() - started) / 1024.0;
+    drop(file);
+    let _ = std::fs::remove_file(&path);
+    per_mib
+}
+
+/// User + system CPU seconds of the calling thread.
+fn thread_cpu_seconds() -> f64 {
+    rusage_seconds(libc::RUSAGE_THREAD)
+}
+
+/// User + system CPU seconds of every child process waited for so far.
+fn children_cpu_seconds() -> f64 {
+    rusage_seconds(libc::RUSAGE_CHILDREN)
+}
+
+fn rusage_seconds(who: libc::c_int) -> f64 {
+    // SAFETY: getrusage writes into the zeroed struct we pass and has no other effect.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(who, &mut usage);
+        usage
+    };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
 }
 
 /// The receiving end of [`raw_quic`], run in the child process.
