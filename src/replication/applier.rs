@@ -267,15 +267,7 @@ impl Applier {
             }
             Ok::<(), LinkError>(())
         });
-        // The batch being applied to the image, if any. Awaited here whatever `process`
-        // returned: the image has one writer at a time, and the next connection of this
-        // volume (which waits for this one to end) must find it idle.
-        let mut applying: Option<Applying> = None;
-        let mut result = self.process(name, replica, send, &mut frames, &mut applying).await;
-        if let Some(task) = applying.take() {
-            let applied = task.await.map_err(|e| LinkError::Protocol(e.to_string())).and_then(|applied| applied);
-            result = result.and(applied.map(|_| ()));
-        }
+        let result = self.process(name, replica, send, &mut frames).await;
         drop(frames);
         // Whatever was applied is made durable (and acknowledged, if the source still listens).
         let applied = blocking(replica, |r| r.checkpoint()).await;
@@ -293,14 +285,7 @@ impl Applier {
     /// [`CHECKPOINT_RECORDS`] records, [`CHECKPOINT_BYTES`] or [`CHECKPOINT_INTERVAL`]. The image
     /// sync runs beside the batches that keep arriving (one at a time), so the journal and the
     /// image are written to concurrently rather than in turns.
-    async fn process(
-        &self,
-        name: &str,
-        replica: &Arc<Mutex<Replica>>,
-        send: &mut quinn::SendStream,
-        frames: &mut tokio::sync::mpsc::Receiver<Frame>,
-        applying: &mut Option<Applying>,
-    ) -> Result<(), LinkError> {
+    async fn process(&self, name: &str, replica: &Arc<Mutex<Replica>>, send: &mut quinn::SendStream, frames: &mut tokio::sync::mpsc::Receiver<Frame>) -> Result<(), LinkError> {
         let mut checkpoint_due: Option<tokio::time::Instant> = None;
         let mut syncing: Option<tokio::task::JoinHandle<Result<u64, LinkError>>> = None;
         // A control frame read while gathering record batches, handled next.
@@ -308,12 +293,6 @@ impl Applier {
         loop {
             let frame = if let Some(frame) = held.take() { Some(frame) } else { tokio::select! {
                 frame = frames.recv() => frame,
-                applied = async { applying.as_mut().expect("enabled only while applying").await }, if applying.is_some() => {
-                    *applying = None;
-                    let unsynced = applied.map_err(|e| LinkError::Protocol(e.to_string()))??;
-                    schedule_checkpoint(replica, unsynced, &mut checkpoint_due, &mut syncing);
-                    continue;
-                }
                 finished = async { syncing.as_mut().expect("enabled only while syncing").await }, if syncing.is_some() => {
                     syncing = None;
                     let applied = finished.map_err(|e| LinkError::Protocol(e.to_string()))??;
@@ -327,7 +306,6 @@ impl Applier {
                 }
             }};
             let Some(frame) = frame else {
-                finish_apply(applying).await?;
                 finish_checkpoint(replica, send, &mut syncing).await?;
                 return Ok(());
             };
@@ -349,9 +327,8 @@ impl Applier {
                 }
                 Frame::Control(control) => {
                     // Synchronisation steps start from a durable image.
-                    let applied = finish_apply(applying).await?;
                     finish_checkpoint(replica, send, &mut syncing).await?;
-                    if checkpoint_due.take().is_some() || applied {
+                    if checkpoint_due.take().is_some() {
                         self.checkpoint(replica, send).await?;
                     }
                     self.control(name, replica, send, control).await?;
@@ -361,26 +338,29 @@ impl Applier {
             // The journal is trimmed only by checkpoints: past half full, let them catch up
             // before taking more (a full journal would end the connection).
             if lock(replica).journal_fill() > 0.5 {
-                finish_apply(applying).await?;
                 finish_checkpoint(replica, send, &mut syncing).await?;
                 self.checkpoint(replica, send).await?;
                 checkpoint_due = None;
             }
-            // Durable in our journal first (the source may trim up to it) and acknowledged as
-            // received at once; meanwhile the previous batch is being written to the image.
-            let (received, applied, records) = blocking(replica, move |r| {
+            // Durable in our journal first (the source may trim up to it), then applied.
+            let (received, applied, unsynced) = blocking(replica, move |r| {
                 let received = r.receive(&records)?;
-                Ok((received, r.applied_lsn(), records))
+                r.apply_received(&records)?;
+                Ok((received, r.applied_lsn(), r.unsynced()))
             })
             .await?;
             write_control(send, &Control::Ack { received_lsn: received, applied_lsn: applied }).await?;
-            // Then this batch is applied, after the previous one (LSN order), by a task of its
-            // own, so the next batch can be journaled while it writes the image.
-            if let Some(task) = applying.take() {
-                let unsynced = task.await.map_err(|e| LinkError::Protocol(e.to_string()))??;
-                schedule_checkpoint(replica, unsynced, &mut checkpoint_due, &mut syncing);
+            let (unsynced_records, unsynced_bytes) = unsynced;
+            if unsynced_records >= CHECKPOINT_RECORDS || unsynced_bytes >= CHECKPOINT_BYTES {
+                // Now, or as soon as the checkpoint in progress is done.
+                checkpoint_due = Some(tokio::time::Instant::now());
+                if syncing.is_none() {
+                    checkpoint_due = None;
+                    syncing = Some(start_checkpoint(replica));
+                }
+            } else if unsynced_records > 0 && checkpoint_due.is_none() {
+                checkpoint_due = Some(tokio::time::Instant::now() + CHECKPOINT_INTERVAL);
             }
-            *applying = Some(start_apply(replica, records));
         }
     }
 
@@ -438,55 +418,6 @@ impl Applier {
         }
         replicas.sort_by(|a, b| a.volume.cmp(&b.volume));
         ApplierStatus { running: true, fingerprint, listen: self.local_addr().map(|a| a.to_string()), replicas }
-    }
-}
-
-/// A batch being written to the image; resolves to the records and bytes not yet covered by
-/// a checkpoint ([`Replica::unsynced`]) once it is applied.
-type Applying = tokio::task::JoinHandle<Result<(u64, u64), LinkError>>;
-
-/// Applies a batch already durable in the replica's journal. The image writes happen without
-/// the replica's lock (the next batch is journaled meanwhile); only one batch is applied at a
-/// time, so records reach the image in LSN order.
-fn start_apply(replica: &Arc<Mutex<Replica>>, records: Vec<super::wire::ReceivedRecord>) -> Applying {
-    // Made here, not in the task: the task would wait for the lock while the next batch is
-    // being journaled.
-    let writer = lock(replica).image_writer();
-    let replica = replica.clone();
-    tokio::task::spawn_blocking(move || {
-        let writer = writer?;
-        let applied = writer.write(&records);
-        drop(writer);
-        let mut replica = lock(&replica);
-        replica.note_applied(applied?)?;
-        Ok(replica.unsynced())
-    })
-}
-
-/// Waits for the batch being applied, if any; true if there was one.
-async fn finish_apply(applying: &mut Option<Applying>) -> Result<bool, LinkError> {
-    let Some(task) = applying.take() else { return Ok(false) };
-    task.await.map_err(|e| LinkError::Protocol(e.to_string()))??;
-    Ok(true)
-}
-
-/// After a batch was applied: a checkpoint now (or right after the one in progress) once
-/// [`CHECKPOINT_RECORDS`] or [`CHECKPOINT_BYTES`] are unsynced, else one within
-/// [`CHECKPOINT_INTERVAL`] of the first unsynced record.
-fn schedule_checkpoint(
-    replica: &Arc<Mutex<Replica>>,
-    (unsynced_records, unsynced_bytes): (u64, u64),
-    checkpoint_due: &mut Option<tokio::time::Instant>,
-    syncing: &mut Option<tokio::task::JoinHandle<Result<u64, LinkError>>>,
-) {
-    if unsynced_records >= CHECKPOINT_RECORDS || unsynced_bytes >= CHECKPOINT_BYTES {
-        *checkpoint_due = Some(tokio::time::Instant::now());
-        if syncing.is_none() {
-            *checkpoint_due = None;
-            *syncing = Some(start_checkpoint(replica));
-        }
-    } else if unsynced_records > 0 && checkpoint_due.is_none() {
-        *checkpoint_due = Some(tokio::time::Instant::now() + CHECKPOINT_INTERVAL);
     }
 }
 

@@ -34,9 +34,6 @@ pub enum ReplicaError {
     Rejected(String),
     #[error("the applier journal is full: records must be applied before more are received")]
     JournalFull,
-    /// An [`ImageWriter`] is out: the image has one writer at a time (LSN order).
-    #[error("the replica image is being written by another batch")]
-    ImageBusy,
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ReplicaError {
@@ -111,8 +108,6 @@ pub struct Replica {
     unsynced_bytes: u64,
     /// Applied LSN that the last checkpoint begun covers.
     checkpoint_begun_lsn: u64,
-    /// Set while an [`ImageWriter`] exists: nothing else writes the image meanwhile.
-    image_writer_out: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Journal sizing for replicas: room for bursts while the image catches up.
@@ -195,7 +190,6 @@ impl Replica {
             applied_unsynced,
             unsynced_bytes: 0,
             checkpoint_begun_lsn: applied_unsynced,
-            image_writer_out: Arc::default(),
         };
         replica.apply()?;
         Ok(replica)
@@ -301,60 +295,24 @@ impl Replica {
     /// already applied are skipped; anything received but not in the batch (a gap) is read
     /// from the journal. Returns the LSN applied so far.
     pub fn apply_received(&mut self, records: &[ReceivedRecord]) -> Result<u64, ReplicaError> {
-        let writer = self.image_writer()?;
-        let applied = writer.write(records);
-        drop(writer);
-        self.note_applied(applied?)
-    }
-
-    /// What [`ImageWriter::write`] needs to apply a received batch without holding the
-    /// replica, so the next batch can be journaled meanwhile. One at a time: while it exists,
-    /// every other way of writing the image fails with [`ReplicaError::ImageBusy`], so the
-    /// applied LSN it starts from stays true.
-    pub fn image_writer(&self) -> Result<ImageWriter, ReplicaError> {
-        if self.image_writer_out.swap(true, std::sync::atomic::Ordering::AcqRel) {
-            return Err(ReplicaError::ImageBusy);
-        }
-        Ok(ImageWriter {
-            image: self.image.clone(),
-            image_is_device: self.image_is_device,
-            path: self.state.image.clone(),
-            applied_lsn: self.applied_unsynced,
-            received_lsn: self.received_lsn(),
-            out: self.image_writer_out.clone(),
-        })
-    }
-
-    /// Fails while an [`ImageWriter`] is out.
-    fn image_idle(&self) -> Result<(), ReplicaError> {
-        match self.image_writer_out.load(std::sync::atomic::Ordering::Acquire) {
-            true => Err(ReplicaError::ImageBusy),
-            false => Ok(()),
-        }
-    }
-
-    /// Takes note of what a dropped [`ImageWriter`] applied, then applies from the journal
-    /// anything received that it did not cover. Returns the LSN applied so far.
-    pub fn note_applied(&mut self, applied: Applied) -> Result<u64, ReplicaError> {
-        self.image_idle()?;
-        if applied.records > 0 {
-            if applied.first_lsn != self.applied_unsynced + 1 {
-                // Cannot happen while writers are exclusive; refuse rather than guess.
-                return Err(ReplicaError::State {
-                    path: self.state.image.clone(),
-                    message: format!("an image writer applied from LSN {} but the image was at {}", applied.first_lsn, self.applied_unsynced),
-                });
+        let received = self.received_lsn();
+        for record in records {
+            if record.lsn <= self.applied_unsynced {
+                continue;
             }
-            self.applied_unsynced = applied.last_lsn;
-            self.unsynced_bytes += applied.bytes;
-            self.counters.records_applied += applied.records;
+            // Journal first: never apply what is not durable there (nor out of order).
+            if record.lsn > received || record.lsn != self.applied_unsynced + 1 {
+                break;
+            }
+            self.apply_one(record.lsn, record.kind, record.offset, record.length, record.payload.parts())?;
         }
         self.apply_unsynced()
     }
 
     fn apply_one(&mut self, lsn: u64, kind: crate::journal::RecordKind, offset: u64, length: u64, payload: &[bytes::Bytes]) -> Result<(), ReplicaError> {
-        self.image_idle()?;
-        apply_to_image(&self.image, self.image_is_device, &self.state.image, lsn, kind, offset, length, payload)?;
+        // The error's context is formatted only on failure: this runs once per record.
+        crate::journal::apply_record_parts(&self.image, self.image_is_device, kind, offset, length, payload)
+            .map_err(|source| ReplicaError::Io { context: format!("apply LSN {lsn} to {}", self.state.image.display()), source })?;
         self.applied_unsynced = lsn;
         self.unsynced_bytes += payload.iter().map(|part| part.len() as u64).sum::<u64>();
         self.counters.records_applied += 1;
@@ -404,66 +362,6 @@ impl Replica {
     pub fn journal_fill(&self) -> f64 {
         let usage = self.journal.usage();
         usage.used_bytes as f64 / usage.capacity_bytes.max(1) as f64
-    }
-}
-
-/// Applies one record to the image. The error's context is formatted only on failure: this
-/// runs once per record.
-#[allow(clippy::too_many_arguments)]
-fn apply_to_image(image: &File, is_device: bool, path: &Path, lsn: u64, kind: crate::journal::RecordKind, offset: u64, length: u64, payload: &[bytes::Bytes]) -> Result<(), ReplicaError> {
-    crate::journal::apply_record_parts(image, is_device, kind, offset, length, payload)
-        .map_err(|source| ReplicaError::Io { context: format!("apply LSN {lsn} to {}", path.display()), source })
-}
-
-/// Writes a received batch to the image outside the replica's lock (see
-/// [`Replica::image_writer`]); [`Replica::note_applied`] records the result.
-pub struct ImageWriter {
-    image: Arc<File>,
-    image_is_device: bool,
-    path: PathBuf,
-    /// Applied (unsynced) when the writer was made: the batch continues from here.
-    applied_lsn: u64,
-    /// Durable in the journal when the writer was made: nothing past it is applied.
-    received_lsn: u64,
-    /// The replica's "a writer is out" flag, cleared when this writer is dropped.
-    out: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Drop for ImageWriter {
-    fn drop(&mut self) {
-        self.out.store(false, std::sync::atomic::Ordering::Release);
-    }
-}
-
-/// What an [`ImageWriter`] applied: records `first_lsn..=last_lsn` (none when `records` is 0).
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Applied {
-    first_lsn: u64,
-    last_lsn: u64,
-    records: u64,
-    bytes: u64,
-}
-
-impl ImageWriter {
-    /// Applies the batch's records that follow `applied_lsn` without a gap, in LSN order, and
-    /// none past `received_lsn` (journal first). Records already applied are skipped; the
-    /// first gap ends the batch ([`Replica::note_applied`] reads the rest from the journal).
-    pub fn write(&self, records: &[ReceivedRecord]) -> Result<Applied, ReplicaError> {
-        let mut applied = Applied { first_lsn: self.applied_lsn + 1, last_lsn: self.applied_lsn, ..Applied::default() };
-        for record in records {
-            if record.lsn <= applied.last_lsn {
-                continue;
-            }
-            if record.lsn > self.received_lsn || record.lsn != applied.last_lsn + 1 {
-                break;
-            }
-            let payload = record.payload.parts();
-            apply_to_image(&self.image, self.image_is_device, &self.path, record.lsn, record.kind, record.offset, record.length, payload)?;
-            applied.last_lsn = record.lsn;
-            applied.records += 1;
-            applied.bytes += payload.iter().map(|part| part.len() as u64).sum::<u64>();
-        }
-        Ok(applied)
     }
 }
 
@@ -551,7 +449,6 @@ impl Replica {
             return Err(ReplicaError::Rejected("a chunk arrived outside a synchronisation".into()));
         }
         let (offset, length) = self.chunk_range(chunk)?;
-        self.image_idle()?;
         self.counters.bytes_received += data.len() as u64;
         if zero {
             if !data.is_empty() {
@@ -646,39 +543,6 @@ mod tests {
         assert_eq!(&image[..512], &[3u8; 512][..]);
         assert_eq!(&image[512..4096], &[1u8; 3584][..]);
         assert!(image[4096..8192].iter().all(|&b| b == 0));
-    }
-
-    /// The applier writes a batch to the image outside the replica's lock: such a writer
-    /// never applies past what was durable when it was made, and while one is out nothing
-    /// else writes the image (so the applied LSN it started from stays true).
-    #[test]
-    fn image_writers_stop_at_received_and_are_exclusive() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("r");
-        let mut replica = synced_replica(&dir);
-        let image = || std::fs::read(dir.join(DEFAULT_IMAGE)).unwrap();
-        replica.receive(&[write(1, 0, 1, 4096), write(2, 0, 2, 4096)]).unwrap();
-        let writer = replica.image_writer().unwrap();
-        let batch = [write(1, 0, 1, 4096), write(2, 0, 2, 4096), write(3, 0, 3, 4096)];
-        // Record 3 becomes durable only after the writer was made: it stops at 2.
-        replica.receive(&batch[2..]).unwrap();
-        let applied = writer.write(&batch).unwrap();
-        assert_eq!(image()[..4096], [2u8; 4096]);
-        // While it is out, every other way of writing the image refuses and writes nothing.
-        assert!(matches!(replica.image_writer(), Err(ReplicaError::ImageBusy)));
-        assert!(matches!(replica.apply_received(&batch), Err(ReplicaError::ImageBusy)));
-        assert!(matches!(replica.note_applied(applied), Err(ReplicaError::ImageBusy)));
-        assert_eq!(image()[..4096], [2u8; 4096]);
-        drop(writer);
-        // Then its result is taken and the rest comes from the journal.
-        assert_eq!(replica.note_applied(applied).unwrap(), 3);
-        assert_eq!(image()[..4096], [3u8; 4096]);
-        assert_eq!(replica.counters().records_applied, 3);
-        // A batch already applied changes nothing; the next one continues.
-        replica.receive(&[write(4, 4096, 4, 4096)]).unwrap();
-        assert_eq!(replica.apply_received(&[batch[2].clone(), write(4, 4096, 4, 4096)]).unwrap(), 4);
-        assert_eq!(replica.counters().records_applied, 4);
-        assert_eq!(image()[..8192], [[3u8; 4096], [4u8; 4096]].concat()[..]);
     }
 
     #[test]
