@@ -79,15 +79,13 @@ fn main() {
         // The ratio that the drain target is about, alone: the 1 MiB backlog with the
         // applier's own disk, and the raw QUIC stream right after it.
         let own_disk = RamDisk::new();
+        let mut rows = Vec::new();
         let drain = backlog_drain(&base, &own_disk.mount, "1m", 1 << 30, None);
-        let quic = raw_quic(&base, 1 << 30);
-        let writes = applier_writes_cpu(&own_disk.mount);
-        let rate = |secs: f64| drain.bytes as f64 / secs / 1e6;
-        println!("1M drain, applier's own disk: received {:.0} MB/s, applied {:.0} MB/s; mirror CPU {}", rate(drain.received_seconds), rate(drain.applied_seconds), drain.cpu.per(drain.bytes >> 20, "MiB"));
-        println!("raw QUIC stream, 1 GiB: {}", quic.describe());
-        println!("drain vs raw QUIC: received {:.2}x, applied {:.2}x", rate(drain.received_seconds) / quic.rate, rate(drain.applied_seconds) / quic.rate);
-        let (shared, own_cpus) = quic.drain_bounds(writes);
-        println!("applier's two file writes: {:.1} us CPU per MiB; drain bound from CPU: {shared:.2}x sharing two CPUs, {own_cpus:.2}x with a CPU per end", writes * 1e6);
+        drain_rows("1M writes, applier's own disk", "1m", &drain, &mut rows);
+        raw_quic_rows(&base, &own_disk.mount, Some(&drain), &mut rows);
+        for (what, value) in &rows {
+            println!("{what:<48} {value}");
+        }
         let _ = std::fs::remove_dir_all(&base);
         return;
     }
@@ -112,27 +110,13 @@ fn main() {
         ("1M writes, applier's own disk", "1m", 1u64 << 30, &own_disk.mount),
     ] {
         let drain = backlog_drain(&base, applier_base, bs, total, None);
-        let rate = |secs: f64| format!("{:.0} MB/s, {:.0} records/s ({secs:.1} s)", drain.bytes as f64 / secs / 1e6, drain.records as f64 / secs);
-        add(&mut rows, (format!("backlog drain, {label}, {} MiB, received", drain.bytes >> 20), rate(drain.received_seconds)));
-        add(&mut rows, ("  ... and applied".into(), rate(drain.applied_seconds)));
-        let cpu = if bs == "1m" { drain.cpu.per(drain.bytes >> 20, "MiB") } else { drain.cpu.per(drain.records, "record") };
-        add(&mut rows, ("  mirror CPU".into(), cpu));
+        drain_rows(label, bs, &drain, &mut rows);
         if applier_base == &own_disk.mount {
             own_disk_drain = Some(drain);
         }
     }
     add(&mut rows, wan_drain(&base));
-    let quic = raw_quic(&base, 1 << 30);
-    add(&mut rows, ("raw QUIC stream, 1 GiB, two processes".into(), quic.describe()));
-    if let Some(drain) = own_disk_drain {
-        let ratio = |secs: f64| drain.bytes as f64 / secs / 1e6 / quic.rate;
-        add(&mut rows, ("  1M drain, applier's own disk, vs raw QUIC".into(), format!("received {:.2}x, applied {:.2}x", ratio(drain.received_seconds), ratio(drain.applied_seconds))));
-    }
-    // What this machine allows at best: the raw stream's CPU plus the applier's two writes.
-    let writes = applier_writes_cpu(&own_disk.mount);
-    let (shared, own_cpus) = quic.drain_bounds(writes);
-    add(&mut rows, ("  applier's two file writes (own disk)".into(), format!("{:.1} us CPU per MiB", writes * 1e6)));
-    add(&mut rows, ("  drain bound from CPU time, vs raw QUIC".into(), format!("{shared:.2}x sharing two CPUs, {own_cpus:.2}x with a CPU per end")));
+    raw_quic_rows(&base, &own_disk.mount, own_disk_drain.as_ref(), &mut rows);
     let tcp = raw_tcp(1 << 30);
     add(&mut rows, ("plain TCP stream, 1 GiB".into(), format!("{tcp:.0} MB/s")));
     iops_rows(&base, &own_disk.mount, seconds, &mut rows);
@@ -189,6 +173,30 @@ fn iops_rows(base: &Path, own_disk: &Path, seconds: u64, rows: &mut Vec<(String,
     }
 }
 
+/// The rows of one backlog drain: rates until received and until applied, the mirror's CPU.
+fn drain_rows(label: &str, bs: &str, drain: &Drain, rows: &mut Vec<(String, String)>) {
+    let rate = |secs: f64| format!("{:.0} MB/s, {:.0} records/s ({secs:.1} s)", drain.bytes as f64 / secs / 1e6, drain.records as f64 / secs);
+    add(rows, (format!("backlog drain, {label}, {} MiB, received", drain.bytes >> 20), rate(drain.received_seconds)));
+    add(rows, ("  ... and applied".into(), rate(drain.applied_seconds)));
+    let cpu = if bs == "1m" { drain.cpu.per(drain.bytes >> 20, "MiB") } else { drain.cpu.per(drain.records, "record") };
+    add(rows, ("  mirror CPU".into(), cpu));
+}
+
+/// The raw QUIC stream, the own-disk 1 MiB drain against it, and what this machine allows at
+/// best: the raw stream's CPU plus the applier's two writes on `own_disk`.
+fn raw_quic_rows(base: &Path, own_disk: &Path, own_disk_drain: Option<&Drain>, rows: &mut Vec<(String, String)>) {
+    let quic = raw_quic(base, 1 << 30);
+    add(rows, ("raw QUIC stream, 1 GiB, two processes".into(), quic.describe()));
+    if let Some(drain) = own_disk_drain {
+        let ratio = |secs: f64| drain.bytes as f64 / secs / 1e6 / quic.rate;
+        add(rows, ("  1M drain, applier's own disk, vs raw QUIC".into(), format!("received {:.2}x, applied {:.2}x", ratio(drain.received_seconds), ratio(drain.applied_seconds))));
+    }
+    let writes = applier_writes_cpu(own_disk);
+    let (shared, own_cpus) = quic.drain_bounds(writes);
+    add(rows, ("  applier's two file writes (own disk)".into(), format!("{:.1} us CPU per MiB", writes * 1e6)));
+    add(rows, ("  drain bound from CPU time, vs raw QUIC".into(), format!("{shared:.2}x sharing two CPUs, {own_cpus:.2}x with a CPU per end")));
+}
+
 /// Row 4: the 1 MiB backlog drained through the relay at 50 ms RTT and BENCH_LINK_MBPS.
 fn wan_drain(base: &Path) -> (String, String) {
     let link_mbps: u64 = std::env::var("BENCH_LINK_MBPS").ok().and_then(|s| s.parse().ok()).unwrap_or(50);
@@ -218,10 +226,18 @@ fn fingerprint(text: &str) -> String {
 /// How often the drain asks the volume for its mirror's checkpoints (the timing's resolution).
 const STATUS_POLL: Duration = Duration::from_millis(20);
 
-/// With BENCH_PIN=1 each end of the mirror gets a CPU of its own, as on two hosts: volumes
-/// (and the raw QUIC sender) on CPU 0, appliers (and the raw QUIC receiver) on CPU 1.
-fn pinned_cpu(args: &[&str]) -> Option<usize> {
-    (std::env::var("BENCH_PIN").as_deref() == Ok("1")).then(|| usize::from(args.first() == Some(&"applier")))
+/// BENCH_PIN=1: each end of the mirror gets a CPU of its own, as on two hosts: volumes (and
+/// the raw QUIC sender) on CPU 0, appliers (and the raw QUIC receiver) on CPU 1.
+fn pinning() -> bool {
+    std::env::var("BENCH_PIN").as_deref() == Ok("1")
+}
+
+/// A command running `program`, on `cpu` alone (through taskset) when given.
+fn command_on(program: &Path, cpu: Option<usize>) -> Command {
+    let Some(cpu) = cpu else { return Command::new(program) };
+    let mut command = Command::new("taskset");
+    command.arg("-c").arg(cpu.to_string()).arg(program);
+    command
 }
 
 /// Restricts the calling thread (and threads it starts later) to `cpu`, or lets it run
@@ -239,15 +255,8 @@ fn pin_current_thread(cpu: Option<usize>) {
 }
 
 fn spawn(args: &[&str], ready: &Path) -> Daemon {
-    let mut command = match pinned_cpu(args) {
-        Some(cpu) => {
-            let mut command = Command::new("taskset");
-            command.args(["-c", &cpu.to_string(), BIN]);
-            command
-        }
-        None => Command::new(BIN),
-    };
-    let child = command.args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let cpu = pinning().then(|| usize::from(args.first() == Some(&"applier")));
+    let child = command_on(Path::new(BIN), cpu).args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !ready.exists() {
         assert!(Instant::now() < deadline, "{args:?} did not start");
@@ -436,9 +445,8 @@ fn raw_quic(base: &Path, total: u64) -> RawQuic {
     ublk_mirror::identity::create(&b, "b").unwrap();
     let server_id = tls::Identity::load(&a).unwrap();
     let client_id = tls::Identity::load(&b).unwrap();
-    let pinned = std::env::var("BENCH_PIN").as_deref() == Ok("1");
-    let mut receiver = Command::new(if pinned { "taskset".into() } else { std::env::current_exe().unwrap() })
-        .args(if pinned { vec!["-c".to_string(), "1".into(), std::env::current_exe().unwrap().display().to_string()] } else { vec![] })
+    let pinned = pinning();
+    let mut receiver = command_on(&std::env::current_exe().unwrap(), pinned.then_some(1))
         .env("BENCH_QUIC_RECEIVER", format!("{}|{}|{total}", a.display(), client_id.fingerprint))
         .stdout(Stdio::piped())
         .spawn()
@@ -450,7 +458,7 @@ fn raw_quic(base: &Path, total: u64) -> RawQuic {
         pin_current_thread(Some(0));
     }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let sender_cpu_at_start = cpu_seconds(Path::new("/proc/thread-self/stat"));
+    let sender_cpu_at_start = thread_cpu_seconds();
     let elapsed = runtime.block_on(async {
         let mut endpoint = tls::endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
         endpoint.set_default_client_config(tls::client_config(&client_id, &server_id.fingerprint, std::time::Duration::from_secs(15), tls::Congestion::default()).unwrap());
@@ -473,7 +481,7 @@ fn raw_quic(base: &Path, total: u64) -> RawQuic {
         }
         started.elapsed()
     });
-    let sender_cpu = cpu_seconds(Path::new("/proc/thread-self/stat")) - sender_cpu_at_start;
+    let sender_cpu = thread_cpu_seconds() - sender_cpu_at_start;
     if pinned {
         pin_current_thread(None);
     }
