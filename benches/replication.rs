@@ -438,7 +438,7 @@ fn control_status(socket: &Path) -> serde_json::Value {
 /// BENCH_QUIC_RECEIVER set), like the sender in `run` and the applier process.
 fn raw_quic(base: &Path, total: u64) -> RawQuic {
     use std::io::BufRead;
-    use ublk_mirror::replication::tls;
+    use ublk_mirror::protocol::{tls, transport};
     let a = base.join("quic-a");
     let b = base.join("quic-b");
     ublk_mirror::identity::create(&a, "a").unwrap();
@@ -460,8 +460,8 @@ fn raw_quic(base: &Path, total: u64) -> RawQuic {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let sender_cpu_at_start = thread_cpu_seconds();
     let elapsed = runtime.block_on(async {
-        let mut endpoint = tls::endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
-        endpoint.set_default_client_config(tls::client_config(&client_id, &server_id.fingerprint, std::time::Duration::from_secs(15), tls::Congestion::default()).unwrap());
+        let mut endpoint = transport::endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
+        endpoint.set_default_client_config(transport::client_config(&client_id, &server_id.fingerprint, std::time::Duration::from_secs(15), transport::Congestion::default()).unwrap());
         let connection = endpoint.connect(address, "applier").unwrap().await.unwrap();
         let (mut send, _recv) = connection.open_bi().await.unwrap();
         let chunk = vec![0x5au8; 4 << 20];
@@ -562,14 +562,14 @@ fn rusage_seconds(who: libc::c_int) -> f64 {
 
 /// The receiving end of [`raw_quic`], run in the child process.
 fn quic_receiver(spec: &str) {
-    use ublk_mirror::replication::tls;
+    use ublk_mirror::protocol::{tls, transport};
     let mut parts = spec.split('|');
     let (dir, client_fp, total) = (parts.next().unwrap(), parts.next().unwrap().to_string(), parts.next().unwrap().parse::<u64>().unwrap());
     let server_id = tls::Identity::load(Path::new(dir)).unwrap();
-    let server_config = tls::server_config(&server_id, Arc::new(move |fp: &str| fp == client_fp), std::time::Duration::from_secs(15)).unwrap();
+    let server_config = transport::server_config(&server_id, Arc::new(move |fp: &str| fp == client_fp), std::time::Duration::from_secs(15)).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async move {
-        let endpoint = tls::endpoint("127.0.0.1:0".parse().unwrap(), Some(server_config)).unwrap();
+        let endpoint = transport::endpoint("127.0.0.1:0".parse().unwrap(), Some(server_config)).unwrap();
         println!("{}", endpoint.local_addr().unwrap());
         let connection = endpoint.accept().await.unwrap().await.unwrap();
         let (_send, mut recv) = connection.accept_bi().await.unwrap();

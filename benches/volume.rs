@@ -17,6 +17,7 @@ use common::{fio, Daemon, FioResult};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use ublk_mirror::extent::Extent;
 use ublk_mirror::fsutil::{self, AlignedBuffer};
 use ublk_mirror::journal::{Journal, JournalOptions, RecordKind};
 
@@ -134,7 +135,7 @@ fn journal_append(dir: &Path, total: u64, record_size: usize) -> f64 {
     let mut fill = |bytes: u64| {
         let mut written = 0;
         while written < bytes {
-            match writer.append(RecordKind::Write, 0, record_size as u64, &payload, 0) {
+            match writer.append(RecordKind::Write, Extent::new(0, record_size as u64), &payload, 0) {
                 Ok(_) => written += record_size as u64,
                 Err(error) => panic!("append: {error:?}"),
             }

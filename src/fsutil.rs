@@ -1,6 +1,7 @@
-//! Small file-system helpers shared by the journal, the volume and the applier.
+//! File-system helpers shared by the journal and the store: atomic replacement, directory
+//! syncs, zero-filled and sparse files, holes, vectored and spare-capacity I/O.
 //!
-//! The unsafe code of the crate (aligned buffers, block-device ioctls) is kept here.
+//! Most of the crate's unsafe code (aligned buffers, block-device ioctls) is kept here.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -153,33 +154,6 @@ fn write_zeroes(file: &File, offset: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Microseconds since the Unix epoch.
-pub fn now_micros() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
-
-/// Raises a socket's send and receive buffers to `bytes`: first with the FORCE options
-/// (root may exceed the sysctl limits), else within the limits. Best effort: a socket with
-/// default buffers still works, only slower.
-pub fn enlarge_socket_buffers(socket: &impl std::os::fd::AsRawFd, bytes: usize) {
-    let value = bytes.min(i32::MAX as usize) as libc::c_int;
-    for (force, plain) in [(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF), (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF)] {
-        for option in [force, plain] {
-            // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live local c_int;
-            // the descriptor is valid for the call (borrowed from `socket`).
-            let result = unsafe {
-                libc::setsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, option, (&value as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t)
-            };
-            if result == 0 {
-                break;
-            }
-        }
-    }
-}
-
 /// True when `file` holds no data in `offset..offset + length` (a hole: reads as zeros),
 /// found with SEEK_DATA without reading. False when unsure (block devices, file systems
 /// without SEEK_DATA): the caller then reads.
@@ -201,7 +175,7 @@ pub fn drop_from_cache(file: &File, offset: u64, length: u64) {
 /// Writes `parts` one after the other at `offset` with as few `pwritev` calls as it takes
 /// (a received payload arrives in pieces; gathering it first would copy it once more).
 pub fn write_all_vectored_at(file: &File, parts: &[impl AsRef<[u8]>], offset: u64) -> io::Result<()> {
-    let mut slices: Vec<io::IoSlice> = parts.iter().map(AsRef::as_ref).filter(|p| !p.is_empty()).map(io::IoSlice::new).collect();
+    let mut slices: Vec<io::IoSlice<'_>> = parts.iter().map(AsRef::as_ref).filter(|p| !p.is_empty()).map(io::IoSlice::new).collect();
     let mut remaining = &mut slices[..];
     let mut at = offset;
     while !remaining.is_empty() {

@@ -1,21 +1,47 @@
 //! ublk-mirror: asynchronous block-level mirroring for Linux.
 //!
-//! See `docs/architecture.md` for the modules and the write path.
+//! Modules by layer, top to bottom (a module imports only from layers below its own; see
+//! `docs/architecture.md`):
+//!
+//! - the command line: the binary (`main.rs` and `cli/`, anyhow only there)
+//! - service plumbing: `metrics`, `install`
+//! - frontends and daemons: `frontend` (NBD, ublk), `mirror` (the source side of
+//!   replication), `applier` (the target side)
+//! - the status contract: `status` (typed values every report renders)
+//! - the volume and the replication protocol: `volume`, `protocol`
+//! - storage: `journal`, `store`
+//! - foundation: `extent`, `layout`, `name`, `address`, `size`, `clock`, `fsutil`,
+//!   `latency`, `priority`, `identity`, `control`, `daemon`, `failpoint`
 
+pub mod address;
+pub mod clock;
+pub mod control;
+pub mod daemon;
+pub mod extent;
 pub mod failpoint;
 pub mod fsutil;
-pub mod journal;
-pub mod size;
 pub mod identity;
+pub mod latency;
+pub mod layout;
+pub mod name;
+pub mod priority;
+pub mod size;
+
+pub mod journal;
+pub mod store;
+
+pub mod protocol;
 pub mod volume;
-pub mod nbd;
-pub mod control;
+
 pub mod status;
-pub mod daemon;
-pub mod metrics;
+
+pub mod applier;
+pub mod frontend;
+pub mod mirror;
+
 pub mod install;
-pub mod replication;
-pub mod ublk;
+pub mod metrics;
+
 
 /// Locks a mutex, taking over one that a panicked thread left poisoned: every holder leaves
 /// the guarded data consistent before anything that can panic, and refusing service after

@@ -4,6 +4,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Duration;
 
+use ublk_mirror::extent::Extent;
 use ublk_mirror::journal::{AppendError, Journal, JournalError, JournalOptions, JournalReader, RecordKind};
 
 const MIB: u64 = 1 << 20;
@@ -47,10 +48,10 @@ fn append_iterate_recover() {
         assert_eq!(report.last_lsn, 0);
         for i in 1..=200u64 {
             let lsn = match i % 4 {
-                0 => writer.append(RecordKind::WriteZeroes, i * 4096, 8192, &[], 0),
-                1 => writer.append(RecordKind::Discard, i * 4096, 4096, &[], 0),
-                2 => writer.append(RecordKind::Marker, 0, 0, b"snap", 0),
-                _ => writer.append(RecordKind::Write, i * 512, 30_000 + i, &payload(i, 30_000 + i as usize), 0),
+                0 => writer.append(RecordKind::WriteZeroes, Extent::new(i * 4096, 8192), &[], 0),
+                1 => writer.append(RecordKind::Discard, Extent::new(i * 4096, 4096), &[], 0),
+                2 => writer.append(RecordKind::Marker, Extent::new(0, 0), b"snap", 0),
+                _ => writer.append(RecordKind::Write, Extent::new(i * 512, 30_000 + i), &payload(i, 30_000 + i as usize), 0),
             }
             .map_err(|e| format!("{e:?}"))
             .unwrap();
@@ -78,7 +79,7 @@ fn append_iterate_recover() {
         }
     }
     // Appending continues the LSN sequence after recovery, in the partial last block.
-    assert_eq!(writer.append(RecordKind::Write, 0, 3, b"abc", 0).map_err(|e| format!("{e:?}")).unwrap(), 201);
+    assert_eq!(writer.append(RecordKind::Write, Extent::new(0, 3), b"abc", 0).map_err(|e| format!("{e:?}")).unwrap(), 201);
     writer.commit(true).unwrap();
     drop((journal, writer));
     let (journal, _writer, report) = Journal::open(&dir, opts).unwrap();
@@ -95,11 +96,11 @@ fn torn_tail_at_every_byte_offset() {
     let (last_position, last_len) = {
         let (journal, mut writer, _) = Journal::open(&base, opts).unwrap();
         for i in 1..=20u64 {
-            writer.append(RecordKind::Write, i * 4096, 100, &payload(i, 100), 0).map_err(|e| format!("{e:?}")).unwrap();
+            writer.append(RecordKind::Write, Extent::new(i * 4096, 100), &payload(i, 100), 0).map_err(|e| format!("{e:?}")).unwrap();
         }
         writer.commit(true).unwrap();
         let before = journal.usage().used_bytes;
-        writer.append(RecordKind::Write, 0, 300, &payload(21, 300), 0).map_err(|e| format!("{e:?}")).unwrap();
+        writer.append(RecordKind::Write, Extent::new(0, 300), &payload(21, 300), 0).map_err(|e| format!("{e:?}")).unwrap();
         writer.commit(false).unwrap();
         let after = journal.usage().used_bytes;
         (4096 + before, after - before)
@@ -123,7 +124,7 @@ fn torn_tail_at_every_byte_offset() {
         assert_eq!(records.len(), 20);
         assert_eq!(records[19].payload, payload(20, 100));
         // The journal accepts new records after the cut and keeps them.
-        assert_eq!(writer.append(RecordKind::Write, 0, 5, b"after", 0).map_err(|e| format!("{e:?}")).unwrap(), 21);
+        assert_eq!(writer.append(RecordKind::Write, Extent::new(0, 5), b"after", 0).map_err(|e| format!("{e:?}")).unwrap(), 21);
         writer.commit(true).unwrap();
         drop((journal, writer));
         let (journal, _, report) = Journal::open(&work, opts).unwrap();
@@ -143,11 +144,11 @@ fn torn_commit_with_later_records_is_cut_not_called_corruption() {
     let opts = options(MIB, 4 * MIB);
     Journal::create(&dir, opts).unwrap();
     let (journal, mut writer, _) = Journal::open(&dir, opts).unwrap();
-    writer.append(RecordKind::Write, 0, 100, &payload(1, 100), 0).map_err(|e| format!("{e:?}")).unwrap();
+    writer.append(RecordKind::Write, Extent::new(0, 100), &payload(1, 100), 0).map_err(|e| format!("{e:?}")).unwrap();
     writer.commit(true).unwrap();
     let start = 4096 + journal.usage().used_bytes;
     for i in 2..=4u64 {
-        writer.append(RecordKind::Write, 0, 100, &payload(i, 100), 0).map_err(|e| format!("{e:?}")).unwrap();
+        writer.append(RecordKind::Write, Extent::new(0, 100), &payload(i, 100), 0).map_err(|e| format!("{e:?}")).unwrap();
     }
     writer.commit(false).unwrap();
     drop((journal, writer));
@@ -158,7 +159,7 @@ fn torn_commit_with_later_records_is_cut_not_called_corruption() {
     assert_eq!(report.last_lsn, 1);
     assert!(report.torn_tail.is_some());
     // The unsynced LSNs 3 and 4 left behind must not come back after new appends.
-    writer.append(RecordKind::Write, 0, 100, &payload(9, 100), 0).map_err(|e| format!("{e:?}")).unwrap();
+    writer.append(RecordKind::Write, Extent::new(0, 100), &payload(9, 100), 0).map_err(|e| format!("{e:?}")).unwrap();
     writer.commit(true).unwrap();
     drop((journal, writer));
     let (journal, _, report) = Journal::open(&dir, opts).unwrap();
@@ -177,7 +178,7 @@ fn flipped_bit_mid_journal_is_a_clear_error() {
         let (journal, mut writer, _) = Journal::open(&dir, opts).unwrap();
         for i in 1..=40u64 {
             positions.push(4096 + journal.usage().used_bytes);
-            writer.append(RecordKind::Write, 0, 200, &payload(i, 200), 0).map_err(|e| format!("{e:?}")).unwrap();
+            writer.append(RecordKind::Write, Extent::new(0, 200), &payload(i, 200), 0).map_err(|e| format!("{e:?}")).unwrap();
             writer.commit(true).unwrap();
         }
     }
@@ -209,7 +210,7 @@ fn flipped_bit_in_sealed_segment_is_a_clear_error() {
     {
         let (_journal, mut writer, _) = Journal::open(&dir, opts).unwrap();
         for i in 1..=600u64 {
-            writer.append(RecordKind::Write, 0, 4096, &payload(i, 4096), 0).map_err(|e| format!("{e:?}")).unwrap();
+            writer.append(RecordKind::Write, Extent::new(0, 4096), &payload(i, 4096), 0).map_err(|e| format!("{e:?}")).unwrap();
         }
         writer.commit(true).unwrap();
     }
@@ -234,7 +235,7 @@ fn trimming_recycles_segments_and_stale_records_never_return() {
     // Forty segments' worth of records through four files.
     for round in 0..40u64 {
         for _ in 0..60 {
-            lsn = writer.append(RecordKind::Write, round * 4096, 16000, &payload(round, 16000), 0).map_err(|e| format!("{e:?}")).unwrap();
+            lsn = writer.append(RecordKind::Write, Extent::new(round * 4096, 16000), &payload(round, 16000), 0).map_err(|e| format!("{e:?}")).unwrap();
         }
         writer.commit(true).unwrap();
         // Keep the last 100 records readable, trim the rest.
@@ -260,7 +261,7 @@ fn trimming_recycles_segments_and_stale_records_never_return() {
     // Without trimming the journal fills up and says so instead of overwriting.
     let mut full = false;
     for _ in 0..1000 {
-        match writer.append(RecordKind::Write, 0, 16000, &payload(1, 16000), 0) {
+        match writer.append(RecordKind::Write, Extent::new(0, 16000), &payload(1, 16000), 0) {
             Ok(_) => {}
             Err(AppendError::JournalFull) => {
                 full = true;
@@ -274,7 +275,7 @@ fn trimming_recycles_segments_and_stale_records_never_return() {
     writer.commit(true).unwrap();
     journal.trim_through(journal.synced_lsn()).unwrap();
     assert!(writer.wait_for_space(Duration::from_millis(50)));
-    writer.append(RecordKind::Write, 0, 16000, &payload(1, 16000), 0).map_err(|e| format!("{e:?}")).unwrap();
+    writer.append(RecordKind::Write, Extent::new(0, 16000), &payload(1, 16000), 0).map_err(|e| format!("{e:?}")).unwrap();
     assert!(!journal.is_full());
 }
 
@@ -311,7 +312,7 @@ fn reader_keeps_up_with_a_writer_across_read_ahead_and_recycled_segments() {
         for _ in 0..(round % 7 + 1) * 40 {
             appended += 1;
             let len = (appended * 4093 % 20_000 + 1) as usize;
-            assert_eq!(writer.append(RecordKind::Write, 0, len as u64, &payload(appended, len), 0).map_err(|e| format!("{e:?}")).unwrap(), appended);
+            assert_eq!(writer.append(RecordKind::Write, Extent::new(0, len as u64), &payload(appended, len), 0).map_err(|e| format!("{e:?}")).unwrap(), appended);
         }
         writer.commit(round % 3 == 0).unwrap();
         let stop = if round % 2 == 0 { appended } else { appended - 30 };

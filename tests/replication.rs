@@ -211,8 +211,8 @@ fn replica_is_always_a_prefix_of_the_source_after_applier_crashes() {
         assert!(load.join().unwrap() > 100);
         drop(served);
         // Recover the replica exactly as the applier would on its next start.
-        let replica = ublk_mirror::replication::replica::Replica::open(&adir.join("replicas/vol0")).unwrap();
-        assert!(replica.state().consistent, "killed after the sync, the replica stays consistent");
+        let replica = ublk_mirror::applier::replica::Replica::open(&adir.join("replicas/vol0")).unwrap();
+        assert!(replica.state().is_consistent(), "killed after the sync, the replica stays consistent");
         let k = replica.applied_lsn();
         assert_eq!(k, replica.received_lsn(), "recovery applies everything received");
         drop(replica);
@@ -255,7 +255,7 @@ fn source_kill_9_and_restart_resumes_to_an_equal_replica() {
 
 #[test]
 fn garbage_from_an_authenticated_client_leaves_the_replica_untouched() {
-    use ublk_mirror::replication::{framing, tls, wire};
+    use ublk_mirror::protocol::{framing, tls, transport, wire};
     let tmp = tempfile::tempdir().unwrap();
     let (adir, vdir, port) = setup(tmp.path(), None);
     let _applier = Applier::start(&adir, port);
@@ -309,7 +309,7 @@ fn garbage_from_an_authenticated_client_leaves_the_replica_untouched() {
     for (what, bytes) in attacks {
         runtime.block_on(async {
             let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-            endpoint.set_default_client_config(tls::client_config(&identity, &applier_fp, std::time::Duration::from_secs(15), tls::Congestion::default()).unwrap());
+            endpoint.set_default_client_config(transport::client_config(&identity, &applier_fp, std::time::Duration::from_secs(15), transport::Congestion::default()).unwrap());
             let connection = endpoint.connect(format!("127.0.0.1:{port}").parse().unwrap(), "applier").unwrap().await.unwrap();
             let (mut send, mut recv) = connection.open_bi().await.unwrap();
             framing::write_control(&mut send, &wire::Control::Hello(hello.clone())).await.unwrap();

@@ -82,6 +82,11 @@ pub struct RecordHeader {
 }
 
 impl RecordHeader {
+    /// The device bytes the record covers.
+    pub fn extent(&self) -> crate::extent::Extent {
+        crate::extent::Extent::new(self.offset, self.length)
+    }
+
     /// Size of the record on disk.
     pub fn encoded_len(&self) -> usize {
         RECORD_HEADER_SIZE + self.payload_len as usize
@@ -280,6 +285,9 @@ pub enum SegmentHeaderProblem {
 }
 
 /// File name of the segment whose first record has `first_lsn`: sorting names sorts segments.
+/// Suffix of a segment file still being created (renamed away once its header is durable).
+pub const CREATING_SUFFIX: &str = ".creating";
+
 pub fn segment_file_name(first_lsn: u64) -> String {
     format!("{first_lsn:020}.seg")
 }

@@ -9,11 +9,10 @@
 
 use std::path::{Path, PathBuf};
 
-/// Suffix of a segment file still being created (renamed away once its header is durable).
-pub const CREATING_SUFFIX: &str = ".creating";
 
 use super::format::{self, parse_segment_file_name, SegmentHeader, BLOCK_SIZE, RECORD_HEADER_SIZE, RECORD_MAGIC, SEGMENT_HEADER_SIZE};
-use super::{align_up, io_error, JournalError, JournalOptions, SegmentEntry, RECORD_ALIGN};
+use super::table::SegmentEntry;
+use super::{align_up, io_error, JournalError, JournalOptions, RECORD_ALIGN};
 use crate::fsutil;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,7 +65,7 @@ pub(super) fn recover(dir: &Path, options: Option<&JournalOptions>, mode: Recove
             segments.push((first_lsn, entry.path()));
         } else if name.starts_with("free-") && name.ends_with(".seg") {
             spare.push(entry.path());
-        } else if name.ends_with(CREATING_SUFFIX) && mode == RecoveryMode::Repair {
+        } else if name.ends_with(format::CREATING_SUFFIX) && mode == RecoveryMode::Repair {
             // A segment whose creation a crash interrupted (see `initialise_segment_file`).
             let _ = std::fs::remove_file(entry.path());
         }

@@ -33,7 +33,7 @@ impl CommitRing {
         while done < data.len() || !synced {
             let rest = &data[done..];
             let mut expected = 0;
-            // SAFETY (for both pushes below): the buffer and the file outlive the submission,
+            // SAFETY: for both pushes below, the buffer and the file outlive the submission,
             // because we wait for every completion before returning or touching them again.
             unsafe {
                 let mut queue = self.ring.submission();

@@ -1,20 +1,16 @@
-//! The volume's configuration file `VDIR/volume.toml` (written by `volume create`) and its
-//! state file `VDIR/state.json` (replaced atomically at every checkpoint).
+//! The volume's configuration file `VDIR/volume.toml`, written by `volume create`, with its
+//! optional `[run]` table (what `run` serves when no flag says otherwise). Validated on load;
+//! errors name the file and the key.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
 use super::VolumeError;
+use crate::address::{parse_listen_address, NbdAddress};
 use crate::journal::{JournalOptions, MIN_SEGMENT_SIZE};
+use crate::layout::VolumeDir;
 
-pub const CONFIG_FILE: &str = "volume.toml";
-pub const STATE_FILE: &str = "state.json";
-pub const JOURNAL_DIR: &str = "journal";
-pub const IDENTITY_DIR: &str = "identity";
-pub const LOCK_FILE: &str = "lock";
-pub const CONTROL_SOCKET: &str = "control.sock";
-pub const DEFAULT_BACKING: &str = "data.img";
 pub const CONFIG_FORMAT: u32 = 1;
 /// Every volume size and I/O is in multiples of this for block frontends.
 pub const LOGICAL_BLOCK_SIZE: u64 = 512;
@@ -66,7 +62,7 @@ impl RunConfig {
     /// Checks every key of the `[run]` table; the message names the key at fault.
     pub fn validate(&self) -> Result<(), String> {
         for (index, address) in self.nbd.iter().enumerate() {
-            address.parse::<crate::nbd::NbdAddress>().map_err(|e| format!("run.nbd[{index}]: {e}"))?;
+            address.parse::<NbdAddress>().map_err(|e| format!("run.nbd[{index}]: {e}"))?;
         }
         if let Some(queues) = self.queues.filter(|q| !(1..=64).contains(q)) {
             return Err(format!("run.queues: {queues} must be between 1 and 64"));
@@ -82,11 +78,6 @@ impl RunConfig {
         }
         Ok(())
     }
-}
-
-/// A HOST:PORT to listen on (an IP address, not a name: listening must not depend on DNS).
-pub fn parse_listen_address(text: &str) -> Result<std::net::SocketAddr, String> {
-    text.parse().map_err(|_| format!("{text:?} is not an address to listen on (IP:PORT, e.g. 127.0.0.1:9420 or [::1]:9420)"))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,12 +101,12 @@ impl VolumeConfig {
         MAX_IO_SIZE.min(self.journal_options().max_payload() / 2 / 4096 * 4096).max(4096)
     }
 
-    pub fn load(dir: &Path) -> Result<Self, VolumeError> {
-        let path = dir.join(CONFIG_FILE);
+    pub fn load(dir: &VolumeDir) -> Result<Self, VolumeError> {
+        let path = dir.config();
         let text = match std::fs::read_to_string(&path) {
             Ok(text) => text,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-                return Err(VolumeError::NotAVolume { dir: dir.to_path_buf() });
+                return Err(VolumeError::NotAVolume { dir: dir.root().to_path_buf() });
             }
             Err(source) => return Err(VolumeError::Io { context: format!("read {}", path.display()), source }),
         };
@@ -124,8 +115,8 @@ impl VolumeConfig {
         Ok(config)
     }
 
-    pub fn save(&self, dir: &Path) -> Result<(), VolumeError> {
-        let path = dir.join(CONFIG_FILE);
+    pub fn save(&self, dir: &VolumeDir) -> Result<(), VolumeError> {
+        let path = dir.config();
         let body = toml::to_string_pretty(self).expect("config serialises");
         let run_example = if self.run.is_default() { RUN_TABLE_EXAMPLE } else { "" };
         let text = format!(
@@ -140,7 +131,7 @@ impl VolumeConfig {
         if self.format_version != CONFIG_FORMAT {
             return Err(format!("format_version: {} is not supported (this build reads {CONFIG_FORMAT})", self.format_version));
         }
-        validate_name(&self.name).map_err(|e| format!("name: {e}"))?;
+        crate::name::validate(&self.name).map_err(|e| format!("name: {e}"))?;
         if self.size == 0 || !self.size.is_multiple_of(LOGICAL_BLOCK_SIZE) {
             return Err(format!("size: {} must be a positive multiple of {LOGICAL_BLOCK_SIZE} bytes", self.size));
         }
@@ -165,16 +156,6 @@ impl VolumeConfig {
     }
 }
 
-pub fn validate_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > 64 {
-        return Err(format!("{name:?} must be 1 to 64 characters long"));
-    }
-    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) || name.starts_with('.') {
-        return Err(format!("{name:?} may hold only letters, digits, '.', '_' and '-' and must not start with '.'"));
-    }
-    Ok(())
-}
-
 /// Appended to a new volume.toml: the `[run]` keys, commented out, so the file documents them.
 const RUN_TABLE_EXAMPLE: &str = "
 # What `ublk-mirror run --dir DIR` serves when no --nbd/--ublk flag is given (systemd's
@@ -187,29 +168,3 @@ const RUN_TABLE_EXAMPLE: &str = "
 # depth = 128                                  # requests in flight per queue (1..4096)
 # metrics = \"127.0.0.1:9420\"                 # Prometheus text format at http://ADDR/metrics
 ";
-
-/// What survives restarts besides the journal: how far the backing store is known durable.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VolumeState {
-    pub format_version: u32,
-    /// Every record up to this LSN is durable in the backing store.
-    pub applied_lsn: u64,
-    /// Identity of this volume's write history (new on promote or divergence).
-    pub generation: uuid::Uuid,
-    /// True when the last `run` stopped cleanly (drained, flushed, checkpointed).
-    pub clean_shutdown: bool,
-}
-
-impl VolumeState {
-    pub fn load(dir: &Path) -> Result<Self, VolumeError> {
-        let path = dir.join(STATE_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|source| VolumeError::Io { context: format!("read {}", path.display()), source })?;
-        serde_json::from_str(&text).map_err(|error| VolumeError::Config { path, message: error.to_string() })
-    }
-
-    pub fn save(&self, dir: &Path) -> Result<(), VolumeError> {
-        let path = dir.join(STATE_FILE);
-        let text = serde_json::to_vec_pretty(self).expect("state serialises");
-        crate::fsutil::write_atomic(&path, &text).map_err(|source| VolumeError::Io { context: format!("write {}", path.display()), source })
-    }
-}

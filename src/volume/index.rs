@@ -8,6 +8,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use crate::extent::Extent;
+
 #[derive(Debug, Clone)]
 pub enum ExtentData {
     /// Bytes of a write record; `start` is where the extent begins inside `buffer`.
@@ -16,8 +18,9 @@ pub enum ExtentData {
     Zero,
 }
 
+/// One extent of the index (keyed by its start offset).
 #[derive(Debug, Clone)]
-struct Extent {
+struct Pending {
     end: u64,
     lsn: u64,
     data: ExtentData,
@@ -25,7 +28,7 @@ struct Extent {
 
 #[derive(Debug, Default)]
 pub struct PendingIndex {
-    extents: BTreeMap<u64, Extent>,
+    extents: BTreeMap<u64, Pending>,
 }
 
 impl PendingIndex {
@@ -37,14 +40,15 @@ impl PendingIndex {
         self.extents.len()
     }
 
-    /// Records that `[offset, offset+len)` now holds `data` as of `lsn`.
-    pub fn insert(&mut self, offset: u64, len: u64, lsn: u64, data: ExtentData) {
-        if len == 0 {
+    /// Records that `extent` now holds `data` as of `lsn` (the caller checked it fits the
+    /// device).
+    pub fn insert(&mut self, extent: Extent, lsn: u64, data: ExtentData) {
+        if extent.is_empty() {
             return;
         }
-        let end = offset + len;
+        let (offset, end) = (extent.offset, extent.offset + extent.length);
         self.cut(offset, end);
-        self.extents.insert(offset, Extent { end, lsn, data });
+        self.extents.insert(offset, Pending { end, lsn, data });
     }
 
     /// Removes whatever covers `[start, end)`, keeping the parts of extents outside it.
@@ -64,7 +68,7 @@ impl PendingIndex {
                     }
                     ExtentData::Zero => ExtentData::Zero,
                 };
-                self.extents.insert(end, Extent { end: extent.end, lsn: extent.lsn, data });
+                self.extents.insert(end, Pending { end: extent.end, lsn: extent.lsn, data });
             }
         }
     }
@@ -81,18 +85,18 @@ impl PendingIndex {
         keys
     }
 
-    /// Drops the extents in `[offset, offset+len)` that still belong to record `lsn`.
-    pub fn remove_applied(&mut self, offset: u64, len: u64, lsn: u64) {
-        for key in self.overlapping_starts(offset, offset + len) {
+    /// Drops the extents in `extent` that still belong to record `lsn`.
+    pub fn remove_applied(&mut self, extent: Extent, lsn: u64) {
+        for key in self.overlapping_starts(extent.offset, extent.offset + extent.length) {
             if self.extents.get(&key).is_some_and(|e| e.lsn == lsn) {
                 self.extents.remove(&key);
             }
         }
     }
 
-    /// The pieces of `[offset, offset+len)` the index knows: (device offset, length, data).
-    pub fn overlays(&self, offset: u64, len: u64) -> Vec<(u64, u64, ExtentData)> {
-        let end = offset + len;
+    /// The pieces of `extent` the index knows: (device offset, length, data).
+    pub fn overlays(&self, extent: Extent) -> Vec<(u64, u64, ExtentData)> {
+        let (offset, end) = (extent.offset, extent.offset + extent.length);
         self.overlapping_starts(offset, end)
             .into_iter()
             .map(|key| {
@@ -140,11 +144,11 @@ mod tests {
             if rng.gen_bool(0.8) {
                 let buffer: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
                 model_bytes[offset as usize..(offset + len) as usize].copy_from_slice(&buffer);
-                index.insert(offset, len, lsn, ExtentData::Bytes { buffer: Arc::new(buffer.clone()), start: 0 });
+                index.insert(Extent::new(offset, len), lsn, ExtentData::Bytes { buffer: Arc::new(buffer.clone()), start: 0 });
                 records.push((lsn, offset, len, Some(buffer)));
             } else {
                 model_bytes[offset as usize..(offset + len) as usize].fill(0);
-                index.insert(offset, len, lsn, ExtentData::Zero);
+                index.insert(Extent::new(offset, len), lsn, ExtentData::Zero);
                 records.push((lsn, offset, len, None));
             }
             // Apply the oldest records now and then, in LSN order, like the applier thread.
@@ -155,17 +159,17 @@ mod tests {
                     Some(bytes) => target.copy_from_slice(&bytes),
                     None => target.fill(0),
                 }
-                index.remove_applied(offset, len, lsn);
+                index.remove_applied(Extent::new(offset, len), lsn);
             }
             // A read anywhere sees the model's bytes.
             let read_offset = rng.gen_range(0..size - 1);
             let read_len = rng.gen_range(1..=(size - read_offset).min(600));
             let mut out = backing[read_offset as usize..(read_offset + read_len) as usize].to_vec();
-            apply_overlays(&mut out, read_offset, &index.overlays(read_offset, read_len));
+            apply_overlays(&mut out, read_offset, &index.overlays(Extent::new(read_offset, read_len)));
             assert_eq!(out, model_bytes[read_offset as usize..(read_offset + read_len) as usize], "lsn {lsn}");
         }
         while let Some((lsn, offset, len, _)) = (!records.is_empty()).then(|| records.remove(0)) {
-            index.remove_applied(offset, len, lsn);
+            index.remove_applied(Extent::new(offset, len), lsn);
         }
         assert!(index.is_empty());
     }

@@ -91,8 +91,8 @@ impl Relay {
         let rear = UdpSocket::bind("127.0.0.1:0").expect("bind relay rear");
         let address = front.local_addr().unwrap();
         // Bursts must meet the impairments, not the kernel's default 208 KiB buffers.
-        ublk_mirror::fsutil::enlarge_socket_buffers(&front, 16 << 20);
-        ublk_mirror::fsutil::enlarge_socket_buffers(&rear, 16 << 20);
+        ublk_mirror::protocol::transport::enlarge_socket_buffers(&front, 16 << 20);
+        ublk_mirror::protocol::transport::enlarge_socket_buffers(&rear, 16 << 20);
         let partitioned = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(RelayStats::default());

@@ -1,0 +1,120 @@
+//! The applier's configuration file `ADIR/applier.toml` (written by `applier init`): where
+//! `applier run` listens and serves metrics when no flag says otherwise, and the idle timeout.
+//! Validated on load; errors name the file and the key.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::address::parse_listen_address;
+use crate::layout::ApplierDir;
+use crate::protocol::transport::DEFAULT_IDLE_TIMEOUT_SECONDS;
+
+pub const CONFIG_FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplierConfig {
+    pub format_version: u32,
+    /// UDP address for QUIC, IP:PORT.
+    #[serde(default)]
+    pub listen: Option<String>,
+    /// Prometheus text format at http://ADDR/metrics.
+    #[serde(default)]
+    pub metrics: Option<String>,
+    /// Seconds of silence after which a source's connection is dropped (QUIC uses the smaller
+    /// of this and the source's own value).
+    #[serde(default)]
+    pub idle_timeout: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplierConfigError {
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+}
+
+const TEMPLATE: &str = "\
+# ublk-mirror applier configuration; written by `ublk-mirror applier init`.
+# `ublk-mirror applier run --dir DIR` reads it; its flags override it. See docs/configuration.md.
+format_version = 1
+
+# UDP address the QUIC listener binds (IP:PORT). --listen overrides.
+# listen = \"0.0.0.0:7420\"
+
+# Serve Prometheus metrics at http://ADDR/metrics. --metrics overrides.
+# metrics = \"127.0.0.1:9421\"
+
+# Seconds without a packet before a source's connection is declared dead (1..600, default 15).
+# idle_timeout = 15
+";
+
+impl Default for ApplierConfig {
+    fn default() -> Self {
+        ApplierConfig { format_version: CONFIG_FORMAT, listen: None, metrics: None, idle_timeout: None }
+    }
+}
+
+impl ApplierConfig {
+    /// Writes the documented default file (nothing set).
+    pub fn write_template(dir: &ApplierDir) -> Result<(), ApplierConfigError> {
+        let path = dir.config();
+        crate::fsutil::write_atomic(&path, TEMPLATE.as_bytes()).map_err(|source| ApplierConfigError::Io { context: format!("write {}", path.display()), source })
+    }
+
+    /// Loads `DIR/applier.toml`; an applier made before the file existed gets the defaults.
+    pub fn load(dir: &ApplierDir) -> Result<ApplierConfig, ApplierConfigError> {
+        let path = dir.config();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(ApplierConfig::default()),
+            Err(source) => return Err(ApplierConfigError::Io { context: format!("read {}", path.display()), source }),
+        };
+        let invalid = |message: String| ApplierConfigError::Invalid { path: path.clone(), message };
+        let config: ApplierConfig = toml::from_str(&text).map_err(|e| invalid(e.to_string().trim_end().to_string()))?;
+        config.validate().map_err(invalid)?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.format_version != CONFIG_FORMAT {
+            return Err(format!("format_version: {} is not supported (this build reads {CONFIG_FORMAT})", self.format_version));
+        }
+        if let Some(listen) = &self.listen {
+            parse_listen_address(listen).map_err(|e| format!("listen: {e}"))?;
+        }
+        if let Some(metrics) = &self.metrics {
+            parse_listen_address(metrics).map_err(|e| format!("metrics: {e}"))?;
+        }
+        if let Some(seconds) = self.idle_timeout.filter(|s| !(1..=600).contains(s)) {
+            return Err(format!("idle_timeout: {seconds} must be between 1 and 600 seconds"));
+        }
+        Ok(())
+    }
+
+    pub fn listen_address(&self) -> Option<SocketAddr> {
+        self.listen.as_deref().and_then(|text| parse_listen_address(text).ok())
+    }
+
+    pub fn metrics_address(&self) -> Option<SocketAddr> {
+        self.metrics.as_deref().and_then(|text| parse_listen_address(text).ok())
+    }
+
+    pub fn idle_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT_SECONDS))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_parses_to_the_defaults() {
+        let config: ApplierConfig = toml::from_str(TEMPLATE).unwrap();
+        assert_eq!(config, ApplierConfig::default());
+    }
+}

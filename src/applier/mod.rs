@@ -1,0 +1,32 @@
+//! The target side of replication: the applier daemon (`daemon.rs`: accepts sources,
+//! journals and applies their records, acknowledges checkpoints), the administration of its
+//! directory (`admin.rs`), its configuration file (`config.rs`) and the replicas it keeps
+//! (`replica/`).
+
+mod admin;
+pub mod config;
+mod daemon;
+pub mod replica;
+
+pub use admin::{allow, allowed, attach_image, init, offline_status};
+pub use config::{ApplierConfig, ApplierConfigError};
+pub use daemon::Applier;
+
+use crate::protocol::framing::LinkError;
+
+/// Errors of the applier's commands and of a source's connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplierError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
+    #[error(transparent)]
+    Config(#[from] ApplierConfigError),
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error(transparent)]
+    Replica(#[from] replica::ReplicaError),
+}

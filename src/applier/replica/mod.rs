@@ -1,0 +1,375 @@
+//! A replica on the applier: the destination image, the applier's own journal of received
+//! records (the same journal module as a volume's, continuing the source's LSNs) and its
+//! checkpoints. No network here: the applier daemon feeds it decoded batches.
+//!
+//! `receive` makes a batch durable in the journal (the `received` checkpoint, after which
+//! the source may trim); `apply` applies received records to the image strictly in LSN order,
+//! makes them durable, and advances `applied`. After a crash, opening redoes the journal from
+//! `applied` (applying is idempotent). The target half of a synchronisation is
+//! `sync_target.rs`; the state file `state.rs`.
+
+mod state;
+mod sync_target;
+#[cfg(test)]
+mod tests;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+pub use state::{Consistency, ReplicaState};
+
+use crate::extent::Extent;
+use crate::journal::{AppendError, Journal, JournalError, JournalOptions, JournalReader, JournalWriter, RecordKind, Retention};
+use crate::layout::ReplicaDir;
+use crate::protocol::wire::{Hello, ReceivedRecord, Refusal};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{path}: {message}")]
+    State { path: std::path::PathBuf, message: String },
+    /// Input from the network that does not fit this replica; nothing was changed.
+    #[error("rejected batch: {0}")]
+    Rejected(String),
+    #[error("the applier journal is full: records must be applied before more are received")]
+    JournalFull,
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ReplicaError {
+    let context = context.into();
+    move |source| ReplicaError::Io { context, source }
+}
+
+/// Counters the tests and status read.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ReplicaCounters {
+    pub records_received: u64,
+    /// Records that arrived again after a reconnect (already received): skipped.
+    pub records_duplicated: u64,
+    pub records_applied: u64,
+    /// Payload bytes of fresh records and of synchronisation chunks written.
+    pub bytes_received: u64,
+}
+
+pub struct Replica {
+    dir: ReplicaDir,
+    state: ReplicaState,
+    /// Shared so a checkpoint can sync it while batches are still being applied.
+    image: Arc<Store>,
+    /// The applier's journal and how far it may be trimmed (through `applied`).
+    retention: Arc<Retention>,
+    writer: JournalWriter,
+    counters: ReplicaCounters,
+    /// Applied to the image but not yet made durable there (`state.applied_lsn` is durable).
+    applied_unsynced: u64,
+    /// Payload bytes applied since the last checkpoint began.
+    unsynced_bytes: u64,
+    /// Applied LSN that the last checkpoint begun covers.
+    checkpoint_begun_lsn: u64,
+}
+
+/// Journal sizing for replicas: room for bursts while the image catches up.
+fn journal_options(uuid: uuid::Uuid) -> JournalOptions {
+    JournalOptions { segment_size: 64 << 20, capacity: 1 << 30, journal_id: *uuid.as_bytes() }
+}
+
+const IMAGE: &str = "replica image";
+
+impl Replica {
+    /// Creates a replica for the volume described by `hello`: a sparse image (or `image`, an
+    /// existing file or device of the right size) and an empty journal that continues at the
+    /// source's next LSN after `applied_lsn`.
+    pub fn create(dir: &Path, hello: &Hello, image: Option<&Path>) -> Result<Replica, ReplicaError> {
+        std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+        let dir = ReplicaDir::new(std::path::absolute(dir).map_err(io(format!("resolve {}", dir.display())))?);
+        let image = match image {
+            Some(path) => {
+                let path = std::path::absolute(path).map_err(io(format!("resolve {}", path.display())))?;
+                let size = Store::open(&path, IMAGE)?.size();
+                if size != hello.size {
+                    return Err(ReplicaError::Rejected(format!("replica image {} is {size} bytes, the volume is {}", path.display(), hello.size)));
+                }
+                path
+            }
+            None => {
+                let path = dir.default_image();
+                Store::create_sparse(&path, hello.size)?;
+                path
+            }
+        };
+        let state = ReplicaState {
+            format_version: 1,
+            volume_uuid: uuid::Uuid::from_bytes(hello.volume_uuid),
+            volume_name: hello.volume_name.clone(),
+            size: hello.size,
+            generation: uuid::Uuid::from_bytes(hello.generation),
+            image,
+            applied_lsn: 0,
+            // Nothing is known about the image yet (it may be empty, a copy, or stale): the
+            // first session synchronises it.
+            consistency: Consistency::NeedsSync,
+        };
+        Journal::create_at(&dir.journal(), journal_options(state.volume_uuid), 1)?;
+        state.save(&dir)?;
+        Self::open(dir.root())
+    }
+
+    /// Opens a replica: journal recovery, then redo of received records not yet applied.
+    pub fn open(dir: &Path) -> Result<Replica, ReplicaError> {
+        let dir = ReplicaDir::new(dir);
+        let state = ReplicaState::load(&dir)?;
+        let image = Store::open(&state.image, IMAGE)?;
+        let (journal, writer) = if !dir.journal().exists() {
+            // A crash inside `sync_done` between moving the old journal aside and creating the new.
+            restart_journal(&dir, state.volume_uuid, state.applied_lsn + 1)?
+        } else {
+            let (journal, writer, _report) = Journal::open(&dir.journal(), journal_options(state.volume_uuid))?;
+            if journal.synced_lsn() < state.applied_lsn && journal.first_lsn() <= state.applied_lsn {
+                // The image is ahead of this journal (a sync completed but the journal reset
+                // did not): everything through `applied` is in the image, so continue after it.
+                drop((journal, writer));
+                restart_journal(&dir, state.volume_uuid, state.applied_lsn + 1)?
+            } else {
+                (journal, writer)
+            }
+        };
+        let applied_unsynced = state.applied_lsn;
+        let mut replica = Replica {
+            retention: Retention::new(journal, state.applied_lsn, []),
+            dir,
+            state,
+            image: Arc::new(image),
+            writer,
+            counters: ReplicaCounters::default(),
+            applied_unsynced,
+            unsynced_bytes: 0,
+            checkpoint_begun_lsn: applied_unsynced,
+        };
+        replica.apply()?;
+        Ok(replica)
+    }
+
+    pub fn state(&self) -> &ReplicaState {
+        &self.state
+    }
+
+    pub fn counters(&self) -> ReplicaCounters {
+        self.counters
+    }
+
+    fn journal(&self) -> &Arc<Journal> {
+        self.retention.journal()
+    }
+
+    /// Highest LSN durable in the applier's journal.
+    pub fn received_lsn(&self) -> u64 {
+        self.journal().synced_lsn()
+    }
+
+    pub fn applied_lsn(&self) -> u64 {
+        self.state.applied_lsn
+    }
+
+    /// Refuses a sender that is not this replica's volume (nothing changes either way).
+    pub fn check_hello(&self, hello: &Hello) -> Result<(), Refusal> {
+        let name = self.state.volume_name.clone();
+        if hello.protocol != crate::protocol::wire::PROTOCOL_VERSION {
+            return Err(Refusal::Protocol(hello.protocol));
+        }
+        if uuid::Uuid::from_bytes(hello.volume_uuid) != self.state.volume_uuid {
+            return Err(Refusal::WrongVolume { name, expected: self.state.volume_uuid.to_string(), got: uuid::Uuid::from_bytes(hello.volume_uuid).to_string() });
+        }
+        if hello.size != self.state.size {
+            return Err(Refusal::WrongSize { name, replica: self.state.size, volume: hello.size });
+        }
+        if uuid::Uuid::from_bytes(hello.generation) != self.state.generation {
+            return Err(Refusal::WrongGeneration { name, replica: self.state.generation.to_string(), volume: uuid::Uuid::from_bytes(hello.generation).to_string() });
+        }
+        Ok(())
+    }
+
+    /// Makes a batch durable in the applier's journal and returns the new `received` LSN.
+    /// The whole batch is checked first; a bad one changes nothing.
+    pub fn receive(&mut self, records: &[ReceivedRecord]) -> Result<u64, ReplicaError> {
+        if self.state.needs_sync() {
+            return Err(ReplicaError::Rejected("the replica needs an initial synchronisation before it can take journal records".into()));
+        }
+        let received = self.received_lsn();
+        // Records already received (resent after a reconnect) are skipped, and counted.
+        let fresh: Vec<&ReceivedRecord> = records.iter().filter(|r| r.lsn > received).collect();
+        self.counters.records_duplicated += (records.len() - fresh.len()) as u64;
+        for (expected, record) in (received + 1..).zip(&fresh) {
+            if record.lsn != expected {
+                return Err(ReplicaError::Rejected(format!("expected LSN {expected}, got {} (a gap)", record.lsn)));
+            }
+            if !record.extent.fits(self.state.size) {
+                return Err(ReplicaError::Rejected(format!(
+                    "LSN {}: offset {} length {} is outside the replica ({} bytes)",
+                    record.lsn, record.extent.offset, record.extent.length, self.state.size
+                )));
+            }
+        }
+        // The journal must continue exactly where the source's numbering is: the records'
+        // LSNs come from the network, the journal's from its own count.
+        if let Some(first) = fresh.first() {
+            if self.writer.next_lsn() != first.lsn {
+                return Err(ReplicaError::Rejected(format!(
+                    "LSN {} does not continue the applier's journal, whose next LSN is {} (received through {received})",
+                    first.lsn,
+                    self.writer.next_lsn()
+                )));
+            }
+        }
+        for record in &fresh {
+            let lsn = match self.writer.append_parts(record.kind, record.extent, record.payload.parts(), record.flags) {
+                Ok(lsn) => lsn,
+                Err(AppendError::JournalFull) => return Err(ReplicaError::JournalFull),
+                Err(AppendError::Failed(error)) => return Err(error.into()),
+            };
+            if lsn != record.lsn {
+                // Checked above for the batch's start, so only a journal that numbers its
+                // records unlike the source could get here; what is staged is not committed.
+                return Err(ReplicaError::Journal(JournalError::Corrupt(format!("the applier's journal gave LSN {lsn} to the source's LSN {}", record.lsn))));
+            }
+        }
+        self.writer.commit(true)?;
+        self.counters.records_received += fresh.len() as u64;
+        self.counters.bytes_received += fresh.iter().map(|r| r.payload.len() as u64).sum::<u64>();
+        Ok(self.received_lsn())
+    }
+
+    /// Applies every received record not yet applied, in LSN order, makes the image durable,
+    /// advances `applied`, and trims the journal. Returns the applied LSN.
+    pub fn apply(&mut self) -> Result<u64, ReplicaError> {
+        self.apply_unsynced()?;
+        self.checkpoint()
+    }
+
+    /// Writes every received record not yet applied to the image, in LSN order, without
+    /// making the image durable: `applied` does not move until [`Replica::checkpoint`]. (A crash
+    /// meanwhile redoes them from the journal, which keeps them until then.) Returns the LSN
+    /// applied so far.
+    pub fn apply_unsynced(&mut self) -> Result<u64, ReplicaError> {
+        let target = self.received_lsn();
+        if self.applied_unsynced >= target {
+            return Ok(self.applied_unsynced);
+        }
+        let mut reader = JournalReader::new(self.journal().clone(), self.applied_unsynced + 1)?;
+        while let Some(record) = reader.next_record()? {
+            let h = record.header;
+            self.apply_one(h.lsn, h.kind, h.extent(), std::slice::from_ref(&record.payload))?;
+        }
+        Ok(self.applied_unsynced)
+    }
+
+    /// Like [`Replica::apply_unsynced`], for the batch [`Replica::receive`] just made durable:
+    /// its records are applied from memory rather than read back from the journal. Records
+    /// already applied are skipped; anything received but not in the batch (a gap) is read
+    /// from the journal. Returns the LSN applied so far.
+    pub fn apply_received(&mut self, records: &[ReceivedRecord]) -> Result<u64, ReplicaError> {
+        let received = self.received_lsn();
+        for record in records {
+            if record.lsn <= self.applied_unsynced {
+                continue;
+            }
+            // Journal first: never apply what is not durable there (nor out of order).
+            if record.lsn > received || record.lsn != self.applied_unsynced + 1 {
+                break;
+            }
+            self.apply_one(record.lsn, record.kind, record.extent, record.payload.parts())?;
+        }
+        self.apply_unsynced()
+    }
+
+    fn apply_one(&mut self, lsn: u64, kind: RecordKind, extent: Extent, payload: &[bytes::Bytes]) -> Result<(), ReplicaError> {
+        // The error's context is formatted only on failure: this runs once per record.
+        self.image.apply(kind, extent, payload).map_err(|source| ReplicaError::Io { context: format!("apply LSN {lsn} to {}", self.state.image.display()), source })?;
+        self.applied_unsynced = lsn;
+        self.unsynced_bytes += payload.iter().map(|part| part.len() as u64).sum::<u64>();
+        self.counters.records_applied += 1;
+        Ok(())
+    }
+
+    /// Records and payload bytes applied and not yet covered by a checkpoint (finished or
+    /// in progress).
+    pub fn unsynced(&self) -> (u64, u64) {
+        (self.applied_unsynced - self.state.applied_lsn.max(self.checkpoint_begun_lsn), self.unsynced_bytes)
+    }
+
+    /// Makes what [`Replica::apply_unsynced`] wrote durable: image sync, `applied` advanced
+    /// and saved, journal trimmed. Returns the applied LSN.
+    pub fn checkpoint(&mut self) -> Result<u64, ReplicaError> {
+        let Some(pending) = self.begin_checkpoint() else { return Ok(self.state.applied_lsn) };
+        pending.sync_image()?;
+        self.finish_checkpoint(pending)
+    }
+
+    /// The first half of a checkpoint that lets batches go on being applied while the image
+    /// syncs (the slow part): what the sync will cover. `None` when nothing is unsynced.
+    pub fn begin_checkpoint(&mut self) -> Option<PendingCheckpoint> {
+        if self.applied_unsynced <= self.state.applied_lsn {
+            return None;
+        }
+        let pending = PendingCheckpoint { applied_lsn: self.applied_unsynced, image: self.image.clone() };
+        self.unsynced_bytes = 0;
+        self.checkpoint_begun_lsn = self.applied_unsynced;
+        Some(pending)
+    }
+
+    /// The second half: after [`PendingCheckpoint::sync_image`], `applied` advances to what the
+    /// sync covered and is saved; the journal is trimmed through it. Returns the applied LSN.
+    pub fn finish_checkpoint(&mut self, pending: PendingCheckpoint) -> Result<u64, ReplicaError> {
+        if pending.applied_lsn <= self.state.applied_lsn {
+            return Ok(self.state.applied_lsn);
+        }
+        self.state.applied_lsn = pending.applied_lsn;
+        self.state.settle();
+        self.state.save(&self.dir)?;
+        self.retention.checkpointed(self.state.applied_lsn)?;
+        Ok(self.state.applied_lsn)
+    }
+
+    /// How full the replica's journal is (0.0 to 1.0): received but not yet checkpointed.
+    pub fn journal_fill(&self) -> f64 {
+        let usage = self.journal().usage();
+        usage.used_bytes as f64 / usage.capacity_bytes.max(1) as f64
+    }
+}
+
+/// A checkpoint in progress (see [`Replica::begin_checkpoint`]).
+pub struct PendingCheckpoint {
+    applied_lsn: u64,
+    image: Arc<Store>,
+}
+
+impl PendingCheckpoint {
+    /// Makes every write applied before the checkpoint began durable in the image. Needs no
+    /// access to the replica, so it may run while more batches are applied.
+    pub fn sync_image(&self) -> Result<(), ReplicaError> {
+        self.image.sync_data().map_err(io(format!("sync {}", self.image.path().display())))
+    }
+}
+
+/// Replaces a replica's journal by an empty one whose first record will be `first_lsn`: the
+/// old one (if any) is moved aside first, so a crash leaves either it or nothing, never a
+/// half-made journal, and `open` handles both.
+fn restart_journal(dir: &ReplicaDir, volume_uuid: uuid::Uuid, first_lsn: u64) -> Result<(Arc<Journal>, JournalWriter), ReplicaError> {
+    let journal_dir = dir.journal();
+    let aside = dir.journal_resetting();
+    let _ = std::fs::remove_dir_all(&aside);
+    if journal_dir.exists() {
+        std::fs::rename(&journal_dir, &aside).map_err(io(format!("move aside {}", journal_dir.display())))?;
+    }
+    Journal::create_at(&journal_dir, journal_options(volume_uuid), first_lsn)?;
+    let (journal, writer, _) = Journal::open(&journal_dir, journal_options(volume_uuid))?;
+    let _ = std::fs::remove_dir_all(&aside);
+    Ok((journal, writer))
+}

@@ -1,0 +1,168 @@
+//! `applier init`, `applier allow`, `applier replica add`, `applier run` and
+//! `applier status`: the receiving side.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+
+use ublk_mirror::applier::{self, ApplierConfig};
+use ublk_mirror::layout::{ApplierDir, DirLock, LockError};
+use ublk_mirror::status::{self, ApplierStatus};
+use ublk_mirror::{control, daemon, metrics};
+
+#[derive(Subcommand)]
+pub enum ApplierCommand {
+    /// Create an applier directory and its identity; prints its certificate fingerprint.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Accept a source volume, identified by the fingerprint `volume create` printed.
+    Allow {
+        #[arg(long)]
+        dir: PathBuf,
+        fingerprint: String,
+    },
+    /// Replicas managed by hand.
+    #[command(subcommand)]
+    Replica(ReplicaCommand),
+    /// Serve replicas until SIGTERM or SIGINT. Settings come from DIR/applier.toml; flags
+    /// override them.
+    Run {
+        #[arg(long)]
+        dir: PathBuf,
+        /// UDP address to listen on, e.g. 0.0.0.0:7420 (default: `listen` in DIR/applier.toml).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Also accept this source fingerprint (repeatable), besides ADIR/allowed.
+        #[arg(long)]
+        allow: Vec<String>,
+        /// Serve Prometheus metrics at http://ADDR/metrics (default: `metrics` in applier.toml).
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
+    },
+    /// Show the replicas: LSNs received and applied, consistency, connection.
+    Status {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ReplicaCommand {
+    /// Use an existing file or block device as the replica of volume NAME (instead of a new
+    /// sparse image made on the first connection). It must be exactly the volume's size; on
+    /// the first connection an initial synchronisation compares it chunk by chunk, so a copy
+    /// of the source (a seeded replica) costs hashes, not data.
+    Add {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The source volume's name.
+        #[arg(long)]
+        volume: String,
+        /// The image file or block device.
+        #[arg(long)]
+        image: PathBuf,
+    },
+}
+
+pub fn execute(command: ApplierCommand) -> Result<()> {
+    match command {
+        ApplierCommand::Init { dir } => {
+            let fingerprint = applier::init(&dir).with_context(|| format!("initialise applier in {}", dir.display()))?;
+            println!("initialised applier in {}", dir.display());
+            println!("certificate fingerprint:");
+            println!("{fingerprint}");
+        }
+        ApplierCommand::Replica(ReplicaCommand::Add { dir, volume, image }) => {
+            let path = applier::attach_image(&dir, &volume, &image)?;
+            println!("replica of {volume} will use {} (synchronised on the first connection)", path.display());
+        }
+        ApplierCommand::Allow { dir, fingerprint } => {
+            if applier::allow(&dir, &fingerprint)? {
+                println!("allowed {fingerprint}");
+            } else {
+                println!("{fingerprint} was already allowed");
+            }
+        }
+        ApplierCommand::Run { dir, listen, allow, metrics } => serve(&dir, listen, allow, metrics)?,
+        ApplierCommand::Status { dir, json } => {
+            let socket = ApplierDir::new(&dir).control_socket();
+            let status: ApplierStatus = match control::request(&socket, "status") {
+                Ok(value) => serde_json::from_value(value)?,
+                Err(_) => applier::offline_status(&dir).with_context(|| format!("read applier {}", dir.display()))?,
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", status::applier_text(&dir, &status));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `applier run`: serves replicas until SIGTERM or SIGINT.
+fn serve(dir: &Path, listen: Option<std::net::SocketAddr>, allow: Vec<String>, metrics_address: Option<std::net::SocketAddr>) -> Result<()> {
+    for fingerprint in &allow {
+        ublk_mirror::identity::parse_fingerprint(fingerprint)?;
+    }
+    let layout = ApplierDir::new(dir);
+    if !layout.holds_applier() {
+        bail!("{} holds no applier; run `ublk-mirror applier init --dir {}` first", dir.display(), dir.display());
+    }
+    let config = ApplierConfig::load(&layout)?;
+    let config_file = layout.config();
+    let Some(listen) = listen.or(config.listen_address()) else {
+        bail!("no address to listen on: give --listen IP:PORT or set listen in {}", config_file.display());
+    };
+    let metrics_address = metrics_address.or(config.metrics_address());
+    let _lock = DirLock::acquire(&layout.lock()).map_err(|error| match error {
+        LockError::Held { holder } => anyhow::anyhow!("applier {} is in use by another process ({holder})", dir.display()),
+        other => anyhow::Error::from(other),
+    })?;
+    let state = applier::Applier::new(dir, allow, config.idle_timeout());
+    let status_state = state.clone();
+    let _metrics = match metrics_address {
+        Some(address) => {
+            let state = state.clone();
+            Some(metrics::MetricsServer::start(address, Arc::new(move || metrics::render_applier(&state.status())))?)
+        }
+        None => None,
+    };
+    let _control = control::ControlServer::start(
+        &layout.control_socket(),
+        Arc::new(move |command: &str| match command {
+            "status" => serde_json::to_value(status_state.status()).unwrap_or_default(),
+            other => serde_json::json!({ "error": format!("unknown request {other:?}") }),
+        }),
+    )?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            let _ = stop_tx.send(());
+        }
+    });
+    let reporter = daemon::StatusReporter::start({
+        let state = state.clone();
+        move || status::applier_one_line(&state.status())
+    });
+    let ready = state.clone();
+    runtime.block_on(state.serve(
+        listen,
+        move |address| daemon::notify(&format!("READY=1\nSTATUS=listening on {address}; {}", status::applier_one_line(&ready.status()))),
+        async move {
+            let _ = stop_rx.await;
+            drop(reporter);
+            daemon::notify("STOPPING=1\nSTATUS=stopping");
+        },
+    ))?;
+    tracing::info!("applier stopped");
+    Ok(())
+}

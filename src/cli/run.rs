@@ -1,0 +1,156 @@
+//! `run`: serves a volume (NBD exports and/or /dev/ublkbN) and replicates it to its mirrors
+//! until SIGTERM or SIGINT, then drains, flushes and exits 0. Settings come from the
+//! volume's `[run]` table; flags replace them.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use ublk_mirror::address::{parse_listen_address, NbdAddress};
+use ublk_mirror::frontend::nbd::NbdServer;
+use ublk_mirror::frontend::ublk::{self, UblkOptions, UblkServer};
+use ublk_mirror::layout::VolumeDir;
+use ublk_mirror::mirror::{self, Senders};
+use ublk_mirror::status::{self, Status};
+use ublk_mirror::volume::{Volume, VolumeConfig};
+use ublk_mirror::{control, daemon, metrics};
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// State directory of the volume.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Serve the volume over NBD at unix:PATH or tcp:HOST:PORT (repeatable). The export name is
+    /// the volume name.
+    #[arg(long = "nbd", value_name = "ADDRESS")]
+    nbd: Vec<String>,
+    /// Serve the volume as a Linux block device /dev/ublkbN through the ublk driver (root;
+    /// needs ublk_drv: Linux >= 6.0 with CONFIG_BLK_DEV_UBLK). The device is removed on
+    /// SIGTERM/SIGINT after the queued requests complete and the journal is flushed.
+    #[arg(long)]
+    ublk: bool,
+    /// Device id N for /dev/ublkbN (default: the lowest free one).
+    #[arg(long, requires = "ublk")]
+    ublk_id: Option<u32>,
+    /// Hardware queues of the ublk device, each served by its own thread and io_uring
+    /// (default 1, or run.queues).
+    #[arg(long, requires = "ublk")]
+    queues: Option<u16>,
+    /// Requests in flight per queue (default 128, or run.depth).
+    #[arg(long, requires = "ublk")]
+    depth: Option<u16>,
+    /// Re-attach to the ublk device left behind by a server that was killed (user recovery):
+    /// I/O the kernel held meanwhile is re-issued, a mounted filesystem sees no error. The
+    /// device id comes from DIR/ublk-device.json unless --ublk-id is given.
+    #[arg(long, requires = "ublk")]
+    recover: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9420 (default:
+    /// run.metrics in DIR/volume.toml).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
+}
+
+pub fn execute(args: RunArgs) -> Result<()> {
+    // The volume's file first: a bad [run] table must be reported before anything starts.
+    let layout = VolumeDir::new(&args.dir);
+    let config = VolumeConfig::load(&layout).with_context(|| format!("open volume {}", args.dir.display()))?;
+    let settings = config.run.clone();
+    // So are the mirrors' files; each mirror's saved checkpoint is its journal hold.
+    let holds = mirror::holds(&layout)?;
+    let config_file = layout.config();
+    // Exports: the command line's --nbd/--ublk, if any, replace the configured ones.
+    let (nbd, use_ublk) = if args.nbd.is_empty() && !args.ublk { (settings.nbd.clone(), settings.ublk) } else { (args.nbd.clone(), args.ublk) };
+    if nbd.is_empty() && !use_ublk {
+        bail!(
+            "nothing to serve: give --ublk and/or at least one --nbd unix:PATH or --nbd tcp:HOST:PORT, or set run.ublk / run.nbd in {}",
+            config_file.display()
+        );
+    }
+    let addresses = nbd.iter().map(|a| a.parse::<NbdAddress>()).collect::<Result<Vec<_>, _>>()?;
+    let from_file = !args.ublk;
+    let ublk_options = UblkOptions {
+        id: args.ublk_id.or(if from_file { settings.ublk_id } else { None }),
+        queues: args.queues.or(if from_file { settings.queues } else { None }).unwrap_or(1),
+        depth: args.depth.or(if from_file { settings.depth } else { None }).unwrap_or(128),
+        recover: args.recover,
+    };
+    let metrics_address = match args.metrics {
+        Some(address) => Some(address),
+        None => settings.metrics.as_deref().map(parse_listen_address).transpose()?,
+    };
+    if use_ublk {
+        // Before opening the volume: a missing driver must change nothing.
+        ublk::preflight(&ublk_options)?;
+    }
+    let signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT]).context("install signal handlers")?;
+    let volume = Arc::new(Volume::open(&args.dir, holds).with_context(|| format!("open volume {}", args.dir.display()))?);
+    let name = volume.config().name.clone();
+    let server = NbdServer::start(&addresses, volume.clone(), &name)?;
+    let mut exports: Vec<String> = server.bound_addresses().iter().map(|a| a.to_string()).collect();
+    let ublk_server = if use_ublk {
+        let started = UblkServer::start(volume.clone(), &ublk_options).context("start ublk device")?;
+        // The device path alone on a line, for scripts.
+        println!("{}", started.record().device);
+        exports.push(format!("ublk:{}", started.record().device));
+        Some(started)
+    } else {
+        None
+    };
+    let device = ublk_server.as_ref().map(|s| s.record().device.clone());
+    let senders = Arc::new(Senders::start(volume.clone()).context("start mirrors")?);
+    let live_status: Arc<dyn Fn() -> Status + Send + Sync> = {
+        let (volume, exports, device, senders) = (volume.clone(), exports.clone(), device.clone(), senders.clone());
+        Arc::new(move || status::live(&volume, &exports, device.clone(), senders.statuses()))
+    };
+    let control = {
+        let (live_status, senders) = (live_status.clone(), senders.clone());
+        control::ControlServer::start(
+            &layout.control_socket(),
+            Arc::new(move |command: &str| match command {
+                "status" => serde_json::to_value(live_status()).unwrap_or_default(),
+                "reload-mirrors" => match senders.reload() {
+                    Ok(()) => serde_json::json!({ "reloaded": true }),
+                    Err(error) => serde_json::json!({ "error": format!("{error:#}") }),
+                },
+                other => serde_json::json!({ "error": format!("unknown request {other:?}") }),
+            }),
+        )
+        .context("start control socket")?
+    };
+    let metrics = match metrics_address {
+        Some(address) => {
+            let (live_status, volume) = (live_status.clone(), volume.clone());
+            Some(metrics::MetricsServer::start(address, Arc::new(move || metrics::render_volume(&live_status(), volume.latency())))?)
+        }
+        None => None,
+    };
+    tracing::info!(volume = %name, exports = ?exports, "serving");
+    daemon::notify(&format!("READY=1\nSTATUS=serving {name} on {}", exports.join(", ")));
+    let reporter = daemon::StatusReporter::start({
+        let live_status = live_status.clone();
+        move || status::one_line(&live_status())
+    });
+    let mut signals = signals;
+    let signal = signals.forever().next().unwrap_or(signal_hook::consts::SIGTERM);
+    tracing::info!(signal, "stopping: draining requests, flushing the journal");
+    drop(reporter);
+    daemon::notify("STOPPING=1\nSTATUS=stopping: draining requests, flushing the journal");
+    volume.begin_shutdown();
+    if let Some(ublk_server) = ublk_server {
+        if let Err(error) = ublk_server.shutdown() {
+            tracing::error!("remove ublk device: {error:#}");
+        }
+    }
+    server.shutdown();
+    drop(control);
+    drop(metrics);
+    drop(live_status);
+    volume.shutdown().context("shut down volume")?;
+    if let Ok(senders) = Arc::try_unwrap(senders) {
+        senders.shutdown();
+    }
+    tracing::info!("stopped cleanly");
+    Ok(())
+}

@@ -1,0 +1,301 @@
+//! The single writer of a journal: group commit into the active segment, segment rolls, and
+//! the power-cut failpoint.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::format::{self, segment_file_name, RecordHeader, RecordKind, SegmentHeader, BLOCK_SIZE, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE};
+use super::preparer::SegmentPreparer;
+use super::table::{initialise_segment_file, open_segment_for_writing, SegmentEntry, SegmentTable};
+use super::{align_up, io_error, uring, Journal, JournalError, MAX_BATCH_BYTES, RECORD_ALIGN};
+use crate::extent::Extent;
+use crate::fsutil::{self, AlignedBuffer};
+
+/// Why an append did not take place.
+#[derive(Debug)]
+pub enum AppendError {
+    /// Every segment is in use: commit what is batched, wait for a trim, then retry.
+    JournalFull,
+    Failed(JournalError),
+}
+
+impl From<JournalError> for AppendError {
+    fn from(error: JournalError) -> Self {
+        AppendError::Failed(error)
+    }
+}
+
+/// The single writer of a journal. Records are staged in an aligned batch buffer and written
+/// by [`JournalWriter::commit`]; the block holding the end of the previous commit is written
+/// again with the new records after it (its earlier bytes are identical, so a torn rewrite
+/// cannot damage records that were already durable).
+pub struct JournalWriter {
+    journal: Arc<Journal>,
+    ring: uring::CommitRing,
+    file: Arc<File>,
+    header: SegmentHeader,
+    segment_path: PathBuf,
+    /// Block-aligned file offset that `buffer[0]` will be written to.
+    buffer_file_offset: u64,
+    /// Valid bytes in `buffer`: the partial block already on disk, then new records.
+    buffer_len: usize,
+    buffer: AlignedBuffer,
+    /// Bytes in `buffer` that are already on disk (the partial tail block).
+    committed_len: usize,
+    next_lsn: u64,
+    last_written_lsn: u64,
+    /// Stopped and joined when the writer is dropped.
+    _preparer: SegmentPreparer,
+}
+
+impl JournalWriter {
+    pub(super) fn new(journal: Arc<Journal>, path: &Path, header: SegmentHeader, end: u64, next_lsn: u64) -> Result<Self, JournalError> {
+        let file = open_segment_for_writing(path)?;
+        *journal.active_file.lock().unwrap_or_else(|p| p.into_inner()) = Some(file.clone());
+        let mut writer = JournalWriter {
+            ring: uring::CommitRing::new().map_err(io_error("create io_uring for the journal"))?,
+            file,
+            header,
+            segment_path: path.to_path_buf(),
+            buffer_file_offset: 0,
+            buffer_len: 0,
+            buffer: AlignedBuffer::new(MAX_BATCH_BYTES + BLOCK_SIZE),
+            committed_len: 0,
+            next_lsn,
+            last_written_lsn: next_lsn - 1,
+            _preparer: SegmentPreparer::start(&journal),
+            journal,
+        };
+        writer.load_tail(end)?;
+        Ok(writer)
+    }
+
+    /// Positions the buffer at `end`, loading the partial block that holds it.
+    fn load_tail(&mut self, end: u64) -> Result<(), JournalError> {
+        let block_start = end - end % BLOCK_SIZE as u64;
+        let partial = (end - block_start) as usize;
+        self.buffer[..BLOCK_SIZE].fill(0);
+        if partial > 0 {
+            let mut block = vec![0u8; BLOCK_SIZE];
+            self.file.read_exact_at(&mut block, block_start).map_err(io_error(format!("read tail of {}", self.segment_path.display())))?;
+            self.buffer[..partial].copy_from_slice(&block[..partial]);
+        }
+        self.buffer_file_offset = block_start;
+        self.buffer_len = partial;
+        self.committed_len = partial;
+        Ok(())
+    }
+
+    pub fn journal(&self) -> &Arc<Journal> {
+        &self.journal
+    }
+
+    /// The LSN the next append will get.
+    pub fn next_lsn(&self) -> u64 {
+        self.next_lsn
+    }
+
+    pub fn synced_lsn(&self) -> u64 {
+        self.journal.synced_lsn()
+    }
+
+    /// LSN of the last record written to the segment files.
+    pub fn written_lsn(&self) -> u64 {
+        self.last_written_lsn
+    }
+
+    /// Bytes staged but not yet written.
+    pub fn staged_bytes(&self) -> usize {
+        self.buffer_len - self.committed_len
+    }
+
+    fn position(&self) -> u64 {
+        self.buffer_file_offset + self.buffer_len as u64
+    }
+
+    /// Stages one record and returns its LSN. Commits on its own when the batch buffer or the
+    /// segment is full; returns [`AppendError::JournalFull`] (nothing staged) when no segment
+    /// can be had until a trim.
+    pub fn append(&mut self, kind: RecordKind, extent: Extent, payload: &[u8], flags: u16) -> Result<u64, AppendError> {
+        self.append_parts(kind, extent, &[payload], flags)
+    }
+
+    /// [`JournalWriter::append`] for a payload in pieces (as received from the network).
+    pub fn append_parts(&mut self, kind: RecordKind, extent: Extent, payload: &[impl AsRef<[u8]>], flags: u16) -> Result<u64, AppendError> {
+        let payload_len = payload.iter().map(|part| part.as_ref().len() as u64).sum::<u64>();
+        if payload_len > self.journal.options.max_payload() {
+            return Err(JournalError::RecordTooLarge { size: payload_len, segment_size: self.journal.options.segment_size }.into());
+        }
+        let encoded = align_up(RECORD_HEADER_SIZE as u64 + payload_len, RECORD_ALIGN) as usize;
+        if self.position() + encoded as u64 > self.header.segment_size {
+            self.roll_segment()?;
+        }
+        if self.buffer_len + encoded > self.buffer.len() {
+            self.commit(false).map_err(AppendError::Failed)?;
+        }
+        let lsn = self.next_lsn;
+        let header = RecordHeader {
+            kind,
+            flags,
+            lsn,
+            offset: extent.offset,
+            length: extent.length,
+            payload_len: payload_len as u32,
+            synced_lsn: self.journal.synced_lsn(),
+            timestamp_us: crate::clock::now_micros(),
+        };
+        let start = self.buffer_len;
+        let exact = header.encoded_len();
+        header.encode_parts(payload, self.header.salt, &mut self.buffer[start..start + exact]);
+        self.buffer[start + exact..start + encoded].fill(0);
+        self.buffer_len += encoded;
+        self.next_lsn += 1;
+        crate::lock(&self.journal.ledger).push(lsn, payload_len, header.timestamp_us);
+        Ok(lsn)
+    }
+
+    /// Writes everything staged (one write through the page cache, padded to whole blocks)
+    /// and, if `sync`, makes the journal durable through the last staged record. Without
+    /// `sync`, [`Journal::sync`] (from any thread) makes it durable later.
+    pub fn commit(&mut self, sync: bool) -> Result<(), JournalError> {
+        let staged = self.staged_bytes() > 0;
+        if !staged && (!sync || self.journal.synced_lsn() >= self.last_written_lsn) {
+            return Ok(());
+        }
+        if crate::failpoint::hit("journal-power-cut-before-commit") {
+            self.simulate_power_cut();
+        }
+        let padded = align_up(self.buffer_len as u64, BLOCK_SIZE as u64) as usize;
+        self.buffer[self.buffer_len..padded].fill(0);
+        let (data, offset) = if staged { (&self.buffer[..padded], self.buffer_file_offset) } else { (&self.buffer[..0], 0) };
+        self.ring
+            .write_and_maybe_sync(&self.file, data, offset, sync)
+            .map_err(io_error(format!("write journal segment {}", self.segment_path.display())))?;
+        self.last_written_lsn = self.next_lsn - 1;
+        self.journal.written_lsn.store(self.last_written_lsn, Ordering::Release);
+        if sync {
+            self.journal.synced_lsn.fetch_max(self.last_written_lsn, Ordering::AcqRel);
+        }
+        let end = self.position();
+        {
+            let mut table = self.journal.lock_table();
+            if let Some(active) = table.retained.last_mut() {
+                active.end = end;
+            }
+        }
+        // Keep only the partial last block for the next commit.
+        let full_blocks = self.buffer_len / BLOCK_SIZE * BLOCK_SIZE;
+        let partial = self.buffer_len - full_blocks;
+        self.buffer.copy_within(full_blocks..self.buffer_len, 0);
+        self.buffer_file_offset += full_blocks as u64;
+        self.buffer_len = partial;
+        self.committed_len = partial;
+        Ok(())
+    }
+
+    /// Test failpoint: behave as if power failed now. Everything written since the last
+    /// fdatasync is lost (zeroed on disk, the worst case a drive's cache allows), then the
+    /// process dies without any cleanup.
+    fn simulate_power_cut(&mut self) -> ! {
+        let table = self.journal.lock_table();
+        let synced_lsn = self.journal.synced_lsn();
+        tracing::error!(synced_lsn, "failpoint: simulating a power cut (dropping unsynced journal bytes)");
+        // Records after synced_lsn are in the active segment (rolling a segment syncs it).
+        if let Ok(plain) = std::fs::OpenOptions::new().read(true).write(true).open(&self.segment_path) {
+            let mut position = SEGMENT_HEADER_SIZE;
+            let mut cut = None;
+            while position + RECORD_HEADER_SIZE as u64 <= self.header.segment_size {
+                let mut head = [0u8; RECORD_HEADER_SIZE];
+                if plain.read_exact_at(&mut head, position).is_err() {
+                    break;
+                }
+                match format::decode_header(&head, self.header.segment_size - position) {
+                    Ok(header) if header.lsn > synced_lsn => {
+                        cut = Some(position);
+                        break;
+                    }
+                    Ok(header) => position += align_up(header.encoded_len() as u64, RECORD_ALIGN),
+                    Err(_) => break,
+                }
+            }
+            if let Some(cut) = cut {
+                let end = self.position().max(cut);
+                let zeros = vec![0u8; (end - cut) as usize];
+                let _ = plain.write_all_at(&zeros, cut);
+                let _ = plain.sync_data();
+            }
+        }
+        // Die holding the table lock: a sync that finished meanwhile must not be published
+        // (and acknowledge a FLUSH) after we zeroed what it covered.
+        let _frozen = table;
+        std::process::abort();
+    }
+
+    /// Seals the active segment (durably) and starts the next one.
+    fn roll_segment(&mut self) -> Result<(), AppendError> {
+        let next_first = self.next_lsn;
+        let path = self.journal.dir.join(segment_file_name(next_first));
+        let spare = {
+            let mut table = self.journal.lock_table();
+            // Only the preparer creates files (so the cap holds): while one is being made, or
+            // may still be made, wait for it rather than calling the journal full. Normally a
+            // few milliseconds; if creating files keeps failing (disk full), status shows the
+            // journal as full while writes wait.
+            while table.spare.is_empty() && (table.preparing || table.files() < self.journal.options.max_segments()) {
+                self.journal.full.store(true, Ordering::Release);
+                self.journal.spare_wanted.notify_all();
+                table = self.journal.space_freed.wait_timeout(table, Duration::from_millis(100)).unwrap_or_else(|p| p.into_inner()).0;
+            }
+            let Some(spare) = table.spare.pop() else {
+                self.journal.full.store(true, Ordering::Release);
+                return Err(AppendError::JournalFull);
+            };
+            table.rolling = true;
+            spare
+        };
+        self.journal.full.store(false, Ordering::Release);
+        self.journal.spare_wanted.notify_all();
+        let started = self.commit(true).and_then(|()| {
+            let header = initialise_segment_file(&path, Some(&spare), next_first, &self.journal.options)?;
+            fsutil::sync_dir(&self.journal.dir).map_err(io_error(format!("sync {}", self.journal.dir.display())))?;
+            Ok((header, open_segment_for_writing(&path)?))
+        });
+        let mut table = self.journal.lock_table();
+        table.rolling = false;
+        let (header, file) = match started {
+            Ok(started) => started,
+            Err(error) => {
+                // Keep the file in the pool, under whichever name it now has.
+                table.spare.push(if spare.exists() { spare } else { path });
+                return Err(error.into());
+            }
+        };
+        table.retained.push(SegmentEntry { first_lsn: next_first, path: path.clone(), end: SEGMENT_HEADER_SIZE });
+        drop(table);
+        *self.journal.active_file.lock().unwrap_or_else(|p| p.into_inner()) = Some(file.clone());
+        self.file = file;
+        self.header = header;
+        self.segment_path = path;
+        self.load_tail(SEGMENT_HEADER_SIZE)?;
+        Ok(())
+    }
+
+    /// Waits until a trim frees a segment or `timeout` passes; true if space may be available.
+    pub fn wait_for_space(&self, timeout: Duration) -> bool {
+        let table = self.journal.lock_table();
+        let has_space = |t: &SegmentTable| !t.spare.is_empty() || t.files() < self.journal.options.max_segments();
+        if has_space(&table) {
+            return true;
+        }
+        let (table, _) = self
+            .journal
+            .space_freed
+            .wait_timeout_while(table, timeout, |t| !has_space(t))
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        has_space(&table)
+    }
+}

@@ -1,0 +1,101 @@
+//! Prometheus metrics for `run --metrics ADDR` and `applier run --metrics ADDR`: the
+//! rendering of a volume's and an applier's status (`exposition.rs` builds the text,
+//! `server.rs` answers `GET /metrics`). Every number is taken from the same typed status
+//! `status --json` prints, so the two always agree.
+
+mod exposition;
+mod server;
+
+pub use exposition::Exposition;
+pub use server::{MetricsServer, Render};
+
+use crate::latency::RequestLatency;
+use crate::status::{ApplierStatus, MirrorState, MirrorStatus, Status};
+use crate::volume::Mode;
+
+
+/// The metrics page of a running volume.
+pub fn render_volume(status: &Status, latency: &RequestLatency) -> String {
+    let mut out = Exposition::default();
+    let v = &status.volume;
+    let n = &v.numbers;
+    let volume = v.name.as_str();
+    let labels = [("volume", volume)];
+    let uuid = v.uuid.to_string();
+    let generation = v.generation.to_string();
+    out.gauge("ublk_mirror_volume_info", "Always 1; the labels identify the volume.", &[("volume", volume), ("uuid", &uuid), ("generation", &generation)], 1.0);
+    for candidate in Mode::ALL {
+        out.gauge("ublk_mirror_volume_mode", "1 for the volume's current mode (journaling, full, failed, stopped), else 0.", &[("volume", volume), ("mode", candidate.as_str())], (candidate == n.mode) as u8 as f64);
+    }
+    out.gauge("ublk_mirror_volume_size_bytes", "Size of the volume.", &labels, v.size as f64);
+    out.gauge("ublk_mirror_volume_last_lsn", "Newest LSN assigned to a write.", &labels, n.last_lsn as f64);
+    out.gauge("ublk_mirror_volume_synced_lsn", "Newest LSN durable in the journal.", &labels, n.synced_lsn as f64);
+    out.gauge("ublk_mirror_volume_applied_lsn", "Newest LSN applied to the backing store.", &labels, n.applied_lsn as f64);
+    out.gauge("ublk_mirror_volume_checkpoint_lsn", "Newest LSN durable in the backing store (checkpointed).", &labels, n.checkpoint_lsn as f64);
+    out.gauge("ublk_mirror_volume_pending_bytes", "Journaled bytes not yet applied to the backing store.", &labels, n.pending_bytes as f64);
+    out.counter("ublk_mirror_volume_writes_total", "Write requests completed.", &labels, n.writes as f64);
+    out.counter("ublk_mirror_volume_written_bytes_total", "Bytes written.", &labels, n.written_bytes as f64);
+    out.counter("ublk_mirror_volume_flushes_total", "Flush requests completed.", &labels, n.flushes as f64);
+    out.counter("ublk_mirror_volume_reads_total", "Read requests completed.", &labels, n.reads as f64);
+    out.counter("ublk_mirror_volume_read_bytes_total", "Bytes read.", &labels, n.read_bytes as f64);
+    let j = &status.journal;
+    out.gauge("ublk_mirror_journal_used_bytes", "Bytes of records the journal holds.", &labels, j.used_bytes as f64);
+    out.gauge("ublk_mirror_journal_capacity_bytes", "Most bytes of records the journal can hold.", &labels, j.capacity_bytes as f64);
+    out.gauge("ublk_mirror_journal_fill_ratio", "used_bytes / capacity_bytes (writes wait at 1).", &labels, j.fill());
+    out.gauge("ublk_mirror_journal_first_lsn", "Oldest LSN the journal retains.", &labels, j.first_lsn as f64);
+    out.gauge("ublk_mirror_journal_segments", "Segment files in use.", &labels, j.segments as f64);
+    for (op, histogram) in [("write", &latency.write), ("flush", &latency.flush), ("discard", &latency.discard)] {
+        out.histogram(
+            "ublk_mirror_request_latency_seconds",
+            "Time from a request's submission to its completion (write includes write-zeroes).",
+            &[("volume", volume), ("op", op)],
+            &histogram.snapshot(),
+        );
+    }
+    for mirror in &status.mirrors {
+        render_mirror(&mut out, volume, mirror);
+    }
+    out.finish()
+}
+
+fn render_mirror(out: &mut Exposition, volume: &str, m: &MirrorStatus) {
+    let labels = [("volume", volume), ("mirror", m.name.as_str())];
+    for state in MirrorState::ALL {
+        out.gauge("ublk_mirror_mirror_state", "1 for the mirror's current state (syncing, replicating, disconnected), else 0.", &[("volume", volume), ("mirror", &m.name), ("state", state.as_str())], (m.state() == state) as u8 as f64);
+    }
+    out.gauge("ublk_mirror_mirror_connected", "1 while connected to the applier.", &labels, m.connected() as u8 as f64);
+    out.gauge("ublk_mirror_mirror_consistent", "1 when the replica is a consistent past state of the volume.", &labels, m.consistent() as u8 as f64);
+    out.gauge("ublk_mirror_mirror_received_lsn", "Newest LSN durable in the applier's journal.", &labels, m.received_lsn as f64);
+    out.gauge("ublk_mirror_mirror_applied_lsn", "Newest LSN applied to the replica.", &labels, m.applied_lsn as f64);
+    out.gauge("ublk_mirror_mirror_lag_bytes", "Payload bytes of records the replica has not applied.", &labels, m.lag_bytes as f64);
+    out.gauge("ublk_mirror_mirror_lag_records", "Records the replica has not applied.", &labels, m.lag_records as f64);
+    out.gauge("ublk_mirror_mirror_lag_seconds", "Age of the oldest record the replica has not applied.", &labels, m.lag_seconds);
+    out.gauge("ublk_mirror_mirror_throughput_bytes_per_second", "Payload bytes the replica applied per second, over about the last second.", &labels, m.throughput_bytes_per_second);
+    if let Some(rate) = m.max_rate {
+        out.gauge("ublk_mirror_mirror_max_rate_bytes_per_second", "The mirror's bandwidth limit.", &labels, rate as f64);
+    }
+    out.counter("ublk_mirror_mirror_sent_bytes_total", "Payload bytes sent (records and synchronisation chunks).", &labels, m.sent_bytes as f64);
+    out.counter("ublk_mirror_mirror_sent_records_total", "Journal records sent.", &labels, m.sent_records as f64);
+    out.counter("ublk_mirror_mirror_reconnects_total", "Connections lost or refused (each followed by a retry).", &labels, m.reconnects as f64);
+    out.gauge("ublk_mirror_mirror_sync_chunks", "Chunks of the current or last initial synchronisation.", &labels, m.sync_chunks_total as f64);
+    out.gauge("ublk_mirror_mirror_sync_chunks_compared", "Chunks compared so far.", &labels, m.sync_chunks_compared as f64);
+    out.gauge("ublk_mirror_mirror_sync_chunks_sent", "Chunks sent so far (as data or as zeros).", &labels, m.sync_chunks_sent as f64);
+}
+
+/// The metrics page of a running applier.
+pub fn render_applier(status: &ApplierStatus) -> String {
+    let mut out = Exposition::default();
+    out.gauge("ublk_mirror_applier_replicas", "Replicas this applier keeps.", &[], status.replicas.len() as f64);
+    for r in &status.replicas {
+        let labels = [("volume", r.volume.as_str())];
+        out.gauge("ublk_mirror_replica_received_lsn", "Newest LSN durable in the replica's journal.", &labels, r.received_lsn as f64);
+        out.gauge("ublk_mirror_replica_applied_lsn", "Newest LSN applied to the replica image.", &labels, r.applied_lsn as f64);
+        out.gauge("ublk_mirror_replica_consistent", "1 when the image is a consistent past state of the source.", &labels, r.consistent as u8 as f64);
+        out.gauge("ublk_mirror_replica_connected", "1 while the source is connected.", &labels, r.connected as u8 as f64);
+        out.counter("ublk_mirror_replica_records_received_total", "Records received and made durable.", &labels, r.records_received as f64);
+        out.counter("ublk_mirror_replica_records_duplicated_total", "Records received again after a reconnect (skipped).", &labels, r.records_duplicated as f64);
+        out.counter("ublk_mirror_replica_received_bytes_total", "Payload bytes received (records and synchronisation chunks).", &labels, r.bytes_received as f64);
+        out.counter("ublk_mirror_replica_connections_total", "Connections accepted from the source.", &labels, r.connections as f64);
+    }
+    out.finish()
+}

@@ -1,0 +1,148 @@
+//! A mirror's configuration file `VDIR/mirrors/NAME.toml` (where to, which applier
+//! certificate, rate, timeouts), written by `mirror add` and `mirror set`, validated on load
+//! with errors that name the file and the key.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::checkpoints::{self, Checkpoints};
+use super::MirrorError;
+use crate::layout::VolumeDir;
+use crate::protocol::transport::{Congestion, DEFAULT_IDLE_TIMEOUT_SECONDS};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorConfig {
+    pub name: String,
+    /// HOST:PORT of the applier.
+    pub address: String,
+    /// Pinned certificate fingerprint of the applier.
+    pub fingerprint: String,
+    /// Most bytes per second this mirror sends (journal records and sync chunks); absent:
+    /// unlimited. In the file a number of bytes or a size such as "50M" (powers of 1024).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::size::serde_optional_size")]
+    pub max_rate: Option<u64>,
+    /// Seconds without any packet from the applier after which the connection is declared
+    /// dead and re-established (keep-alives are sent at a third of it). Default 15.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<u64>,
+    /// Congestion control of this mirror's connection: "bbr" (default) or "cubic".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub congestion: Option<Congestion>,
+}
+
+impl MirrorConfig {
+    pub fn idle_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT_SECONDS))
+    }
+
+    /// Checks every key; the message names the key at fault.
+    pub fn validate(&self) -> Result<(), String> {
+        crate::name::validate(&self.name).map_err(|e| format!("name: {e}"))?;
+        crate::identity::parse_fingerprint(&self.fingerprint).map_err(|e| format!("fingerprint: {e}"))?;
+        crate::address::check_host_port(&self.address).map_err(|e| format!("address: {e}"))?;
+        if self.max_rate == Some(0) {
+            return Err("max_rate: 0 is not a rate; leave the key out for no limit".into());
+        }
+        if let Some(rate) = self.max_rate.filter(|&r| r < MIN_RATE) {
+            return Err(format!("max_rate: {rate} bytes/s is below the smallest limit, {MIN_RATE} (64K)"));
+        }
+        if let Some(seconds) = self.idle_timeout.filter(|s| !(1..=600).contains(s)) {
+            return Err(format!("idle_timeout: {seconds} must be between 1 and 600 seconds"));
+        }
+        Ok(())
+    }
+}
+
+/// Below this a single largest record would take seconds to pass the limiter.
+pub const MIN_RATE: u64 = 64 << 10;
+
+/// `mirror add`: writes a new mirror's file (and its empty checkpoints first: from the next
+/// `run` on, the journal keeps everything this mirror still needs).
+pub fn add(dir: &VolumeDir, config: &MirrorConfig) -> Result<(), MirrorError> {
+    config.validate().map_err(|e| MirrorError::Invalid(format!("mirror {e}")))?;
+    if !dir.holds_volume() {
+        return Err(MirrorError::Invalid(format!("{} holds no volume", dir.root().display())));
+    }
+    let path = dir.mirror_config(&config.name);
+    if path.exists() {
+        return Err(MirrorError::Invalid(format!("mirror {} already exists (remove it first)", config.name)));
+    }
+    let io = |context: String| move |source| MirrorError::Io { context, source };
+    std::fs::create_dir_all(dir.mirrors()).map_err(io(format!("create {}", dir.mirrors().display())))?;
+    checkpoints::save(dir, &config.name, Checkpoints::default())?;
+    save(dir, config)
+}
+
+/// Writes a mirror's file (documented; see docs/configuration.md).
+fn save(dir: &VolumeDir, config: &MirrorConfig) -> Result<(), MirrorError> {
+    let path = dir.mirror_config(&config.name);
+    let text = format!(
+        "# ublk-mirror mirror of this volume; written by `ublk-mirror mirror add`/`mirror set`.\n\
+         # Keys: name, address (HOST:PORT), fingerprint (sha256:...), max_rate (bytes/s, e.g. \"50M\"),\n\
+         # idle_timeout (seconds), congestion (\"bbr\" or \"cubic\"). See docs/configuration.md.\n{}",
+        toml::to_string_pretty(config).expect("mirror config serialises")
+    );
+    crate::fsutil::write_atomic(&path, text.as_bytes()).map_err(|source| MirrorError::Io { context: format!("write {}", path.display()), source })
+}
+
+/// Changes a mirror's rate limit and idle timeout (`None`: leave as is). A running volume
+/// picks the rate up at once (see `reload`), the idle timeout at the next connection.
+pub fn set(dir: &VolumeDir, name: &str, max_rate: Option<Option<u64>>, idle_timeout: Option<u64>) -> Result<MirrorConfig, MirrorError> {
+    let mut config = load(dir, name)?;
+    if let Some(rate) = max_rate {
+        config.max_rate = rate;
+    }
+    if let Some(seconds) = idle_timeout {
+        config.idle_timeout = Some(seconds);
+    }
+    config.validate().map_err(|e| MirrorError::Invalid(format!("mirror {e}")))?;
+    save(dir, &config)?;
+    Ok(config)
+}
+
+/// Reads and validates one mirror's file; errors name the file and the key.
+pub fn load(dir: &VolumeDir, name: &str) -> Result<MirrorConfig, MirrorError> {
+    let path = dir.mirror_config(name);
+    if !path.exists() {
+        return Err(MirrorError::Invalid(format!("no mirror named {name:?} in {}", dir.root().display())));
+    }
+    load_file(&path)
+}
+
+fn load_file(path: &Path) -> Result<MirrorConfig, MirrorError> {
+    let text = std::fs::read_to_string(path).map_err(|source| MirrorError::Io { context: format!("read {}", path.display()), source })?;
+    let config: MirrorConfig = toml::from_str(&text).map_err(|e| MirrorError::Invalid(format!("{}: {}", path.display(), e.to_string().trim_end())))?;
+    config.validate().map_err(|e| MirrorError::Invalid(format!("{}: {e}", path.display())))?;
+    if path.file_stem().is_some_and(|stem| stem != config.name.as_str()) {
+        return Err(MirrorError::Invalid(format!("{}: name: {:?} differs from the file's name", path.display(), config.name)));
+    }
+    Ok(config)
+}
+
+/// `mirror remove`: deletes the mirror's file and checkpoints (its journal hold goes with
+/// them at the next `run`).
+pub fn remove(dir: &VolumeDir, name: &str) -> Result<(), MirrorError> {
+    let path = dir.mirror_config(name);
+    if !path.exists() {
+        return Err(MirrorError::Invalid(format!("no mirror named {name:?} in {}", dir.root().display())));
+    }
+    std::fs::remove_file(&path).map_err(|source| MirrorError::Io { context: format!("remove {}", path.display()), source })?;
+    checkpoints::remove(dir, name);
+    crate::fsutil::sync_dir(&dir.mirrors()).map_err(|source| MirrorError::Io { context: "sync mirrors directory".into(), source })
+}
+
+/// Every mirror of the volume, by name; a bad file is an error that names it.
+pub fn list(dir: &VolumeDir) -> Result<Vec<MirrorConfig>, MirrorError> {
+    let mut mirrors = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir.mirrors()) else { return Ok(mirrors) };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            mirrors.push(load_file(&path)?);
+        }
+    }
+    mirrors.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(mirrors)
+}

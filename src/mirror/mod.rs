@@ -1,0 +1,24 @@
+//! The source side of replication, inside `run`: a volume's mirrors (`config.rs`, their
+//! saved checkpoints `checkpoints.rs`), one sender per mirror (`senders.rs` starts and reports
+//! them; `session.rs` is one connection: handshake, then the journal streamed from the
+//! applier's `received` checkpoint; `sync_source.rs` the source half of a synchronisation),
+//! and the bandwidth limit (`rate.rs`).
+
+pub mod checkpoints;
+pub mod config;
+pub mod rate;
+mod senders;
+mod session;
+mod sync_source;
+
+pub use checkpoints::Checkpoints;
+pub use config::{add, list, load, remove, set, MirrorConfig, MIN_RATE};
+pub use senders::{holds, offline_statuses, Senders};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+}

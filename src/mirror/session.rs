@@ -1,0 +1,384 @@
+//! One mirror's sender, inside `run`: connects to the applier, says who it is, and streams
+//! the volume's journal from the applier's `received` checkpoint — only records already
+//! durable at the source (so a replica never holds a write the source could lose), with a
+//! bounded window of unacknowledged bytes — and reconnects with backoff after any failure.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::checkpoints::{self, Checkpoints};
+use super::config::MirrorConfig;
+use super::rate::RateLimiter;
+use crate::journal::{Hold, JournalReader};
+use crate::layout::VolumeDir;
+use crate::lock;
+use crate::protocol::framing::{read_frame, write_control, LinkError};
+use crate::protocol::tls;
+use crate::protocol::transport;
+use crate::protocol::wire::{self, Control, Frame, Hello};
+use crate::status::MirrorStatus;
+use crate::volume::Volume;
+
+
+/// Bytes sent and not yet acknowledged as `received` at most: a 1 Gbit/s path with 130 ms
+/// RTT stays full. More only queues data in QUIC, which lets quinn's BBR overshoot a
+/// bottleneck's buffer (measured through the relay at 50 ms RTT and 50 MB/s: a 64 MiB window
+/// lost 43% of the packets to the bottleneck queue and drained at 7 MB/s, 16 MiB at 40 MB/s).
+const WINDOW_BYTES: u64 = 16 << 20;
+/// Payload bytes per batch at most.
+const BATCH_BYTES: usize = 4 << 20;
+const BATCH_RECORDS: usize = 1024;
+/// Nice value added to sender threads (the volume's applier thread uses 5).
+const SENDER_NICE: i32 = 5;
+/// Checkpoints are persisted at most this often, off the sending thread. The saved state only
+/// has to be no newer than the applier's: it is the trim floor when the volume starts, and
+/// the applier sends its own checkpoints on every connect. (Every 500 ms on the sending
+/// thread, the file's two fsyncs forced ext4 journal commits that stalled the volume's own
+/// journal syncs under load and held up sending.)
+const PERSIST_INTERVAL: Duration = Duration::from_secs(5);
+
+
+#[derive(Clone)]
+pub(super) struct Sender {
+    pub dir: VolumeDir,
+    pub config: MirrorConfig,
+    pub volume: Arc<Volume>,
+    pub status: Arc<Mutex<MirrorStatus>>,
+    /// This mirror's claim on the volume's journal: records after its `received` are kept.
+    hold: Hold,
+    pub stop: Arc<AtomicBool>,
+    /// This process copied the chunks of the replica's current synchronisation. An
+    /// inconsistent replica synchronised by an earlier process is synchronised again: its
+    /// chunks may hold writes that process acknowledged but lost in a crash.
+    pub synced_here: Arc<AtomicBool>,
+    /// Bytes per second this mirror may send (0: unlimited), shared with `Senders::reload`.
+    rate: Arc<AtomicU64>,
+}
+
+/// A record sent on this connection.
+struct InFlight {
+    lsn: u64,
+    bytes: u64,
+}
+
+/// Records sent on this connection and not yet applied, oldest first. Those after
+/// `received_lsn` are the window (not yet durable at the applier).
+#[derive(Default)]
+struct Flight {
+    records: VecDeque<InFlight>,
+    received_lsn: u64,
+}
+
+impl Flight {
+    /// Bytes sent and not yet received, record headers included.
+    fn window_bytes(&self) -> u64 {
+        // Records are in LSN order: sum only those after `received`, not every unapplied one
+        // (the applier checkpoints once a second, so tens of thousands may wait for `applied`).
+        let first_unreceived = self.records.partition_point(|r| r.lsn <= self.received_lsn);
+        self.records.range(first_unreceived..).map(|r| r.bytes + wire::RECORD_HEADER_BYTES).sum()
+    }
+
+    /// Records the checkpoints; returns the payload bytes newly applied.
+    fn acknowledge(&mut self, received_lsn: u64, applied_lsn: u64) -> u64 {
+        self.received_lsn = self.received_lsn.max(received_lsn);
+        let mut applied = 0;
+        while self.records.front().is_some_and(|r| r.lsn <= applied_lsn) {
+            applied += self.records.pop_front().map_or(0, |r| r.bytes);
+        }
+        applied
+    }
+}
+
+impl Sender {
+    pub fn new(dir: VolumeDir, config: MirrorConfig, volume: Arc<Volume>, status: Arc<Mutex<MirrorStatus>>, hold: Hold, stop: Arc<AtomicBool>, rate: Arc<AtomicU64>) -> Sender {
+        Sender { dir, config, volume, status, hold, stop, synced_here: Arc::new(AtomicBool::new(false)), rate }
+    }
+
+    pub fn run(self) {
+        // Replication is background work, like applying to the backing store: the threads
+        // that acknowledge requests come first; the journal absorbs what a burst leaves
+        // unsent.
+        crate::priority::lower_current_thread(SENDER_NICE);
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(runtime) => runtime,
+            Err(error) => {
+                tracing::error!(mirror = %self.config.name, %error, "cannot start sender runtime");
+                return;
+            }
+        };
+        let mut backoff = Duration::from_millis(200);
+        while !self.stop.load(Ordering::SeqCst) {
+            let started = Instant::now();
+            let result = runtime.block_on(self.session());
+            {
+                let mut status = lock(&self.status);
+                // Persist the last checkpoints the applier acknowledged (saves are throttled
+                // while streaming).
+                let saved = Checkpoints { received_lsn: status.received_lsn, applied_lsn: status.applied_lsn };
+                if let Err(error) = checkpoints::save(&self.dir, &self.config.name, saved) {
+                    tracing::warn!(mirror = %self.config.name, %error, "could not save mirror state");
+                }
+                status.disconnect(result.as_ref().err().map(|error| format!("{error:#}")));
+            }
+            if let Err(error) = result {
+                tracing::warn!(mirror = %self.config.name, error = %format!("{error:#}"), "mirror disconnected; will retry");
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                backoff = Duration::from_millis(200);
+            }
+            let until = Instant::now() + backoff;
+            while Instant::now() < until && !self.stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// One connection: handshake, a synchronisation if the replica needs one, then the
+    /// journal streamed until the volume stops or the link fails.
+    async fn session(&self) -> Result<(), LinkError> {
+        let identity = tls::Identity::load(&self.dir.identity())?;
+        let address: SocketAddr = tokio::net::lookup_host(&self.config.address)
+            .await?
+            .next()
+            .ok_or_else(|| LinkError::Protocol(format!("cannot resolve {}", self.config.address)))?;
+        let local: SocketAddr = if address.is_ipv4() { "0.0.0.0:0".parse().expect("addr") } else { "[::]:0".parse().expect("addr") };
+        let mut endpoint = transport::endpoint(local, None)?;
+        endpoint.set_default_client_config(transport::client_config(&identity, &self.config.fingerprint, self.config.idle_timeout(), self.config.congestion.unwrap_or_default())?);
+        let connection = endpoint.connect(address, "applier")?.await?;
+        let (mut send, mut recv) = connection.open_bi().await?;
+        let welcome = self.handshake(&mut send, &mut recv).await?;
+        let journal = self.volume.journal();
+        let mut limiter = RateLimiter::new(self.rate.clone());
+        let journal_gap = welcome.received + 1 < journal.first_lsn();
+        let unfinished_elsewhere = !welcome.consistent && !welcome.needs_sync && !self.synced_here.load(Ordering::SeqCst);
+        let received = if welcome.needs_sync || journal_gap || unfinished_elsewhere {
+            if journal_gap && !welcome.needs_sync {
+                tracing::warn!(mirror = %self.config.name, received = welcome.received, first = journal.first_lsn(), "the journal no longer reaches back to the replica's checkpoint: synchronising");
+            }
+            self.synchronise(&mut send, &mut recv, welcome.applied, &mut limiter).await?
+        } else {
+            self.acknowledged(welcome.received, welcome.applied);
+            welcome.received
+        };
+        let in_flight: Arc<Mutex<Flight>> = Arc::default();
+        let mut acks = tokio::spawn(self.clone().read_acks(recv, in_flight.clone()));
+        let result = self.stream(&mut send, received, &in_flight, &mut acks, &mut limiter).await;
+        if result.is_ok() {
+            connection.close(0u32.into(), b"volume stopping");
+        }
+        result
+    }
+
+    /// Says who we are and reads the applier's checkpoints.
+    async fn handshake(&self, send: &mut quinn::SendStream, recv: &mut quinn::RecvStream) -> Result<Welcome, LinkError> {
+        let journal = self.volume.journal();
+        let config = self.volume.config();
+        let hello = Hello {
+            protocol: wire::PROTOCOL_VERSION,
+            volume_uuid: *config.uuid.as_bytes(),
+            volume_name: config.name.clone(),
+            size: config.size,
+            generation: *self.volume.generation().as_bytes(),
+            first_lsn: journal.first_lsn(),
+            last_lsn: journal.written_lsn(),
+        };
+        write_control(send, &Control::Hello(hello)).await?;
+        let welcome = match read_frame(recv).await? {
+            Some(Frame::Control(Control::Welcome { received_lsn, applied_lsn, consistent, needs_sync, consistent_lsn })) => {
+                Welcome { received: received_lsn, applied: applied_lsn, consistent, needs_sync, consistent_lsn }
+            }
+            Some(Frame::Control(Control::Refused(refusal))) => return Err(LinkError::Refused(refusal)),
+            other => return Err(LinkError::Protocol(format!("expected Welcome, got {other:?}"))),
+        };
+        if welcome.received > journal.written_lsn() {
+            return Err(LinkError::Protocol(format!(
+                "the replica has received LSN {} but this volume's journal ends at {}: the replica is ahead of the source (divergence)",
+                welcome.received,
+                journal.written_lsn()
+            )));
+        }
+        tracing::info!(mirror = %self.config.name, received = welcome.received, applied = welcome.applied, consistent = welcome.consistent, needs_sync = welcome.needs_sync, "mirror connected");
+        lock(&self.status).connect(welcome.consistent, welcome.consistent_lsn).map_err(|error| LinkError::Protocol(error.to_string()))?;
+        Ok(welcome)
+    }
+
+    /// The applier's acknowledgements: they close the window, move the journal hold, and are
+    /// saved now and then.
+    async fn read_acks(self, mut recv: quinn::RecvStream, in_flight: Arc<Mutex<Flight>>) -> Result<(), LinkError> {
+        let mut last_persist = Instant::now() - PERSIST_INTERVAL;
+        let mut persisting: Option<tokio::task::JoinHandle<()>> = None;
+        loop {
+            match read_frame(&mut recv).await? {
+                Some(Frame::Control(Control::Ack { received_lsn, applied_lsn })) => {
+                    // The window closes on `received` (durable at the applier); applied
+                    // bytes are counted for the throughput.
+                    let done = lock(&in_flight).acknowledge(received_lsn, applied_lsn);
+                    lock(&self.status).applied_bytes += done;
+                    self.acknowledged(received_lsn, applied_lsn);
+                    if last_persist.elapsed() >= PERSIST_INTERVAL && persisting.as_ref().is_none_or(|save| save.is_finished()) {
+                        let (dir, name) = (self.dir.clone(), self.config.name.clone());
+                        persisting = Some(tokio::task::spawn_blocking(move || {
+                            let _ = checkpoints::save(&dir, &name, Checkpoints { received_lsn, applied_lsn });
+                        }));
+                        last_persist = Instant::now();
+                    }
+                }
+                None => return Ok(()),
+                other => return Err(LinkError::Protocol(format!("unexpected frame from the applier: {other:?}"))),
+            }
+        }
+    }
+
+    /// Streams durable journal records after `received` until the volume stops (Ok) or the
+    /// link fails.
+    async fn stream(
+        &self,
+        send: &mut quinn::SendStream,
+        received: u64,
+        in_flight: &Arc<Mutex<Flight>>,
+        acks: &mut tokio::task::JoinHandle<Result<(), LinkError>>,
+        limiter: &mut RateLimiter,
+    ) -> Result<(), LinkError> {
+        let journal = self.volume.journal();
+        let mut reader = JournalReader::new(journal.clone(), received + 1)?;
+        let mut meter = (Instant::now(), lock(&self.status).applied_bytes);
+        loop {
+            if meter.0.elapsed() >= Duration::from_secs(1) {
+                let mut status = lock(&self.status);
+                status.throughput_bytes_per_second = (status.applied_bytes - meter.1) as f64 / meter.0.elapsed().as_secs_f64();
+                meter = (Instant::now(), status.applied_bytes);
+            }
+            if self.stop.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            if acks.is_finished() {
+                return match acks.await {
+                    Ok(Err(error)) => Err(error),
+                    _ => Err(LinkError::Protocol("the applier closed the stream".into())),
+                };
+            }
+            // Headers count too: a window of tiny records must stay bounded.
+            let unacked = lock(in_flight).window_bytes();
+            let mut batch = Vec::new();
+            let mut bytes = 0usize;
+            let batch_bytes = limiter.batch_limit(BATCH_BYTES);
+            // Only records durable at the source: a replica must never get ahead of it.
+            while unacked + (bytes as u64) < WINDOW_BYTES && bytes < batch_bytes && batch.len() < BATCH_RECORDS && reader.next_lsn() <= journal.synced_lsn() {
+                match reader.next_record()? {
+                    Some(record) => {
+                        bytes += record.payload.len();
+                        batch.push(record);
+                    }
+                    None => break,
+                }
+            }
+            if batch.is_empty() {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                continue;
+            }
+            let pairs: Vec<_> = batch.iter().map(|r| (r.header, &r.payload[..])).collect();
+            let header = wire::encode_batch_header(&pairs);
+            limiter.pace((header.len() + bytes) as u64).await;
+            {
+                let mut flight = lock(in_flight);
+                for record in &batch {
+                    flight.records.push_back(InFlight { lsn: record.header.lsn, bytes: record.payload.len() as u64 });
+                }
+            }
+            let records = batch.len() as u64;
+            send.write_all_chunks(&mut frame_chunks(header, &batch)).await?;
+            let mut status = lock(&self.status);
+            status.sent_bytes += bytes as u64;
+            status.sent_records += records;
+        }
+    }
+
+    /// Sets checkpoints outright (a synchronisation re-bases them; `acknowledged` only moves
+    /// them forward) and the journal hold with them.
+    pub(super) fn set_checkpoints(&self, received: u64, applied: u64) {
+        lock(&self.status).rebase(received, applied);
+        self.hold.set(received);
+    }
+
+    /// Records the applier's checkpoints and moves the journal hold to `received`.
+    pub(super) fn acknowledged(&self, received: u64, applied: u64) {
+        let received = {
+            let mut status = lock(&self.status);
+            status.acknowledge(received, applied);
+            status.received_lsn
+        };
+        self.hold.set(received);
+    }
+}
+
+/// What the applier's Welcome said.
+struct Welcome {
+    received: u64,
+    applied: u64,
+    consistent: bool,
+    needs_sync: bool,
+    consistent_lsn: Option<u64>,
+}
+
+/// A batch frame as chunks for QUIC, all handed over in one call: large payloads move in as
+/// they are (no copy), runs of small ones are gathered into one chunk. (quinn finds the bytes
+/// of each packet by walking its unacknowledged chunks from the oldest, so a 16 MiB window in
+/// 4 KiB chunks would cost a walk of thousands per packet: more than the copy.)
+fn frame_chunks(header: Vec<u8>, batch: &[crate::journal::Record]) -> Vec<bytes::Bytes> {
+    const OWN_CHUNK: usize = 64 << 10;
+    let mut chunks = vec![bytes::Bytes::from(header)];
+    let mut rest = batch;
+    while let Some(first) = rest.first() {
+        if first.payload.len() >= OWN_CHUNK {
+            chunks.push(first.payload.clone());
+            rest = &rest[1..];
+            continue;
+        }
+        let run = rest.iter().position(|r| r.payload.len() >= OWN_CHUNK).unwrap_or(rest.len());
+        let mut gathered = Vec::with_capacity(rest[..run].iter().map(|r| r.payload.len()).sum());
+        for record in &rest[..run] {
+            gathered.extend_from_slice(&record.payload);
+        }
+        if !gathered.is_empty() {
+            chunks.push(bytes::Bytes::from(gathered));
+        }
+        rest = &rest[run..];
+    }
+    chunks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::{Record, RecordHeader, RecordKind};
+
+    fn record(lsn: u64, len: usize) -> Record {
+        let payload: Vec<u8> = (0..len).map(|i| (lsn as usize * 31 + i) as u8).collect();
+        let kind = if len == 0 { RecordKind::WriteZeroes } else { RecordKind::Write };
+        let header = RecordHeader { kind, flags: 0, lsn, offset: 0, length: len.max(4096) as u64, payload_len: len as u32, synced_lsn: 0, timestamp_us: 0 };
+        Record { header, payload: bytes::Bytes::from(payload) }
+    }
+
+    /// The chunks carry the header, then every payload in LSN order; large payloads travel as
+    /// the very buffers they were read into, runs of small ones as one gathered chunk each.
+    #[test]
+    fn frame_chunks_keep_payload_order_and_gather_only_small_runs() {
+        let sizes = [4096, 0, 512, 65536, 4096, 4096, 1 << 20, 0, 100];
+        let batch: Vec<Record> = sizes.iter().enumerate().map(|(i, &len)| record(i as u64 + 1, len)).collect();
+        let chunks = frame_chunks(vec![7, 7, 7], &batch);
+        let mut expected = vec![7u8, 7, 7];
+        for record in &batch {
+            expected.extend_from_slice(&record.payload);
+        }
+        assert_eq!(chunks.concat(), expected);
+        // header | 4096+0+512 | 65536 | 4096+4096 | 1 MiB | 0+100
+        let lengths: Vec<usize> = chunks.iter().map(|c| c.len()).collect();
+        assert_eq!(lengths, vec![3, 4608, 65536, 8192, 1 << 20, 100]);
+        assert_eq!(chunks[2].as_ptr(), batch[3].payload.as_ptr(), "a large payload is not copied");
+        assert_eq!(chunks[4].as_ptr(), batch[6].payload.as_ptr(), "a large payload is not copied");
+    }
+}

@@ -1,0 +1,8 @@
+//! The replication protocol both ends speak: the wire format (`wire`, pure encoding), frames
+//! on QUIC streams (`framing`), mutual TLS by pinned fingerprints (`tls`) and the QUIC
+//! transport settings (`transport`). See `docs/replication-protocol.md`.
+
+pub mod framing;
+pub mod tls;
+pub mod transport;
+pub mod wire;

@@ -1,0 +1,31 @@
+//! An applier and its replicas as `applier status` reports them. JSON field names are a
+//! contract.
+
+use serde::{Deserialize, Serialize};
+
+/// One replica as `applier status` reports it (`replicas[]`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    pub volume: String,
+    pub image: String,
+    pub received_lsn: u64,
+    pub applied_lsn: u64,
+    pub consistent: bool,
+    pub connected: bool,
+    pub records_received: u64,
+    pub records_duplicated: u64,
+    /// Payload bytes received (records and synchronisation chunks) since the applier started.
+    #[serde(default)]
+    pub bytes_received: u64,
+    /// Connections accepted from the source since the applier started.
+    #[serde(default)]
+    pub connections: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ApplierStatus {
+    pub running: bool,
+    pub fingerprint: String,
+    pub listen: Option<String>,
+    pub replicas: Vec<ReplicaStatus>,
+}

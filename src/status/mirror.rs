@@ -1,0 +1,242 @@
+//! One mirror as `status` reports it (`mirrors[]`), and the mirror's state machine: every
+//! change of `state` (and of the replica's consistency it implies) goes through a guarded
+//! transition, so the sender cannot put a mirror in a state its history does not allow.
+
+use serde::{Deserialize, Serialize};
+
+/// Where a mirror stands, as `mirrors[].state` names it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MirrorState {
+    /// Not connected to its applier (not yet, or the link failed and is being retried).
+    #[default]
+    Disconnected,
+    /// Connected; the replica is being synchronised (chunk comparison, then the journal
+    /// replay that completes it) and is not yet a consistent past state of the volume.
+    Syncing,
+    /// Connected; the replica is consistent and journal records stream to it.
+    Replicating,
+}
+
+impl MirrorState {
+    pub const ALL: [MirrorState; 3] = [MirrorState::Syncing, MirrorState::Replicating, MirrorState::Disconnected];
+
+    /// The name status and metrics show.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MirrorState::Disconnected => "disconnected",
+            MirrorState::Syncing => "syncing",
+            MirrorState::Replicating => "replicating",
+        }
+    }
+}
+
+impl std::fmt::Display for MirrorState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A transition the mirror's state does not allow (a bug in the caller, reported rather
+/// than obeyed).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("mirror {mirror}: cannot {event} while {from}")]
+pub struct TransitionError {
+    pub mirror: String,
+    pub from: MirrorState,
+    pub event: &'static str,
+}
+
+/// One mirror as `status` reports it. JSON field names are a contract.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MirrorStatus {
+    pub name: String,
+    pub address: String,
+    connected: bool,
+    /// `syncing` (initial synchronisation, until the replica is consistent), `replicating`,
+    /// `disconnected`.
+    state: MirrorState,
+    /// The replica is a consistent past state of this volume (false during initial sync and
+    /// the journal replay that completes it).
+    consistent: bool,
+    pub received_lsn: u64,
+    pub applied_lsn: u64,
+    /// Payload bytes of the records the replica has not applied (sent or not).
+    #[serde(default)]
+    pub lag_bytes: u64,
+    /// Records not yet applied on the replica.
+    #[serde(default)]
+    pub lag_records: u64,
+    /// Age of the oldest record not yet applied (0 when caught up).
+    #[serde(default)]
+    pub lag_seconds: f64,
+    #[serde(default)]
+    pub sent_bytes: u64,
+    #[serde(default)]
+    pub sent_records: u64,
+    /// Payload bytes the replica acknowledged as applied since `run` started.
+    #[serde(default)]
+    pub applied_bytes: u64,
+    /// Payload bytes applied on the replica per second, over about the last second: what
+    /// the link really carries (0 while disconnected).
+    #[serde(default)]
+    pub throughput_bytes_per_second: f64,
+    /// The bandwidth limit in bytes per second (`max_rate`; absent: none).
+    #[serde(default)]
+    pub max_rate: Option<u64>,
+    /// Connections lost or refused since `run` started (each followed by a retry).
+    #[serde(default)]
+    pub reconnects: u64,
+    #[serde(default)]
+    pub last_error: Option<String>,
+    /// Initial synchronisation: chunks of `sync_chunk_bytes` compared so far, of all, and how
+    /// many were sent (as data, or as zeros).
+    #[serde(default)]
+    pub sync_chunk_bytes: u64,
+    #[serde(default)]
+    pub sync_chunks_total: u64,
+    #[serde(default)]
+    pub sync_chunks_compared: u64,
+    #[serde(default)]
+    pub sync_chunks_sent: u64,
+    #[serde(default)]
+    pub sync_chunks_zeroed: u64,
+    /// Applied LSN at which the replica becomes consistent after a sync.
+    #[serde(default)]
+    consistent_lsn: Option<u64>,
+}
+
+impl MirrorStatus {
+    /// A mirror not (yet) connected, with the checkpoints its applier last acknowledged.
+    pub fn new(name: &str, address: &str, max_rate: Option<u64>, received_lsn: u64, applied_lsn: u64) -> MirrorStatus {
+        MirrorStatus { name: name.to_string(), address: address.to_string(), max_rate, received_lsn, applied_lsn, ..MirrorStatus::default() }
+    }
+
+    pub fn state(&self) -> MirrorState {
+        self.state
+    }
+
+    pub fn connected(&self) -> bool {
+        self.connected
+    }
+
+    pub fn consistent(&self) -> bool {
+        self.consistent
+    }
+
+    pub fn consistent_lsn(&self) -> Option<u64> {
+        self.consistent_lsn
+    }
+
+    /// True when the replica has applied everything through `lsn` and is consistent (what
+    /// `mirror wait` waits for).
+    pub fn has_applied(&self, lsn: u64) -> bool {
+        self.applied_lsn >= lsn && self.consistent
+    }
+
+    fn refuse(&self, event: &'static str) -> Result<(), TransitionError> {
+        Err(TransitionError { mirror: self.name.clone(), from: self.state, event })
+    }
+
+    /// The applier welcomed the sender: the replica is `consistent`, or becomes so once it
+    /// applied `consistent_lsn` (a synchronisation whose copy is done).
+    pub fn connect(&mut self, consistent: bool, consistent_lsn: Option<u64>) -> Result<(), TransitionError> {
+        if self.state != MirrorState::Disconnected {
+            return self.refuse("connect");
+        }
+        self.connected = true;
+        self.consistent = consistent;
+        self.consistent_lsn = if consistent { None } else { consistent_lsn };
+        self.state = if consistent { MirrorState::Replicating } else { MirrorState::Syncing };
+        Ok(())
+    }
+
+    /// A synchronisation of `chunks_total` chunks of `chunk_bytes` begins: the replica stops
+    /// being consistent until the journal replay after the copy.
+    pub fn start_sync(&mut self, chunk_bytes: u64, chunks_total: u64) -> Result<(), TransitionError> {
+        if !self.connected {
+            return self.refuse("start a synchronisation");
+        }
+        self.state = MirrorState::Syncing;
+        self.consistent = false;
+        self.consistent_lsn = None;
+        self.sync_chunk_bytes = chunk_bytes;
+        self.sync_chunks_total = chunks_total;
+        self.sync_chunks_compared = 0;
+        self.sync_chunks_sent = 0;
+        self.sync_chunks_zeroed = 0;
+        Ok(())
+    }
+
+    /// Every chunk is copied: the replica is consistent once it applied `consistent_lsn`.
+    pub fn finish_copy(&mut self, consistent_lsn: u64) -> Result<(), TransitionError> {
+        if self.state != MirrorState::Syncing {
+            return self.refuse("finish a synchronisation's copy");
+        }
+        self.consistent_lsn = Some(consistent_lsn);
+        Ok(())
+    }
+
+    /// Sets the checkpoints outright (a synchronisation re-bases them).
+    pub fn rebase(&mut self, received_lsn: u64, applied_lsn: u64) {
+        self.received_lsn = received_lsn;
+        self.applied_lsn = applied_lsn;
+    }
+
+    /// The applier acknowledged checkpoints (they only move forward). A syncing replica that
+    /// reached its consistent LSN is consistent from now on, and the mirror replicates.
+    pub fn acknowledge(&mut self, received_lsn: u64, applied_lsn: u64) {
+        self.received_lsn = self.received_lsn.max(received_lsn);
+        self.applied_lsn = self.applied_lsn.max(applied_lsn);
+        if self.state == MirrorState::Syncing && self.consistent_lsn.is_some_and(|target| self.applied_lsn >= target) {
+            self.consistent = true;
+            self.consistent_lsn = None;
+            self.state = MirrorState::Replicating;
+        }
+    }
+
+    /// The connection ended, cleanly (`error` None) or not; allowed from every state.
+    pub fn disconnect(&mut self, error: Option<String>) {
+        self.connected = false;
+        self.state = MirrorState::Disconnected;
+        self.throughput_bytes_per_second = 0.0;
+        if let Some(error) = error {
+            self.last_error = Some(error);
+            self.reconnects += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transitions_follow_the_mirror_history() {
+        let mut status = MirrorStatus::new("m", "h:1", None, 5, 5);
+        assert_eq!(status.state(), MirrorState::Disconnected);
+        assert!(status.start_sync(1 << 20, 4).is_err(), "no sync while disconnected");
+        assert!(status.finish_copy(9).is_err());
+        status.connect(true, None).unwrap();
+        assert_eq!(status.state(), MirrorState::Replicating);
+        assert!(status.connect(true, None).is_err(), "already connected");
+        status.start_sync(1 << 20, 4).unwrap();
+        assert_eq!((status.state(), status.consistent()), (MirrorState::Syncing, false));
+        status.rebase(10, 5);
+        status.finish_copy(12).unwrap();
+        status.acknowledge(11, 11);
+        assert_eq!(status.state(), MirrorState::Syncing, "not yet at the consistent LSN");
+        status.acknowledge(12, 12);
+        assert_eq!((status.state(), status.consistent(), status.consistent_lsn()), (MirrorState::Replicating, true, None));
+        assert!(status.has_applied(12) && !status.has_applied(13));
+        status.disconnect(Some("link lost".into()));
+        assert_eq!((status.state(), status.connected(), status.reconnects), (MirrorState::Disconnected, false, 1));
+        assert!(status.consistent(), "a disconnected mirror keeps what it knew of the replica");
+        status.connect(false, Some(20)).unwrap();
+        assert_eq!((status.state(), status.consistent_lsn()), (MirrorState::Syncing, Some(20)));
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(json["state"], "syncing");
+        assert_eq!(json["consistent"], false);
+        assert_eq!(serde_json::from_value::<MirrorStatus>(json).unwrap(), status);
+    }
+}

@@ -1,0 +1,145 @@
+//! The status contract: the typed values `status --json`, `applier status --json`, the text
+//! tables, `mirror wait`, systemd's STATUS line and the Prometheus metrics all render, so
+//! they always agree. JSON field names are a contract (add fields, rename none).
+//!
+//! A running `run` builds its [`Status`] live (the volume's numbers, the senders' mirror
+//! statuses) and answers it on its control socket; a stopped volume's is read from its
+//! files without changing anything.
+
+mod applier;
+mod mirror;
+mod text;
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+pub use applier::{ApplierStatus, ReplicaStatus};
+pub use mirror::{MirrorState, MirrorStatus, TransitionError};
+pub use text::{applier_one_line, applier_text, one_line, render_text};
+
+use crate::journal::{Journal, JournalUsage, RecoveryReport, SEGMENT_HEADER_SIZE};
+use crate::layout::VolumeDir;
+use crate::volume::{Mode, Volume, VolumeConfig, VolumeError, VolumeNumbers, VolumeState};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub volume: VolumeStatus,
+    pub journal: JournalStatus,
+    /// One per configured mirror; empty until a mirror is configured.
+    pub mirrors: Vec<MirrorStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeStatus {
+    pub name: String,
+    pub uuid: uuid::Uuid,
+    pub size: u64,
+    pub backing: String,
+    pub generation: uuid::Uuid,
+    pub running: bool,
+    pub pid: Option<u32>,
+    pub exports: Vec<String>,
+    /// The ublk block device (/dev/ublkbN) while `run --ublk` serves the volume.
+    #[serde(default)]
+    pub device: Option<String>,
+    pub clean_shutdown: Option<bool>,
+    /// mode, LSNs, pending bytes, counters and failure, as top-level fields of `volume`.
+    #[serde(flatten)]
+    pub numbers: VolumeNumbers,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JournalStatus {
+    pub first_lsn: u64,
+    pub last_lsn: u64,
+    pub used_bytes: u64,
+    pub capacity_bytes: u64,
+    pub segments: usize,
+    pub segment_size: u64,
+}
+
+impl JournalStatus {
+    fn of(usage: JournalUsage, segment_size: u64) -> JournalStatus {
+        JournalStatus {
+            first_lsn: usage.first_lsn,
+            last_lsn: usage.last_lsn,
+            used_bytes: usage.used_bytes,
+            capacity_bytes: usage.capacity_bytes,
+            segments: usage.segments,
+            segment_size,
+        }
+    }
+
+    /// used / capacity, 0 to 1.
+    pub fn fill(&self) -> f64 {
+        if self.capacity_bytes > 0 {
+            self.used_bytes as f64 / self.capacity_bytes as f64
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Status of a volume served by this process: its exports (and ublk device) and its
+/// mirrors as the senders report them.
+pub fn live(volume: &Volume, exports: &[String], device: Option<String>, mirrors: Vec<MirrorStatus>) -> Status {
+    let config = volume.config();
+    Status {
+        volume: VolumeStatus {
+            name: config.name.clone(),
+            uuid: config.uuid,
+            size: config.size,
+            backing: config.backing.display().to_string(),
+            generation: volume.generation(),
+            running: true,
+            pid: Some(std::process::id()),
+            exports: exports.to_vec(),
+            device,
+            clean_shutdown: None,
+            numbers: volume.numbers(),
+        },
+        journal: JournalStatus::of(volume.journal().usage(), config.journal.segment_size),
+        mirrors,
+    }
+}
+
+/// Status read from the files of a volume nobody serves. Changes nothing. `mirrors` gives
+/// the mirrors' part from the journal as it stands (their files are the mirror module's).
+pub fn offline(dir: &VolumeDir, mirrors: impl FnOnce(&Arc<Journal>) -> Vec<MirrorStatus>) -> Result<Status, VolumeError> {
+    let config = VolumeConfig::load(dir)?;
+    let state = VolumeState::load(dir)?;
+    let (journal, report): (Arc<Journal>, RecoveryReport) = Journal::open_read_only(&dir.journal())?;
+    let options = config.journal_options();
+    Ok(Status {
+        volume: VolumeStatus {
+            name: config.name.clone(),
+            uuid: config.uuid,
+            size: config.size,
+            backing: config.backing.display().to_string(),
+            generation: state.generation,
+            running: false,
+            pid: None,
+            exports: Vec::new(),
+            device: None,
+            clean_shutdown: Some(state.clean_shutdown),
+            numbers: VolumeNumbers {
+                mode: Mode::Stopped,
+                last_lsn: report.last_lsn,
+                synced_lsn: report.last_lsn,
+                applied_lsn: state.applied_lsn,
+                checkpoint_lsn: state.applied_lsn,
+                ..VolumeNumbers::default()
+            },
+        },
+        journal: JournalStatus {
+            first_lsn: report.first_lsn,
+            last_lsn: report.last_lsn,
+            used_bytes: report.used_bytes,
+            capacity_bytes: options.max_segments() as u64 * (options.segment_size - SEGMENT_HEADER_SIZE),
+            segments: report.segments,
+            segment_size: options.segment_size,
+        },
+        mirrors: mirrors(&journal),
+    })
+}

@@ -1,0 +1,140 @@
+//! The human forms of the status contract: the text of `status` and `applier status`, and
+//! the one-line summaries systemd shows under each unit (STATUS=).
+
+use std::path::Path;
+
+use super::{ApplierStatus, MirrorState, MirrorStatus, Status};
+
+/// The human form of a status.
+pub fn render_text(status: &Status) -> String {
+    use crate::size::format_size;
+    let v = &status.volume;
+    let n = &v.numbers;
+    let j = &status.journal;
+    let mode = n.mode.as_str();
+    let mut out = String::new();
+    out.push_str(&format!("volume {} ({}), {} bytes ({}), mode {mode}", v.name, v.uuid, v.size, format_size(v.size)));
+    if v.running {
+        out.push_str(&format!(", served by pid {}", v.pid.unwrap_or_default()));
+    } else {
+        out.push_str(&format!(", not running (last shutdown {})", if v.clean_shutdown == Some(true) { "clean" } else { "unclean: the next run recovers" }));
+    }
+    out.push('\n');
+    for export in &v.exports {
+        out.push_str(&format!("  export   {export}\n"));
+    }
+    out.push_str(&format!("  lsn      last {} synced {} applied {} checkpoint {}\n", n.last_lsn, n.synced_lsn, n.applied_lsn, n.checkpoint_lsn));
+    let fill = j.fill() * 100.0;
+    out.push_str(&format!(
+        "  journal  {} of {} used ({fill:.1}%), {} segment(s), LSN {}..={}\n",
+        j.used_bytes, j.capacity_bytes, j.segments, j.first_lsn, j.last_lsn
+    ));
+    if v.running {
+        out.push_str(&format!("  io       {} writes ({} bytes), {} flushes, {} reads ({} bytes), {} bytes pending apply\n", n.writes, n.written_bytes, n.flushes, n.reads, n.read_bytes, n.pending_bytes));
+    }
+    if !status.mirrors.is_empty() {
+        out.push_str(&mirror_table(&status.mirrors));
+    }
+    if let Some(failure) = &n.failure {
+        out.push_str(&format!("  FAILED   {failure}\n"));
+    }
+    out
+}
+
+/// One line for systemd's STATUS=: mode and each mirror's state and lag.
+pub fn one_line(status: &Status) -> String {
+    use crate::size::format_size;
+    let n = &status.volume.numbers;
+    let mode = n.mode.as_str();
+    let mut line = format!("{} {mode}, last LSN {}", status.volume.name, n.last_lsn);
+    for mirror in &status.mirrors {
+        line.push_str(&format!(
+            "; mirror {} {} lag {} records / {}B / {:.1}s",
+            mirror.name,
+            mirror.state(),
+            mirror.lag_records,
+            format_size(mirror.lag_bytes),
+            mirror.lag_seconds
+        ));
+    }
+    line
+}
+
+/// One line per mirror, columns aligned (like `drbdadm status`).
+fn mirror_table(mirrors: &[MirrorStatus]) -> String {
+    use crate::size::human_size;
+    let header = ["MIRROR", "TO", "STATE", "CONSISTENT", "LAG", "LAG-BYTES", "LAG-AGE", "RATE", "SENT", "LIMIT", "RECONNECTS"];
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
+    let mut errors = Vec::new();
+    for m in mirrors {
+        let mut state = m.state().to_string();
+        if m.state() == MirrorState::Syncing && m.sync_chunks_total > 0 {
+            state = format!("syncing {}%", m.sync_chunks_compared * 100 / m.sync_chunks_total);
+        }
+        rows.push(vec![
+            m.name.clone(),
+            m.address.clone(),
+            state,
+            if m.consistent() { "yes" } else { "no" }.to_string(),
+            format!("{} rec", m.lag_records),
+            human_size(m.lag_bytes),
+            format!("{:.1}s", m.lag_seconds),
+            format!("{}/s", human_size(m.throughput_bytes_per_second as u64)),
+            human_size(m.sent_bytes),
+            m.max_rate.map_or("-".to_string(), |r| format!("{}/s", human_size(r))),
+            m.reconnects.to_string(),
+        ]);
+        if let Some(error) = m.last_error.as_deref().filter(|_| !m.connected()) {
+            errors.push(format!("  {}: last error: {error}\n", m.name));
+        }
+    }
+    let widths: Vec<usize> = (0..header.len()).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for row in &rows {
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
+        out.push_str(&format!("  {}\n", cells.join("  ").trim_end()));
+    }
+    for error in errors {
+        out.push_str(&error);
+    }
+    out
+}
+
+/// The text of `applier status`.
+pub fn applier_text(dir: &Path, status: &ApplierStatus) -> String {
+    let listening = if status.running { format!("listening on {}", status.listen.as_deref().unwrap_or_default()) } else { "not running".into() };
+    let mut out = format!("applier {} ({}), {listening}\n", dir.display(), status.fingerprint);
+    for r in &status.replicas {
+        out.push_str(&format!(
+            "  {:<20} received {:>10} applied {:>10} {} {}  {}\n",
+            r.volume,
+            r.received_lsn,
+            r.applied_lsn,
+            if r.consistent { "consistent" } else { "INCONSISTENT" },
+            if r.connected { "connected" } else { "disconnected" },
+            r.image
+        ));
+    }
+    out
+}
+
+/// One line for systemd's STATUS=: each replica's LSNs and state.
+pub fn applier_one_line(status: &ApplierStatus) -> String {
+    if status.replicas.is_empty() {
+        return "no replicas yet".into();
+    }
+    let parts: Vec<String> = status
+        .replicas
+        .iter()
+        .map(|r| {
+            format!(
+                "{} applied {} {} {}",
+                r.volume,
+                r.applied_lsn,
+                if r.consistent { "consistent" } else { "INCONSISTENT" },
+                if r.connected { "connected" } else { "disconnected" }
+            )
+        })
+        .collect();
+    parts.join("; ")
+}

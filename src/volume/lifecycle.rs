@@ -1,0 +1,194 @@
+//! A volume's life: `create` makes its directory, `open` locks it, recovers the journal,
+//! redoes what the backing store may lack and starts the volume's threads. (Stopping is
+//! `Volume::shutdown`.)
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex};
+
+use super::config::{JournalConfig, VolumeConfig, CONFIG_FORMAT, LOGICAL_BLOCK_SIZE};
+use super::shared::Shared;
+use super::state::VolumeState;
+use super::writer::WriterLoop;
+use super::{io_context, syncer, writeback, Volume, VolumeError};
+use crate::journal::{Journal, JournalError, JournalReader, Retention};
+use crate::layout::{DirLock, LockError, VolumeDir};
+use crate::store::Store;
+
+/// Requests queued to the writer before submitters block.
+const REQUEST_QUEUE: usize = 1024;
+
+pub const DEFAULT_JOURNAL_SIZE: u64 = 1 << 30;
+pub const DEFAULT_SEGMENT_SIZE: u64 = 64 << 20;
+pub const DEFAULT_PENDING_WINDOW: u64 = 64 << 20;
+
+/// Options of `volume create`.
+#[derive(Debug, Clone, Default)]
+pub struct CreateOptions {
+    pub name: String,
+    pub size: u64,
+    pub backing: Option<PathBuf>,
+    pub journal_size: Option<u64>,
+    pub segment_size: Option<u64>,
+    pub pending_window: Option<u64>,
+}
+
+/// What `volume create` made.
+#[derive(Debug, Clone)]
+pub struct Created {
+    pub config: VolumeConfig,
+    pub fingerprint: String,
+}
+
+impl Volume {
+    /// Creates a volume's state directory: config, journal, state and identity.
+    pub fn create(dir: &Path, options: &CreateOptions) -> Result<Created, VolumeError> {
+        crate::name::validate(&options.name).map_err(|e| VolumeError::Invalid(format!("volume name {e}")))?;
+        if options.size == 0 || !options.size.is_multiple_of(LOGICAL_BLOCK_SIZE) {
+            return Err(VolumeError::Invalid(format!("volume size {} must be a positive multiple of {LOGICAL_BLOCK_SIZE} bytes", options.size)));
+        }
+        let journal_size = options.journal_size.unwrap_or(DEFAULT_JOURNAL_SIZE);
+        let segment_size = options.segment_size.unwrap_or_else(|| DEFAULT_SEGMENT_SIZE.min(journal_size / 4 / 4096 * 4096).max(crate::journal::MIN_SEGMENT_SIZE));
+        let layout = VolumeDir::new(std::path::absolute(dir).map_err(io_context(format!("resolve {}", dir.display())))?);
+        let backing = match &options.backing {
+            Some(path) => std::path::absolute(path).map_err(io_context(format!("resolve {}", path.display())))?,
+            None => layout.default_backing(),
+        };
+        let mut config = VolumeConfig {
+            format_version: CONFIG_FORMAT,
+            name: options.name.clone(),
+            uuid: uuid::Uuid::new_v4(),
+            size: options.size,
+            backing: backing.clone(),
+            journal: JournalConfig { capacity: journal_size, segment_size, pending_window: 0 },
+            run: Default::default(),
+        };
+        config.journal.pending_window = options.pending_window.unwrap_or(DEFAULT_PENDING_WINDOW.min(journal_size / 2));
+        config.validate().map_err(|message| VolumeError::Invalid(format!("invalid volume settings: {message}")))?;
+
+        // Check the backing store before touching the disk.
+        if let Some(path) = &options.backing {
+            Store::open_sized(path, "backing store", options.size)?;
+        }
+        let created_dir = match std::fs::read_dir(dir) {
+            Ok(mut entries) => {
+                if entries.next().is_some() {
+                    return Err(VolumeError::AlreadyExists { dir: dir.to_path_buf() });
+                }
+                false
+            }
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(dir).map_err(io_context(format!("create {}", dir.display())))?;
+                true
+            }
+            Err(error) => return Err(io_context(format!("read {}", dir.display()))(error)),
+        };
+        let result = (|| {
+            if options.backing.is_none() {
+                Store::create_sparse(&backing, options.size)?;
+            }
+            Journal::create(&layout.journal(), config.journal_options())?;
+            let fingerprint = crate::identity::create(&layout.identity(), &options.name)?;
+            VolumeState { format_version: CONFIG_FORMAT, applied_lsn: 0, generation: uuid::Uuid::new_v4(), clean_shutdown: true }.save(&layout)?;
+            // The config file is written last: its presence marks a complete volume.
+            config.save(&layout)?;
+            crate::fsutil::sync_dir(dir).map_err(io_context(format!("sync {}", dir.display())))?;
+            Ok(fingerprint)
+        })();
+        match result {
+            Ok(fingerprint) => Ok(Created { config, fingerprint }),
+            Err(error) => {
+                // Leave nothing half-made behind.
+                if created_dir {
+                    let _ = std::fs::remove_dir_all(dir);
+                } else {
+                    for path in layout.created_entries() {
+                        let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+                    }
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Opens the volume in `dir` for serving: locks it, recovers the journal, redoes records
+    /// past the last checkpoint, and starts the writer, syncer and writeback threads.
+    ///
+    /// `holds`: the journal keeps every record after each named LSN (a mirror's `received`
+    /// checkpoint), so each mirror can resume from the journal; the caller reads them from
+    /// the mirrors' state and moves them later through [`Volume::retention`].
+    pub fn open(dir: &Path, holds: impl IntoIterator<Item = (String, u64)>) -> Result<Volume, VolumeError> {
+        let layout = VolumeDir::new(dir);
+        let config = VolumeConfig::load(&layout)?;
+        let lock = DirLock::acquire(&layout.lock()).map_err(|error| match error {
+            LockError::Held { holder } => VolumeError::InUse { dir: dir.to_path_buf(), holder },
+            LockError::Io { path, source } => VolumeError::Io { context: format!("open {}", path.display()), source },
+        })?;
+        let backing = Store::open_sized(&config.backing, "backing store", config.size)?;
+        let mut state = VolumeState::load(&layout)?;
+        let (journal, writer, report) = Journal::open(&layout.journal(), config.journal_options())?;
+        if let Some(tail) = &report.torn_tail {
+            tracing::warn!(%tail, "journal had a torn tail (writes never acknowledged as durable)");
+        }
+        if state.applied_lsn > report.last_lsn {
+            return Err(VolumeError::Journal(JournalError::Corrupt(format!(
+                "state.json says records through LSN {} were applied, but the journal ends at LSN {}",
+                state.applied_lsn, report.last_lsn
+            ))));
+        }
+        if state.applied_lsn + 1 < report.first_lsn {
+            return Err(VolumeError::Journal(JournalError::Corrupt(format!(
+                "the journal starts at LSN {} but the backing store is only known to hold records through LSN {}",
+                report.first_lsn, state.applied_lsn
+            ))));
+        }
+        let redone = redo(&journal, state.applied_lsn, &backing)?;
+        if redone > 0 {
+            tracing::info!(records = redone, from = state.applied_lsn + 1, to = report.last_lsn, "redid journal records into the backing store");
+        }
+        state.applied_lsn = report.last_lsn;
+        state.clean_shutdown = false;
+        state.save(&layout)?;
+
+        let retention = Retention::new(journal.clone(), report.last_lsn, holds);
+        // Trim what the checkpoint already covers (and every mirror has received).
+        retention.trim()?;
+        let shared = Arc::new(Shared::new(layout.clone(), backing, retention, report.last_lsn, config.journal.pending_window, state));
+        let (request_tx, request_rx) = mpsc::sync_channel(REQUEST_QUEUE);
+        let (apply_tx, apply_rx) = mpsc::channel();
+        let (sync_tx, sync_rx) = mpsc::channel();
+        let writer_shared = shared.clone();
+        let syncer_shared = shared.clone();
+        let writeback_shared = shared.clone();
+        let threads = vec![
+            std::thread::Builder::new()
+                .name("journal-writer".into())
+                .spawn(move || WriterLoop::new(writer_shared, writer, apply_tx, sync_tx).run(request_rx))
+                .map_err(io_context("start journal writer thread"))?,
+            std::thread::Builder::new()
+                .name("journal-syncer".into())
+                .spawn(move || syncer::run(syncer_shared, sync_rx))
+                .map_err(io_context("start journal syncer thread"))?,
+            std::thread::Builder::new()
+                .name("writeback".into())
+                .spawn(move || writeback::run(writeback_shared, apply_rx))
+                .map_err(io_context("start writeback thread"))?,
+        ];
+        Ok(Volume { dir: layout, config, shared, submit: Mutex::new(Some(request_tx)), threads: Mutex::new(threads), _lock: lock })
+    }
+}
+
+/// Re-applies records after `applied_lsn` to the backing store and makes them durable.
+fn redo(journal: &Arc<Journal>, applied_lsn: u64, backing: &Store) -> Result<u64, VolumeError> {
+    let mut reader = JournalReader::new(journal.clone(), applied_lsn + 1)?;
+    let mut count = 0;
+    while let Some(record) = reader.next_record()? {
+        let header = record.header;
+        backing.apply(header.kind, header.extent(), &[&record.payload]).map_err(io_context(format!("redo LSN {} into the backing store", header.lsn)))?;
+        count += 1;
+    }
+    if count > 0 {
+        backing.sync_data().map_err(io_context("sync backing store"))?;
+    }
+    Ok(count)
+}

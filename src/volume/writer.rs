@@ -1,0 +1,180 @@
+//! The writer thread: LSN assignment, group commit, acknowledgements, back-pressure.
+
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::index::ExtentData;
+use super::shared::{Progress, Shared};
+use super::syncer::DurabilityWaiter;
+use super::writeback::ApplyItem;
+use super::{Completion, VolumeError, WriteOp};
+use crate::extent::Extent;
+use crate::journal::{AppendError, JournalWriter, RecordKind, FLAG_FUA};
+use crate::lock;
+
+/// Accounting cost of a record without payload.
+const RECORD_OVERHEAD: u64 = 64;
+
+/// A request on its way to the writer.
+pub(super) struct Request {
+    pub op: WriteOp,
+    pub completion: Completion,
+}
+
+
+/// The writer thread: LSN assignment, group commit, acknowledgements.
+pub(super) struct WriterLoop {
+    shared: Arc<Shared>,
+    writer: JournalWriter,
+    apply: Sender<ApplyItem>,
+    syncer: Sender<DurabilityWaiter>,
+    /// Completed when the batch is written.
+    completions: Vec<Completion>,
+    /// Completed when the batch is durable (FLUSH, FUA).
+    durable_completions: Vec<Completion>,
+    to_apply: Vec<ApplyItem>,
+}
+
+impl WriterLoop {
+    pub fn new(shared: Arc<Shared>, writer: JournalWriter, apply: Sender<ApplyItem>, syncer: Sender<DurabilityWaiter>) -> Self {
+        WriterLoop { shared, writer, apply, syncer, completions: Vec::new(), durable_completions: Vec::new(), to_apply: Vec::new() }
+    }
+
+    pub fn run(mut self, requests: Receiver<Request>) {
+        while let Ok(request) = requests.recv() {
+            self.handle(request);
+            // Group commit: everything that queued up while we were busy goes in one write.
+            while self.writer.staged_bytes() < crate::journal::MAX_BATCH_BYTES / 2 && self.completions.len() + self.durable_completions.len() < 512 {
+                match requests.try_recv() {
+                    Ok(request) => self.handle(request),
+                    Err(_) => break,
+                }
+            }
+            self.finish_batch(false);
+        }
+        self.finish_batch(true);
+        let mut progress = lock(&self.shared.progress);
+        progress.stopping = true;
+        drop(progress);
+        self.shared.progress_changed.notify_all();
+    }
+
+    fn handle(&mut self, request: Request) {
+        if let Some(failure) = self.shared.failure() {
+            return (request.completion)(Err(VolumeError::Failed(failure)));
+        }
+        let (kind, extent, data, fua) = match request.op {
+            WriteOp::Flush => {
+                self.shared.counters.flushes.fetch_add(1, Ordering::Relaxed);
+                self.durable_completions.push(request.completion);
+                return;
+            }
+            WriteOp::Write { offset, data, fua } => (RecordKind::Write, Extent::new(offset, data.len() as u64), Some(data), fua),
+            WriteOp::WriteZeroes { extent, fua } => (RecordKind::WriteZeroes, extent, None, fua),
+            WriteOp::Discard { extent } => (RecordKind::Discard, extent, None, false),
+        };
+        let cost = data.as_ref().map_or(0, |d| d.len() as u64) + RECORD_OVERHEAD;
+        self.wait_for_window(cost);
+        let payload: &[u8] = data.as_ref().map_or(&[], |d| d.as_slice());
+        let flags = if fua { FLAG_FUA } else { 0 };
+        let lsn = loop {
+            match self.writer.append(kind, extent, payload, flags) {
+                Ok(lsn) => break lsn,
+                Err(AppendError::JournalFull) => {
+                    // Let everything staged reach writeback, then wait for a trim.
+                    self.finish_batch(true);
+                    if let Some(failure) = self.shared.failure() {
+                        return (request.completion)(Err(VolumeError::Failed(failure)));
+                    }
+                    tracing::warn!("journal full: writes wait until it is trimmed");
+                    loop {
+                        if self.shared.closing.load(Ordering::Acquire) {
+                            // Not journaled, so not acknowledged: the client sees the error
+                            // and nothing it was told is safe is lost.
+                            tracing::warn!(offset = extent.offset, length = extent.length, "stopping with a full journal: a waiting write fails");
+                            return (request.completion)(Err(VolumeError::ShuttingDown));
+                        }
+                        if self.writer.wait_for_space(Duration::from_millis(200)) {
+                            break;
+                        }
+                    }
+                }
+                Err(AppendError::Failed(error)) => {
+                    self.shared.fail(format!("journal append: {error}"));
+                    return (request.completion)(Err(VolumeError::Journal(error)));
+                }
+            }
+        };
+        let overlay = match &data {
+            Some(buffer) => ExtentData::Bytes { buffer: buffer.clone(), start: 0 },
+            None => ExtentData::Zero,
+        };
+        lock(&self.shared.index).insert(extent, lsn, overlay);
+        lock(&self.shared.progress).pending_bytes += cost;
+        self.shared.last_lsn.store(lsn, Ordering::Release);
+        self.shared.counters.writes.fetch_add(1, Ordering::Relaxed);
+        self.shared.counters.written_bytes.fetch_add(payload.len() as u64, Ordering::Relaxed);
+        if fua {
+            self.durable_completions.push(request.completion);
+        } else {
+            self.completions.push(request.completion);
+        }
+        self.to_apply.push(ApplyItem { lsn, kind, extent, data, cost });
+    }
+
+    /// Back-pressure: wait while the records not yet applied exceed the pending window.
+    fn wait_for_window(&mut self, cost: u64) {
+        let window = self.shared.pending_window;
+        let over = move |p: &Progress| p.pending_bytes > 0 && p.pending_bytes + cost > window && !p.stopping;
+        if !over(&lock(&self.shared.progress)) {
+            return;
+        }
+        // Writeback only applies durable records: make ours durable before waiting on it.
+        self.finish_batch(true);
+        let mut progress = lock(&self.shared.progress);
+        while over(&progress) {
+            progress.writer_waiting = true;
+            progress = self.shared.progress_changed.wait_timeout(progress, Duration::from_millis(100)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        progress.writer_waiting = false;
+    }
+
+    /// Writes the staged records; acknowledges plain writes, hands FLUSH/FUA to the syncer
+    /// (or, with `sync`, makes the journal durable here and completes them too).
+    fn finish_batch(&mut self, sync: bool) {
+        if self.completions.is_empty() && self.durable_completions.is_empty() && self.to_apply.is_empty() && !sync {
+            return;
+        }
+        match self.writer.commit(sync) {
+            Ok(()) => {
+                if sync {
+                    self.shared.publish_synced(self.writer.synced_lsn());
+                }
+                for item in self.to_apply.drain(..) {
+                    let _ = self.apply.send(item);
+                }
+                for completion in self.completions.drain(..) {
+                    completion(Ok(()));
+                }
+                let lsn = self.writer.written_lsn();
+                for completion in self.durable_completions.drain(..) {
+                    if sync {
+                        completion(Ok(()));
+                    } else if let Err(mpsc::SendError(waiter)) = self.syncer.send(DurabilityWaiter { lsn, completion }) {
+                        (waiter.completion)(Err(VolumeError::ShuttingDown));
+                    }
+                }
+            }
+            Err(error) => {
+                let message = format!("journal commit: {error}");
+                self.shared.fail(message.clone());
+                self.to_apply.clear();
+                for completion in self.completions.drain(..).chain(self.durable_completions.drain(..)) {
+                    completion(Err(VolumeError::Failed(message.clone())));
+                }
+            }
+        }
+    }
+}
