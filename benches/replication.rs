@@ -104,11 +104,9 @@ fn main() {
 
     let own_disk = RamDisk::new();
     let mut own_disk_drain = None;
-    for (label, bs, total, applier_base) in [
-        ("1M writes", "1m", 1u64 << 30, &base),
-        ("4K writes", "4k", 256u64 << 20, &base),
-        ("1M writes, applier's own disk", "1m", 1u64 << 30, &own_disk.mount),
-    ] {
+    for (label, bs, total, applier_base) in
+        [("1M writes", "1m", 1u64 << 30, &base), ("4K writes", "4k", 256u64 << 20, &base), ("1M writes, applier's own disk", "1m", 1u64 << 30, &own_disk.mount)]
+    {
         let drain = backlog_drain(&base, applier_base, bs, total, None);
         drain_rows(label, bs, &drain, &mut rows);
         if applier_base == &own_disk.mount {
@@ -121,7 +119,13 @@ fn main() {
     add(&mut rows, ("plain TCP stream, 1 GiB".into(), format!("{tcp:.0} MB/s")));
     iops_rows(&base, &own_disk.mount, seconds, &mut rows);
     let disk = disk_write_rate(&base);
-    add(&mut rows, ("disk: 1 GiB buffered write + fdatasync".into(), format!("{disk:.0} MB/s: an applier on this disk writes every byte twice (journal, image), so applied <= {:.0} MB/s", disk / 2.0)));
+    add(
+        &mut rows,
+        (
+            "disk: 1 GiB buffered write + fdatasync".into(),
+            format!("{disk:.0} MB/s: an applier on this disk writes every byte twice (journal, image), so applied <= {:.0} MB/s", disk / 2.0),
+        ),
+    );
     drop(own_disk);
 
     println!();
@@ -145,7 +149,11 @@ fn iops_rows(base: &Path, own_disk: &Path, seconds: u64, rows: &mut Vec<(String,
         for mirrored in if round % 2 == 0 { [false, true] } else { [true, false] } {
             let burst = fio_iops(base, own_disk, mirrored, seconds);
             eprintln!("  round {}: {} {:.0} IOPS", round + 1, if mirrored { "live mirror, applier's own disk" } else { "no mirror" }, burst.iops);
-            if mirrored { with.push(burst.iops) } else { without.push(burst.iops) }
+            if mirrored {
+                with.push(burst.iops)
+            } else {
+                without.push(burst.iops)
+            }
             catch_ups.extend(burst.catch_up);
         }
     }
@@ -153,11 +161,23 @@ fn iops_rows(base: &Path, own_disk: &Path, seconds: u64, rows: &mut Vec<(String,
     let spread = |values: &[f64]| format!("{:.0}-{:.0}", values.iter().cloned().fold(f64::MAX, f64::min), values.iter().cloned().fold(0.0, f64::max));
     let without_mean = mean(&without);
     add(rows, (format!("NBD 4K randwrite QD32 {seconds}s, no mirror"), format!("{without_mean:.0} IOPS (mean of {rounds}: {})", spread(&without))));
-    add(rows, (format!("NBD 4K randwrite QD32 {seconds}s, live mirror, applier's own disk"), format!("{:.0} IOPS ({:.2}x; mean of {rounds}: {})", mean(&with), mean(&with) / without_mean, spread(&with))));
+    add(
+        rows,
+        (
+            format!("NBD 4K randwrite QD32 {seconds}s, live mirror, applier's own disk"),
+            format!("{:.0} IOPS ({:.2}x; mean of {rounds}: {})", mean(&with), mean(&with) / without_mean, spread(&with)),
+        ),
+    );
     // With what the mirror cost per record, burst and catch-up together (with the applier on
     // a host of its own, only the sender's share is taken from the source).
     for CatchUp { behind, seconds: took, cpu, records } in catch_ups {
-        add(rows, ("  catch-up after that burst".into(), format!("{took:.2} s ({behind} records behind when it ended); mirror CPU {} ({records} records)", cpu.per(records, "record"))));
+        add(
+            rows,
+            (
+                "  catch-up after that burst".into(),
+                format!("{took:.2} s ({behind} records behind when it ended); mirror CPU {} ({records} records)", cpu.per(records, "record")),
+            ),
+        );
     }
     // Calibration: the same burst without a mirror while one busy loop runs at idle priority
     // (SCHED_IDLE: it only ever gets CPU time nothing else wants). What it costs is what any
@@ -167,7 +187,10 @@ fn iops_rows(base: &Path, own_disk: &Path, seconds: u64, rows: &mut Vec<(String,
     drop(hog);
     add(rows, (format!("NBD 4K randwrite QD32 {seconds}s, no mirror, idle-priority busy loop"), format!("{hogged:.0} IOPS ({:.2}x)", hogged / without_mean)));
     let Burst { iops: same_disk, catch_up, .. } = fio_iops(base, base, true, seconds);
-    add(rows, (format!("NBD 4K randwrite QD32 {seconds}s, live mirror, applier on the same disk"), format!("{same_disk:.0} IOPS ({:.2}x)", same_disk / without_mean)));
+    add(
+        rows,
+        (format!("NBD 4K randwrite QD32 {seconds}s, live mirror, applier on the same disk"), format!("{same_disk:.0} IOPS ({:.2}x)", same_disk / without_mean)),
+    );
     if let Some(CatchUp { behind, seconds: took, .. }) = catch_up {
         add(rows, ("  catch-up after that burst".into(), format!("{took:.2} s ({behind} records behind when it ended)")));
     }
@@ -189,7 +212,13 @@ fn raw_quic_rows(base: &Path, own_disk: &Path, own_disk_drain: Option<&Drain>, r
     add(rows, ("raw QUIC stream, 1 GiB, two processes".into(), quic.describe()));
     if let Some(drain) = own_disk_drain {
         let ratio = |secs: f64| drain.bytes as f64 / secs / 1e6 / quic.rate;
-        add(rows, ("  1M drain, applier's own disk, vs raw QUIC".into(), format!("received {:.2}x, applied {:.2}x", ratio(drain.received_seconds), ratio(drain.applied_seconds))));
+        add(
+            rows,
+            (
+                "  1M drain, applier's own disk, vs raw QUIC".into(),
+                format!("received {:.2}x, applied {:.2}x", ratio(drain.received_seconds), ratio(drain.applied_seconds)),
+            ),
+        );
     }
     let writes = applier_writes_cpu(own_disk);
     let (shared, own_cpus) = quic.drain_bounds(writes);
@@ -301,7 +330,15 @@ fn status(dir: &Path) -> serde_json::Value {
 }
 
 fn fio(uri: &str, rw: &str, bs: &str, extra: &[&str]) {
-    let mut args = vec!["--name=bench".to_string(), "--ioengine=nbd".into(), format!("--uri={uri}"), format!("--rw={rw}"), format!("--bs={bs}"), "--iodepth=32".into(), "--randrepeat=0".into()];
+    let mut args = vec![
+        "--name=bench".to_string(),
+        "--ioengine=nbd".into(),
+        format!("--uri={uri}"),
+        format!("--rw={rw}"),
+        format!("--bs={bs}"),
+        "--iodepth=32".into(),
+        "--randrepeat=0".into(),
+    ];
     args.extend(extra.iter().map(|s| s.to_string()));
     let status = Command::new("fio").args(&args).stdout(Stdio::null()).status().expect("fio (apt-get install -y fio)");
     assert!(status.success());
@@ -461,7 +498,9 @@ fn raw_quic(base: &Path, total: u64) -> RawQuic {
     let sender_cpu_at_start = thread_cpu_seconds();
     let elapsed = runtime.block_on(async {
         let mut endpoint = transport::endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
-        endpoint.set_default_client_config(transport::client_config(&client_id, &server_id.fingerprint, std::time::Duration::from_secs(15), transport::Congestion::default()).unwrap());
+        endpoint.set_default_client_config(
+            transport::client_config(&client_id, &server_id.fingerprint, std::time::Duration::from_secs(15), transport::Congestion::default()).unwrap(),
+        );
         let connection = endpoint.connect(address, "applier").unwrap().await.unwrap();
         let (mut send, _recv) = connection.open_bi().await.unwrap();
         let chunk = vec![0x5au8; 4 << 20];
@@ -654,12 +693,19 @@ struct CatchUp {
 /// A 4K random-write burst through NBD on a new volume, with a live mirror when `mirrored`
 /// (the applier's directory under `applier_base`).
 fn fio_iops(base: &Path, applier_base: &Path, mirrored: bool, seconds: u64) -> Burst {
-    let name = if !mirrored { "none" } else if applier_base == base { "live-same-disk" } else { "live-own-disk" };
+    let name = if !mirrored {
+        "none"
+    } else if applier_base == base {
+        "live-same-disk"
+    } else {
+        "live-own-disk"
+    };
     let (vdir, adir, port) = mirrored_volume(base, applier_base, name, "1G");
     if !mirrored {
         run(&["mirror", "remove", "--dir", vdir.to_str().unwrap()]);
     }
-    let applier = mirrored.then(|| spawn(&["applier", "run", "--dir", adir.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")], &adir.join("control.sock")));
+    let applier =
+        mirrored.then(|| spawn(&["applier", "run", "--dir", adir.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")], &adir.join("control.sock")));
     let socket = base.join(format!("{name}.sock"));
     let _ = std::fs::remove_file(&socket);
     let volume = spawn(&["run", "--dir", vdir.to_str().unwrap(), "--nbd", &format!("unix:{}", socket.display())], &vdir.join("control.sock"));

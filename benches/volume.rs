@@ -78,7 +78,15 @@ fn main() {
             OpenOptions::new().write(true).create(true).truncate(true).open(&image).unwrap().set_len(GIB).unwrap();
             let socket = base.join("qemu.sock");
             let server = start_server(
-                Command::new("qemu-nbd").args(["--socket", socket.to_str().unwrap(), "--format=raw", "--shared=8", "--persistent", "--export-name=bench", image.to_str().unwrap()]),
+                Command::new("qemu-nbd").args([
+                    "--socket",
+                    socket.to_str().unwrap(),
+                    "--format=raw",
+                    "--shared=8",
+                    "--persistent",
+                    "--export-name=bench",
+                    image.to_str().unwrap(),
+                ]),
                 &socket,
             );
             let result = fio(&base, &format!("nbd+unix:///bench?socket={}", socket.display()), rw, bs, depth, runtime);

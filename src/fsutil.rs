@@ -128,11 +128,7 @@ pub fn zero_range(file: &File, offset: u64, len: u64, punch: bool, block_device:
         return Ok(());
     }
     if !block_device {
-        let flags = if punch {
-            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE
-        } else {
-            FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE
-        };
+        let flags = if punch { FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE } else { FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE };
         match rustix::fs::fallocate(file, flags, offset, len) {
             Ok(()) => return Ok(()),
             Err(rustix::io::Errno::OPNOTSUPP) | Err(rustix::io::Errno::INVAL) => {}

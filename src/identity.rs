@@ -28,12 +28,7 @@ pub fn create(dir: &Path, subject: &str) -> Result<String, IdentityError> {
     std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
     let certified = rcgen::generate_simple_self_signed(vec![subject.to_string()])?;
     let key_path = dir.join(KEY_FILE);
-    let mut key = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&key_path)
-        .map_err(io(format!("create {}", key_path.display())))?;
+    let mut key = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&key_path).map_err(io(format!("create {}", key_path.display())))?;
     key.write_all(certified.key_pair.serialize_pem().as_bytes()).map_err(io(format!("write {}", key_path.display())))?;
     key.sync_all().map_err(io(format!("sync {}", key_path.display())))?;
     let cert_path = dir.join(CERT_FILE);
@@ -61,12 +56,8 @@ pub fn fingerprint(dir: &Path) -> Result<String, IdentityError> {
 }
 
 fn pem_certificate_der(pem: &str) -> Option<Vec<u8>> {
-    let body: String = pem
-        .lines()
-        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE-----"))
-        .skip(1)
-        .take_while(|l| !l.starts_with("-----END CERTIFICATE-----"))
-        .collect();
+    let body: String =
+        pem.lines().skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE-----")).skip(1).take_while(|l| !l.starts_with("-----END CERTIFICATE-----")).collect();
     decode_base64(&body)
 }
 

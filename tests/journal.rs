@@ -312,7 +312,10 @@ fn reader_keeps_up_with_a_writer_across_read_ahead_and_recycled_segments() {
         for _ in 0..(round % 7 + 1) * 40 {
             appended += 1;
             let len = (appended * 4093 % 20_000 + 1) as usize;
-            assert_eq!(writer.append(RecordKind::Write, Extent::new(0, len as u64), &payload(appended, len), 0).map_err(|e| format!("{e:?}")).unwrap(), appended);
+            assert_eq!(
+                writer.append(RecordKind::Write, Extent::new(0, len as u64), &payload(appended, len), 0).map_err(|e| format!("{e:?}")).unwrap(),
+                appended
+            );
         }
         writer.commit(round % 3 == 0).unwrap();
         let stop = if round % 2 == 0 { appended } else { appended - 30 };

@@ -87,10 +87,7 @@ fn qemu_io_patterns_and_qemu_img_compare() {
     apply(&mut expected, &ops);
     let expected_path = tmp.path().join("expected.img");
     std::fs::write(&expected_path, &expected).unwrap();
-    let compare = std::process::Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "raw", expected_path.to_str().unwrap(), &uri])
-        .output()
-        .unwrap();
+    let compare = std::process::Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", expected_path.to_str().unwrap(), &uri]).output().unwrap();
     assert!(compare.status.success(), "export differs: {}{}", stdout(&compare), stderr(&compare));
 
     // A wrong byte in the expectation must be noticed (the comparison is real).

@@ -257,7 +257,10 @@ fn partitions_lose_nothing_and_are_reported() {
     assert!(replica["connections"].as_u64().unwrap() >= 2, "{applier}");
     let stats = &site.relay.stats;
     eprintln!("relay: {stats:?}");
-    assert!(stats.duplicated.load(std::sync::atomic::Ordering::Relaxed) > 0 && stats.reordered.load(std::sync::atomic::Ordering::Relaxed) > 0, "the path duplicated and reordered packets");
+    assert!(
+        stats.duplicated.load(std::sync::atomic::Ordering::Relaxed) > 0 && stats.reordered.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "the path duplicated and reordered packets"
+    );
     // Records sent twice stay within what was unacknowledged at each reconnect: the 16 MiB
     // window holds at most 256 of these 64 KiB records with their headers.
     let duplicated = replica["records_duplicated"].as_u64().unwrap();

@@ -31,7 +31,18 @@ fn configure_applier(adir: &Path, vdir: &Path, volume_fp: &str, mirror: &str, pi
     let output = cli(&["applier", "allow", "--dir", adir.to_str().unwrap(), volume_fp]);
     assert!(output.status.success(), "{}", stderr(&output));
     let port = free_udp_port();
-    let output = cli(&["mirror", "add", "--dir", vdir.to_str().unwrap(), "--to", &format!("127.0.0.1:{port}"), "--fingerprint", pin.unwrap_or(&applier_fp), "--name", mirror]);
+    let output = cli(&[
+        "mirror",
+        "add",
+        "--dir",
+        vdir.to_str().unwrap(),
+        "--to",
+        &format!("127.0.0.1:{port}"),
+        "--fingerprint",
+        pin.unwrap_or(&applier_fp),
+        "--name",
+        mirror,
+    ]);
     assert!(output.status.success(), "{}", stderr(&output));
     port
 }
@@ -289,17 +300,39 @@ fn garbage_from_an_authenticated_client_leaves_the_replica_untouched() {
     // Each attack on a fresh connection: the applier must close it and change nothing.
     let attacks: Vec<(&str, Vec<u8>)> = vec![
         ("garbage", vec![0xee; 300]),
-        ("truncated frame", { let mut f = wire::encode_control(&wire::Control::Ack { received_lsn: 1, applied_lsn: 1 }); f.truncate(f.len() - 2); f }),
+        ("truncated frame", {
+            let mut f = wire::encode_control(&wire::Control::Ack { received_lsn: 1, applied_lsn: 1 });
+            f.truncate(f.len() - 2);
+            f
+        }),
         ("huge length", u32::MAX.to_le_bytes().to_vec()),
         ("record past the end", {
-            let header = ublk_mirror::journal::RecordHeader { kind: ublk_mirror::journal::RecordKind::Write, flags: 0, lsn: 1, offset: (32 << 20) - 100, length: 4096, payload_len: 4096, synced_lsn: 0, timestamp_us: 0 };
+            let header = ublk_mirror::journal::RecordHeader {
+                kind: ublk_mirror::journal::RecordKind::Write,
+                flags: 0,
+                lsn: 1,
+                offset: (32 << 20) - 100,
+                length: 4096,
+                payload_len: 4096,
+                synced_lsn: 0,
+                timestamp_us: 0,
+            };
             let payload = vec![0xab; 4096];
             let mut frame = wire::encode_batch_header(&[(header, &payload[..])]);
             frame.extend_from_slice(&payload);
             frame
         }),
         ("LSN gap", {
-            let header = ublk_mirror::journal::RecordHeader { kind: ublk_mirror::journal::RecordKind::Write, flags: 0, lsn: 5, offset: 0, length: 4096, payload_len: 4096, synced_lsn: 0, timestamp_us: 0 };
+            let header = ublk_mirror::journal::RecordHeader {
+                kind: ublk_mirror::journal::RecordKind::Write,
+                flags: 0,
+                lsn: 5,
+                offset: 0,
+                length: 4096,
+                payload_len: 4096,
+                synced_lsn: 0,
+                timestamp_us: 0,
+            };
             let payload = vec![0xab; 4096];
             let mut frame = wire::encode_batch_header(&[(header, &payload[..])]);
             frame.extend_from_slice(&payload);
@@ -309,7 +342,9 @@ fn garbage_from_an_authenticated_client_leaves_the_replica_untouched() {
     for (what, bytes) in attacks {
         runtime.block_on(async {
             let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-            endpoint.set_default_client_config(transport::client_config(&identity, &applier_fp, std::time::Duration::from_secs(15), transport::Congestion::default()).unwrap());
+            endpoint.set_default_client_config(
+                transport::client_config(&identity, &applier_fp, std::time::Duration::from_secs(15), transport::Congestion::default()).unwrap(),
+            );
             let connection = endpoint.connect(format!("127.0.0.1:{port}").parse().unwrap(), "applier").unwrap().await.unwrap();
             let (mut send, mut recv) = connection.open_bi().await.unwrap();
             framing::write_control(&mut send, &wire::Control::Hello(hello.clone())).await.unwrap();
@@ -348,7 +383,8 @@ fn initial_sync_sends_only_differing_chunks_and_converges_under_writes() {
     std::fs::write(&backing, &content[..16 * MIB]).unwrap();
     std::fs::OpenOptions::new().write(true).open(&backing).unwrap().set_len(size as u64).unwrap();
     let vdir = tmp.path().join("vol");
-    let volume_fp = fingerprint_line(&create_volume(&vdir, "vol0", "128M", &["--backing", backing.to_str().unwrap(), "--journal-size", "64M", "--segment-size", "8M"]));
+    let volume_fp =
+        fingerprint_line(&create_volume(&vdir, "vol0", "128M", &["--backing", backing.to_str().unwrap(), "--journal-size", "64M", "--segment-size", "8M"]));
     // A seeded identical copy, and a partly different one (chunks 3 and 20 changed, chunk 12
     // holds garbage where the source has zeros).
     let seeded = tmp.path().join("seeded.img");
@@ -371,7 +407,17 @@ fn initial_sync_sends_only_differing_chunks_and_converges_under_writes() {
         appliers.push((name, Applier::start(&adir, port), adir));
     }
     // A bad attachment is refused up front.
-    let wrong = cli(&["applier", "replica", "add", "--dir", appliers[0].2.to_str().unwrap(), "--volume", "vol0", "--image", tmp.path().join("missing.img").to_str().unwrap()]);
+    let wrong = cli(&[
+        "applier",
+        "replica",
+        "add",
+        "--dir",
+        appliers[0].2.to_str().unwrap(),
+        "--volume",
+        "vol0",
+        "--image",
+        tmp.path().join("missing.img").to_str().unwrap(),
+    ]);
     assert_eq!(wrong.status.code(), Some(1));
 
     // Phase 1, no writes: exact counts.
@@ -382,9 +428,19 @@ fn initial_sync_sends_only_differing_chunks_and_converges_under_writes() {
     let status = wait_all_consistent(&vdir, 3);
     let mirror = |name: &str| status["mirrors"].as_array().unwrap().iter().find(|m| m["name"] == name).unwrap().clone();
     for m in ["empty", "seeded", "partial"].map(mirror) {
-        println!("{}: chunks sent {} (zeroed {}) of {}, sent bytes {}", m["name"], m["sync_chunks_sent"], m["sync_chunks_zeroed"], m["sync_chunks_total"], m["sent_bytes"]);
+        println!(
+            "{}: chunks sent {} (zeroed {}) of {}, sent bytes {}",
+            m["name"], m["sync_chunks_sent"], m["sync_chunks_zeroed"], m["sync_chunks_total"], m["sent_bytes"]
+        );
     }
-    let counts = |m: serde_json::Value| (m["sync_chunks_total"].as_u64().unwrap(), m["sync_chunks_sent"].as_u64().unwrap(), m["sync_chunks_zeroed"].as_u64().unwrap(), m["sent_bytes"].as_u64().unwrap());
+    let counts = |m: serde_json::Value| {
+        (
+            m["sync_chunks_total"].as_u64().unwrap(),
+            m["sync_chunks_sent"].as_u64().unwrap(),
+            m["sync_chunks_zeroed"].as_u64().unwrap(),
+            m["sent_bytes"].as_u64().unwrap(),
+        )
+    };
     assert_eq!(counts(mirror("empty")), (128, 8, 0, 8 << 20), "empty replica: only the non-zero chunks travel");
     assert_eq!(counts(mirror("seeded")), (128, 0, 0, 0), "seeded replica: only hashes travel");
     assert_eq!(counts(mirror("partial")), (128, 3, 2, 1 << 20), "partial replica: chunk 3 as data, chunks 12 and 20 (zero at the source) zeroed by flag");

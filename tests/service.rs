@@ -267,7 +267,12 @@ fn units_install_verify_and_uninstall() {
     assert!(copied.success());
     std::os::unix::fs::symlink("usr/lib", root.join("lib")).unwrap();
     std::os::unix::fs::symlink("ublk-mirror@.service", root.join("etc/systemd/system/ublk-mirror@vol0.service")).unwrap();
-    let verify = Command::new("systemd-analyze").arg("verify").arg(format!("--root={}", root.display())).args(["ublk-mirror@vol0.service", "ublk-mirror-applier.service"]).output().unwrap();
+    let verify = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(format!("--root={}", root.display()))
+        .args(["ublk-mirror@vol0.service", "ublk-mirror-applier.service"])
+        .output()
+        .unwrap();
     let complaints = stderr(&verify);
     assert!(verify.status.success(), "systemd-analyze verify: {complaints}");
     let ours: Vec<&str> = complaints.lines().filter(|l| l.contains("ublk-mirror")).collect();
@@ -280,7 +285,12 @@ fn units_install_verify_and_uninstall() {
     assert!(stderr(&verify).contains("NotAKey"), "{}", stderr(&verify));
     std::fs::write(&broken, unit).unwrap();
     let text = std::fs::read_to_string(root.join("etc/systemd/system/ublk-mirror@.service")).unwrap();
-    for line in ["Type=notify", "Restart=on-failure", "After=network-online.target systemd-modules-load.service", "ExecStart=/usr/local/bin/ublk-mirror run --dir ${UBLK_MIRROR_STATE}/%i"] {
+    for line in [
+        "Type=notify",
+        "Restart=on-failure",
+        "After=network-online.target systemd-modules-load.service",
+        "ExecStart=/usr/local/bin/ublk-mirror run --dir ${UBLK_MIRROR_STATE}/%i",
+    ] {
         assert!(text.contains(line), "the volume unit has {line}");
     }
 
@@ -291,7 +301,13 @@ fn units_install_verify_and_uninstall() {
     assert_eq!(std::fs::read_to_string(root.join("etc/default/ublk-mirror")).unwrap(), "RUST_LOG=debug\n");
     let output = cli(&["uninstall-units", "--root", root.to_str().unwrap()]);
     assert!(output.status.success(), "{}", stderr(&output));
-    for path in ["usr/local/bin/ublk-mirror", "etc/systemd/system/ublk-mirror@.service", "etc/systemd/system/ublk-mirror-applier.service", "etc/udev/rules.d/90-ublk-mirror.rules", "etc/modules-load.d/ublk-mirror.conf"] {
+    for path in [
+        "usr/local/bin/ublk-mirror",
+        "etc/systemd/system/ublk-mirror@.service",
+        "etc/systemd/system/ublk-mirror-applier.service",
+        "etc/udev/rules.d/90-ublk-mirror.rules",
+        "etc/modules-load.d/ublk-mirror.conf",
+    ] {
         assert!(!root.join(path).exists(), "uninstall-units removed {path}");
     }
     assert!(root.join("etc/default/ublk-mirror").exists(), "an edited environment file is kept");
@@ -306,7 +322,24 @@ fn status_prints_a_mirror_table_and_watch_refreshes() {
     let fingerprint = format!("sha256:{}", "cd".repeat(32));
     let port = free_udp_port();
     // A mirror to nowhere: it stays disconnected and counts its attempts.
-    assert!(cli(&["mirror", "add", "--dir", vdir.to_str().unwrap(), "--to", &format!("127.0.0.1:{port}"), "--fingerprint", &fingerprint, "--name", "dr-site", "--max-rate", "50M", "--idle-timeout", "2"]).status.success());
+    assert!(cli(&[
+        "mirror",
+        "add",
+        "--dir",
+        vdir.to_str().unwrap(),
+        "--to",
+        &format!("127.0.0.1:{port}"),
+        "--fingerprint",
+        &fingerprint,
+        "--name",
+        "dr-site",
+        "--max-rate",
+        "50M",
+        "--idle-timeout",
+        "2"
+    ])
+    .status
+    .success());
     let served = Served::start(&vdir, &[]);
     let output = cli(&["status", "--dir", vdir.to_str().unwrap(), "--watch", "--interval", "0.5", "--count", "3"]);
     assert!(output.status.success(), "{}", stderr(&output));

@@ -22,13 +22,7 @@ fn run_script(script: &str, extra_programs: &str) -> Output {
         let work = tempfile::tempdir().unwrap();
         let bin_dir = Path::new(binary).parent().unwrap().to_path_buf();
         let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
-        Command::new("sh")
-            .arg(&script_path)
-            .env("WORK", work.path())
-            .env("LIB", root.join("tests/vm/lib.sh"))
-            .env("PATH", path)
-            .output()
-            .expect("run sh")
+        Command::new("sh").arg(&script_path).env("WORK", work.path()).env("LIB", root.join("tests/vm/lib.sh")).env("PATH", path).output().expect("run sh")
     } else {
         Command::new(root.join("ublk/vm/run"))
             .arg(&script_path)
@@ -53,12 +47,7 @@ fn run_script(script: &str, extra_programs: &str) -> Output {
 fn assert_passes(script: &str, extra_programs: &str) {
     let output = run_script(script, extra_programs);
     if !output.status.success() {
-        panic!(
-            "{script} failed ({}):\n{}\n{}",
-            output.status,
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
+        panic!("{script} failed ({}):\n{}\n{}", output.status, String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     }
 }
 

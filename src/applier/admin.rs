@@ -66,7 +66,10 @@ pub fn attach_image(dir: &Path, volume: &str, image: &Path) -> Result<PathBuf, A
     crate::name::validate(volume).map_err(|e| ApplierError::Invalid(format!("--volume: {e}")))?;
     let replica = dir.replica(volume);
     if replica.holds_replica() {
-        return Err(ApplierError::Invalid(format!("{} already holds the replica of {volume}; it cannot be replaced while it exists", replica.root().display())));
+        return Err(ApplierError::Invalid(format!(
+            "{} already holds the replica of {volume}; it cannot be replaced while it exists",
+            replica.root().display()
+        )));
     }
     let image = std::path::absolute(image).map_err(io(format!("resolve {}", image.display())))?;
     let file = std::fs::OpenOptions::new().read(true).write(true).open(&image).map_err(|e| ApplierError::Invalid(format!("image {}: {e}", image.display())))?;

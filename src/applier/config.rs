@@ -62,7 +62,8 @@ impl ApplierConfig {
     /// Writes the documented default file (nothing set).
     pub fn write_template(dir: &ApplierDir) -> Result<(), ApplierConfigError> {
         let path = dir.config();
-        crate::fsutil::write_atomic(&path, TEMPLATE.as_bytes()).map_err(|source| ApplierConfigError::Io { context: format!("write {}", path.display()), source })
+        crate::fsutil::write_atomic(&path, TEMPLATE.as_bytes())
+            .map_err(|source| ApplierConfigError::Io { context: format!("write {}", path.display()), source })
     }
 
     /// Loads `DIR/applier.toml`; an applier made before the file existed gets the defaults.

@@ -44,7 +44,12 @@ impl Applier {
     }
 
     /// Binds `listen`, calls `ready` with the bound address, and serves until `stop` resolves.
-    pub async fn serve(self: Arc<Self>, listen: SocketAddr, ready: impl FnOnce(SocketAddr), stop: impl std::future::Future<Output = ()>) -> Result<(), ApplierError> {
+    pub async fn serve(
+        self: Arc<Self>,
+        listen: SocketAddr,
+        ready: impl FnOnce(SocketAddr),
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<(), ApplierError> {
         let identity = tls::Identity::load(&self.dir.identity()).map_err(LinkError::from)?;
         let dir = self.dir.clone();
         let extra = self.extra_allowed.clone();
@@ -193,26 +198,36 @@ impl Applier {
     /// [`CHECKPOINT_RECORDS`] records, [`CHECKPOINT_BYTES`] or [`CHECKPOINT_INTERVAL`]. The image
     /// sync runs beside the batches that keep arriving (one at a time), so the journal and the
     /// image are written to concurrently rather than in turns.
-    async fn process(&self, name: &str, replica: &Arc<Mutex<Replica>>, send: &mut quinn::SendStream, frames: &mut tokio::sync::mpsc::Receiver<Frame>) -> Result<(), ApplierError> {
+    async fn process(
+        &self,
+        name: &str,
+        replica: &Arc<Mutex<Replica>>,
+        send: &mut quinn::SendStream,
+        frames: &mut tokio::sync::mpsc::Receiver<Frame>,
+    ) -> Result<(), ApplierError> {
         let mut checkpoint_due: Option<tokio::time::Instant> = None;
         let mut syncing: Option<Checkpointing> = None;
         // A control frame read while gathering record batches, handled next.
         let mut held: Option<Frame> = None;
         loop {
-            let frame = if let Some(frame) = held.take() { Some(frame) } else { tokio::select! {
-                frame = frames.recv() => frame,
-                finished = async { syncing.as_mut().expect("enabled only while syncing").await }, if syncing.is_some() => {
-                    syncing = None;
-                    let applied = finished.map_err(|e| LinkError::Protocol(e.to_string()))??;
-                    acknowledge(replica, send, applied).await?;
-                    continue;
+            let frame = if let Some(frame) = held.take() {
+                Some(frame)
+            } else {
+                tokio::select! {
+                    frame = frames.recv() => frame,
+                    finished = async { syncing.as_mut().expect("enabled only while syncing").await }, if syncing.is_some() => {
+                        syncing = None;
+                        let applied = finished.map_err(|e| LinkError::Protocol(e.to_string()))??;
+                        acknowledge(replica, send, applied).await?;
+                        continue;
+                    }
+                    _ = tokio::time::sleep_until(checkpoint_due.unwrap_or_else(tokio::time::Instant::now)), if checkpoint_due.is_some() && syncing.is_none() => {
+                        checkpoint_due = None;
+                        syncing = Some(start_checkpoint(replica));
+                        continue;
+                    }
                 }
-                _ = tokio::time::sleep_until(checkpoint_due.unwrap_or_else(tokio::time::Instant::now)), if checkpoint_due.is_some() && syncing.is_none() => {
-                    checkpoint_due = None;
-                    syncing = Some(start_checkpoint(replica));
-                    continue;
-                }
-            }};
+            };
             let Some(frame) = frame else {
                 finish_checkpoint(replica, send, &mut syncing).await?;
                 return Ok(());
@@ -362,7 +377,6 @@ async fn blocking<T: Send + 'static>(
     let worker = replica.clone();
     Ok(tokio::task::spawn_blocking(move || operation(&mut lock(&worker))).await.map_err(|e| LinkError::Protocol(e.to_string()))??)
 }
-
 
 /// An image sync running off the runtime; resolves to the applied LSN it made durable.
 type Checkpointing = tokio::task::JoinHandle<Result<u64, ApplierError>>;

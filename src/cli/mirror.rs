@@ -127,11 +127,8 @@ fn wait(args: MirrorWaitArgs) -> Result<()> {
         if mirrors.is_empty() {
             bail!("volume {} has no mirror{}", args.dir.display(), args.name.as_deref().map(|n| format!(" named {n}")).unwrap_or_default());
         }
-        let behind: Vec<String> = mirrors
-            .iter()
-            .filter(|m| !m.has_applied(target))
-            .map(|m| format!("{} at {} ({})", m.name, m.applied_lsn, m.state()))
-            .collect();
+        let behind: Vec<String> =
+            mirrors.iter().filter(|m| !m.has_applied(target)).map(|m| format!("{} at {} ({})", m.name, m.applied_lsn, m.state())).collect();
         if behind.is_empty() {
             println!("mirrors applied through LSN {target}");
             return Ok(());

@@ -174,9 +174,9 @@ impl UblkServer {
     fn stop_and_join(&mut self) -> Result<(), FrontendError> {
         drop(self.stop.take());
         let result = match self.thread.take() {
-            Some(thread) => thread.join().unwrap_or_else(|_| {
-                Err(FrontendError::Driver { context: "stop device".into(), message: "the control thread panicked".into() })
-            }),
+            Some(thread) => {
+                thread.join().unwrap_or_else(|_| Err(FrontendError::Driver { context: "stop device".into(), message: "the control thread panicked".into() }))
+            }
             None => return Ok(()),
         };
         let _ = std::fs::remove_file(&self.record_path);
@@ -210,11 +210,12 @@ fn recoverable_device(record_path: &Path, id: Option<u32>) -> Result<u32, Fronte
         Some(id) => id,
         None => {
             let text = std::fs::read(record_path).map_err(|_| {
-                FrontendError::NothingToRecover(format!("{} does not exist (no device was left behind by a killed server); give --ublk-id or run without --recover", record_path.display()))
+                FrontendError::NothingToRecover(format!(
+                    "{} does not exist (no device was left behind by a killed server); give --ublk-id or run without --recover",
+                    record_path.display()
+                ))
             })?;
-            serde_json::from_slice::<DeviceRecord>(&text)
-                .map_err(|error| FrontendError::NothingToRecover(format!("{}: {error}", record_path.display())))?
-                .id
+            serde_json::from_slice::<DeviceRecord>(&text).map_err(|error| FrontendError::NothingToRecover(format!("{}: {error}", record_path.display())))?.id
         }
     };
     if !device_exists(id) {
@@ -261,13 +262,7 @@ fn serve(
         }
     };
     let info = ctrl.dev_info();
-    let record = DeviceRecord {
-        id: info.dev_id,
-        device: ctrl.get_bdev_path(),
-        queues: info.nr_hw_queues,
-        depth: info.queue_depth,
-        pid: std::process::id(),
-    };
+    let record = DeviceRecord { id: info.dev_id, device: ctrl.get_bdev_path(), queues: info.nr_hw_queues, depth: info.queue_depth, pid: std::process::id() };
     let size = volume.size();
     let init = move |dev: &mut UblkDev| {
         set_parameters(dev, size);
@@ -368,9 +363,7 @@ fn run_queue(queue_id: u16, dev: &UblkDev, volume: &Arc<Volume>) -> Result<(), F
     let wake_fd = completions.wake.as_raw_fd();
     let arm_wake = |queue: &UblkQueue<'_>| {
         let pointer = wake_buffer.borrow_mut().as_mut_ptr();
-        let read = io_uring::opcode::Read::new(io_uring::types::Fd(wake_fd), pointer, 8)
-            .build()
-            .user_data(UblkIOCtx::build_user_data(WAKE_TAG, 0, 0, true));
+        let read = io_uring::opcode::Read::new(io_uring::types::Fd(wake_fd), pointer, 8).build().user_data(UblkIOCtx::build_user_data(WAKE_TAG, 0, 0, true));
         if let Err(error) = queue.ublk_submit_sqe_sync(read) {
             tracing::error!("arm ublk completion eventfd: {error}");
         }

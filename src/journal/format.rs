@@ -135,12 +135,17 @@ pub enum RecordProblem {
     UnsupportedVersion(u8),
     UnknownKind(u8),
     /// The header claims more bytes than the segment has left.
-    TooLong { payload_len: u32 },
+    TooLong {
+        payload_len: u32,
+    },
     /// Header fields that contradict each other (e.g. a write whose length differs from its payload).
     Inconsistent(&'static str),
     /// The CRC does not match: torn write, flipped bit, or a stale record from an earlier
     /// use of a recycled segment (its CRC was salted differently).
-    CrcMismatch { stored: u32, computed: u32 },
+    CrcMismatch {
+        stored: u32,
+        computed: u32,
+    },
 }
 
 impl std::fmt::Display for RecordProblem {
@@ -194,15 +199,11 @@ pub fn decode_header(bytes: &[u8; RECORD_HEADER_SIZE], room: u64) -> Result<Reco
         return Err(RecordProblem::TooLong { payload_len: header.payload_len });
     }
     match kind {
-        RecordKind::Write if header.length != header.payload_len as u64 => {
-            return Err(RecordProblem::Inconsistent("write length differs from payload length"))
-        }
+        RecordKind::Write if header.length != header.payload_len as u64 => return Err(RecordProblem::Inconsistent("write length differs from payload length")),
         RecordKind::WriteZeroes | RecordKind::Discard if header.payload_len != 0 => {
             return Err(RecordProblem::Inconsistent("zero/discard record carries a payload"))
         }
-        RecordKind::Marker if header.length != 0 => {
-            return Err(RecordProblem::Inconsistent("marker covers device bytes"))
-        }
+        RecordKind::Marker if header.length != 0 => return Err(RecordProblem::Inconsistent("marker covers device bytes")),
         _ => {}
     }
     if header.offset.checked_add(header.length).is_none() {
@@ -263,12 +264,7 @@ impl SegmentHeader {
             return Err(SegmentHeaderProblem::UnsupportedVersion(block[8]));
         }
         let u64_at = |i: usize| u64::from_le_bytes(block[i..i + 8].try_into().expect("8 bytes"));
-        Ok(SegmentHeader {
-            first_lsn: u64_at(16),
-            salt: u64_at(24),
-            segment_size: u64_at(32),
-            journal_id: block[40..56].try_into().expect("16 bytes"),
-        })
+        Ok(SegmentHeader { first_lsn: u64_at(16), salt: u64_at(24), segment_size: u64_at(32), journal_id: block[40..56].try_into().expect("16 bytes") })
     }
 }
 

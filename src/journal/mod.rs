@@ -26,8 +26,8 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use bytes::Bytes;
 
-pub use format::{RecordHeader, RecordKind, BLOCK_SIZE, FLAG_FUA, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE};
 use format::segment_file_name;
+pub use format::{RecordHeader, RecordKind, BLOCK_SIZE, FLAG_FUA, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE};
 pub use ledger::Backlog;
 use ledger::Ledger;
 pub use reader::JournalReader;
@@ -83,10 +83,7 @@ impl JournalOptions {
             )));
         }
         if self.max_segments() < 2 {
-            return Err(JournalError::Invalid(format!(
-                "journal capacity {} must hold at least two segments of {} bytes",
-                self.capacity, self.segment_size
-            )));
+            return Err(JournalError::Invalid(format!("journal capacity {} must hold at least two segments of {} bytes", self.capacity, self.segment_size)));
         }
         Ok(())
     }
@@ -176,7 +173,8 @@ impl Journal {
         let recovered = recovery::recover(dir, None, RecoveryMode::Inspect)?;
         let report = recovered.report.clone();
         let files = (report.segments + report.spare_segments).max(2) as u64;
-        let options = JournalOptions { segment_size: report.segment_size, capacity: files * report.segment_size, journal_id: recovered.active_header.journal_id };
+        let options =
+            JournalOptions { segment_size: report.segment_size, capacity: files * report.segment_size, journal_id: recovered.active_header.journal_id };
         Ok((Journal::from_recovered(dir, options, recovered), report))
     }
 

@@ -9,7 +9,6 @@
 
 use std::path::{Path, PathBuf};
 
-
 use super::format::{self, parse_segment_file_name, SegmentHeader, BLOCK_SIZE, RECORD_HEADER_SIZE, RECORD_MAGIC, SEGMENT_HEADER_SIZE};
 use super::table::SegmentEntry;
 use super::{align_up, io_error, JournalError, JournalOptions, RECORD_ALIGN};
@@ -125,12 +124,7 @@ pub(super) fn recover(dir: &Path, options: Option<&JournalOptions>, mode: Recove
             }
         }
         if bytes.len() as u64 != header.segment_size {
-            return Err(JournalError::Corrupt(format!(
-                "segment {} is {} bytes long, its header says {}",
-                path.display(),
-                bytes.len(),
-                header.segment_size
-            )));
+            return Err(JournalError::Corrupt(format!("segment {} is {} bytes long, its header says {}", path.display(), bytes.len(), header.segment_size)));
         }
         if let Some(expected) = expected_lsn {
             if header.first_lsn != expected {

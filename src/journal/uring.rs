@@ -38,10 +38,7 @@ impl CommitRing {
             unsafe {
                 let mut queue = self.ring.submission();
                 if !rest.is_empty() {
-                    let write = opcode::Write::new(fd, rest.as_ptr(), rest.len() as u32)
-                        .offset(offset + done as u64)
-                        .build()
-                        .user_data(1);
+                    let write = opcode::Write::new(fd, rest.as_ptr(), rest.len() as u32).offset(offset + done as u64).build().user_data(1);
                     let write = if synced { write } else { write.flags(squeue::Flags::IO_LINK) };
                     queue.push(&write).map_err(|_| io::Error::other("io_uring submission queue full"))?;
                     expected += 1;

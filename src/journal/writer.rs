@@ -172,9 +172,7 @@ impl JournalWriter {
         let padded = align_up(self.buffer_len as u64, BLOCK_SIZE as u64) as usize;
         self.buffer[self.buffer_len..padded].fill(0);
         let (data, offset) = if staged { (&self.buffer[..padded], self.buffer_file_offset) } else { (&self.buffer[..0], 0) };
-        self.ring
-            .write_and_maybe_sync(&self.file, data, offset, sync)
-            .map_err(io_error(format!("write journal segment {}", self.segment_path.display())))?;
+        self.ring.write_and_maybe_sync(&self.file, data, offset, sync).map_err(io_error(format!("write journal segment {}", self.segment_path.display())))?;
         self.last_written_lsn = self.next_lsn - 1;
         self.journal.written_lsn.store(self.last_written_lsn, Ordering::Release);
         if sync {
@@ -291,11 +289,7 @@ impl JournalWriter {
         if has_space(&table) {
             return true;
         }
-        let (table, _) = self
-            .journal
-            .space_freed
-            .wait_timeout_while(table, timeout, |t| !has_space(t))
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (table, _) = self.journal.space_freed.wait_timeout_while(table, timeout, |t| !has_space(t)).unwrap_or_else(|poisoned| poisoned.into_inner());
         has_space(&table)
     }
 }

@@ -13,7 +13,6 @@ use crate::latency::RequestLatency;
 use crate::status::{ApplierStatus, MirrorState, MirrorStatus, Status};
 use crate::volume::Mode;
 
-
 /// The metrics page of a running volume.
 pub fn render_volume(status: &Status, latency: &RequestLatency) -> String {
     let mut out = Exposition::default();
@@ -25,7 +24,12 @@ pub fn render_volume(status: &Status, latency: &RequestLatency) -> String {
     let generation = v.generation.to_string();
     out.gauge("ublk_mirror_volume_info", "Always 1; the labels identify the volume.", &[("volume", volume), ("uuid", &uuid), ("generation", &generation)], 1.0);
     for candidate in Mode::ALL {
-        out.gauge("ublk_mirror_volume_mode", "1 for the volume's current mode (journaling, full, failed, stopped), else 0.", &[("volume", volume), ("mode", candidate.as_str())], (candidate == n.mode) as u8 as f64);
+        out.gauge(
+            "ublk_mirror_volume_mode",
+            "1 for the volume's current mode (journaling, full, failed, stopped), else 0.",
+            &[("volume", volume), ("mode", candidate.as_str())],
+            (candidate == n.mode) as u8 as f64,
+        );
     }
     out.gauge("ublk_mirror_volume_size_bytes", "Size of the volume.", &labels, v.size as f64);
     out.gauge("ublk_mirror_volume_last_lsn", "Newest LSN assigned to a write.", &labels, n.last_lsn as f64);
@@ -61,7 +65,12 @@ pub fn render_volume(status: &Status, latency: &RequestLatency) -> String {
 fn render_mirror(out: &mut Exposition, volume: &str, m: &MirrorStatus) {
     let labels = [("volume", volume), ("mirror", m.name.as_str())];
     for state in MirrorState::ALL {
-        out.gauge("ublk_mirror_mirror_state", "1 for the mirror's current state (syncing, replicating, disconnected), else 0.", &[("volume", volume), ("mirror", &m.name), ("state", state.as_str())], (m.state() == state) as u8 as f64);
+        out.gauge(
+            "ublk_mirror_mirror_state",
+            "1 for the mirror's current state (syncing, replicating, disconnected), else 0.",
+            &[("volume", volume), ("mirror", &m.name), ("state", state.as_str())],
+            (m.state() == state) as u8 as f64,
+        );
     }
     out.gauge("ublk_mirror_mirror_connected", "1 while connected to the applier.", &labels, m.connected() as u8 as f64);
     out.gauge("ublk_mirror_mirror_consistent", "1 when the replica is a consistent past state of the volume.", &labels, m.consistent() as u8 as f64);
@@ -70,7 +79,12 @@ fn render_mirror(out: &mut Exposition, volume: &str, m: &MirrorStatus) {
     out.gauge("ublk_mirror_mirror_lag_bytes", "Payload bytes of records the replica has not applied.", &labels, m.lag_bytes as f64);
     out.gauge("ublk_mirror_mirror_lag_records", "Records the replica has not applied.", &labels, m.lag_records as f64);
     out.gauge("ublk_mirror_mirror_lag_seconds", "Age of the oldest record the replica has not applied.", &labels, m.lag_seconds);
-    out.gauge("ublk_mirror_mirror_throughput_bytes_per_second", "Payload bytes the replica applied per second, over about the last second.", &labels, m.throughput_bytes_per_second);
+    out.gauge(
+        "ublk_mirror_mirror_throughput_bytes_per_second",
+        "Payload bytes the replica applied per second, over about the last second.",
+        &labels,
+        m.throughput_bytes_per_second,
+    );
     if let Some(rate) = m.max_rate {
         out.gauge("ublk_mirror_mirror_max_rate_bytes_per_second", "The mirror's bandwidth limit.", &labels, rate as f64);
     }
@@ -93,8 +107,18 @@ pub fn render_applier(status: &ApplierStatus) -> String {
         out.gauge("ublk_mirror_replica_consistent", "1 when the image is a consistent past state of the source.", &labels, r.consistent as u8 as f64);
         out.gauge("ublk_mirror_replica_connected", "1 while the source is connected.", &labels, r.connected as u8 as f64);
         out.counter("ublk_mirror_replica_records_received_total", "Records received and made durable.", &labels, r.records_received as f64);
-        out.counter("ublk_mirror_replica_records_duplicated_total", "Records received again after a reconnect (skipped).", &labels, r.records_duplicated as f64);
-        out.counter("ublk_mirror_replica_received_bytes_total", "Payload bytes received (records and synchronisation chunks).", &labels, r.bytes_received as f64);
+        out.counter(
+            "ublk_mirror_replica_records_duplicated_total",
+            "Records received again after a reconnect (skipped).",
+            &labels,
+            r.records_duplicated as f64,
+        );
+        out.counter(
+            "ublk_mirror_replica_received_bytes_total",
+            "Payload bytes received (records and synchronisation chunks).",
+            &labels,
+            r.bytes_received as f64,
+        );
         out.counter("ublk_mirror_replica_connections_total", "Connections accepted from the source.", &labels, r.connections as f64);
     }
     out.finish()

@@ -23,7 +23,8 @@ pub fn load(dir: &VolumeDir, name: &str) -> Checkpoints {
 
 pub fn save(dir: &VolumeDir, name: &str, checkpoints: Checkpoints) -> Result<(), MirrorError> {
     let path = dir.mirror_state(name);
-    crate::fsutil::write_atomic(&path, &serde_json::to_vec(&checkpoints).expect("checkpoints serialise")).map_err(|source| MirrorError::Io { context: format!("write {}", path.display()), source })
+    crate::fsutil::write_atomic(&path, &serde_json::to_vec(&checkpoints).expect("checkpoints serialise"))
+        .map_err(|source| MirrorError::Io { context: format!("write {}", path.display()), source })
 }
 
 pub fn remove(dir: &VolumeDir, name: &str) {

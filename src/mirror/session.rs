@@ -22,7 +22,6 @@ use crate::protocol::wire::{self, Control, Frame, Hello};
 use crate::status::MirrorStatus;
 use crate::volume::Volume;
 
-
 /// Bytes sent and not yet acknowledged as `received` at most: a 1 Gbit/s path with 130 ms
 /// RTT stays full. More only queues data in QUIC, which lets quinn's BBR overshoot a
 /// bottleneck's buffer (measured through the relay at 50 ms RTT and 50 MB/s: a 64 MiB window
@@ -39,7 +38,6 @@ const SENDER_NICE: i32 = 5;
 /// thread, the file's two fsyncs forced ext4 journal commits that stalled the volume's own
 /// journal syncs under load and held up sending.)
 const PERSIST_INTERVAL: Duration = Duration::from_secs(5);
-
 
 #[derive(Clone)]
 pub(super) struct Sender {
@@ -93,7 +91,15 @@ impl Flight {
 }
 
 impl Sender {
-    pub fn new(dir: VolumeDir, config: MirrorConfig, volume: Arc<Volume>, status: Arc<Mutex<MirrorStatus>>, hold: Hold, stop: Arc<AtomicBool>, rate: Arc<AtomicU64>) -> Sender {
+    pub fn new(
+        dir: VolumeDir,
+        config: MirrorConfig,
+        volume: Arc<Volume>,
+        status: Arc<Mutex<MirrorStatus>>,
+        hold: Hold,
+        stop: Arc<AtomicBool>,
+        rate: Arc<AtomicU64>,
+    ) -> Sender {
         Sender { dir, config, volume, status, hold, stop, synced_here: Arc::new(AtomicBool::new(false)), rate }
     }
 
@@ -147,7 +153,12 @@ impl Sender {
             .ok_or_else(|| LinkError::Protocol(format!("cannot resolve {}", self.config.address)))?;
         let local: SocketAddr = if address.is_ipv4() { "0.0.0.0:0".parse().expect("addr") } else { "[::]:0".parse().expect("addr") };
         let mut endpoint = transport::endpoint(local, None)?;
-        endpoint.set_default_client_config(transport::client_config(&identity, &self.config.fingerprint, self.config.idle_timeout(), self.config.congestion.unwrap_or_default())?);
+        endpoint.set_default_client_config(transport::client_config(
+            &identity,
+            &self.config.fingerprint,
+            self.config.idle_timeout(),
+            self.config.congestion.unwrap_or_default(),
+        )?);
         let connection = endpoint.connect(address, "applier")?.await?;
         let (mut send, mut recv) = connection.open_bi().await?;
         let welcome = self.handshake(&mut send, &mut recv).await?;

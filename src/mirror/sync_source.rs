@@ -16,7 +16,13 @@ impl Sender {
     /// sends the chunks that differ (zeros as a flag, not data). Writes go on meanwhile; the
     /// journal from the returned base LSN is kept and streamed afterwards, which completes
     /// chunks read while they changed.
-    pub(super) async fn synchronise(&self, send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, replica_applied: u64, limiter: &mut RateLimiter) -> Result<u64, LinkError> {
+    pub(super) async fn synchronise(
+        &self,
+        send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
+        replica_applied: u64,
+        limiter: &mut RateLimiter,
+    ) -> Result<u64, LinkError> {
         let journal = self.volume.journal().clone();
         // Hold the whole retained journal while choosing the base, then everything after it.
         // (`received` of a syncing mirror is the sync's base: what the journal must keep.

@@ -68,7 +68,14 @@ struct PinnedServer {
 }
 
 impl ServerCertVerifier for PinnedServer {
-    fn verify_server_cert(&self, end_entity: &CertificateDer<'_>, _: &[CertificateDer<'_>], _: &ServerName<'_>, _: &[u8], _: UnixTime) -> Result<ServerCertVerified, rustls::Error> {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
         let presented = fingerprint_of_der(end_entity);
         if presented == self.fingerprint {
             Ok(ServerCertVerified::assertion())
@@ -153,7 +160,6 @@ pub fn server_crypto(identity: &Identity, allowed: AllowList) -> Result<quinn::c
     quinn::crypto::rustls::QuicServerConfig::try_from(config).map_err(|e| TlsError::Quic(e.to_string()))
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,7 +173,9 @@ mod tests {
 
     async fn try_connect(server: &Identity, allow: &str, client: &Identity, pin: &str) -> Result<Vec<u8>, String> {
         let allow = allow.to_string();
-        let endpoint = quinn::Endpoint::server(server_config(server, Arc::new(move |fp| fp == allow), Duration::from_secs(15)).unwrap(), "127.0.0.1:0".parse().unwrap()).unwrap();
+        let endpoint =
+            quinn::Endpoint::server(server_config(server, Arc::new(move |fp| fp == allow), Duration::from_secs(15)).unwrap(), "127.0.0.1:0".parse().unwrap())
+                .unwrap();
         let address = endpoint.local_addr().unwrap();
         let accept = tokio::spawn(async move {
             let connection = endpoint.accept().await?.await.ok()?;

@@ -93,7 +93,6 @@ pub fn endpoint(address: std::net::SocketAddr, server: Option<quinn::ServerConfi
     quinn::Endpoint::new(config, server, bind_udp(address)?, runtime)
 }
 
-
 /// Raises a socket's send and receive buffers to `bytes`: first with the FORCE options
 /// (root may exceed the sysctl limits), else within the limits. Best effort: a socket with
 /// default buffers still works, only slower.
@@ -104,7 +103,13 @@ pub fn enlarge_socket_buffers(socket: &impl std::os::fd::AsRawFd, bytes: usize) 
             // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live local c_int;
             // the descriptor is valid for the call (borrowed from `socket`).
             let result = unsafe {
-                libc::setsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, option, (&value as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t)
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    option,
+                    (&value as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
             };
             if result == 0 {
                 break;
@@ -133,7 +138,9 @@ mod tests {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         runtime.block_on(async {
             let allow = source.fingerprint.clone();
-            let server = endpoint("127.0.0.1:0".parse().unwrap(), Some(server_config(&applier, Arc::new(move |fp| fp == allow), Duration::from_secs(15)).unwrap())).unwrap();
+            let server =
+                endpoint("127.0.0.1:0".parse().unwrap(), Some(server_config(&applier, Arc::new(move |fp| fp == allow), Duration::from_secs(15)).unwrap()))
+                    .unwrap();
             let address = server.local_addr().unwrap();
             let total = 64usize << 20;
             let receiver = tokio::spawn(async move {

@@ -63,23 +63,47 @@ pub enum Control {
     /// `needs_sync`: the replica must be synchronised (new, or a sync was interrupted)
     /// before journal records are accepted.
     /// `consistent_lsn`: after a sync, the replica is consistent once it applied this LSN.
-    Welcome { received_lsn: u64, applied_lsn: u64, consistent: bool, needs_sync: bool, consistent_lsn: Option<u64> },
+    Welcome {
+        received_lsn: u64,
+        applied_lsn: u64,
+        consistent: bool,
+        needs_sync: bool,
+        consistent_lsn: Option<u64>,
+    },
     Refused(Refusal),
     /// Checkpoints: `received` durable in the applier's journal, `applied` durable in the replica.
-    Ack { received_lsn: u64, applied_lsn: u64 },
+    Ack {
+        received_lsn: u64,
+        applied_lsn: u64,
+    },
     /// Initial synchronisation begins: the replica is inconsistent from now until the journal
     /// replay after `SyncDone` passes the LSN it names. `base_lsn`: journal records after it
     /// will be streamed once the chunks are copied.
-    SyncStart { base_lsn: u64 },
+    SyncStart {
+        base_lsn: u64,
+    },
     /// BLAKE3 hashes of the source's chunks `first_chunk..` (chunk = `SYNC_CHUNK` bytes).
-    SyncHashes { first_chunk: u64, hashes: Vec<[u8; 32]> },
+    SyncHashes {
+        first_chunk: u64,
+        hashes: Vec<[u8; 32]>,
+    },
     /// The applier's answer: which of those chunks differ on the replica.
-    SyncDiffer { first_chunk: u64, differ: Vec<u64> },
+    SyncDiffer {
+        first_chunk: u64,
+        differ: Vec<u64>,
+    },
     /// One chunk's bytes (`zero`: the chunk is all zeros and `data` is empty).
-    SyncChunk { chunk: u64, zero: bool, data: Vec<u8> },
+    SyncChunk {
+        chunk: u64,
+        zero: bool,
+        data: Vec<u8>,
+    },
     /// Every chunk is copied. The applier makes the image durable and continues its journal
     /// at `base_lsn + 1`; the replica is consistent once `applied` reaches `consistent_lsn`.
-    SyncDone { base_lsn: u64, consistent_lsn: u64 },
+    SyncDone {
+        base_lsn: u64,
+        consistent_lsn: u64,
+    },
 }
 
 /// One record's header inside a batch (its payload follows the batch header, in order).
@@ -301,8 +325,9 @@ fn decode_batch(mut body: ChunkCursor) -> Result<Vec<ReceivedRecord>, WireError>
     let length_bytes = body.take_contiguous(4).ok_or_else(|| bad("truncated header length".into()))?;
     let header_len = u32::from_le_bytes(length_bytes[..].try_into().expect("4")) as usize;
     let header_bytes = body.take_contiguous(header_len).ok_or_else(|| bad(format!("header of {header_len} bytes runs past the frame")))?;
-    let (header, used) = bincode::serde::decode_from_slice::<BatchHeader, _>(&header_bytes, bincode::config::standard().with_little_endian().with_limit::<{ 8 << 20 }>())
-        .map_err(|e| WireError::Decode { what: "batch header", message: e.to_string() })?;
+    let (header, used) =
+        bincode::serde::decode_from_slice::<BatchHeader, _>(&header_bytes, bincode::config::standard().with_little_endian().with_limit::<{ 8 << 20 }>())
+            .map_err(|e| WireError::Decode { what: "batch header", message: e.to_string() })?;
     if used != header_len {
         return Err(bad("batch header has trailing bytes".into()));
     }
@@ -327,14 +352,7 @@ fn decode_batch(mut body: ChunkCursor) -> Result<Vec<ReceivedRecord>, WireError>
         }
         let n = wire.payload_len as usize;
         let payload = body.take(n).ok_or_else(|| bad(format!("LSN {}: payload of {n} bytes runs past the frame", wire.lsn)))?;
-        records.push(ReceivedRecord {
-            lsn: wire.lsn,
-            kind,
-            flags: wire.flags,
-            extent,
-            timestamp_us: wire.timestamp_us,
-            payload,
-        });
+        records.push(ReceivedRecord { lsn: wire.lsn, kind, flags: wire.flags, extent, timestamp_us: wire.timestamp_us, payload });
     }
     if body.remaining != 0 {
         return Err(bad(format!("{} bytes after the last payload", body.remaining)));
@@ -388,7 +406,11 @@ mod tests {
     fn a_frame_decodes_the_same_whatever_chunks_it_arrives_in() {
         let first: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
         let second: Vec<u8> = (0..300u32).map(|i| (i * 7) as u8).collect();
-        let records = [(header(1, RecordKind::Write, 5000, 5000), &first[..]), (header(2, RecordKind::Discard, 4096, 0), &[][..]), (header(3, RecordKind::Write, 300, 300), &second[..])];
+        let records = [
+            (header(1, RecordKind::Write, 5000, 5000), &first[..]),
+            (header(2, RecordKind::Discard, 4096, 0), &[][..]),
+            (header(3, RecordKind::Write, 300, 300), &second[..]),
+        ];
         let frame = frame_of(encode_batch_header(&records), &[&first, &second]);
         let body = bytes::Bytes::copy_from_slice(&frame[4..]);
         let whole = decode_frame(vec![body.clone()]).unwrap();

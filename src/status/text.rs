@@ -30,7 +30,10 @@ pub fn render_text(status: &Status) -> String {
         j.used_bytes, j.capacity_bytes, j.segments, j.first_lsn, j.last_lsn
     ));
     if v.running {
-        out.push_str(&format!("  io       {} writes ({} bytes), {} flushes, {} reads ({} bytes), {} bytes pending apply\n", n.writes, n.written_bytes, n.flushes, n.reads, n.read_bytes, n.pending_bytes));
+        out.push_str(&format!(
+            "  io       {} writes ({} bytes), {} flushes, {} reads ({} bytes), {} bytes pending apply\n",
+            n.writes, n.written_bytes, n.flushes, n.reads, n.read_bytes, n.pending_bytes
+        ));
     }
     if !status.mirrors.is_empty() {
         out.push_str(&mirror_table(&status.mirrors));

@@ -139,10 +139,7 @@ impl VolumeConfig {
             return Err(format!("journal.segment_size: {} must be a multiple of 4096 and at least {MIN_SEGMENT_SIZE}", self.journal.segment_size));
         }
         if self.journal.capacity / self.journal.segment_size < 2 {
-            return Err(format!(
-                "journal.capacity: {} must hold at least two segments of {} bytes",
-                self.journal.capacity, self.journal.segment_size
-            ));
+            return Err(format!("journal.capacity: {} must hold at least two segments of {} bytes", self.journal.capacity, self.journal.segment_size));
         }
         if self.journal.pending_window < self.max_io() || self.journal.pending_window > self.journal.capacity / 2 {
             return Err(format!(

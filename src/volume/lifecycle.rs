@@ -48,7 +48,8 @@ impl Volume {
             return Err(VolumeError::Invalid(format!("volume size {} must be a positive multiple of {LOGICAL_BLOCK_SIZE} bytes", options.size)));
         }
         let journal_size = options.journal_size.unwrap_or(DEFAULT_JOURNAL_SIZE);
-        let segment_size = options.segment_size.unwrap_or_else(|| DEFAULT_SEGMENT_SIZE.min(journal_size / 4 / 4096 * 4096).max(crate::journal::MIN_SEGMENT_SIZE));
+        let segment_size =
+            options.segment_size.unwrap_or_else(|| DEFAULT_SEGMENT_SIZE.min(journal_size / 4 / 4096 * 4096).max(crate::journal::MIN_SEGMENT_SIZE));
         let layout = VolumeDir::new(std::path::absolute(dir).map_err(io_context(format!("resolve {}", dir.display())))?);
         let backing = match &options.backing {
             Some(path) => std::path::absolute(path).map_err(io_context(format!("resolve {}", path.display())))?,

@@ -89,14 +89,14 @@ fn io_context(context: impl Into<String>) -> impl FnOnce(io::Error) -> VolumeErr
     move |source| VolumeError::Io { context, source }
 }
 
-/// A request that changes the device (or asks for durability).
+/// A request that changes the device (or asks for durability). A write's extent is
+/// `data.len()` bytes at `offset`; a flush completes once every write acknowledged before it
+/// is durable.
 #[derive(Debug, Clone)]
 pub enum WriteOp {
-    /// `data` at `offset` (the extent is `data.len()` bytes long).
     Write { offset: u64, data: Arc<Vec<u8>>, fua: bool },
     WriteZeroes { extent: Extent, fua: bool },
     Discard { extent: Extent },
-    /// Completes once every write acknowledged before it is durable.
     Flush,
 }
 
@@ -236,7 +236,11 @@ impl Volume {
                 return completion(Err(error));
             }
             if matches!(op, WriteOp::Write { .. }) && extent.length > self.config.max_io() {
-                return completion(Err(VolumeError::Invalid(format!("write of {} bytes exceeds the maximum I/O size {}", extent.length, self.config.max_io()))));
+                return completion(Err(VolumeError::Invalid(format!(
+                    "write of {} bytes exceeds the maximum I/O size {}",
+                    extent.length,
+                    self.config.max_io()
+                ))));
             }
         }
         let started = std::time::Instant::now();

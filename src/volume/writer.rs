@@ -23,7 +23,6 @@ pub(super) struct Request {
     pub completion: Completion,
 }
 
-
 /// The writer thread: LSN assignment, group commit, acknowledgements.
 pub(super) struct WriterLoop {
     shared: Arc<Shared>,

@@ -58,11 +58,7 @@ impl Served {
         let log = dir.with_extension(format!("log.{}", std::process::id()));
         let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         let mut command = Command::new(bin());
-        command
-            .args(["run", "--dir", dir.to_str().unwrap(), "--nbd", &format!("unix:{}", socket.display())])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(log_file);
+        command.args(["run", "--dir", dir.to_str().unwrap(), "--nbd", &format!("unix:{}", socket.display())]).args(args).stdout(Stdio::null()).stderr(log_file);
         for (key, value) in env {
             command.env(key, value);
         }
@@ -195,7 +191,6 @@ pub fn compare(a: &str, b: &str) -> bool {
     output.status.success()
 }
 
-
 /// Waits (bounded) until the mirror's initial synchronisation is complete.
 pub fn wait_consistent(volume: &Path) {
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -223,4 +218,3 @@ pub fn wait_caught_up(volume: &Path) -> serde_json::Value {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
-

@@ -7,8 +7,8 @@
 //! its own, so the applier sees one peer. A new sender socket (after a reconnect) is followed.
 #![allow(dead_code)]
 
-use std::collections::BinaryHeap;
 use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -42,7 +42,17 @@ pub struct Impairment {
 
 impl Impairment {
     pub fn clean() -> Impairment {
-        Impairment { delay: Duration::ZERO, jitter: Duration::ZERO, loss: 0.0, duplicate: 0.0, reorder: 0.0, reorder_delay: Duration::ZERO, rate: None, queue: Duration::from_millis(100), mtu: None }
+        Impairment {
+            delay: Duration::ZERO,
+            jitter: Duration::ZERO,
+            loss: 0.0,
+            duplicate: 0.0,
+            reorder: 0.0,
+            reorder_delay: Duration::ZERO,
+            rate: None,
+            queue: Duration::from_millis(100),
+            mtu: None,
+        }
     }
 
     /// A WAN-like path: `rtt` split evenly between the directions, Ethernet's MTU (1500 bytes
@@ -151,7 +161,10 @@ fn pump(from: &UdpSocket, to: &UdpSocket, destination: Destination, impairment: 
     let stats = &shared.stats;
     while !shared.stop.load(Ordering::Relaxed) {
         let now = Instant::now();
-        let wait = queue.peek().map_or(Duration::from_millis(10), |Reverse((due, _, _))| due.saturating_duration_since(now)).clamp(Duration::from_micros(100), Duration::from_millis(10));
+        let wait = queue
+            .peek()
+            .map_or(Duration::from_millis(10), |Reverse((due, _, _))| due.saturating_duration_since(now))
+            .clamp(Duration::from_micros(100), Duration::from_millis(10));
         from.set_read_timeout(Some(wait)).expect("set relay timeout");
         if let Ok((length, source)) = from.recv_from(&mut buffer) {
             if matches!(destination, Destination::Fixed(_)) {

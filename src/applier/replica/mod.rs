@@ -185,13 +185,21 @@ impl Replica {
             return Err(Refusal::Protocol(hello.protocol));
         }
         if uuid::Uuid::from_bytes(hello.volume_uuid) != self.state.volume_uuid {
-            return Err(Refusal::WrongVolume { name, expected: self.state.volume_uuid.to_string(), got: uuid::Uuid::from_bytes(hello.volume_uuid).to_string() });
+            return Err(Refusal::WrongVolume {
+                name,
+                expected: self.state.volume_uuid.to_string(),
+                got: uuid::Uuid::from_bytes(hello.volume_uuid).to_string(),
+            });
         }
         if hello.size != self.state.size {
             return Err(Refusal::WrongSize { name, replica: self.state.size, volume: hello.size });
         }
         if uuid::Uuid::from_bytes(hello.generation) != self.state.generation {
-            return Err(Refusal::WrongGeneration { name, replica: self.state.generation.to_string(), volume: uuid::Uuid::from_bytes(hello.generation).to_string() });
+            return Err(Refusal::WrongGeneration {
+                name,
+                replica: self.state.generation.to_string(),
+                volume: uuid::Uuid::from_bytes(hello.generation).to_string(),
+            });
         }
         Ok(())
     }
@@ -291,7 +299,9 @@ impl Replica {
 
     fn apply_one(&mut self, lsn: u64, kind: RecordKind, extent: Extent, payload: &[bytes::Bytes]) -> Result<(), ReplicaError> {
         // The error's context is formatted only on failure: this runs once per record.
-        self.image.apply(kind, extent, payload).map_err(|source| ReplicaError::Io { context: format!("apply LSN {lsn} to {}", self.state.image.display()), source })?;
+        self.image
+            .apply(kind, extent, payload)
+            .map_err(|source| ReplicaError::Io { context: format!("apply LSN {lsn} to {}", self.state.image.display()), source })?;
         self.applied_unsynced = lsn;
         self.unsynced_bytes += payload.iter().map(|part| part.len() as u64).sum::<u64>();
         self.counters.records_applied += 1;

@@ -3,10 +3,18 @@
 use std::path::Path;
 
 use super::*;
-use crate::protocol::wire::{SYNC_CHUNK};
+use crate::protocol::wire::SYNC_CHUNK;
 
 fn hello(size: u64) -> Hello {
-    Hello { protocol: crate::protocol::wire::PROTOCOL_VERSION, volume_uuid: [4; 16], volume_name: "vol0".into(), size, generation: [5; 16], first_lsn: 1, last_lsn: 0 }
+    Hello {
+        protocol: crate::protocol::wire::PROTOCOL_VERSION,
+        volume_uuid: [4; 16],
+        volume_name: "vol0".into(),
+        size,
+        generation: [5; 16],
+        first_lsn: 1,
+        last_lsn: 0,
+    }
 }
 
 fn write(lsn: u64, offset: u64, byte: u8, len: usize) -> ReceivedRecord {
@@ -55,7 +63,16 @@ fn a_payload_in_pieces_is_journaled_and_applied_whole() {
     let dir = tmp.path().join("r");
     let mut replica = synced_replica(&dir);
     let data: Vec<u8> = (0..12288u32).map(|i| (i % 251) as u8).collect();
-    let header = crate::journal::RecordHeader { kind: RecordKind::Write, flags: 0, lsn: 1, offset: 8192, length: 12288, payload_len: 12288, synced_lsn: 0, timestamp_us: 0 };
+    let header = crate::journal::RecordHeader {
+        kind: RecordKind::Write,
+        flags: 0,
+        lsn: 1,
+        offset: 8192,
+        length: 12288,
+        payload_len: 12288,
+        synced_lsn: 0,
+        timestamp_us: 0,
+    };
     let mut frame = wire::encode_batch_header(&[(header, &data[..])]);
     frame.extend_from_slice(&data);
     // As QUIC may deliver it: the payload spans three chunks.

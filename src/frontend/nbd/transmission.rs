@@ -28,10 +28,8 @@ fn nbd_errno(error: &VolumeError) -> u32 {
 
 pub(super) fn transmission(mut reader: impl Read, writer: BufWriter<Stream>, volume: &Arc<Volume>) -> Result<(), NbdError> {
     let (reply_tx, reply_rx) = mpsc::channel::<Reply>();
-    let reply_thread = std::thread::Builder::new()
-        .name("nbd-reply".into())
-        .spawn(move || send_replies(writer, reply_rx))
-        .map_err(io_error("start reply thread"))?;
+    let reply_thread =
+        std::thread::Builder::new().name("nbd-reply".into()).spawn(move || send_replies(writer, reply_rx)).map_err(io_error("start reply thread"))?;
     let result = read_requests(&mut reader, volume, &reply_tx);
     // In-flight writes still hold reply senders; the reply thread ends after the last one.
     drop(reply_tx);
