@@ -8,6 +8,7 @@ mod journal;
 mod mirror;
 mod run;
 mod status;
+mod ublk;
 mod volume;
 
 use anyhow::Result;
@@ -49,6 +50,9 @@ pub enum Command {
     /// The receiving side: a daemon that keeps replicas of volumes from allowed sources.
     #[command(subcommand)]
     Applier(applier::ApplierCommand),
+    /// The host's ublk devices: list them, delete one whose server is gone.
+    #[command(subcommand)]
+    Ublk(ublk::UblkCommand),
     /// Install the binary, systemd units (ublk-mirror@.service, ublk-mirror-applier.service),
     /// udev rules, the ublk module-load snippet and /etc/default/ublk-mirror (kept if present).
     InstallUnits(install::InstallArgs),
@@ -66,6 +70,7 @@ pub fn execute(command: Command) -> Result<()> {
         Command::Journal(command) => journal::execute(command),
         Command::Mirror(command) => mirror::execute(command),
         Command::Applier(command) => applier::execute(command),
+        Command::Ublk(command) => ublk::execute(command),
         Command::InstallUnits(args) => install::install(args),
         Command::UninstallUnits(args) => install::uninstall(args),
     }

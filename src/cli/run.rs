@@ -35,15 +35,19 @@ pub struct RunArgs {
     #[arg(long, requires = "ublk")]
     ublk_id: Option<u32>,
     /// Hardware queues of the ublk device, each served by its own thread and io_uring
-    /// (default 1, or run.queues).
+    /// (1..64; default 1, or run.queues). With --recover the device keeps its own; a value
+    /// given then must match it.
     #[arg(long, requires = "ublk")]
     queues: Option<u16>,
-    /// Requests in flight per queue (default 128, or run.depth).
+    /// Requests in flight per queue (1..4096; default 128, or run.depth). With --recover the
+    /// device keeps its own; a value given then must match it.
     #[arg(long, requires = "ublk")]
     depth: Option<u16>,
-    /// Re-attach to the ublk device left behind by a server that was killed (user recovery):
-    /// I/O the kernel held meanwhile is re-issued, a mounted filesystem sees no error. The
-    /// device id comes from DIR/ublk-device.json unless --ublk-id is given.
+    /// Re-attach to the ublk device left behind by a server of this volume that was killed
+    /// (user recovery): I/O the kernel held meanwhile is re-issued, a mounted filesystem sees
+    /// no error. The device, its queues and depth come from DIR/ublk-device.json and the
+    /// kernel; --ublk-id, if given, must name the same device. If recovery cannot complete,
+    /// the error says where the device stands (`ublk-mirror ublk delete --id N` gives it up).
     #[arg(long, requires = "ublk")]
     recover: bool,
     /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9420 (default:
@@ -72,8 +76,8 @@ pub fn execute(args: RunArgs) -> Result<()> {
     let from_file = !args.ublk;
     let ublk_options = UblkOptions {
         id: args.ublk_id.or(if from_file { settings.ublk_id } else { None }),
-        queues: args.queues.or(if from_file { settings.queues } else { None }).unwrap_or(1),
-        depth: args.depth.or(if from_file { settings.depth } else { None }).unwrap_or(128),
+        queues: args.queues.or(if from_file { settings.queues } else { None }),
+        depth: args.depth.or(if from_file { settings.depth } else { None }),
         recover: args.recover,
     };
     let metrics_address = match args.metrics {
