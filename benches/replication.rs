@@ -27,10 +27,13 @@
 //! 4. The 1 MiB backlog drained through the impairment relay (tests/common/relay.rs) at
 //!    50 ms RTT without loss, capped at BENCH_LINK_MBPS MB/s (default 50), against that
 //!    capacity.
+//! 5. Journal overflow (`replication/resync.rs`): write latency across the switch of an
+//!    absent mirror to tracking against no mirror, and a 256 MiB dirty set resynced through
+//!    the relay at 50 MB/s while a writer goes on at 10 MB/s, against the minimum time.
 //!
 //! BENCH_SECONDS sets the fio bursts (default 30), BENCH_ROUNDS how many times the bursts
 //! without a mirror and with one (applier's own disk) alternate (default 2; means reported). BENCH_ONLY=quic measures only the raw
-//! QUIC stream (for investigating the transport ceiling), BENCH_ONLY=wan only row 4, BENCH_ONLY=iops only the NBD rows,
+//! QUIC stream (for investigating the transport ceiling), BENCH_ONLY=wan only row 4, BENCH_ONLY=iops only the NBD rows, BENCH_ONLY=resync only row 5,
 //! BENCH_ONLY=drain only the own-disk 1 MiB drain, the raw QUIC stream and the bounds (the
 //! drain target's ratio). BENCH_PIN=1 gives each end a CPU of its own, as on two hosts
 //! (volumes and the raw QUIC sender on CPU 0, appliers and the raw receiver on CPU 1).
@@ -39,6 +42,8 @@ use std::path::{Path, PathBuf};
 mod common;
 #[path = "../tests/common/relay.rs"]
 mod relay;
+#[path = "replication/resync.rs"]
+mod resync;
 
 use common::Daemon;
 use std::process::{Command, Stdio};
@@ -89,6 +94,16 @@ fn main() {
         let _ = std::fs::remove_dir_all(&base);
         return;
     }
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("resync") {
+        let own_disk = RamDisk::new();
+        let mut rows = Vec::new();
+        resync::rows(&base, &own_disk.mount, &mut rows);
+        for (what, value) in &rows {
+            println!("{what:<48} {value}");
+        }
+        let _ = std::fs::remove_dir_all(&base);
+        return;
+    }
     if std::env::var("BENCH_ONLY").as_deref() == Ok("iops") {
         let own_disk = RamDisk::new();
         let mut rows = Vec::new();
@@ -118,6 +133,7 @@ fn main() {
     let tcp = raw_tcp(1 << 30);
     add(&mut rows, ("plain TCP stream, 1 GiB".into(), format!("{tcp:.0} MB/s")));
     iops_rows(&base, &own_disk.mount, seconds, &mut rows);
+    resync::rows(&base, &own_disk.mount, &mut rows);
     let disk = disk_write_rate(&base);
     add(
         &mut rows,

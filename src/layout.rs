@@ -65,7 +65,7 @@ impl VolumeDir {
         self.root.join("ublk-device.json")
     }
 
-    /// `mirrors/`: one `NAME.toml` and `NAME.state.json` per mirror.
+    /// `mirrors/`: one `NAME.toml`, `NAME.state.json` (and `NAME.dirty`) per mirror.
     pub fn mirrors(&self) -> PathBuf {
         self.root.join("mirrors")
     }
@@ -76,6 +76,11 @@ impl VolumeDir {
 
     pub fn mirror_state(&self, name: &str) -> PathBuf {
         self.mirrors().join(format!("{name}.state.json"))
+    }
+
+    /// `mirrors/NAME.dirty`: the mirror's dirty map while it tracks or resyncs.
+    pub fn mirror_dirty_map(&self, name: &str) -> PathBuf {
+        self.mirrors().join(format!("{name}.dirty"))
     }
 
     /// True when the directory holds a complete volume.
@@ -165,6 +170,11 @@ impl ReplicaDir {
         self.root.join("journal")
     }
 
+    /// `journal.new`: a new, empty journal being made before it replaces the old one.
+    pub fn journal_new(&self) -> PathBuf {
+        self.root.join("journal.new")
+    }
+
     /// `journal.resetting`: the old journal while a new one replaces it.
     pub fn journal_resetting(&self) -> PathBuf {
         self.root.join("journal.resetting")
@@ -173,6 +183,20 @@ impl ReplicaDir {
     /// `data.img`: the image unless `applier replica add` attached another.
     pub fn default_image(&self) -> PathBuf {
         self.root.join("data.img")
+    }
+
+    /// `resync/`: a resync's stage while one runs (`stage.img`, and `stage.map` once it is
+    /// being committed).
+    pub fn resync(&self) -> PathBuf {
+        self.root.join("resync")
+    }
+
+    pub fn stage_image(&self) -> PathBuf {
+        self.resync().join("stage.img")
+    }
+
+    pub fn stage_map(&self) -> PathBuf {
+        self.resync().join("stage.map")
     }
 
     /// `attach.json`: the image `applier replica add` named, used on the first connection.

@@ -9,7 +9,7 @@
 //!   replication), `applier` (the target side)
 //! - the status contract: `status` (typed values every report renders)
 //! - the volume and the replication protocol: `volume`, `protocol`
-//! - storage: `journal`, `store`
+//! - storage: `journal`, `store`, `dirty_map`
 //! - foundation: `extent`, `layout`, `name`, `address`, `size`, `clock`, `fsutil`,
 //!   `latency`, `priority`, `identity`, `control`, `daemon`, `failpoint`
 
@@ -27,6 +27,7 @@ pub mod name;
 pub mod priority;
 pub mod size;
 
+pub mod dirty_map;
 pub mod journal;
 pub mod store;
 

@@ -5,7 +5,6 @@ mod common;
 use common::relay::{Impairment, Relay};
 use common::*;
 
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -37,37 +36,6 @@ fn site(tmp: &Path, size: &str, forward: Impairment, back: Impairment, seed: u64
     let output = cli(&args);
     assert!(output.status.success(), "{}", stderr(&output));
     Site { vdir, adir, applier, relay }
-}
-
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// GET /metrics, parsed by a real Prometheus text parser.
-fn scrape(address: SocketAddr) -> prometheus_parse::Scrape {
-    let mut stream = std::net::TcpStream::connect(address).expect("connect to the metrics endpoint");
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(stream, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
-    let lines = body.lines().map(|l| Ok(l.to_string()));
-    prometheus_parse::Scrape::parse(lines).expect("the metrics page parses")
-}
-
-/// The value of `name` whose labels include all of `labels`.
-fn metric(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let sample = scrape
-        .samples
-        .iter()
-        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .unwrap_or_else(|| panic!("no sample {name} {labels:?}"));
-    match &sample.value {
-        prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => *v,
-        other => panic!("{name} is not a plain value: {other:?}"),
-    }
 }
 
 /// Payload bytes and count of the journal's write records after `lsn`, from `journal dump`.

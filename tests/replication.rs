@@ -48,9 +48,15 @@ fn configure_applier(adir: &Path, vdir: &Path, volume_fp: &str, mirror: &str, pi
 }
 
 fn setup(tmp: &Path, fingerprint_override: Option<&str>) -> (std::path::PathBuf, std::path::PathBuf, u16) {
+    setup_with(tmp, fingerprint_override, &[])
+}
+
+/// [`setup`] with more `volume create` arguments.
+fn setup_with(tmp: &Path, fingerprint_override: Option<&str>, create_args: &[&str]) -> (std::path::PathBuf, std::path::PathBuf, u16) {
     let adir = tmp.join("applier");
     let vdir = tmp.join("vol");
-    let volume_fp = fingerprint_line(&create_volume(&vdir, "vol0", "32M", &["--journal-size", "64M", "--segment-size", "8M"]));
+    let args: Vec<&str> = ["--journal-size", "64M", "--segment-size", "8M"].into_iter().chain(create_args.iter().copied()).collect();
+    let volume_fp = fingerprint_line(&create_volume(&vdir, "vol0", "32M", &args));
     let port = configure_applier(&adir, &vdir, &volume_fp, "mirror", fingerprint_override);
     (adir, vdir, port)
 }
@@ -476,7 +482,9 @@ fn initial_sync_sends_only_differing_chunks_and_converges_under_writes() {
 fn a_full_journal_held_by_a_mirror_drains_when_the_applier_returns() {
     require_tool("qemu-io", "qemu-utils");
     let tmp = tempfile::tempdir().unwrap();
-    let (adir, vdir, port) = setup(tmp.path(), None);
+    // The back-pressure policy: writes wait for the mirror (the default, track, is tested in
+    // tests/tracking.rs).
+    let (adir, vdir, port) = setup_with(tmp.path(), None, &["--on-full", "block"]);
     let applier = Applier::start(&adir, port);
     let served = Served::start(&vdir, &[]);
     wait_consistent(&vdir);

@@ -116,6 +116,7 @@ pub(super) fn offline_replica(dir: &ApplierDir, name: String, state: ReplicaStat
         received_lsn: received,
         applied_lsn: state.applied_lsn,
         consistent: state.is_consistent(),
+        consistent_lsn: state.is_consistent().then_some(state.applied_lsn),
         ..ReplicaStatus::default()
     }
 }

@@ -14,7 +14,7 @@ use crate::lock;
 use crate::protocol::framing::{read_frame, write_control, LinkError};
 use crate::protocol::wire::{Control, Frame, Hello, Refusal};
 use crate::protocol::{tls, transport};
-use crate::status::{ApplierStatus, ReplicaStatus};
+use crate::status::{ApplierStatus, ReplicaStatus, ResyncProgress};
 
 /// The image is made durable (and `applied` acknowledged) after this many applied records
 /// or bytes...
@@ -182,12 +182,15 @@ impl Applier {
         });
         let result = self.process(name, replica, send, &mut frames).await;
         drop(frames);
+        // A resync that did not commit is discarded whole: the replica stays at its state.
+        let abandoned = blocking(replica, |r| r.abandon_resync()).await;
         // Whatever was applied is made durable (and acknowledged, if the source still listens).
         let applied = blocking(replica, |r| r.checkpoint()).await;
         if let (Ok(()), Ok(applied)) = (&result, &applied) {
             let _ = acknowledge(replica, send, *applied).await;
         }
         result?;
+        abandoned?;
         applied?;
         Ok(reader.await.map_err(|e| LinkError::Protocol(e.to_string()))??)
     }
@@ -247,6 +250,11 @@ impl Applier {
                         }
                     }
                     records
+                }
+                Frame::Control(control) if is_resync_step(&control) => {
+                    // Resync steps go to the stage; the image is not written until the commit.
+                    self.resync_step(name, replica, send, control, &mut syncing).await?;
+                    continue;
                 }
                 Frame::Control(control) => {
                     // Synchronisation steps start from a durable image.
@@ -308,7 +316,51 @@ impl Applier {
                 tracing::info!(volume = %name, base_lsn, consistent_lsn, "initial synchronisation copied; replaying the journal");
                 Ok(write_control(send, &Control::Ack { received_lsn: base_lsn, applied_lsn: base_lsn }).await?)
             }
+            Control::ResyncStart { base_lsn, region_bytes, regions, bytes } => {
+                tracing::info!(volume = %name, base_lsn, regions, bytes, "resync started: the replica stays at its consistent state until it commits");
+                match blocking(replica, move |r| r.resync_start(base_lsn, region_bytes, bytes)).await {
+                    Ok(()) => {
+                        let applied = lock(replica).applied_lsn();
+                        Ok(write_control(send, &Control::Ack { received_lsn: base_lsn, applied_lsn: applied }).await?)
+                    }
+                    Err(ApplierError::Replica(ReplicaError::Stage(reason))) => {
+                        tracing::warn!(volume = %name, %reason, "resync refused");
+                        Ok(write_control(send, &Control::ResyncRefused { reason }).await?)
+                    }
+                    Err(error) => Err(error),
+                }
+            }
             other => Err(LinkError::Protocol(format!("unexpected {other:?} during streaming")).into()),
+        }
+    }
+
+    /// The steps of a running resync: hashes of the replica's view, region contents into
+    /// the stage, the commit.
+    async fn resync_step(
+        &self,
+        name: &str,
+        replica: &Arc<Mutex<Replica>>,
+        send: &mut quinn::SendStream,
+        control: Control,
+        syncing: &mut Option<Checkpointing>,
+    ) -> Result<(), ApplierError> {
+        match control {
+            Control::ResyncHashes { at_lsn, regions, hashes } => {
+                let differ = blocking(replica, move |r| r.resync_hashes(at_lsn, &regions, &hashes)).await?;
+                Ok(write_control(send, &Control::ResyncDiffer { regions: differ }).await?)
+            }
+            Control::ResyncChunk { at_lsn, region, zero, data } => {
+                let chunks = blocking(replica, move |r| r.resync_chunk(at_lsn, region, zero, &data)).await?;
+                Ok(write_control(send, &Control::ResyncStored { chunks }).await?)
+            }
+            Control::ResyncDone { at_lsn } => {
+                finish_checkpoint(replica, send, syncing).await?;
+                let lsn = blocking(replica, move |r| r.resync_done(at_lsn)).await?;
+                tracing::info!(volume = %name, lsn, "resync committed: the replica is consistent at the new LSN");
+                write_control(send, &Control::ResyncCommitted { at_lsn: lsn }).await?;
+                acknowledge(replica, send, lsn).await
+            }
+            other => Err(LinkError::Protocol(format!("unexpected {other:?} in a resync")).into()),
         }
     }
 
@@ -325,6 +377,8 @@ impl Applier {
                     received_lsn: r.received_lsn(),
                     applied_lsn: r.applied_lsn(),
                     consistent: r.state().is_consistent(),
+                    consistent_lsn: r.state().is_consistent().then(|| r.applied_lsn()),
+                    resync: r.resync_progress().map(|(base_lsn, staged_bytes)| ResyncProgress { base_lsn, staged_bytes }),
                     connected: slot.connected,
                     records_received: counters.records_received,
                     records_duplicated: counters.records_duplicated,
@@ -380,3 +434,8 @@ async fn blocking<T: Send + 'static>(
 
 /// An image sync running off the runtime; resolves to the applied LSN it made durable.
 type Checkpointing = tokio::task::JoinHandle<Result<u64, ApplierError>>;
+
+/// Resync steps after its start: they go to the stage, not through an image checkpoint.
+fn is_resync_step(control: &Control) -> bool {
+    matches!(control, Control::ResyncHashes { .. } | Control::ResyncChunk { .. } | Control::ResyncDone { .. })
+}

@@ -11,6 +11,7 @@ use clap::Args;
 use ublk_mirror::address::{parse_listen_address, NbdAddress};
 use ublk_mirror::frontend::nbd::NbdServer;
 use ublk_mirror::frontend::ublk::{self, UblkOptions, UblkServer};
+use ublk_mirror::journal::OnFull;
 use ublk_mirror::layout::VolumeDir;
 use ublk_mirror::mirror::{self, Senders};
 use ublk_mirror::status::{self, Status};
@@ -62,7 +63,7 @@ pub fn execute(args: RunArgs) -> Result<()> {
     let config = VolumeConfig::load(&layout).with_context(|| format!("open volume {}", args.dir.display()))?;
     let settings = config.run.clone();
     // So are the mirrors' files; each mirror's saved checkpoint is its journal hold.
-    let holds = mirror::holds(&layout)?;
+    let holds = mirror::holds(&layout, config.size)?;
     let config_file = layout.config();
     // Exports: the command line's --nbd/--ublk, if any, replace the configured ones.
     let (nbd, use_ublk) = if args.nbd.is_empty() && !args.ublk { (settings.nbd.clone(), settings.ublk) } else { (args.nbd.clone(), args.ublk) };
@@ -109,7 +110,7 @@ pub fn execute(args: RunArgs) -> Result<()> {
         Arc::new(move || status::live(&volume, &exports, device.clone(), senders.statuses()))
     };
     let control = {
-        let (live_status, senders) = (live_status.clone(), senders.clone());
+        let (live_status, senders, control_volume) = (live_status.clone(), senders.clone(), volume.clone());
         control::ControlServer::start(
             &layout.control_socket(),
             Arc::new(move |command: &str| match command {
@@ -117,6 +118,13 @@ pub fn execute(args: RunArgs) -> Result<()> {
                 "reload-mirrors" => match senders.reload() {
                     Ok(()) => serde_json::json!({ "reloaded": true }),
                     Err(error) => serde_json::json!({ "error": format!("{error:#}") }),
+                },
+                request if request.starts_with("set-on-full ") => match request["set-on-full ".len()..].parse::<OnFull>() {
+                    Ok(policy) => match control_volume.set_on_full(policy) {
+                        Ok(()) => serde_json::json!({ "on_full": policy.as_str() }),
+                        Err(error) => serde_json::json!({ "error": format!("{error:#}") }),
+                    },
+                    Err(error) => serde_json::json!({ "error": error }),
                 },
                 other => serde_json::json!({ "error": format!("unknown request {other:?}") }),
             }),

@@ -71,7 +71,7 @@ pub fn read_status(dir: &Path) -> Result<Status> {
             .with_context(|| format!("volume {} is in use but its control socket {} does not answer", dir.display(), socket.display()))?;
         serde_json::from_value::<Status>(value).context("parse status from the running volume")
     } else {
-        status::offline(&layout, |journal| mirror::offline_statuses(&layout, journal)).with_context(|| format!("read volume {}", dir.display()))
+        status::offline(&layout, |journal, size| mirror::offline_statuses(&layout, journal, size)).with_context(|| format!("read volume {}", dir.display()))
     }
 }
 

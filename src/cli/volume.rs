@@ -1,12 +1,15 @@
-//! `volume create`.
+//! `volume create` and `volume set`.
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 
+use ublk_mirror::control;
+use ublk_mirror::journal::OnFull;
+use ublk_mirror::layout::VolumeDir;
 use ublk_mirror::size::parse_size;
-use ublk_mirror::volume::{CreateOptions, Volume};
+use ublk_mirror::volume::{CreateOptions, Volume, VolumeConfig};
 
 #[derive(Subcommand)]
 pub enum VolumeCommand {
@@ -15,6 +18,37 @@ pub enum VolumeCommand {
     /// Prints the identity's certificate fingerprint on a line of its own (sha256:<64 hex digits>);
     /// give it to the applier that will accept this volume's mirror.
     Create(CreateArgs),
+    /// Change a volume's settings; a running volume applies them at once.
+    Set(SetArgs),
+}
+
+/// What a volume does when its journal would fill because mirrors hold it.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum OnFullArg {
+    /// The mirrors holding the journal switch to dirty-region tracking and resync later;
+    /// writes never wait for a mirror (the default).
+    Track,
+    /// Writes wait until the mirrors have received enough for the journal to be trimmed.
+    Block,
+}
+
+impl From<OnFullArg> for OnFull {
+    fn from(value: OnFullArg) -> OnFull {
+        match value {
+            OnFullArg::Track => OnFull::Track,
+            OnFullArg::Block => OnFull::Block,
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct SetArgs {
+    /// State directory of the volume.
+    #[arg(long)]
+    dir: PathBuf,
+    /// What happens when mirrors would fill the journal (track or block).
+    #[arg(long, value_enum)]
+    on_full: Option<OnFullArg>,
 }
 
 #[derive(Args)]
@@ -41,11 +75,16 @@ pub struct CreateArgs {
     /// Journaled-but-unapplied bytes kept in memory before writes wait (default 64M).
     #[arg(long, value_parser = parse_size)]
     pending_window: Option<u64>,
+    /// When mirrors would fill the journal: track (they switch to dirty-region tracking and
+    /// resync later; writes never wait; the default) or block (writes wait for them).
+    #[arg(long, value_enum)]
+    on_full: Option<OnFullArg>,
 }
 
 pub fn execute(command: VolumeCommand) -> Result<()> {
     match command {
         VolumeCommand::Create(args) => create(args),
+        VolumeCommand::Set(args) => set(args),
     }
 }
 
@@ -57,14 +96,32 @@ fn create(args: CreateArgs) -> Result<()> {
         journal_size: args.journal_size,
         segment_size: args.segment_size,
         pending_window: args.pending_window,
+        on_full: args.on_full.map(Into::into),
     };
     let created = Volume::create(&args.dir, &options).with_context(|| format!("create volume in {}", args.dir.display()))?;
     let config = &created.config;
     println!("created volume {} ({})", config.name, config.uuid);
     println!("  size     {} bytes", config.size);
     println!("  backing  {}", config.backing.display());
-    println!("  journal  {} bytes in segments of {} bytes", config.journal.capacity, config.journal.segment_size);
+    println!("  journal  {} bytes in segments of {} bytes, on full: {}", config.journal.capacity, config.journal.segment_size, config.journal.on_full.as_str());
     println!("certificate fingerprint:");
     println!("{}", created.fingerprint);
+    Ok(())
+}
+
+fn set(args: SetArgs) -> Result<()> {
+    let Some(on_full) = args.on_full.map(OnFull::from) else { bail!("nothing to change: give --on-full track|block") };
+    let layout = VolumeDir::new(&args.dir);
+    let mut config = VolumeConfig::load(&layout).with_context(|| format!("open volume {}", args.dir.display()))?;
+    config.journal.on_full = on_full;
+    config.save(&layout)?;
+    println!("volume {}: on full: {}", config.name, on_full.as_str());
+    if ublk_mirror::volume::is_locked(&args.dir) {
+        let reply = control::request(&layout.control_socket(), &format!("set-on-full {}", on_full.as_str())).context("tell the running volume")?;
+        if let Some(error) = reply["error"].as_str() {
+            bail!("the running volume could not apply the change: {error}");
+        }
+        println!("applied to the running volume");
+    }
     Ok(())
 }

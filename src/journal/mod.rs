@@ -32,7 +32,7 @@ pub use ledger::Backlog;
 use ledger::Ledger;
 pub use reader::JournalReader;
 pub use recovery::{RecoveryMode, RecoveryReport};
-pub use retention::{Hold, Retention};
+pub use retention::{Hold, HoldSpec, HoldState, OnFull, Retention};
 use table::{initialise_segment_file, SegmentTable};
 pub use writer::{AppendError, JournalWriter};
 
@@ -181,8 +181,8 @@ impl Journal {
     fn from_recovered(dir: &Path, options: JournalOptions, recovered: recovery::Recovered) -> Arc<Journal> {
         let last_lsn = recovered.report.last_lsn;
         let mut ledger = Ledger::new(recovered.report.first_lsn);
-        for (index, (payload_bytes, timestamp_us)) in recovered.records.iter().enumerate() {
-            ledger.push(recovered.report.first_lsn + index as u64, *payload_bytes, *timestamp_us);
+        for (index, entry) in recovered.records.iter().enumerate() {
+            ledger.push(recovered.report.first_lsn + index as u64, *entry);
         }
         Arc::new(Journal {
             dir: dir.to_path_buf(),
@@ -289,6 +289,42 @@ impl Journal {
             self.space_freed.notify_all();
         }
         Ok(freed)
+    }
+
+    /// The LSN through which the journal would have to be trimmed so that at most
+    /// `keep_bytes` of records stay (whole segments; the active one always stays).
+    pub fn trim_point_keeping(&self, keep_bytes: u64) -> u64 {
+        let table = self.lock_table();
+        let mut kept = 0u64;
+        for (index, segment) in table.retained.iter().enumerate().rev() {
+            kept += segment.end.saturating_sub(SEGMENT_HEADER_SIZE);
+            if kept > keep_bytes && index + 1 < table.retained.len() {
+                return table.retained[index + 1].first_lsn - 1;
+            }
+        }
+        table.retained[0].first_lsn.saturating_sub(1)
+    }
+
+    /// Marks in `map` the extents of the records after its covered LSN through `through`,
+    /// and moves its covered LSN there. False (nothing changed) if the journal no longer
+    /// holds every one of those records.
+    pub fn fold_into(&self, map: &mut crate::dirty_map::DirtyMap, through: u64) -> bool {
+        if through <= map.covered_lsn() {
+            return true;
+        }
+        if map.is_full() {
+            map.set_covered_lsn(through);
+            return true;
+        }
+        let ledger = crate::lock(&self.ledger);
+        if ledger.first_lsn() > map.covered_lsn() + 1 {
+            return false;
+        }
+        for extent in ledger.extents(map.covered_lsn() + 1, through) {
+            map.mark(extent);
+        }
+        map.set_covered_lsn(through);
+        true
     }
 
     /// The retained records after `lsn`: how far a reader at `lsn` is behind.

@@ -10,6 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use super::format::{self, parse_segment_file_name, SegmentHeader, BLOCK_SIZE, RECORD_HEADER_SIZE, RECORD_MAGIC, SEGMENT_HEADER_SIZE};
+use super::ledger::LedgerEntry;
 use super::table::SegmentEntry;
 use super::{align_up, io_error, JournalError, JournalOptions, RECORD_ALIGN};
 use crate::fsutil;
@@ -43,8 +44,8 @@ pub(super) struct Recovered {
     pub retained: Vec<SegmentEntry>,
     pub spare: Vec<PathBuf>,
     pub active_header: SegmentHeader,
-    /// Payload bytes and append time of every retained record, in LSN order.
-    pub records: Vec<(u64, u64)>,
+    /// Payload bytes, append time and extent of every retained record, in LSN order.
+    pub records: Vec<LedgerEntry>,
 }
 
 /// Where and why the scan of one segment stopped.
@@ -75,7 +76,7 @@ pub(super) fn recover(dir: &Path, options: Option<&JournalOptions>, mode: Recove
     }
 
     let mut retained: Vec<SegmentEntry> = Vec::new();
-    let mut records: Vec<(u64, u64)> = Vec::new();
+    let mut records: Vec<LedgerEntry> = Vec::new();
     let mut active_header = None;
     let mut previous_stop: Option<(PathBuf, ScanStop)> = None;
     let mut expected_lsn: Option<u64> = None;
@@ -210,13 +211,13 @@ pub(super) fn recover(dir: &Path, options: Option<&JournalOptions>, mode: Recove
 }
 
 /// Reads records from the start of the segment while they verify and their LSNs follow on.
-fn scan_segment(bytes: &[u8], header: &SegmentHeader, records: &mut Vec<(u64, u64)>) -> (u64, ScanStop) {
+fn scan_segment(bytes: &[u8], header: &SegmentHeader, records: &mut Vec<LedgerEntry>) -> (u64, ScanStop) {
     let mut position = SEGMENT_HEADER_SIZE;
     let mut lsn = header.first_lsn;
     loop {
         match record_at(bytes, header, position) {
             Ok(record) if record.lsn == lsn => {
-                records.push((record.payload_len as u64, record.timestamp_us));
+                records.push(LedgerEntry::of(&record));
                 position += align_up(record.encoded_len() as u64, RECORD_ALIGN);
                 lsn += 1;
             }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::format::{self, segment_file_name, RecordHeader, RecordKind, SegmentHeader, BLOCK_SIZE, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE};
+use super::ledger::LedgerEntry;
 use super::preparer::SegmentPreparer;
 use super::table::{initialise_segment_file, open_segment_for_writing, SegmentEntry, SegmentTable};
 use super::{align_up, io_error, uring, Journal, JournalError, MAX_BATCH_BYTES, RECORD_ALIGN};
@@ -154,7 +155,7 @@ impl JournalWriter {
         self.buffer[start + exact..start + encoded].fill(0);
         self.buffer_len += encoded;
         self.next_lsn += 1;
-        crate::lock(&self.journal.ledger).push(lsn, payload_len, header.timestamp_us);
+        crate::lock(&self.journal.ledger).push(lsn, LedgerEntry::of(&header));
         Ok(lsn)
     }
 

@@ -67,7 +67,7 @@ fn render_mirror(out: &mut Exposition, volume: &str, m: &MirrorStatus) {
     for state in MirrorState::ALL {
         out.gauge(
             "ublk_mirror_mirror_state",
-            "1 for the mirror's current state (syncing, replicating, disconnected), else 0.",
+            "1 for the mirror's current state (syncing, replicating, disconnected, tracking, resyncing), else 0.",
             &[("volume", volume), ("mirror", &m.name), ("state", state.as_str())],
             (m.state() == state) as u8 as f64,
         );
@@ -94,6 +94,13 @@ fn render_mirror(out: &mut Exposition, volume: &str, m: &MirrorStatus) {
     out.gauge("ublk_mirror_mirror_sync_chunks", "Chunks of the current or last initial synchronisation.", &labels, m.sync_chunks_total as f64);
     out.gauge("ublk_mirror_mirror_sync_chunks_compared", "Chunks compared so far.", &labels, m.sync_chunks_compared as f64);
     out.gauge("ublk_mirror_mirror_sync_chunks_sent", "Chunks sent so far (as data or as zeros).", &labels, m.sync_chunks_sent as f64);
+    out.gauge("ublk_mirror_mirror_dirty_bytes", "Bytes the mirror's dirty map marks (tracking or resyncing).", &labels, m.dirty_bytes as f64);
+    out.gauge("ublk_mirror_mirror_resync_total_bytes", "Bytes of regions the current or last resync compares and sends.", &labels, m.resync_total_bytes as f64);
+    out.gauge("ublk_mirror_mirror_resync_done_bytes", "Bytes of those regions done (compared equal, or sent).", &labels, m.resync_done_bytes as f64);
+    out.gauge("ublk_mirror_mirror_resync_sent_bytes", "Bytes of region data the current or last resync sent.", &labels, m.resync_sent_bytes as f64);
+    if let Some(eta) = m.resync_eta_seconds {
+        out.gauge("ublk_mirror_mirror_resync_eta_seconds", "Seconds the running resync still needs at its pace so far.", &labels, eta);
+    }
 }
 
 /// The metrics page of a running applier.
@@ -106,6 +113,21 @@ pub fn render_applier(status: &ApplierStatus) -> String {
         out.gauge("ublk_mirror_replica_applied_lsn", "Newest LSN applied to the replica image.", &labels, r.applied_lsn as f64);
         out.gauge("ublk_mirror_replica_consistent", "1 when the image is a consistent past state of the source.", &labels, r.consistent as u8 as f64);
         out.gauge("ublk_mirror_replica_connected", "1 while the source is connected.", &labels, r.connected as u8 as f64);
+        if let Some(lsn) = r.consistent_lsn {
+            out.gauge("ublk_mirror_replica_consistent_lsn", "The source LSN the replica image equals.", &labels, lsn as f64);
+        }
+        out.gauge(
+            "ublk_mirror_replica_resyncing",
+            "1 while a resync is staged (the image stays at its consistent LSN).",
+            &labels,
+            r.resync.is_some() as u8 as f64,
+        );
+        out.gauge(
+            "ublk_mirror_replica_resync_staged_bytes",
+            "Bytes the running resync has staged.",
+            &labels,
+            r.resync.as_ref().map_or(0, |p| p.staged_bytes) as f64,
+        );
         out.counter("ublk_mirror_replica_records_received_total", "Records received and made durable.", &labels, r.records_received as f64);
         out.counter(
             "ublk_mirror_replica_records_duplicated_total",

@@ -1,11 +1,13 @@
-//! A mirror's saved checkpoints `VDIR/mirrors/NAME.state.json`: the last `received` and
-//! `applied` LSNs its applier acknowledged. They only have to be no newer than the
-//! applier's (it sends its own on every connect): `received` is the mirror's journal hold
-//! when the volume starts.
+//! What a mirror keeps in the volume directory besides its configuration: its saved
+//! checkpoints `VDIR/mirrors/NAME.state.json` (the last `received` and `applied` LSNs its
+//! applier acknowledged; they only have to be no newer than the applier's, which sends its
+//! own on every connect: `received` is the mirror's journal hold when the volume starts) and,
+//! while it tracks or resyncs, its dirty map `NAME.dirty` (format in `dirty_map.rs`).
 
 use serde::{Deserialize, Serialize};
 
 use super::MirrorError;
+use crate::dirty_map::{DirtyMap, DEFAULT_REGION_SIZE};
 use crate::layout::VolumeDir;
 
 /// The checkpoints of one mirror (the file's format).
@@ -27,6 +29,23 @@ pub fn save(dir: &VolumeDir, name: &str, checkpoints: Checkpoints) -> Result<(),
         .map_err(|source| MirrorError::Io { context: format!("write {}", path.display()), source })
 }
 
+/// Forgets a removed mirror's checkpoints and dirty map.
 pub fn remove(dir: &VolumeDir, name: &str) {
     let _ = std::fs::remove_file(dir.mirror_state(name));
+    let _ = std::fs::remove_file(dir.mirror_dirty_map(name));
+}
+
+/// The mirror's dirty map, if it tracks. A damaged or unreadable map is never taken as
+/// "nothing dirty": the whole device is marked (a resync then compares every region's hash)
+/// and the problem is returned for the log and status.
+pub fn load_dirty_map(dir: &VolumeDir, name: &str, device_size: u64) -> (Option<DirtyMap>, Option<String>) {
+    let path = dir.mirror_dirty_map(name);
+    match DirtyMap::load(&path, device_size) {
+        Ok(map) => (map, None),
+        Err(error) => {
+            let problem = format!("{error}; the whole device will be resynchronised (every region's hash compared)");
+            tracing::error!(mirror = %name, "{problem}");
+            (Some(DirtyMap::full(device_size, DEFAULT_REGION_SIZE, 0)), Some(problem))
+        }
+    }
 }

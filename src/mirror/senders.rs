@@ -6,25 +6,40 @@ use std::sync::{Arc, Mutex};
 
 use super::session::Sender;
 use super::{checkpoints, config, MirrorError};
-use crate::journal::Journal;
+use crate::journal::{Hold, HoldSpec, HoldState, Journal};
 use crate::layout::VolumeDir;
 use crate::lock;
-use crate::status::MirrorStatus;
+use crate::status::{MirrorState, MirrorStatus};
 use crate::volume::Volume;
 
-/// The journal holds a volume opens with: each mirror's saved `received` checkpoint.
-pub fn holds(dir: &VolumeDir) -> Result<Vec<(String, u64)>, MirrorError> {
-    Ok(config::list(dir)?.into_iter().map(|m| (m.name.clone(), checkpoints::load(dir, &m.name).received_lsn)).collect())
+/// The journal holds a volume of `device_size` bytes opens with: each mirror's saved
+/// `received` checkpoint, and for a mirror that tracks, its dirty map.
+pub fn holds(dir: &VolumeDir, device_size: u64) -> Result<Vec<HoldSpec>, MirrorError> {
+    Ok(config::list(dir)?
+        .into_iter()
+        .map(|m| HoldSpec {
+            lsn: checkpoints::load(dir, &m.name).received_lsn,
+            map_path: dir.mirror_dirty_map(&m.name),
+            map: checkpoints::load_dirty_map(dir, &m.name, device_size).0,
+            name: m.name,
+        })
+        .collect())
 }
 
 /// The mirrors of a volume nobody serves, from their files, with the lag the journal shows.
-pub fn offline_statuses(dir: &VolumeDir, journal: &Journal) -> Vec<MirrorStatus> {
+pub fn offline_statuses(dir: &VolumeDir, journal: &Journal, device_size: u64) -> Vec<MirrorStatus> {
     config::list(dir)
         .unwrap_or_default()
         .into_iter()
         .map(|m| {
             let saved = checkpoints::load(dir, &m.name);
             let mut status = MirrorStatus::new(&m.name, &m.address, m.max_rate, saved.received_lsn, saved.applied_lsn);
+            let (map, problem) = checkpoints::load_dirty_map(dir, &m.name, device_size);
+            if let Some(map) = map {
+                status.dirty_bytes = map.dirty_bytes();
+                status.track();
+            }
+            status.last_error = problem;
             measure_lag(&mut status, journal);
             status
         })
@@ -44,6 +59,8 @@ pub struct Senders {
     dir: VolumeDir,
     volume: Arc<Volume>,
     statuses: Vec<Arc<Mutex<MirrorStatus>>>,
+    /// Each mirror's journal hold, in the order of `statuses`.
+    holds: Vec<Hold>,
     /// Each mirror's rate limit, by name, shared with its sender.
     rates: Vec<(String, Arc<AtomicU64>)>,
     stop: Arc<AtomicBool>,
@@ -60,11 +77,21 @@ impl Senders {
         let mut statuses = Vec::new();
         let mut threads = Vec::new();
         let mut rates = Vec::new();
+        let mut holds = Vec::new();
         for config in configs {
             let saved = checkpoints::load(&dir, &config.name);
             let status = Arc::new(Mutex::new(MirrorStatus::new(&config.name, &config.address, config.max_rate, saved.received_lsn, saved.applied_lsn)));
             // Normally the hold the volume was opened with; a mirror added since gets one now.
-            let hold = volume.retention().add_hold(&config.name, saved.received_lsn);
+            let hold = volume.retention().add_hold(HoldSpec {
+                name: config.name.clone(),
+                lsn: saved.received_lsn,
+                map_path: dir.mirror_dirty_map(&config.name),
+                map: checkpoints::load_dirty_map(&dir, &config.name, volume.size()).0,
+            });
+            if let (_, Some(problem)) = checkpoints::load_dirty_map(&dir, &config.name, volume.size()) {
+                lock(&status).last_error = Some(problem);
+            }
+            holds.push(hold.clone());
             let rate = Arc::new(AtomicU64::new(config.max_rate.unwrap_or(0)));
             rates.push((config.name.clone(), rate.clone()));
             statuses.push(status.clone());
@@ -77,7 +104,7 @@ impl Senders {
                     .map_err(|source| MirrorError::Io { context: "start sender thread".into(), source })?,
             );
         }
-        Ok(Senders { dir, volume, statuses, rates, stop, threads })
+        Ok(Senders { dir, volume, statuses, holds, rates, stop, threads })
     }
 
     /// Every mirror's status, its lag measured now against the journal.
@@ -85,8 +112,16 @@ impl Senders {
         let journal = self.volume.journal();
         self.statuses
             .iter()
-            .map(|s| {
-                let mut status = lock(s).clone();
+            .zip(&self.holds)
+            .map(|(shared, hold)| {
+                let mut status = lock(shared);
+                // The journal may have let go of a mirror whose sender is not looking (it
+                // waits to reconnect): the status follows the hold.
+                if matches!(hold.state(), HoldState::Tracking { .. }) && !matches!(status.state(), MirrorState::Tracking | MirrorState::Resyncing) {
+                    status.track();
+                }
+                status.dirty_bytes = hold.dirty_bytes();
+                let mut status = status.clone();
                 measure_lag(&mut status, journal);
                 status
             })

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use super::checkpoints::{self, Checkpoints};
 use super::config::MirrorConfig;
 use super::rate::RateLimiter;
-use crate::journal::{Hold, JournalReader};
+use super::resync_source::{ResyncEvent, ResyncSource};
+use crate::journal::{Hold, HoldState, JournalReader};
 use crate::layout::VolumeDir;
 use crate::lock;
 use crate::protocol::framing::{read_frame, write_control, LinkError};
@@ -46,7 +47,7 @@ pub(super) struct Sender {
     pub volume: Arc<Volume>,
     pub status: Arc<Mutex<MirrorStatus>>,
     /// This mirror's claim on the volume's journal: records after its `received` are kept.
-    hold: Hold,
+    pub hold: Hold,
     pub stop: Arc<AtomicBool>,
     /// This process copied the chunks of the replica's current synchronisation. An
     /// inconsistent replica synchronised by an earlier process is synchronised again: its
@@ -116,9 +117,21 @@ impl Sender {
             }
         };
         let mut backoff = Duration::from_millis(200);
+        let mut disconnected_since: Option<Instant> = None;
+        let mut was_tracking = !matches!(self.hold.state(), HoldState::Streaming { .. });
         while !self.stop.load(Ordering::SeqCst) {
+            let tracking = !matches!(self.hold.state(), HoldState::Streaming { .. });
+            if tracking && !was_tracking {
+                let away = disconnected_since.map_or("connected".to_string(), |since| format!("disconnected for {:.0} s", since.elapsed().as_secs_f64()));
+                tracing::warn!(mirror = %self.config.name, dirty_bytes = self.hold.dirty_bytes(), "mirror switched to tracking: the journal would have filled ({away}); its writes are kept in its dirty map");
+            }
+            was_tracking = tracking;
             let started = Instant::now();
             let result = runtime.block_on(self.session());
+            disconnected_since = match &result {
+                Err(_) => disconnected_since.or(Some(started)),
+                Ok(_) => None,
+            };
             {
                 let mut status = lock(&self.status);
                 // Persist the last checkpoints the applier acknowledged (saves are throttled
@@ -129,8 +142,15 @@ impl Sender {
                 }
                 status.disconnect(result.as_ref().err().map(|error| format!("{error:#}")));
             }
-            if let Err(error) = result {
-                tracing::warn!(mirror = %self.config.name, error = %format!("{error:#}"), "mirror disconnected; will retry");
+            match result {
+                Err(error) => tracing::warn!(mirror = %self.config.name, error = %format!("{error:#}"), "mirror disconnected; will retry"),
+                Ok(Ended::Released) => {
+                    // The journal let go of this mirror while it streamed: reconnect at once
+                    // and resync from the dirty map.
+                    tracing::warn!(mirror = %self.config.name, "the mirror fell out of the journal while connected; resyncing from its dirty map");
+                    continue;
+                }
+                Ok(Ended::Stopped) => {}
             }
             if started.elapsed() > Duration::from_secs(10) {
                 backoff = Duration::from_millis(200);
@@ -143,9 +163,10 @@ impl Sender {
         }
     }
 
-    /// One connection: handshake, a synchronisation if the replica needs one, then the
-    /// journal streamed until the volume stops or the link fails.
-    async fn session(&self) -> Result<(), LinkError> {
+    /// One connection: handshake, a synchronisation or a resync if the replica needs one,
+    /// then the journal streamed until the volume stops, the link fails or the journal lets
+    /// go of the mirror.
+    async fn session(&self) -> Result<Ended, LinkError> {
         let identity = tls::Identity::load(&self.dir.identity())?;
         let address: SocketAddr = tokio::net::lookup_host(&self.config.address)
             .await?
@@ -165,20 +186,40 @@ impl Sender {
         let journal = self.volume.journal();
         let mut limiter = RateLimiter::new(self.rate.clone());
         let journal_gap = welcome.received + 1 < journal.first_lsn();
+        let tracking = !matches!(self.hold.state(), HoldState::Streaming { .. });
         let unfinished_elsewhere = !welcome.consistent && !welcome.needs_sync && !self.synced_here.load(Ordering::SeqCst);
-        let received = if welcome.needs_sync || journal_gap || unfinished_elsewhere {
+        let mut resync_at = None;
+        let received = if welcome.needs_sync || unfinished_elsewhere || (!welcome.consistent && (journal_gap || tracking)) {
             if journal_gap && !welcome.needs_sync {
                 tracing::warn!(mirror = %self.config.name, received = welcome.received, first = journal.first_lsn(), "the journal no longer reaches back to the replica's checkpoint: synchronising");
             }
             self.synchronise(&mut send, &mut recv, welcome.applied, &mut limiter).await?
+        } else if tracking || journal_gap {
+            // A consistent replica the journal no longer reaches: resync it (staged: it
+            // stays at its state until the resync commits), from the dirty map if there is
+            // one, else comparing every region.
+            let base = journal.synced_lsn();
+            lock(&self.status).rebase(welcome.received, welcome.applied);
+            resync_at = Some((base, !tracking));
+            base
         } else {
             self.acknowledged(welcome.received, welcome.applied);
             welcome.received
         };
         let in_flight: Arc<Mutex<Flight>> = Arc::default();
-        let mut acks = tokio::spawn(self.clone().read_acks(recv, in_flight.clone()));
-        let result = self.stream(&mut send, received, &in_flight, &mut acks, &mut limiter).await;
-        if result.is_ok() {
+        let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let mut acks = tokio::spawn(self.clone().read_acks(recv, in_flight.clone(), events_tx));
+        let mut resync = match resync_at {
+            Some((base, whole_device)) => Some(ResyncSource::start(self, &mut send, base, whole_device).await?),
+            None => None,
+        };
+        let result = self.stream(&mut send, received, &in_flight, &mut acks, &mut limiter, &mut resync, events).await;
+        if resync.is_some() {
+            // Not committed: the mirror tracks on with its dirty map (it still covers
+            // everything the replica lacks).
+            self.hold.abandon_resync();
+        }
+        if matches!(result, Ok(Ended::Stopped)) {
             connection.close(0u32.into(), b"volume stopping");
         }
         result
@@ -219,7 +260,12 @@ impl Sender {
 
     /// The applier's acknowledgements: they close the window, move the journal hold, and are
     /// saved now and then.
-    async fn read_acks(self, mut recv: quinn::RecvStream, in_flight: Arc<Mutex<Flight>>) -> Result<(), LinkError> {
+    async fn read_acks(
+        self,
+        mut recv: quinn::RecvStream,
+        in_flight: Arc<Mutex<Flight>>,
+        events: tokio::sync::mpsc::UnboundedSender<ResyncEvent>,
+    ) -> Result<(), LinkError> {
         let mut last_persist = Instant::now() - PERSIST_INTERVAL;
         let mut persisting: Option<tokio::task::JoinHandle<()>> = None;
         loop {
@@ -238,14 +284,28 @@ impl Sender {
                         last_persist = Instant::now();
                     }
                 }
+                Some(Frame::Control(Control::ResyncDiffer { regions })) => {
+                    let _ = events.send(ResyncEvent::Differ(regions));
+                }
+                Some(Frame::Control(Control::ResyncStored { chunks })) => {
+                    let _ = events.send(ResyncEvent::Stored(chunks));
+                }
+                Some(Frame::Control(Control::ResyncCommitted { at_lsn })) => {
+                    let _ = events.send(ResyncEvent::Committed(at_lsn));
+                }
+                Some(Frame::Control(Control::ResyncRefused { reason })) => {
+                    let _ = events.send(ResyncEvent::Refused(reason));
+                }
                 None => return Ok(()),
                 other => return Err(LinkError::Protocol(format!("unexpected frame from the applier: {other:?}"))),
             }
         }
     }
 
-    /// Streams durable journal records after `received` until the volume stops (Ok) or the
-    /// link fails.
+    /// Streams durable journal records after `received` (and the steps of a resync, if one
+    /// runs) until the volume stops, the journal releases the mirror's hold, or the link
+    /// fails.
+    #[allow(clippy::too_many_arguments)]
     async fn stream(
         &self,
         send: &mut quinn::SendStream,
@@ -253,7 +313,9 @@ impl Sender {
         in_flight: &Arc<Mutex<Flight>>,
         acks: &mut tokio::task::JoinHandle<Result<(), LinkError>>,
         limiter: &mut RateLimiter,
-    ) -> Result<(), LinkError> {
+        resync: &mut Option<ResyncSource>,
+        mut events: tokio::sync::mpsc::UnboundedReceiver<ResyncEvent>,
+    ) -> Result<Ended, LinkError> {
         let journal = self.volume.journal();
         let mut reader = JournalReader::new(journal.clone(), received + 1)?;
         let mut meter = (Instant::now(), lock(&self.status).applied_bytes);
@@ -264,7 +326,7 @@ impl Sender {
                 meter = (Instant::now(), status.applied_bytes);
             }
             if self.stop.load(Ordering::SeqCst) {
-                return Ok(());
+                return Ok(Ended::Stopped);
             }
             if acks.is_finished() {
                 return match acks.await {
@@ -272,8 +334,21 @@ impl Sender {
                     _ => Err(LinkError::Protocol("the applier closed the stream".into())),
                 };
             }
+            while let Ok(event) = events.try_recv() {
+                let Some(running) = resync.as_mut() else { continue };
+                if let Some(lsn) = running.handle(self, event)? {
+                    *resync = None;
+                    self.hold.finish_resync();
+                    lock(&self.status).finish_resync().map_err(|error| LinkError::Protocol(error.to_string()))?;
+                    tracing::info!(mirror = %self.config.name, lsn, "resync committed: the replica is consistent again; streaming from the journal");
+                }
+            }
+            if resync.is_none() && !matches!(self.hold.state(), HoldState::Streaming { .. }) {
+                lock(&self.status).track();
+                return Ok(Ended::Released);
+            }
             // Headers count too: a window of tiny records must stay bounded.
-            let unacked = lock(in_flight).window_bytes();
+            let unacked = lock(in_flight).window_bytes() + resync.as_ref().map_or(0, ResyncSource::bytes_in_flight);
             let mut batch = Vec::new();
             let mut bytes = 0usize;
             let batch_bytes = limiter.batch_limit(BATCH_BYTES);
@@ -288,7 +363,14 @@ impl Sender {
                 }
             }
             if batch.is_empty() {
-                tokio::time::sleep(Duration::from_millis(2)).await;
+                let position = reader.next_lsn() - 1;
+                let stepped = match resync.as_mut() {
+                    Some(running) => running.step(self, send, position, limiter).await?,
+                    None => false,
+                };
+                if !stepped {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
                 continue;
             }
             let pairs: Vec<_> = batch.iter().map(|r| (r.header, &r.payload[..])).collect();
@@ -302,9 +384,14 @@ impl Sender {
             }
             let records = batch.len() as u64;
             send.write_all_chunks(&mut frame_chunks(header, &batch)).await?;
-            let mut status = lock(&self.status);
-            status.sent_bytes += bytes as u64;
-            status.sent_records += records;
+            {
+                let mut status = lock(&self.status);
+                status.sent_bytes += bytes as u64;
+                status.sent_records += records;
+            }
+            if let Some(running) = resync.as_mut() {
+                running.step(self, send, reader.next_lsn() - 1, limiter).await?;
+            }
         }
     }
 
@@ -312,7 +399,9 @@ impl Sender {
     /// them forward) and the journal hold with them.
     pub(super) fn set_checkpoints(&self, received: u64, applied: u64) {
         lock(&self.status).rebase(received, applied);
-        self.hold.set(received);
+        // The synchronisation resends the whole device: it takes the hold even if the
+        // mirror was tracking (its dirty map is no longer needed).
+        self.hold.restart_at(received);
     }
 
     /// Records the applier's checkpoints and moves the journal hold to `received`.
@@ -324,6 +413,14 @@ impl Sender {
         };
         self.hold.set(received);
     }
+}
+
+/// How a session ended without an error.
+pub(super) enum Ended {
+    /// The volume is stopping.
+    Stopped,
+    /// The journal released the mirror's hold: reconnect and resync.
+    Released,
 }
 
 /// What the applier's Welcome said.

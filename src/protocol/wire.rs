@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::extent::Extent;
 use crate::journal::{RecordHeader, RecordKind};
 
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Initial synchronisation compares and copies the device in chunks of this size.
 pub const SYNC_CHUNK: u64 = 1 << 20;
 /// Chunks whose hashes travel in one `SyncHashes`.
@@ -103,6 +103,51 @@ pub enum Control {
     SyncDone {
         base_lsn: u64,
         consistent_lsn: u64,
+    },
+    /// A resync of a consistent replica begins (version 3): the replica keeps its image as it
+    /// is and stages what follows (region contents and the records after `base_lsn`, which
+    /// follow in the stream) until `ResyncDone`. `regions` regions of `region_bytes` will be
+    /// compared, `bytes` in all (for the applier's space check).
+    ResyncStart {
+        base_lsn: u64,
+        region_bytes: u64,
+        regions: u64,
+        bytes: u64,
+    },
+    /// Hashes of regions as they stand at this point of the stream (after record `at_lsn`).
+    ResyncHashes {
+        at_lsn: u64,
+        regions: Vec<u64>,
+        hashes: Vec<[u8; 32]>,
+    },
+    /// The applier's answer: which of those regions differ from its view at the same point.
+    ResyncDiffer {
+        regions: Vec<u64>,
+    },
+    /// A region's bytes as they stand at this point of the stream (after record `at_lsn`);
+    /// `zero`: all zeros, `data` empty.
+    ResyncChunk {
+        at_lsn: u64,
+        region: u64,
+        zero: bool,
+        data: Vec<u8>,
+    },
+    /// The applier stored `chunks` chunks of this resync so far (closes the sender's window).
+    ResyncStored {
+        chunks: u64,
+    },
+    /// Every region is sent: the replica commits its stage, and its image equals the source
+    /// after record `at_lsn`.
+    ResyncDone {
+        at_lsn: u64,
+    },
+    /// The applier committed the resync: its image is the source after record `at_lsn`.
+    ResyncCommitted {
+        at_lsn: u64,
+    },
+    /// The applier cannot resync now (e.g. no room to stage); the replica is unchanged.
+    ResyncRefused {
+        reason: String,
     },
 }
 

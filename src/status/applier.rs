@@ -11,6 +11,12 @@ pub struct ReplicaStatus {
     pub received_lsn: u64,
     pub applied_lsn: u64,
     pub consistent: bool,
+    /// The source LSN the image equals (absent while it is not consistent).
+    #[serde(default)]
+    pub consistent_lsn: Option<u64>,
+    /// A resync in progress: the image stays at `consistent_lsn` meanwhile.
+    #[serde(default)]
+    pub resync: Option<ResyncProgress>,
     pub connected: bool,
     pub records_received: u64,
     pub records_duplicated: u64,
@@ -20,6 +26,15 @@ pub struct ReplicaStatus {
     /// Connections accepted from the source since the applier started.
     #[serde(default)]
     pub connections: u64,
+}
+
+/// A replica's running resync.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ResyncProgress {
+    /// Records after this LSN belong to the resync.
+    pub base_lsn: u64,
+    /// Bytes staged so far (regions sent, and regions records touched).
+    pub staged_bytes: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -16,10 +16,17 @@ pub enum MirrorState {
     Syncing,
     /// Connected; the replica is consistent and journal records stream to it.
     Replicating,
+    /// The mirror fell out of the journal (it would have filled): its missing writes are
+    /// kept as a dirty map, connected or not; the replica stays at its last consistent state.
+    Tracking,
+    /// Connected; the regions of the dirty map (and the writes since) are being sent. The
+    /// replica stays at its last consistent state until the resync commits.
+    Resyncing,
 }
 
 impl MirrorState {
-    pub const ALL: [MirrorState; 3] = [MirrorState::Syncing, MirrorState::Replicating, MirrorState::Disconnected];
+    pub const ALL: [MirrorState; 5] =
+        [MirrorState::Syncing, MirrorState::Replicating, MirrorState::Disconnected, MirrorState::Tracking, MirrorState::Resyncing];
 
     /// The name status and metrics show.
     pub fn as_str(self) -> &'static str {
@@ -27,6 +34,8 @@ impl MirrorState {
             MirrorState::Disconnected => "disconnected",
             MirrorState::Syncing => "syncing",
             MirrorState::Replicating => "replicating",
+            MirrorState::Tracking => "tracking",
+            MirrorState::Resyncing => "resyncing",
         }
     }
 }
@@ -104,6 +113,20 @@ pub struct MirrorStatus {
     /// Applied LSN at which the replica becomes consistent after a sync.
     #[serde(default)]
     consistent_lsn: Option<u64>,
+    /// Bytes the mirror's dirty map marks (tracking, resyncing; 0 otherwise).
+    #[serde(default)]
+    pub dirty_bytes: u64,
+    /// The running (or last) resync: bytes of regions to compare and send, of them done
+    /// (compared equal, or sent), and sent as data.
+    #[serde(default)]
+    pub resync_total_bytes: u64,
+    #[serde(default)]
+    pub resync_done_bytes: u64,
+    #[serde(default)]
+    pub resync_sent_bytes: u64,
+    /// Seconds the running resync still needs at its pace so far (absent when unknown).
+    #[serde(default)]
+    pub resync_eta_seconds: Option<f64>,
 }
 
 impl MirrorStatus {
@@ -141,13 +164,48 @@ impl MirrorStatus {
     /// The applier welcomed the sender: the replica is `consistent`, or becomes so once it
     /// applied `consistent_lsn` (a synchronisation whose copy is done).
     pub fn connect(&mut self, consistent: bool, consistent_lsn: Option<u64>) -> Result<(), TransitionError> {
-        if self.state != MirrorState::Disconnected {
+        if self.connected || !matches!(self.state, MirrorState::Disconnected | MirrorState::Tracking) {
             return self.refuse("connect");
         }
         self.connected = true;
         self.consistent = consistent;
         self.consistent_lsn = if consistent { None } else { consistent_lsn };
-        self.state = if consistent { MirrorState::Replicating } else { MirrorState::Syncing };
+        // A tracking mirror stays tracking until its resync starts.
+        if self.state != MirrorState::Tracking {
+            self.state = if consistent { MirrorState::Replicating } else { MirrorState::Syncing };
+        }
+        Ok(())
+    }
+
+    /// The mirror's journal hold was released (the journal would have filled): from now on
+    /// its dirty map keeps what it lacks. Allowed from every state.
+    pub fn track(&mut self) {
+        self.state = MirrorState::Tracking;
+    }
+
+    /// A resync of `total_bytes` of regions begins (a consistent replica, connected).
+    pub fn start_resync(&mut self, total_bytes: u64) -> Result<(), TransitionError> {
+        if !self.connected || !self.consistent {
+            return self.refuse("start a resync");
+        }
+        self.state = MirrorState::Resyncing;
+        self.resync_total_bytes = total_bytes;
+        self.resync_done_bytes = 0;
+        self.resync_sent_bytes = 0;
+        self.resync_eta_seconds = None;
+        Ok(())
+    }
+
+    /// The applier committed the resync: the replica equals the source at a new LSN, and the
+    /// mirror streams from the journal again.
+    pub fn finish_resync(&mut self) -> Result<(), TransitionError> {
+        if self.state != MirrorState::Resyncing {
+            return self.refuse("finish a resync");
+        }
+        self.state = MirrorState::Replicating;
+        self.resync_done_bytes = self.resync_total_bytes;
+        self.resync_eta_seconds = Some(0.0);
+        self.dirty_bytes = 0;
         Ok(())
     }
 
@@ -195,10 +253,15 @@ impl MirrorStatus {
         }
     }
 
-    /// The connection ended, cleanly (`error` None) or not; allowed from every state.
+    /// The connection ended, cleanly (`error` None) or not; allowed from every state. A
+    /// mirror with a dirty map (tracking, or a resync that did not finish) tracks on.
     pub fn disconnect(&mut self, error: Option<String>) {
         self.connected = false;
-        self.state = MirrorState::Disconnected;
+        self.state = match self.state {
+            MirrorState::Tracking | MirrorState::Resyncing => MirrorState::Tracking,
+            _ => MirrorState::Disconnected,
+        };
+        self.resync_eta_seconds = None;
         self.throughput_bytes_per_second = 0.0;
         if let Some(error) = error {
             self.last_error = Some(error);
@@ -234,6 +297,22 @@ mod tests {
         assert!(status.consistent(), "a disconnected mirror keeps what it knew of the replica");
         status.connect(false, Some(20)).unwrap();
         assert_eq!((status.state(), status.consistent_lsn()), (MirrorState::Syncing, Some(20)));
+        status.disconnect(None);
+        status.track();
+        status.connect(true, None).unwrap();
+        assert_eq!(status.state(), MirrorState::Tracking, "a tracking mirror tracks on once connected, until its resync");
+        status.start_resync(1 << 20).unwrap();
+        assert_eq!(status.state(), MirrorState::Resyncing);
+        status.disconnect(Some("lost".into()));
+        assert_eq!(status.state(), MirrorState::Tracking, "an unfinished resync leaves the mirror tracking");
+        assert!(status.start_resync(1).is_err(), "no resync while disconnected");
+        status.connect(true, None).unwrap();
+        status.start_resync(1 << 20).unwrap();
+        status.finish_resync().unwrap();
+        assert_eq!((status.state(), status.consistent()), (MirrorState::Replicating, true));
+        assert!(status.finish_resync().is_err());
+        status.disconnect(None);
+        status.connect(false, Some(20)).unwrap();
         let json = serde_json::to_value(&status).unwrap();
         assert_eq!(json["state"], "syncing");
         assert_eq!(json["consistent"], false);

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-pub use applier::{ApplierStatus, ReplicaStatus};
+pub use applier::{ApplierStatus, ReplicaStatus, ResyncProgress};
 pub use mirror::{MirrorState, MirrorStatus, TransitionError};
 pub use text::{applier_one_line, applier_text, one_line, render_text};
 
@@ -106,7 +106,7 @@ pub fn live(volume: &Volume, exports: &[String], device: Option<String>, mirrors
 
 /// Status read from the files of a volume nobody serves. Changes nothing. `mirrors` gives
 /// the mirrors' part from the journal as it stands (their files are the mirror module's).
-pub fn offline(dir: &VolumeDir, mirrors: impl FnOnce(&Arc<Journal>) -> Vec<MirrorStatus>) -> Result<Status, VolumeError> {
+pub fn offline(dir: &VolumeDir, mirrors: impl FnOnce(&Arc<Journal>, u64) -> Vec<MirrorStatus>) -> Result<Status, VolumeError> {
     let config = VolumeConfig::load(dir)?;
     let state = VolumeState::load(dir)?;
     let (journal, report): (Arc<Journal>, RecoveryReport) = Journal::open_read_only(&dir.journal())?;
@@ -140,6 +140,6 @@ pub fn offline(dir: &VolumeDir, mirrors: impl FnOnce(&Arc<Journal>) -> Vec<Mirro
             segments: report.segments,
             segment_size: options.segment_size,
         },
-        mirrors: mirrors(&journal),
+        mirrors: mirrors(&journal, config.size),
     })
 }

@@ -74,6 +74,14 @@ fn mirror_table(mirrors: &[MirrorStatus]) -> String {
         if m.state() == MirrorState::Syncing && m.sync_chunks_total > 0 {
             state = format!("syncing {}%", m.sync_chunks_compared * 100 / m.sync_chunks_total);
         }
+        if m.state() == MirrorState::Tracking {
+            state = format!("tracking {} dirty", human_size(m.dirty_bytes));
+        }
+        if m.state() == MirrorState::Resyncing {
+            let percent = (m.resync_done_bytes * 100).checked_div(m.resync_total_bytes).unwrap_or(0);
+            let eta = m.resync_eta_seconds.map_or("?".to_string(), |eta| format!("{eta:.0}s"));
+            state = format!("resyncing {percent}% of {} ETA {eta}", human_size(m.resync_total_bytes));
+        }
         rows.push(vec![
             m.name.clone(),
             m.address.clone(),

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::VolumeError;
 use crate::address::{parse_listen_address, NbdAddress};
-use crate::journal::{JournalOptions, MIN_SEGMENT_SIZE};
+use crate::journal::{JournalOptions, OnFull, MIN_SEGMENT_SIZE};
 use crate::layout::VolumeDir;
 
 pub const CONFIG_FORMAT: u32 = 1;
@@ -64,6 +64,7 @@ impl RunConfig {
         for (index, address) in self.nbd.iter().enumerate() {
             address.parse::<NbdAddress>().map_err(|e| format!("run.nbd[{index}]: {e}"))?;
         }
+        // The ublk frontend's limits (frontend::ublk::MAX_QUEUES, MAX_DEPTH).
         if let Some(queues) = self.queues.filter(|q| !(1..=64).contains(q)) {
             return Err(format!("run.queues: {queues} must be between 1 and 64"));
         }
@@ -89,6 +90,10 @@ pub struct JournalConfig {
     /// Journaled bytes not yet applied to the backing store that the volume keeps in memory;
     /// new writes wait past it.
     pub pending_window: u64,
+    /// When mirrors would fill the journal: `track` (they switch to dirty-region tracking,
+    /// writes never wait; the default) or `block` (writes wait for them).
+    #[serde(default)]
+    pub on_full: OnFull,
 }
 
 impl VolumeConfig {

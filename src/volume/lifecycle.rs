@@ -11,7 +11,7 @@ use super::shared::Shared;
 use super::state::VolumeState;
 use super::writer::WriterLoop;
 use super::{io_context, syncer, writeback, Volume, VolumeError};
-use crate::journal::{Journal, JournalError, JournalReader, Retention};
+use crate::journal::{HoldSpec, Journal, JournalError, JournalReader, OnFull, Retention};
 use crate::layout::{DirLock, LockError, VolumeDir};
 use crate::store::Store;
 
@@ -31,6 +31,7 @@ pub struct CreateOptions {
     pub journal_size: Option<u64>,
     pub segment_size: Option<u64>,
     pub pending_window: Option<u64>,
+    pub on_full: Option<OnFull>,
 }
 
 /// What `volume create` made.
@@ -61,7 +62,7 @@ impl Volume {
             uuid: uuid::Uuid::new_v4(),
             size: options.size,
             backing: backing.clone(),
-            journal: JournalConfig { capacity: journal_size, segment_size, pending_window: 0 },
+            journal: JournalConfig { capacity: journal_size, segment_size, pending_window: 0, on_full: options.on_full.unwrap_or_default() },
             run: Default::default(),
         };
         config.journal.pending_window = options.pending_window.unwrap_or(DEFAULT_PENDING_WINDOW.min(journal_size / 2));
@@ -116,9 +117,10 @@ impl Volume {
     /// past the last checkpoint, and starts the writer, syncer and writeback threads.
     ///
     /// `holds`: the journal keeps every record after each named LSN (a mirror's `received`
-    /// checkpoint), so each mirror can resume from the journal; the caller reads them from
-    /// the mirrors' state and moves them later through [`Volume::retention`].
-    pub fn open(dir: &Path, holds: impl IntoIterator<Item = (String, u64)>) -> Result<Volume, VolumeError> {
+    /// checkpoint), so each mirror can resume from the journal, or, for a mirror that tracks,
+    /// folds what it trims into the mirror's dirty map; the caller reads them from the
+    /// mirrors' files and moves them later through [`Volume::retention`].
+    pub fn open(dir: &Path, holds: impl IntoIterator<Item = HoldSpec>) -> Result<Volume, VolumeError> {
         let layout = VolumeDir::new(dir);
         let config = VolumeConfig::load(&layout)?;
         let lock = DirLock::acquire(&layout.lock()).map_err(|error| match error {
@@ -151,7 +153,7 @@ impl Volume {
         state.clean_shutdown = false;
         state.save(&layout)?;
 
-        let retention = Retention::new(journal.clone(), report.last_lsn, holds);
+        let retention = Retention::new(journal.clone(), report.last_lsn, config.size, config.journal.on_full, holds);
         // Trim what the checkpoint already covers (and every mirror has received).
         retention.trim()?;
         let shared = Arc::new(Shared::new(layout.clone(), backing, retention, report.last_lsn, config.journal.pending_window, state));

@@ -41,7 +41,7 @@ use shared::Shared;
 use writer::Request;
 
 use crate::extent::Extent;
-use crate::journal::{Journal, JournalError, Retention};
+use crate::journal::{Journal, JournalError, OnFull, Retention};
 use crate::layout::{DirLock, VolumeDir};
 use crate::lock;
 
@@ -121,7 +121,8 @@ pub enum Mode {
     /// Writes are journaled and acknowledged at local speed.
     #[default]
     Journaling,
-    /// The journal is at its size cap: new writes wait until it is trimmed.
+    /// The journal is at its size cap: new writes wait until it is trimmed (with
+    /// `on_full = block`, until the mirrors holding it have received enough).
     Full,
     /// An I/O error stopped the volume; it refuses writes until restarted.
     Failed,
@@ -286,6 +287,8 @@ impl Volume {
             mode: if failure.is_some() {
                 Mode::Failed
             } else if self.journal().is_full() {
+                // Under `track` mirrors never keep the journal full (their holds are released
+                // first): then only the local checkpoint can, and writes do wait for it.
                 Mode::Full
             } else {
                 Mode::Journaling
@@ -302,6 +305,12 @@ impl Volume {
             read_bytes: counters.read_bytes.load(Ordering::Relaxed),
             failure,
         }
+    }
+
+    /// Changes what happens when mirrors would fill the journal, at once (`volume set
+    /// --on-full` on a running volume). The file is the caller's to change.
+    pub fn set_on_full(&self, policy: OnFull) -> Result<(), VolumeError> {
+        Ok(self.shared.retention.set_policy(policy)?)
     }
 
     /// Request latency histograms (for metrics).

@@ -11,7 +11,7 @@ use super::syncer::DurabilityWaiter;
 use super::writeback::ApplyItem;
 use super::{Completion, VolumeError, WriteOp};
 use crate::extent::Extent;
-use crate::journal::{AppendError, JournalWriter, RecordKind, FLAG_FUA};
+use crate::journal::{AppendError, JournalWriter, OnFull, RecordKind, FLAG_FUA};
 use crate::lock;
 
 /// Accounting cost of a record without payload.
@@ -87,7 +87,17 @@ impl WriterLoop {
                     if let Some(failure) = self.shared.failure() {
                         return (request.completion)(Err(VolumeError::Failed(failure)));
                     }
-                    tracing::warn!("journal full: writes wait until it is trimmed");
+                    let retention = &self.shared.retention;
+                    if retention.policy() == OnFull::Track {
+                        // Mirrors never hold writes back: their holds go now (they track);
+                        // what is left to wait for is the local checkpoint.
+                        if let Err(error) = retention.trim() {
+                            tracing::warn!(%error, "journal trim failed");
+                        }
+                        tracing::debug!("journal full: waiting for the local checkpoint");
+                    } else {
+                        tracing::warn!("journal full: writes wait until it is trimmed (on_full = block)");
+                    }
                     loop {
                         if self.shared.closing.load(Ordering::Acquire) {
                             // Not journaled, so not acknowledged: the client sees the error

@@ -8,6 +8,8 @@
 //! `applied` (applying is idempotent). The target half of a synchronisation is
 //! `sync_target.rs`; the state file `state.rs`.
 
+mod resync;
+mod stage;
 mod state;
 mod sync_target;
 #[cfg(test)]
@@ -18,7 +20,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-pub use state::{Consistency, ReplicaState};
+pub use state::{Consistency, ReplicaState, ResyncState};
 
 use crate::extent::Extent;
 use crate::journal::{AppendError, Journal, JournalError, JournalOptions, JournalReader, JournalWriter, RecordKind, Retention};
@@ -41,6 +43,8 @@ pub enum ReplicaError {
     Rejected(String),
     #[error("the applier journal is full: records must be applied before more are received")]
     JournalFull,
+    #[error("resync stage: {0}")]
+    Stage(String),
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ReplicaError {
@@ -74,6 +78,10 @@ pub struct Replica {
     unsynced_bytes: u64,
     /// Applied LSN that the last checkpoint begun covers.
     checkpoint_begun_lsn: u64,
+    /// While a resync runs: where records and region contents go instead of the image.
+    stage: Option<stage::Stage>,
+    /// Chunks the running resync stored so far.
+    chunks_stored: u64,
 }
 
 /// Journal sizing for replicas: room for bursts while the image catches up.
@@ -116,6 +124,7 @@ impl Replica {
             // Nothing is known about the image yet (it may be empty, a copy, or stale): the
             // first session synchronises it.
             consistency: Consistency::NeedsSync,
+            resync: None,
         };
         Journal::create_at(&dir.journal(), journal_options(state.volume_uuid), 1)?;
         state.save(&dir)?;
@@ -127,8 +136,12 @@ impl Replica {
         let dir = ReplicaDir::new(dir);
         let state = ReplicaState::load(&dir)?;
         let image = Store::open(&state.image, IMAGE)?;
+        // Leftovers of a journal replacement a crash interrupted (see `restart_journal`).
+        let _ = std::fs::remove_dir_all(dir.journal_new());
+        let _ = std::fs::remove_dir_all(dir.journal_resetting());
         let (journal, writer) = if !dir.journal().exists() {
-            // A crash inside `sync_done` between moving the old journal aside and creating the new.
+            // A crash inside a journal replacement, between moving the old journal aside and
+            // moving the new one in. The state was saved first and says where to continue.
             restart_journal(&dir, state.volume_uuid, state.applied_lsn + 1)?
         } else {
             let (journal, writer, _report) = Journal::open(&dir.journal(), journal_options(state.volume_uuid))?;
@@ -143,7 +156,7 @@ impl Replica {
         };
         let applied_unsynced = state.applied_lsn;
         let mut replica = Replica {
-            retention: Retention::new(journal, state.applied_lsn, []),
+            retention: Retention::unheld(journal, state.applied_lsn),
             dir,
             state,
             image: Arc::new(image),
@@ -152,7 +165,10 @@ impl Replica {
             applied_unsynced,
             unsynced_bytes: 0,
             checkpoint_begun_lsn: applied_unsynced,
+            stage: None,
+            chunks_stored: 0,
         };
+        replica.finish_or_abandon_resync()?;
         replica.apply()?;
         Ok(replica)
     }
@@ -298,10 +314,15 @@ impl Replica {
     }
 
     fn apply_one(&mut self, lsn: u64, kind: RecordKind, extent: Extent, payload: &[bytes::Bytes]) -> Result<(), ReplicaError> {
-        // The error's context is formatted only on failure: this runs once per record.
-        self.image
-            .apply(kind, extent, payload)
-            .map_err(|source| ReplicaError::Io { context: format!("apply LSN {lsn} to {}", self.state.image.display()), source })?;
+        if let Some(stage) = self.stage.as_mut() {
+            // A resync: the image stays the old consistent state until the stage commits.
+            stage.apply(&self.image, kind, extent, payload)?;
+        } else {
+            // The error's context is formatted only on failure: this runs once per record.
+            self.image
+                .apply(kind, extent, payload)
+                .map_err(|source| ReplicaError::Io { context: format!("apply LSN {lsn} to {}", self.state.image.display()), source })?;
+        }
         self.applied_unsynced = lsn;
         self.unsynced_bytes += payload.iter().map(|part| part.len() as u64).sum::<u64>();
         self.counters.records_applied += 1;
@@ -325,6 +346,12 @@ impl Replica {
     /// The first half of a checkpoint that lets batches go on being applied while the image
     /// syncs (the slow part): what the sync will cover. `None` when nothing is unsynced.
     pub fn begin_checkpoint(&mut self) -> Option<PendingCheckpoint> {
+        if self.stage.is_some() {
+            // Records applied to the stage need not stay in the journal: a resync that does
+            // not complete is discarded whole (the source's dirty map still covers it).
+            self.trim_staged();
+            return None;
+        }
         if self.applied_unsynced <= self.state.applied_lsn {
             return None;
         }
@@ -368,17 +395,24 @@ impl PendingCheckpoint {
     }
 }
 
-/// Replaces a replica's journal by an empty one whose first record will be `first_lsn`: the
-/// old one (if any) is moved aside first, so a crash leaves either it or nothing, never a
-/// half-made journal, and `open` handles both.
+/// Replaces a replica's journal by an empty one whose first record will be `first_lsn`. The
+/// new journal is made whole beside the old one (`journal.new`), then the old one is moved
+/// aside and the new one into place, so a crash leaves the old journal, or none (which `open`
+/// replaces by an empty one at the saved state's LSN), never a half-made one. Callers save
+/// the replica's state first.
 fn restart_journal(dir: &ReplicaDir, volume_uuid: uuid::Uuid, first_lsn: u64) -> Result<(Arc<Journal>, JournalWriter), ReplicaError> {
-    let journal_dir = dir.journal();
-    let aside = dir.journal_resetting();
+    let (journal_dir, fresh, aside) = (dir.journal(), dir.journal_new(), dir.journal_resetting());
+    let _ = std::fs::remove_dir_all(&fresh);
     let _ = std::fs::remove_dir_all(&aside);
+    Journal::create_at(&fresh, journal_options(volume_uuid), first_lsn)?;
     if journal_dir.exists() {
         std::fs::rename(&journal_dir, &aside).map_err(io(format!("move aside {}", journal_dir.display())))?;
     }
-    Journal::create_at(&journal_dir, journal_options(volume_uuid), first_lsn)?;
+    if crate::failpoint::hit("replica-journal-swap") {
+        std::process::abort();
+    }
+    std::fs::rename(&fresh, &journal_dir).map_err(io(format!("move {} into place", fresh.display())))?;
+    crate::fsutil::sync_dir(dir.root()).map_err(io(format!("sync {}", dir.root().display())))?;
     let (journal, writer, _) = Journal::open(&journal_dir, journal_options(volume_uuid))?;
     let _ = std::fs::remove_dir_all(&aside);
     Ok((journal, writer))

@@ -23,6 +23,18 @@ pub enum Consistency {
     Consistent,
 }
 
+/// A resync in progress: the image stays as it is (consistent) while the stage collects what
+/// the resync sends; `commit_lsn` once the stage is sealed and being copied over the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncState {
+    /// Records after this LSN belong to the resync (the journal continues there).
+    pub base_lsn: u64,
+    pub region_bytes: u64,
+    /// Set when the commit began: the image becomes the source at this LSN.
+    #[serde(default)]
+    pub commit_lsn: Option<u64>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(from = "StateFile", into = "StateFile")]
 pub struct ReplicaState {
@@ -35,6 +47,7 @@ pub struct ReplicaState {
     /// Every record through this LSN is durable in the image.
     pub applied_lsn: u64,
     pub consistency: Consistency,
+    pub resync: Option<ResyncState>,
 }
 
 impl ReplicaState {
@@ -90,6 +103,9 @@ struct StateFile {
     /// a synchronisation is needed.
     #[serde(default)]
     consistent_lsn: Option<u64>,
+    /// A resync in progress (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    resync: Option<ResyncState>,
 }
 
 impl From<StateFile> for ReplicaState {
@@ -108,6 +124,7 @@ impl From<StateFile> for ReplicaState {
             image: file.image,
             applied_lsn: file.applied_lsn,
             consistency,
+            resync: file.resync,
         }
     }
 }
@@ -124,6 +141,7 @@ impl From<ReplicaState> for StateFile {
             generation: state.generation,
             image: state.image,
             applied_lsn: state.applied_lsn,
+            resync: state.resync,
         }
     }
 }

@@ -1,0 +1,186 @@
+//! The source half of a resync: a tracking mirror (or one whose replica the journal no
+//! longer reaches) is brought back without a full copy, while writes go on.
+//!
+//! At the start the journal's records through the resync's base are folded into the dirty
+//! map and the mirror's hold is taken at the base again; the records after it stream as
+//! usual, interleaved with the regions of the map: their hashes first (a batch at a time),
+//! then the bytes of those that differ from the replica. Every region is read right before
+//! its message is sent, and the message is placed at that point of the stream (after the
+//! last record sent), so the replica's view and the source's are compared and replaced at
+//! the same position; a read may also see writes not yet streamed, which the records that
+//! follow overwrite again. The replica stages all of it and commits when `ResyncDone`
+//! arrives, which is sent only once the stream has passed every write any read could have
+//! seen. The replica is therefore never torn: before the commit it is its old consistent
+//! state, after it the source at the commit's LSN.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use super::rate::RateLimiter;
+use super::session::Sender;
+use crate::dirty_map::DirtyMap;
+use crate::lock;
+use crate::protocol::framing::{write_control, LinkError};
+use crate::protocol::wire::Control;
+
+/// Regions hashed per `ResyncHashes` message.
+const HASH_BATCH: usize = 64;
+/// Hash batches awaiting the applier's answer at most.
+const HASH_BATCHES_IN_FLIGHT: usize = 2;
+/// Region bytes sent and not yet stored by the applier at most.
+const CHUNK_WINDOW: u64 = 8 << 20;
+
+/// What the applier says about a resync (read by the acknowledgement task).
+#[derive(Debug)]
+pub(super) enum ResyncEvent {
+    Differ(Vec<u64>),
+    Stored(u64),
+    Committed(u64),
+    Refused(String),
+}
+
+pub(super) struct ResyncSource {
+    map: DirtyMap,
+    /// The next region of `map` to hash.
+    cursor: u64,
+    /// Regions of hash batches sent and not yet answered, oldest first.
+    awaiting: VecDeque<Vec<u64>>,
+    /// Regions that differ, to send.
+    to_send: VecDeque<u64>,
+    chunks_sent: u64,
+    chunks_stored: u64,
+    chunk_bytes_in_flight: VecDeque<(u64, u64)>,
+    /// The stream must pass this LSN before the commit: every write a read could have seen.
+    needed_lsn: u64,
+    done_at: Option<u64>,
+    started: Instant,
+    buffer: Vec<u8>,
+}
+
+impl ResyncSource {
+    /// Begins a resync at `base` (after which records stream): takes the hold, sends
+    /// `ResyncStart`. `whole_device` when there is no dirty map to go by.
+    pub async fn start(sender: &Sender, send: &mut quinn::SendStream, base: u64, whole_device: bool) -> Result<ResyncSource, LinkError> {
+        let map = match sender.hold.begin_resync(base, whole_device) {
+            Ok(map) => map,
+            Err(reason) => {
+                tracing::warn!(mirror = %sender.config.name, %reason, "resyncing the whole device");
+                sender.hold.begin_resync(base, true).map_err(LinkError::Protocol)?
+            }
+        };
+        let bytes = map.dirty_bytes();
+        write_control(send, &Control::ResyncStart { base_lsn: base, region_bytes: map.region_size(), regions: map.dirty_regions(), bytes }).await?;
+        lock(&sender.status).start_resync(bytes).map_err(|error| LinkError::Protocol(error.to_string()))?;
+        tracing::info!(mirror = %sender.config.name, base, dirty_bytes = bytes, regions = map.dirty_regions(), whole_device, "resync started: the replica stays at its last consistent state until it commits");
+        Ok(ResyncSource {
+            map,
+            cursor: 0,
+            awaiting: VecDeque::new(),
+            to_send: VecDeque::new(),
+            chunks_sent: 0,
+            chunks_stored: 0,
+            chunk_bytes_in_flight: VecDeque::new(),
+            needed_lsn: base,
+            done_at: None,
+            started: Instant::now(),
+            buffer: Vec::new(),
+        })
+    }
+
+    /// Region bytes sent and not yet stored (they count against the sender's window).
+    pub fn bytes_in_flight(&self) -> u64 {
+        self.chunk_bytes_in_flight.iter().map(|(_, bytes)| bytes).sum()
+    }
+
+    /// Takes the applier's answers. Returns the commit LSN once the resync is committed.
+    pub fn handle(&mut self, sender: &Sender, event: ResyncEvent) -> Result<Option<u64>, LinkError> {
+        match event {
+            ResyncEvent::Differ(regions) => {
+                let Some(batch) = self.awaiting.pop_front() else {
+                    return Err(LinkError::Protocol("the applier answered a resync hash batch that was not sent".into()));
+                };
+                if regions.iter().any(|region| !batch.contains(region)) {
+                    return Err(LinkError::Protocol("the applier named a region outside the hash batch".into()));
+                }
+                let equal = batch.iter().filter(|region| !regions.contains(region)).map(|&region| self.map.region_extent(region).length).sum::<u64>();
+                lock(&sender.status).resync_done_bytes += equal;
+                self.to_send.extend(regions);
+                Ok(None)
+            }
+            ResyncEvent::Stored(chunks) => {
+                self.chunks_stored = self.chunks_stored.max(chunks);
+                while self.chunk_bytes_in_flight.front().is_some_and(|(seq, _)| *seq <= self.chunks_stored) {
+                    self.chunk_bytes_in_flight.pop_front();
+                }
+                Ok(None)
+            }
+            ResyncEvent::Committed(lsn) if self.done_at == Some(lsn) => Ok(Some(lsn)),
+            ResyncEvent::Committed(lsn) => Err(LinkError::Protocol(format!("the applier committed a resync at LSN {lsn}, not at {:?}", self.done_at))),
+            ResyncEvent::Refused(reason) => Err(LinkError::Protocol(format!("the applier refused the resync: {reason}"))),
+        }
+    }
+
+    /// Sends what can be sent at this point of the stream (after record `position`): region
+    /// bytes first, then a hash batch, then `ResyncDone` when everything is through. Returns
+    /// whether anything was sent.
+    pub async fn step(&mut self, sender: &Sender, send: &mut quinn::SendStream, position: u64, limiter: &mut RateLimiter) -> Result<bool, LinkError> {
+        let mut sent = false;
+        while let Some(&region) = self.to_send.front() {
+            if self.bytes_in_flight() >= CHUNK_WINDOW {
+                break;
+            }
+            self.to_send.pop_front();
+            let extent = self.map.region_extent(region);
+            self.buffer.resize(extent.length as usize, 0);
+            sender.volume.read(extent.offset, &mut self.buffer).map_err(|e| LinkError::Protocol(format!("read region {region} of the volume: {e}")))?;
+            self.needed_lsn = self.needed_lsn.max(sender.volume.numbers().last_lsn);
+            let zero = self.buffer.iter().all(|&b| b == 0);
+            let data = if zero { Vec::new() } else { self.buffer.clone() };
+            limiter.pace(data.len() as u64).await;
+            write_control(send, &Control::ResyncChunk { at_lsn: position, region, zero, data }).await?;
+            self.chunks_sent += 1;
+            self.chunk_bytes_in_flight.push_back((self.chunks_sent, extent.length));
+            let mut status = lock(&sender.status);
+            status.resync_done_bytes += extent.length;
+            status.resync_sent_bytes += if zero { 0 } else { extent.length };
+            status.sent_bytes += if zero { 0 } else { extent.length };
+            sent = true;
+        }
+        if self.awaiting.len() < HASH_BATCHES_IN_FLIGHT && self.cursor < self.map.regions() {
+            let regions: Vec<u64> = (self.cursor..self.map.regions()).filter(|&r| self.map.is_dirty(r)).take(HASH_BATCH).collect();
+            self.cursor = regions.last().map_or(self.map.regions(), |last| last + 1);
+            if !regions.is_empty() {
+                let mut hashes = Vec::with_capacity(regions.len());
+                for &region in &regions {
+                    let extent = self.map.region_extent(region);
+                    self.buffer.resize(extent.length as usize, 0);
+                    let hole = sender
+                        .volume
+                        .read_for_scan(extent.offset, &mut self.buffer)
+                        .map_err(|e| LinkError::Protocol(format!("read region {region} of the volume: {e}")))?;
+                    hashes.push(crate::store::chunk_hash(&self.buffer, hole));
+                }
+                self.needed_lsn = self.needed_lsn.max(sender.volume.numbers().last_lsn);
+                write_control(send, &Control::ResyncHashes { at_lsn: position, regions: regions.clone(), hashes }).await?;
+                self.awaiting.push_back(regions);
+                sent = true;
+            }
+        }
+        let everything_sent = self.cursor >= self.map.regions() && self.awaiting.is_empty() && self.to_send.is_empty();
+        if everything_sent && self.done_at.is_none() && position >= self.needed_lsn {
+            write_control(send, &Control::ResyncDone { at_lsn: position }).await?;
+            self.done_at = Some(position);
+            tracing::info!(mirror = %sender.config.name, lsn = position, "resync sent; waiting for the applier to commit");
+            sent = true;
+        }
+        self.update_eta(sender);
+        Ok(sent)
+    }
+
+    fn update_eta(&self, sender: &Sender) {
+        let mut status = lock(&sender.status);
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let remaining = status.resync_total_bytes.saturating_sub(status.resync_done_bytes);
+        status.resync_eta_seconds = (status.resync_done_bytes > 0 && elapsed > 0.5).then(|| remaining as f64 * elapsed / status.resync_done_bytes as f64);
+    }
+}
