@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs what ublk-mirror needs on Debian/Ubuntu (run as root): build tools and the real
-# clients the tests and benchmarks use (qemu-io, qemu-img, qemu-nbd, fio, e2fsprogs), and qemu to
+# clients the tests and benchmarks use (qemu-io, qemu-img, qemu-nbd, fio, e2fsprogs, xfsprogs for
+# reflink snapshots on XFS), and qemu to
 # boot a ublk-capable kernel where the host's lacks it.
 set -euo pipefail
 # qemu-system-x86, busybox-static, cpio, xz-utils: the VM harness (ublk/vm/run) for hosts whose
 # kernel lacks ublk. Recommends are skipped: qemu-system-x86 would pull in a desktop's worth.
-packages=(build-essential pkg-config libclang-dev busybox-static cpio xz-utils fio e2fsprogs util-linux procps python3 systemd)
+packages=(build-essential pkg-config libclang-dev busybox-static cpio xz-utils fio e2fsprogs xfsprogs util-linux procps python3 systemd)
 qemu_packages=(qemu-utils qemu-system-x86)
 if [ "$(id -u)" -ne 0 ]; then
     echo "setup.sh: run as root (it calls apt-get install)" >&2

@@ -54,6 +54,26 @@ impl FromStr for NbdAddress {
     }
 }
 
+impl NbdAddress {
+    /// True for a Unix socket or a TCP address that resolves only to loopback addresses
+    /// (what an unauthenticated, unencrypted export may listen on without being told to).
+    pub fn is_local(&self) -> bool {
+        match self {
+            NbdAddress::Unix(_) => true,
+            NbdAddress::Tcp(address) => {
+                use std::net::ToSocketAddrs;
+                match address.to_socket_addrs() {
+                    Ok(resolved) => {
+                        let resolved: Vec<_> = resolved.collect();
+                        !resolved.is_empty() && resolved.iter().all(|a| a.ip().is_loopback())
+                    }
+                    Err(_) => false,
+                }
+            }
+        }
+    }
+}
+
 impl std::fmt::Display for NbdAddress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

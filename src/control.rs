@@ -1,5 +1,7 @@
-//! The control socket `VDIR/control.sock` of a running `run`: one request line in, one JSON
-//! line out. Requests: `status`.
+//! The control socket of a running `run` (`VDIR/control.sock`) or `applier run`
+//! (`ADIR/control.sock`): one request line in, one JSON line out. A request may instead open a
+//! short conversation ([`Reply::Continue`]): its answer is followed by one more line, which
+//! must come within a deadline (a marker's write hold ends when its caller goes away).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -9,7 +11,28 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-pub type Handler = Arc<dyn Fn(&str) -> serde_json::Value + Send + Sync>;
+pub type Handler = Arc<dyn Fn(&str) -> Reply + Send + Sync>;
+
+/// Answers the line that follows a [`Reply::Continue`].
+pub type FollowUp = Box<dyn FnOnce(Option<&str>) -> serde_json::Value + Send>;
+
+/// What the handler answers to a request line.
+pub enum Reply {
+    Done(serde_json::Value),
+    /// Send `answer`, then read one more line within `deadline` and answer it with `then`
+    /// (`None`: the client closed, sent nothing in time, or sent more than a line can hold).
+    Continue {
+        answer: serde_json::Value,
+        deadline: Duration,
+        then: FollowUp,
+    },
+}
+
+impl From<serde_json::Value> for Reply {
+    fn from(value: serde_json::Value) -> Reply {
+        Reply::Done(value)
+    }
+}
 
 pub struct ControlServer {
     path: PathBuf,
@@ -45,14 +68,52 @@ impl ControlServer {
 
 fn answer(stream: UnixStream, handler: &Handler) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut reader = BufReader::new(&stream);
     let mut line = String::new();
-    BufReader::new(&stream).take(4096).read_line(&mut line)?;
-    let reply = handler(line.trim());
-    let mut stream = stream;
-    writeln!(stream, "{reply}")
+    (&mut reader).take(4096).read_line(&mut line)?;
+    let mut writer = &stream;
+    match handler(line.trim()) {
+        Reply::Done(reply) => writeln!(writer, "{reply}"),
+        Reply::Continue { answer, deadline, then } => {
+            if let Err(error) = writeln!(writer, "{answer}") {
+                then(None);
+                return Err(error);
+            }
+            stream.set_read_timeout(Some(deadline.max(Duration::from_millis(1))))?;
+            let mut next = String::new();
+            let got = matches!((&mut reader).take(4096).read_line(&mut next), Ok(n) if n > 0 && next.ends_with('\n'));
+            let reply = then(got.then_some(next.trim()));
+            writeln!(writer, "{reply}")
+        }
+    }
 }
 
 use std::io::Read;
+
+/// A conversation with a control socket: requests sent one after the other on one connection
+/// (the steps of a [`Reply::Continue`]).
+pub struct Session {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Session {
+    pub fn connect(path: &Path, timeout: Duration) -> std::io::Result<Session> {
+        let stream = UnixStream::connect(path)?;
+        stream.set_read_timeout(Some(timeout))?;
+        Ok(Session { writer: stream.try_clone()?, reader: BufReader::new(stream) })
+    }
+
+    /// Sends one line and reads the answer.
+    pub fn request(&mut self, line: &str) -> std::io::Result<serde_json::Value> {
+        writeln!(self.writer, "{line}")?;
+        let mut answer = String::new();
+        if self.reader.read_line(&mut answer)? == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the server closed the connection"));
+        }
+        serde_json::from_str(&answer).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    }
+}
 
 impl Drop for ControlServer {
     fn drop(&mut self) {

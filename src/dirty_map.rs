@@ -14,7 +14,8 @@
 //! | 24 | 8 | covered LSN: the map holds every write through it that the replica lacks |
 //! | 32 | 8 | region count (device size / region size, rounded up) |
 //! | 40 | 4 | CRC32C of the header (these 4 bytes zero) and the bitmap |
-//! | 44 | 20 | zero |
+//! | 44 | 8 | tracked-from LSN: the mirror had received every record through it when it began to track (0: unknown) |
+//! | 52 | 12 | zero |
 //! | 64 | ... | bitmap: region i is bit i % 8 of byte i / 8 |
 
 use std::path::{Path, PathBuf};
@@ -41,6 +42,8 @@ pub struct DirtyMap {
     region_size: u64,
     device_size: u64,
     covered_lsn: u64,
+    /// The covered LSN the map was made with: what the replica had received in order.
+    tracked_from: u64,
     bits: Vec<u8>,
     dirty: u64,
 }
@@ -50,7 +53,7 @@ impl DirtyMap {
     pub fn new(device_size: u64, region_size: u64, covered_lsn: u64) -> DirtyMap {
         assert!(region_size.is_power_of_two() && region_size >= 4096, "region size {region_size}");
         let regions = device_size.div_ceil(region_size);
-        DirtyMap { region_size, device_size, covered_lsn, bits: vec![0; regions.div_ceil(8) as usize], dirty: 0 }
+        DirtyMap { region_size, device_size, covered_lsn, tracked_from: covered_lsn, bits: vec![0; regions.div_ceil(8) as usize], dirty: 0 }
     }
 
     /// A map with every region dirty (the safe answer when a map was lost or damaged).
@@ -77,6 +80,16 @@ impl DirtyMap {
     /// The map holds every write through this LSN that the replica lacks.
     pub fn covered_lsn(&self) -> u64 {
         self.covered_lsn
+    }
+
+    /// The records after this LSN (through `covered_lsn`) reached the replica only as dirty
+    /// regions, not one by one: markers among them have no snapshot there.
+    pub fn tracked_from(&self) -> u64 {
+        self.tracked_from
+    }
+
+    pub fn set_tracked_from(&mut self, lsn: u64) {
+        self.tracked_from = lsn.min(self.covered_lsn);
     }
 
     pub fn set_covered_lsn(&mut self, lsn: u64) {
@@ -156,6 +169,7 @@ impl DirtyMap {
         out[16..24].copy_from_slice(&self.device_size.to_le_bytes());
         out[24..32].copy_from_slice(&self.covered_lsn.to_le_bytes());
         out[32..40].copy_from_slice(&self.regions().to_le_bytes());
+        out[44..52].copy_from_slice(&self.tracked_from.to_le_bytes());
         out[HEADER_SIZE..].copy_from_slice(&self.bits);
         let crc = checksum(&out);
         out[40..44].copy_from_slice(&crc.to_le_bytes());
@@ -198,6 +212,7 @@ impl DirtyMap {
             return Err(corrupt("checksum mismatch".into()));
         }
         let mut map = DirtyMap::new(size, region_size, u64_at(24));
+        map.tracked_from = u64_at(44).min(map.covered_lsn);
         map.bits.copy_from_slice(&bytes[HEADER_SIZE..]);
         // Bits past the last region must be zero in a well-formed map.
         let last_bits = (regions % 8) as u32;

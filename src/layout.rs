@@ -65,6 +65,11 @@ impl VolumeDir {
         self.root.join("ublk-device.json")
     }
 
+    /// `markers.json`: the markers the volume appended (names, LSNs, groups).
+    pub fn markers(&self) -> PathBuf {
+        self.root.join("markers.json")
+    }
+
     /// `mirrors/`: one `NAME.toml`, `NAME.state.json` (and `NAME.dirty`) per mirror.
     pub fn mirrors(&self) -> PathBuf {
         self.root.join("mirrors")
@@ -79,6 +84,12 @@ impl VolumeDir {
     }
 
     /// `mirrors/NAME.dirty`: the mirror's dirty map while it tracks or resyncs.
+    /// `mirrors/NAME.gaps.json`: LSN ranges the mirror's replica got by resyncs (as regions,
+    /// not records), so markers inside them have no snapshot there.
+    pub fn mirror_gaps(&self, name: &str) -> PathBuf {
+        self.mirrors().join(format!("{name}.gaps.json"))
+    }
+
     pub fn mirror_dirty_map(&self, name: &str) -> PathBuf {
         self.mirrors().join(format!("{name}.dirty"))
     }
@@ -137,6 +148,11 @@ impl ApplierDir {
 
     pub fn control_socket(&self) -> PathBuf {
         self.root.join("control.sock")
+    }
+
+    /// `groups/GROUP/NAME.json`: group snapshots complete on every member this applier holds.
+    pub fn groups(&self) -> PathBuf {
+        self.root.join("groups")
     }
 
     /// True once `applier init` made the directory.
@@ -199,6 +215,15 @@ impl ReplicaDir {
         self.resync().join("stage.map")
     }
 
+    /// `snapshots/`: one directory per snapshot (`snapshots/NAME/`).
+    pub fn snapshots(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
+
+    pub fn snapshot(&self, name: &str) -> PathBuf {
+        self.snapshots().join(name)
+    }
+
     /// `attach.json`: the image `applier replica add` named, used on the first connection.
     pub fn attach(&self) -> PathBuf {
         self.root.join("attach.json")
@@ -243,6 +268,12 @@ impl DirLock {
         }
         let _ = file.set_len(0).and_then(|_| file.rewind()).and_then(|_| writeln!(file, "{}", std::process::id()));
         Ok(DirLock { _file: file })
+    }
+
+    /// True if any open file description holds a lock (shared or exclusive) at `path`.
+    pub fn is_held_exclusively(path: &Path) -> bool {
+        let Ok(file) = File::open(path) else { return false };
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err()
     }
 
     /// True if another process holds the lock at `path`.

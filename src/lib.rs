@@ -19,12 +19,15 @@ pub mod control;
 pub mod daemon;
 pub mod extent;
 pub mod failpoint;
+pub mod freeze;
 pub mod fsutil;
 pub mod identity;
 pub mod latency;
 pub mod layout;
+pub mod marker;
 pub mod name;
 pub mod priority;
+pub mod reflink;
 pub mod size;
 
 pub mod dirty_map;

@@ -23,6 +23,12 @@ pub enum StoreError {
     Io { context: String, source: io::Error },
 }
 
+/// Device bytes that can only be read (a replica snapshot, served read-only by a frontend).
+pub trait ReadView: Send + Sync {
+    fn size(&self) -> u64;
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+}
+
 /// An open store, read and written at byte offsets.
 #[derive(Debug)]
 pub struct Store {

@@ -142,6 +142,9 @@ fn a_long_outage_never_blocks_writes_and_resyncs_to_an_equal_replica() {
     let served = Served::start_with_args(&site.vdir, &["--metrics", &metrics.to_string()], &[]);
     wait_consistent(&site.vdir);
     site.relay.partition(true);
+    // A marker the replica will never see record by record: the overflow folds it away.
+    let output = cli(&["marker", "create", "--dir", site.vdir.to_str().unwrap(), "--name", "during-outage"]);
+    assert!(output.status.success(), "{}", stderr(&output));
     // Six times the journal, 4 KiB writes with a FLUSH every 64, while the applier is away.
     let blocks = 16384u64; // the first 64 MiB: every block of the device
     let flushed = Arc::new(AtomicU64::new(0));
@@ -191,6 +194,22 @@ fn a_long_outage_never_blocks_writes_and_resyncs_to_an_equal_replica() {
     assert!(metric(&page, "ublk_mirror_mirror_resync_total_bytes", &labels) > 0.0);
     let replica = applier_status(&site.adir)["replicas"][0].clone();
     assert_eq!(replica["consistent_lsn"], replica["applied_lsn"], "{replica}");
+    // The marker from the outage is reported lost for the mirror (no snapshot of it exists);
+    // one taken now is applied with a snapshot.
+    let output = cli(&["marker", "create", "--dir", site.vdir.to_str().unwrap(), "--name", "after-resync"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    wait_caught_up(&site.vdir);
+    let output = cli(&["marker", "list", "--dir", site.vdir.to_str().unwrap(), "--all", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let state_of = |name: &str| list["markers"].as_array().unwrap().iter().find(|m| m["name"] == name).map(|m| m["mirrors"][0]["state"].clone());
+    assert_eq!(state_of("during-outage"), Some(serde_json::json!("lost")), "{list}");
+    assert_eq!(state_of("after-resync"), Some(serde_json::json!("applied")), "{list}");
+    let snapshots: Vec<String> = ublk_mirror::applier::snapshot::list_on_disk(&ublk_mirror::layout::ReplicaDir::new(site.adir.join("replicas/vol0")))
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(snapshots, ["after-resync"], "only the marker the replica applied has a snapshot");
+    assert_eq!(mirror_of(&site.vdir)["last_marker_applied"], "after-resync");
     let mut served = served;
     assert_eq!(served.terminate(), Some(0));
     assert!(

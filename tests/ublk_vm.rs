@@ -95,6 +95,13 @@ fn ublk_recovery_refusals_and_giving_a_device_up() {
     assert_passes("ublk-recovery-errors.sh", "");
 }
 
+/// `marker create --freeze` on ext4 over /dev/ublkbN: the replica's snapshot at the marker,
+/// exported over NBD, is clean under e2fsck with nothing to replay; always thawed.
+#[test]
+fn frozen_markers_give_clean_filesystem_snapshots() {
+    assert_passes("ublk-markers.sh", "qemu-img dumpe2fs timeout");
+}
+
 /// The harness itself: a failing guest script, and a guest that dies, both fail the run.
 #[test]
 fn vm_harness_reports_failures() {

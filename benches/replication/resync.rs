@@ -106,6 +106,8 @@ fn resync_time(base: &Path, applier_base: &Path) -> (f64, u64) {
     let mut writer = Command::new("fio")
         .args([
             "--name=resync-writer",
+            // One process: killing it stops the job (a forked job would outlive its parent).
+            "--thread",
             "--ioengine=nbd",
             &format!("--uri={uri}"),
             "--rw=randwrite",

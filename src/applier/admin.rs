@@ -110,7 +110,10 @@ pub(super) fn replicas_on_disk(dir: &ApplierDir) -> Vec<(String, ReplicaState)> 
 /// A replica no source is connected to, as its files show it.
 pub(super) fn offline_replica(dir: &ApplierDir, name: String, state: ReplicaState) -> ReplicaStatus {
     let received = crate::journal::Journal::inspect(&dir.replica(&name).journal()).map(|r| r.last_lsn).unwrap_or(state.applied_lsn);
+    let snapshots = super::snapshot::list_on_disk(&dir.replica(&name));
     ReplicaStatus {
+        snapshots: snapshots.len() as u64,
+        snapshot_bytes: snapshots.iter().map(|s| s.size_bytes).sum(),
         volume: name,
         image: state.image.display().to_string(),
         received_lsn: received,

@@ -27,6 +27,32 @@ pub struct ApplierConfig {
     /// of this and the source's own value).
     #[serde(default)]
     pub idle_timeout: Option<u64>,
+    /// `[snapshots]`: how many marker snapshots each replica keeps.
+    #[serde(default, skip_serializing_if = "SnapshotSettings::is_default")]
+    pub snapshots: SnapshotSettings,
+}
+
+/// `[snapshots]` with `keep` for every volume and `[snapshots.volumes.NAME]` for one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotSettings {
+    #[serde(default)]
+    pub keep: Option<usize>,
+    #[serde(default)]
+    pub volumes: std::collections::BTreeMap<String, VolumeSnapshotSettings>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeSnapshotSettings {
+    #[serde(default)]
+    pub keep: Option<usize>,
+}
+
+impl SnapshotSettings {
+    fn is_default(&self) -> bool {
+        self == &SnapshotSettings::default()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,11 +76,17 @@ format_version = 1
 
 # Seconds without a packet before a source's connection is declared dead (1..600, default 15).
 # idle_timeout = 15
+
+# Snapshots taken at markers: how many each replica keeps (the oldest beyond are deleted).
+# [snapshots]
+# keep = 16
+# [snapshots.volumes.db]
+# keep = 48
 ";
 
 impl Default for ApplierConfig {
     fn default() -> Self {
-        ApplierConfig { format_version: CONFIG_FORMAT, listen: None, metrics: None, idle_timeout: None }
+        ApplierConfig { format_version: CONFIG_FORMAT, listen: None, metrics: None, idle_timeout: None, snapshots: SnapshotSettings::default() }
     }
 }
 
@@ -93,7 +125,21 @@ impl ApplierConfig {
         if let Some(seconds) = self.idle_timeout.filter(|s| !(1..=600).contains(s)) {
             return Err(format!("idle_timeout: {seconds} must be between 1 and 600 seconds"));
         }
+        if self.snapshots.keep == Some(0) {
+            return Err("snapshots.keep: must be at least 1".into());
+        }
+        for (volume, settings) in &self.snapshots.volumes {
+            crate::name::validate(volume).map_err(|e| format!("snapshots.volumes: {e}"))?;
+            if settings.keep == Some(0) {
+                return Err(format!("snapshots.volumes.{volume}.keep: must be at least 1"));
+            }
+        }
         Ok(())
+    }
+
+    /// Snapshots the replica of `volume` keeps.
+    pub fn keep_snapshots(&self, volume: &str) -> usize {
+        self.snapshots.volumes.get(volume).and_then(|v| v.keep).or(self.snapshots.keep).unwrap_or(crate::applier::snapshot::DEFAULT_KEEP)
     }
 
     pub fn listen_address(&self) -> Option<SocketAddr> {

@@ -156,9 +156,66 @@ impl Applier {
             tracing::info!(volume = %hello.volume_name, size = hello.size, "creating replica for a new source");
             Replica::create(dir.root(), hello, None)?
         };
+        Ok(self.register(&mut replicas, &hello.volume_name, replica))
+    }
+
+    /// Keeps an opened replica (with its snapshot retention from applier.toml).
+    fn register(&self, replicas: &mut HashMap<String, Slot>, name: &str, mut replica: Replica) -> Arc<Mutex<Replica>> {
+        match super::ApplierConfig::load(&self.dir) {
+            Ok(config) => replica.set_keep_snapshots(config.keep_snapshots(name)),
+            Err(error) => tracing::warn!(%error, "applier.toml unreadable: the default snapshot retention applies"),
+        }
         let replica = Arc::new(Mutex::new(replica));
-        replicas.insert(hello.volume_name.clone(), Slot { replica: replica.clone(), connected: false, connections: 0 });
-        Ok(replica)
+        replicas.insert(name.to_string(), Slot { replica: replica.clone(), connected: false, connections: 0 });
+        replica
+    }
+
+    /// The replica of `volume` that exists on disk, opened if no source has connected yet.
+    pub fn existing_replica(&self, volume: &str) -> Result<Arc<Mutex<Replica>>, ApplierError> {
+        crate::name::validate(volume).map_err(ApplierError::Invalid)?;
+        let mut replicas = lock(&self.replicas);
+        if let Some(slot) = replicas.get(volume) {
+            return Ok(slot.replica.clone());
+        }
+        let dir = self.dir.replica(volume);
+        if !dir.holds_replica() {
+            return Err(ApplierError::Invalid(format!("applier {} holds no replica of {volume}", self.dir.root().display())));
+        }
+        let replica = Replica::open(dir.root())?;
+        Ok(self.register(&mut replicas, volume, replica))
+    }
+
+    /// A temporary snapshot of a replica's latest consistent state (`export --latest`).
+    pub fn snapshot_latest(&self, volume: &str) -> Result<(String, u64), ApplierError> {
+        let replica = self.existing_replica(volume)?;
+        let result = lock(&replica).snapshot_latest();
+        Ok(result?)
+    }
+
+    pub fn delete_snapshot(&self, volume: &str, name: &str) -> Result<(), ApplierError> {
+        let replica = self.existing_replica(volume)?;
+        let result = lock(&replica).delete_snapshot(name);
+        Ok(result?)
+    }
+
+    /// The control requests about snapshots: `snapshot-latest VOLUME` answers `{"name",
+    /// "lsn"}`, `snapshot-delete VOLUME NAME` answers `{"deleted": NAME}`.
+    pub fn snapshot_request(&self, request: &str) -> Option<serde_json::Value> {
+        let words: Vec<&str> = request.split_whitespace().collect();
+        let result = match words.as_slice() {
+            ["snapshot-latest", volume] => self.snapshot_latest(volume).map(|(name, lsn)| serde_json::json!({ "name": name, "lsn": lsn })),
+            ["snapshot-delete", volume, name] => self.delete_snapshot(volume, name).map(|()| serde_json::json!({ "deleted": name })),
+            [verb, ..] if verb.starts_with("snapshot-") => Err(ApplierError::Invalid(format!("bad request {request:?}"))),
+            _ => return None,
+        };
+        Some(result.unwrap_or_else(|error| serde_json::json!({ "error": format!("{error}") })))
+    }
+
+    /// Records the group snapshots that the snapshots just taken complete.
+    fn record_groups(&self, taken: &[super::snapshot::SnapshotMeta]) {
+        for meta in taken.iter().filter(|m| m.group.is_some() && m.is_valid()) {
+            super::snapshot::group::record_if_complete(&self.dir, meta, |member| super::snapshot::metas_on_disk(&self.dir.replica(member)));
+        }
     }
 
     async fn stream(&self, name: &str, replica: &Arc<Mutex<Replica>>, send: &mut quinn::SendStream, mut recv: quinn::RecvStream) -> Result<(), ApplierError> {
@@ -274,12 +331,15 @@ impl Applier {
                 checkpoint_due = None;
             }
             // Durable in our journal first (the source may trim up to it), then applied.
-            let (received, applied, unsynced) = blocking(replica, move |r| {
+            let (received, applied, unsynced, taken) = blocking(replica, move |r| {
                 let received = r.receive(&records)?;
                 r.apply_received(&records)?;
-                Ok((received, r.applied_lsn(), r.unsynced()))
+                Ok((received, r.applied_lsn(), r.unsynced(), r.take_new_snapshots()))
             })
             .await?;
+            if !taken.is_empty() {
+                self.record_groups(&taken);
+            }
             write_control(send, &Control::Ack { received_lsn: received, applied_lsn: applied }).await?;
             let (unsynced_records, unsynced_bytes) = unsynced;
             if unsynced_records >= CHECKPOINT_RECORDS || unsynced_bytes >= CHECKPOINT_BYTES {
@@ -384,6 +444,8 @@ impl Applier {
                     records_duplicated: counters.records_duplicated,
                     bytes_received: counters.bytes_received,
                     connections: slot.connections,
+                    snapshots: r.snapshot_count(),
+                    snapshot_bytes: r.snapshot_bytes(),
                 }
             })
             .collect();

@@ -7,6 +7,7 @@ mod admin;
 pub mod config;
 mod daemon;
 pub mod replica;
+pub mod snapshot;
 
 pub use admin::{allow, allowed, attach_image, init, offline_status};
 pub use config::{ApplierConfig, ApplierConfigError};

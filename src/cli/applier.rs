@@ -28,6 +28,9 @@ pub enum ApplierCommand {
     /// Replicas managed by hand.
     #[command(subcommand)]
     Replica(ReplicaCommand),
+    /// The snapshots taken at markers: list, delete, export read-only over NBD.
+    #[command(subcommand)]
+    Snapshot(super::snapshot::SnapshotCommand),
     /// Serve replicas until SIGTERM or SIGINT. Settings come from DIR/applier.toml; flags
     /// override them.
     Run {
@@ -90,6 +93,7 @@ pub fn execute(command: ApplierCommand) -> Result<()> {
             }
         }
         ApplierCommand::Run { dir, listen, allow, metrics } => serve(&dir, listen, allow, metrics)?,
+        ApplierCommand::Snapshot(command) => super::snapshot::execute(command)?,
         ApplierCommand::Status { dir, json } => {
             let socket = ApplierDir::new(&dir).control_socket();
             let status: ApplierStatus = match control::request(&socket, "status") {
@@ -136,9 +140,11 @@ fn serve(dir: &Path, listen: Option<std::net::SocketAddr>, allow: Vec<String>, m
     };
     let _control = control::ControlServer::start(
         &layout.control_socket(),
-        Arc::new(move |command: &str| match command {
-            "status" => serde_json::to_value(status_state.status()).unwrap_or_default(),
-            other => serde_json::json!({ "error": format!("unknown request {other:?}") }),
+        Arc::new(move |command: &str| {
+            control::Reply::Done(match command {
+                "status" => serde_json::to_value(status_state.status()).unwrap_or_default(),
+                other => status_state.snapshot_request(other).unwrap_or_else(|| serde_json::json!({ "error": format!("unknown request {other:?}") })),
+            })
         }),
     )?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

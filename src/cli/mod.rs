@@ -1,12 +1,14 @@
 //! The subcommands of `ublk-mirror`, one file per group: `volume`, `run`, `status`,
-//! `journal`, `mirror`, `applier`, `install-units`. Each file holds its clap arguments and
+//! `journal`, `mirror`, `marker`, `applier`, `ublk`, `install-units`. Each file holds its clap arguments and
 //! what the command does; the work itself is the library's.
 
 mod applier;
 mod install;
 mod journal;
+mod marker;
 mod mirror;
 mod run;
+mod snapshot;
 mod status;
 mod ublk;
 mod volume;
@@ -47,6 +49,10 @@ pub enum Command {
     /// Configure where a volume is mirrored (takes effect at the next `run`).
     #[command(subcommand)]
     Mirror(mirror::MirrorCommand),
+    /// Consistency points: markers on running volumes (one, or a group at one instant); the
+    /// appliers keep a snapshot of each replica at each marker.
+    #[command(subcommand)]
+    Marker(marker::MarkerCommand),
     /// The receiving side: a daemon that keeps replicas of volumes from allowed sources.
     #[command(subcommand)]
     Applier(applier::ApplierCommand),
@@ -69,6 +75,7 @@ pub fn execute(command: Command) -> Result<()> {
         Command::Status(args) => status::execute(args),
         Command::Journal(command) => journal::execute(command),
         Command::Mirror(command) => mirror::execute(command),
+        Command::Marker(command) => marker::execute(command),
         Command::Applier(command) => applier::execute(command),
         Command::Ublk(command) => ublk::execute(command),
         Command::InstallUnits(args) => install::install(args),

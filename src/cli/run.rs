@@ -113,20 +113,34 @@ pub fn execute(args: RunArgs) -> Result<()> {
         let (live_status, senders, control_volume) = (live_status.clone(), senders.clone(), volume.clone());
         control::ControlServer::start(
             &layout.control_socket(),
-            Arc::new(move |command: &str| match command {
-                "status" => serde_json::to_value(live_status()).unwrap_or_default(),
-                "reload-mirrors" => match senders.reload() {
-                    Ok(()) => serde_json::json!({ "reloaded": true }),
-                    Err(error) => serde_json::json!({ "error": format!("{error:#}") }),
-                },
-                request if request.starts_with("set-on-full ") => match request["set-on-full ".len()..].parse::<OnFull>() {
-                    Ok(policy) => match control_volume.set_on_full(policy) {
-                        Ok(()) => serde_json::json!({ "on_full": policy.as_str() }),
+            Arc::new(move |command: &str| -> control::Reply {
+                if command.starts_with("marker") {
+                    if senders.count() == 0 {
+                        let error = format!(
+                            "volume {} has no mirrors: a marker would mark nothing (add one with `ublk-mirror mirror add`)",
+                            control_volume.config().name
+                        );
+                        return serde_json::json!({ "error": error }).into();
+                    }
+                    if let Some(reply) = ublk_mirror::volume::markers::control_request(&control_volume, command) {
+                        return reply;
+                    }
+                }
+                control::Reply::Done(match command {
+                    "status" => serde_json::to_value(live_status()).unwrap_or_default(),
+                    "reload-mirrors" => match senders.reload() {
+                        Ok(()) => serde_json::json!({ "reloaded": true }),
                         Err(error) => serde_json::json!({ "error": format!("{error:#}") }),
                     },
-                    Err(error) => serde_json::json!({ "error": error }),
-                },
-                other => serde_json::json!({ "error": format!("unknown request {other:?}") }),
+                    request if request.starts_with("set-on-full ") => match request["set-on-full ".len()..].parse::<OnFull>() {
+                        Ok(policy) => match control_volume.set_on_full(policy) {
+                            Ok(()) => serde_json::json!({ "on_full": policy.as_str() }),
+                            Err(error) => serde_json::json!({ "error": format!("{error:#}") }),
+                        },
+                        Err(error) => serde_json::json!({ "error": error }),
+                    },
+                    other => serde_json::json!({ "error": format!("unknown request {other:?}") }),
+                })
             }),
         )
         .context("start control socket")?
@@ -138,6 +152,10 @@ pub fn execute(args: RunArgs) -> Result<()> {
         }
         None => None,
     };
+    let scheduler = {
+        let senders = senders.clone();
+        ublk_mirror::volume::markers::MarkerScheduler::start(volume.clone(), move || senders.count() > 0)
+    };
     tracing::info!(volume = %name, exports = ?exports, "serving");
     daemon::notify(&format!("READY=1\nSTATUS=serving {name} on {}", exports.join(", ")));
     let reporter = daemon::StatusReporter::start({
@@ -148,6 +166,7 @@ pub fn execute(args: RunArgs) -> Result<()> {
     let signal = signals.forever().next().unwrap_or(signal_hook::consts::SIGTERM);
     tracing::info!(signal, "stopping: draining requests, flushing the journal");
     drop(reporter);
+    drop(scheduler);
     daemon::notify("STOPPING=1\nSTATUS=stopping: draining requests, flushing the journal");
     volume.begin_shutdown();
     if let Some(ublk_server) = ublk_server {

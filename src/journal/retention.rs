@@ -255,7 +255,9 @@ impl Retention {
                 // Records this map lacks are gone (they cannot be, by the order here; but if
                 // they were, only a whole-device resync is safe).
                 tracing::error!(mirror = %name, covered = map.covered_lsn(), "dirty map lost track of trimmed records; marking the whole device dirty");
+                let from = map.tracked_from();
                 *map = DirtyMap::full(self.device_size, map.region_size(), floor);
+                map.set_tracked_from(from);
             }
             save_map(map, &entry.map_path).map_err(|error| JournalError::Invalid(format!("dirty map of mirror {name}: {error}")))?;
         }
@@ -346,7 +348,11 @@ impl Hold {
         let mut holds = crate::lock(&retention.holds);
         let entry = holds.get_mut(&self.name).ok_or_else(|| format!("no hold named {}", self.name))?;
         if whole_device {
-            entry.map = Some(DirtyMap::full(retention.device_size, DEFAULT_REGION_SIZE, base));
+            // What the replica had received in order stays known across the replacement.
+            let from = entry.map.as_ref().map_or(base, DirtyMap::tracked_from);
+            let mut map = DirtyMap::full(retention.device_size, DEFAULT_REGION_SIZE, base);
+            map.set_tracked_from(from);
+            entry.map = Some(map);
         }
         let map = match entry.map.as_mut() {
             Some(map) => map,
@@ -361,12 +367,23 @@ impl Hold {
     }
 
     /// The applier committed the resync: the map is no longer needed (every record folded
-    /// into it is in the replica now) and its file goes.
-    pub fn finish_resync(&self) {
-        self.retention.with_entry(&self.name, |entry| {
-            entry.map = None;
-            let _ = std::fs::remove_file(&entry.map_path);
-        });
+    /// into it is in the replica now) and its file goes. Returns the LSNs the replica got as
+    /// regions rather than records: `(tracked_from, base]`.
+    pub fn finish_resync(&self) -> Option<(u64, u64)> {
+        self.retention
+            .with_entry(&self.name, |entry| {
+                let gap = entry.map.as_ref().map(|map| (map.tracked_from(), map.covered_lsn()));
+                entry.map = None;
+                let _ = std::fs::remove_file(&entry.map_path);
+                gap
+            })
+            .flatten()
+    }
+
+    /// While tracking or resyncing: the LSNs the replica gets as regions rather than records,
+    /// `(tracked_from, covered]` (the resync's base once it began).
+    pub fn regions_gap(&self) -> Option<(u64, u64)> {
+        self.retention.with_entry(&self.name, |entry| entry.map.as_ref().map(|map| (map.tracked_from(), map.covered_lsn()))).flatten()
     }
 
     /// The resync was abandoned (the link failed): back to tracking with the map it has.

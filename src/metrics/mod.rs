@@ -98,6 +98,7 @@ fn render_mirror(out: &mut Exposition, volume: &str, m: &MirrorStatus) {
     out.gauge("ublk_mirror_mirror_resync_total_bytes", "Bytes of regions the current or last resync compares and sends.", &labels, m.resync_total_bytes as f64);
     out.gauge("ublk_mirror_mirror_resync_done_bytes", "Bytes of those regions done (compared equal, or sent).", &labels, m.resync_done_bytes as f64);
     out.gauge("ublk_mirror_mirror_resync_sent_bytes", "Bytes of region data the current or last resync sent.", &labels, m.resync_sent_bytes as f64);
+    out.gauge("ublk_mirror_mirror_markers_pending", "Markers in the journal the replica has not applied yet.", &labels, m.markers_pending as f64);
     if let Some(eta) = m.resync_eta_seconds {
         out.gauge("ublk_mirror_mirror_resync_eta_seconds", "Seconds the running resync still needs at its pace so far.", &labels, eta);
     }
@@ -142,6 +143,8 @@ pub fn render_applier(status: &ApplierStatus) -> String {
             r.bytes_received as f64,
         );
         out.counter("ublk_mirror_replica_connections_total", "Connections accepted from the source.", &labels, r.connections as f64);
+        out.gauge("ublk_mirror_replica_snapshots", "Snapshots of the replica kept (taken at markers).", &labels, r.snapshots as f64);
+        out.gauge("ublk_mirror_replica_snapshot_bytes", "Space the replica's snapshots hold.", &labels, r.snapshot_bytes as f64);
     }
     out.finish()
 }

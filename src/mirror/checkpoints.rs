@@ -29,8 +29,31 @@ pub fn save(dir: &VolumeDir, name: &str, checkpoints: Checkpoints) -> Result<(),
         .map_err(|source| MirrorError::Io { context: format!("write {}", path.display()), source })
 }
 
+/// Ranges of resynced LSNs kept (the oldest beyond are dropped).
+const GAPS_KEPT: usize = 256;
+
+/// The LSN ranges `(after, through]` the mirror's replica got by resyncs (`NAME.gaps.json`).
+pub fn load_gaps(dir: &VolumeDir, name: &str) -> Vec<[u64; 2]> {
+    std::fs::read(dir.mirror_gaps(name)).ok().and_then(|bytes| serde_json::from_slice(&bytes).ok()).unwrap_or_default()
+}
+
+/// Records one more resynced range (best effort: it only affects what `marker list` says).
+pub fn add_gap(dir: &VolumeDir, name: &str, gap: (u64, u64)) -> Vec<[u64; 2]> {
+    let mut gaps = load_gaps(dir, name);
+    if gap.1 > gap.0 {
+        gaps.push([gap.0, gap.1]);
+    }
+    let excess = gaps.len().saturating_sub(GAPS_KEPT);
+    gaps.drain(..excess);
+    if let Err(error) = crate::fsutil::write_atomic(&dir.mirror_gaps(name), &serde_json::to_vec(&gaps).expect("serialises")) {
+        tracing::warn!(mirror = name, %error, "could not record the resynced LSN range");
+    }
+    gaps
+}
+
 /// Forgets a removed mirror's checkpoints and dirty map.
 pub fn remove(dir: &VolumeDir, name: &str) {
+    let _ = std::fs::remove_file(dir.mirror_gaps(name));
     let _ = std::fs::remove_file(dir.mirror_state(name));
     let _ = std::fs::remove_file(dir.mirror_dirty_map(name));
 }

@@ -35,8 +35,12 @@ pub fn offline_statuses(dir: &VolumeDir, journal: &Journal, device_size: u64) ->
             let saved = checkpoints::load(dir, &m.name);
             let mut status = MirrorStatus::new(&m.name, &m.address, m.max_rate, saved.received_lsn, saved.applied_lsn);
             let (map, problem) = checkpoints::load_dirty_map(dir, &m.name, device_size);
+            status.resynced_lsn_ranges = checkpoints::load_gaps(dir, &m.name);
             if let Some(map) = map {
                 status.dirty_bytes = map.dirty_bytes();
+                if map.covered_lsn() > map.tracked_from() {
+                    status.resynced_lsn_ranges.push([map.tracked_from(), map.covered_lsn()]);
+                }
                 status.track();
             }
             status.last_error = problem;
@@ -91,6 +95,7 @@ impl Senders {
             if let (_, Some(problem)) = checkpoints::load_dirty_map(&dir, &config.name, volume.size()) {
                 lock(&status).last_error = Some(problem);
             }
+            lock(&status).resynced_lsn_ranges = checkpoints::load_gaps(&dir, &config.name);
             holds.push(hold.clone());
             let rate = Arc::new(AtomicU64::new(config.max_rate.unwrap_or(0)));
             rates.push((config.name.clone(), rate.clone()));
@@ -105,6 +110,11 @@ impl Senders {
             );
         }
         Ok(Senders { dir, volume, statuses, holds, rates, stop, threads })
+    }
+
+    /// How many mirrors the volume streams to.
+    pub fn count(&self) -> usize {
+        self.statuses.len()
     }
 
     /// Every mirror's status, its lag measured now against the journal.
@@ -122,6 +132,9 @@ impl Senders {
                 }
                 status.dirty_bytes = hold.dirty_bytes();
                 let mut status = status.clone();
+                if let Some((after, through)) = hold.regions_gap().filter(|(after, through)| through > after) {
+                    status.resynced_lsn_ranges.push([after, through]);
+                }
                 measure_lag(&mut status, journal);
                 status
             })

@@ -338,7 +338,10 @@ impl Sender {
                 let Some(running) = resync.as_mut() else { continue };
                 if let Some(lsn) = running.handle(self, event)? {
                     *resync = None;
-                    self.hold.finish_resync();
+                    if let Some(gap) = self.hold.finish_resync() {
+                        let gaps = checkpoints::add_gap(&self.dir, &self.config.name, gap);
+                        lock(&self.status).resynced_lsn_ranges = gaps;
+                    }
                     lock(&self.status).finish_resync().map_err(|error| LinkError::Protocol(error.to_string()))?;
                     tracing::info!(mirror = %self.config.name, lsn, "resync committed: the replica is consistent again; streaming from the journal");
                 }

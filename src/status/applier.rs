@@ -26,6 +26,11 @@ pub struct ReplicaStatus {
     /// Connections accepted from the source since the applier started.
     #[serde(default)]
     pub connections: u64,
+    /// Snapshots kept (taken at markers), valid or not, and the space they hold.
+    #[serde(default)]
+    pub snapshots: u64,
+    #[serde(default)]
+    pub snapshot_bytes: u64,
 }
 
 /// A replica's running resync.

@@ -127,6 +127,29 @@ pub struct MirrorStatus {
     /// Seconds the running resync still needs at its pace so far (absent when unknown).
     #[serde(default)]
     pub resync_eta_seconds: Option<f64>,
+    /// Markers still in the journal that the replica has not applied yet.
+    #[serde(default)]
+    pub markers_pending: u64,
+    /// The newest marker the replica has applied (its snapshot point), if any.
+    #[serde(default)]
+    pub last_marker_applied: Option<String>,
+    /// LSN ranges `[after, through]` the replica got by resync, as regions rather than
+    /// records (the running one included): markers inside them have no snapshot there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resynced_lsn_ranges: Vec<[u64; 2]>,
+}
+
+/// What became of a marker for one mirror (`marker list`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MarkerState {
+    /// The replica passed it record by record: its applier took the snapshot.
+    Applied,
+    /// Still in the journal, not applied yet.
+    Pending,
+    /// The replica got that stretch of history by a resync (the mirror was tracking): no
+    /// snapshot of it exists there.
+    Lost,
 }
 
 impl MirrorStatus {
@@ -137,6 +160,26 @@ impl MirrorStatus {
 
     pub fn state(&self) -> MirrorState {
         self.state
+    }
+
+    /// What became of the marker at `lsn` for this mirror (`journal_first_lsn`: the oldest
+    /// record the volume's journal still holds).
+    pub fn marker_state(&self, lsn: u64, journal_first_lsn: u64) -> MarkerState {
+        if self.resynced_lsn_ranges.iter().any(|[after, through]| lsn > *after && lsn <= *through) {
+            MarkerState::Lost
+        } else if lsn <= self.applied_lsn {
+            MarkerState::Applied
+        } else if lsn >= journal_first_lsn {
+            MarkerState::Pending
+        } else {
+            MarkerState::Lost
+        }
+    }
+
+    /// Fills `markers_pending` and `last_marker_applied` from the volume's marker history.
+    pub fn count_markers(&mut self, markers: &[crate::volume::MarkerEntry], journal_first_lsn: u64) {
+        self.markers_pending = markers.iter().filter(|m| self.marker_state(m.lsn, journal_first_lsn) == MarkerState::Pending).count() as u64;
+        self.last_marker_applied = markers.iter().rev().find(|m| self.marker_state(m.lsn, journal_first_lsn) == MarkerState::Applied).map(|m| m.name.clone());
     }
 
     pub fn connected(&self) -> bool {

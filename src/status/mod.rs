@@ -15,7 +15,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 pub use applier::{ApplierStatus, ReplicaStatus, ResyncProgress};
-pub use mirror::{MirrorState, MirrorStatus, TransitionError};
+pub use mirror::{MarkerState, MirrorState, MirrorStatus, TransitionError};
 pub use text::{applier_one_line, applier_text, one_line, render_text};
 
 use crate::journal::{Journal, JournalUsage, RecoveryReport, SEGMENT_HEADER_SIZE};
@@ -83,8 +83,13 @@ impl JournalStatus {
 
 /// Status of a volume served by this process: its exports (and ublk device) and its
 /// mirrors as the senders report them.
-pub fn live(volume: &Volume, exports: &[String], device: Option<String>, mirrors: Vec<MirrorStatus>) -> Status {
+pub fn live(volume: &Volume, exports: &[String], device: Option<String>, mut mirrors: Vec<MirrorStatus>) -> Status {
     let config = volume.config();
+    let markers = volume.markers();
+    let first_lsn = volume.journal().first_lsn();
+    for mirror in &mut mirrors {
+        mirror.count_markers(&markers, first_lsn);
+    }
     Status {
         volume: VolumeStatus {
             name: config.name.clone(),
@@ -140,6 +145,13 @@ pub fn offline(dir: &VolumeDir, mirrors: impl FnOnce(&Arc<Journal>, u64) -> Vec<
             segments: report.segments,
             segment_size: options.segment_size,
         },
-        mirrors: mirrors(&journal, config.size),
+        mirrors: {
+            let markers = crate::volume::marker_history(dir.root())?;
+            let mut mirrors = mirrors(&journal, config.size);
+            for mirror in &mut mirrors {
+                mirror.count_markers(&markers, report.first_lsn);
+            }
+            mirrors
+        },
     })
 }

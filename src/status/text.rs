@@ -66,7 +66,7 @@ pub fn one_line(status: &Status) -> String {
 /// One line per mirror, columns aligned (like `drbdadm status`).
 fn mirror_table(mirrors: &[MirrorStatus]) -> String {
     use crate::size::human_size;
-    let header = ["MIRROR", "TO", "STATE", "CONSISTENT", "LAG", "LAG-BYTES", "LAG-AGE", "RATE", "SENT", "LIMIT", "RECONNECTS"];
+    let header = ["MIRROR", "TO", "STATE", "CONSISTENT", "LAG", "LAG-BYTES", "LAG-AGE", "RATE", "SENT", "LIMIT", "RECONNECTS", "MARKERS"];
     let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
     let mut errors = Vec::new();
     for m in mirrors {
@@ -94,6 +94,10 @@ fn mirror_table(mirrors: &[MirrorStatus]) -> String {
             human_size(m.sent_bytes),
             m.max_rate.map_or("-".to_string(), |r| format!("{}/s", human_size(r))),
             m.reconnects.to_string(),
+            match (&m.last_marker_applied, m.markers_pending) {
+                (None, 0) => "-".to_string(),
+                (last, pending) => format!("{} pending, last {}", pending, last.as_deref().unwrap_or("-")),
+            },
         ]);
         if let Some(error) = m.last_error.as_deref().filter(|_| !m.connected()) {
             errors.push(format!("  {}: last error: {error}\n", m.name));
@@ -116,8 +120,9 @@ pub fn applier_text(dir: &Path, status: &ApplierStatus) -> String {
     let listening = if status.running { format!("listening on {}", status.listen.as_deref().unwrap_or_default()) } else { "not running".into() };
     let mut out = format!("applier {} ({}), {listening}\n", dir.display(), status.fingerprint);
     for r in &status.replicas {
+        let snapshots = if r.snapshots > 0 { format!(" {} snapshots ({})", r.snapshots, crate::size::human_size(r.snapshot_bytes)) } else { String::new() };
         out.push_str(&format!(
-            "  {:<20} received {:>10} applied {:>10} {} {}  {}\n",
+            "  {:<20} received {:>10} applied {:>10} {} {}{snapshots}  {}\n",
             r.volume,
             r.received_lsn,
             r.applied_lsn,

@@ -31,6 +31,9 @@ pub struct VolumeConfig {
     /// What `run` serves when started without export flags (e.g. by systemd).
     #[serde(default, skip_serializing_if = "RunConfig::is_default")]
     pub run: RunConfig,
+    /// Markers `run` takes by itself (`[markers]`: every, prefix, freeze).
+    #[serde(default, skip_serializing_if = "crate::marker::Schedule::is_default")]
+    pub markers: crate::marker::Schedule,
 }
 
 /// The `[run]` table: defaults for `ublk-mirror run`; command-line flags override them.
@@ -154,7 +157,8 @@ impl VolumeConfig {
                 self.journal.capacity / 2
             ));
         }
-        self.run.validate()
+        self.run.validate()?;
+        self.markers.validate("markers")
     }
 }
 
@@ -169,4 +173,10 @@ const RUN_TABLE_EXAMPLE: &str = "
 # queues = 1                                   # ublk hardware queues (1..64)
 # depth = 128                                  # requests in flight per queue (1..4096)
 # metrics = \"127.0.0.1:9420\"                 # Prometheus text format at http://ADDR/metrics
+
+# Markers `run` appends by itself (see docs/markers.md).
+# [markers]
+# every = \"15m\"                               # interval (at least 10s)
+# prefix = \"auto\"                             # names are PREFIX-YYYYMMDDTHHMMSSZ
+# freeze = [\"/srv/data\"]                      # mounted filesystems frozen around each marker
 ";

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
 
 use super::config::{JournalConfig, VolumeConfig, CONFIG_FORMAT, LOGICAL_BLOCK_SIZE};
+use super::markers::MarkerHistory;
 use super::shared::Shared;
 use super::state::VolumeState;
 use super::writer::WriterLoop;
@@ -64,6 +65,7 @@ impl Volume {
             backing: backing.clone(),
             journal: JournalConfig { capacity: journal_size, segment_size, pending_window: 0, on_full: options.on_full.unwrap_or_default() },
             run: Default::default(),
+            markers: Default::default(),
         };
         config.journal.pending_window = options.pending_window.unwrap_or(DEFAULT_PENDING_WINDOW.min(journal_size / 2));
         config.validate().map_err(|message| VolumeError::Invalid(format!("invalid volume settings: {message}")))?;
@@ -145,6 +147,8 @@ impl Volume {
                 report.first_lsn, state.applied_lsn
             ))));
         }
+        let mut markers = MarkerHistory::load(&layout.markers())?;
+        markers.prune_beyond(report.last_lsn, &layout.markers())?;
         let redone = redo(&journal, state.applied_lsn, &backing)?;
         if redone > 0 {
             tracing::info!(records = redone, from = state.applied_lsn + 1, to = report.last_lsn, "redid journal records into the backing store");
@@ -177,7 +181,15 @@ impl Volume {
                 .spawn(move || writeback::run(writeback_shared, apply_rx))
                 .map_err(io_context("start writeback thread"))?,
         ];
-        Ok(Volume { dir: layout, config, shared, submit: Mutex::new(Some(request_tx)), threads: Mutex::new(threads), _lock: lock })
+        Ok(Volume {
+            dir: layout,
+            config,
+            shared,
+            submit: Mutex::new(Some(request_tx)),
+            threads: Mutex::new(threads),
+            markers: Mutex::new(markers),
+            _lock: lock,
+        })
     }
 }
 

@@ -19,6 +19,7 @@
 pub mod config;
 pub mod index;
 mod lifecycle;
+pub mod markers;
 mod shared;
 pub mod state;
 mod syncer;
@@ -34,6 +35,7 @@ use std::thread::JoinHandle;
 
 pub use config::VolumeConfig;
 pub use lifecycle::{CreateOptions, Created, DEFAULT_JOURNAL_SIZE, DEFAULT_PENDING_WINDOW, DEFAULT_SEGMENT_SIZE};
+pub use markers::{marker_history, Marked, MarkerEntry, WriteHold, MAX_HOLD};
 pub use state::VolumeState;
 
 use index::apply_overlays;
@@ -71,6 +73,12 @@ pub enum VolumeError {
     Failed(String),
     #[error("volume is shutting down")]
     ShuttingDown,
+    /// A request that could not be served now; it changed nothing.
+    #[error("{0}")]
+    Busy(String),
+    /// A write to a read-only export (a replica snapshot).
+    #[error("the export is read-only")]
+    ReadOnly,
 }
 
 impl VolumeError {
@@ -79,6 +87,8 @@ impl VolumeError {
         match self {
             VolumeError::OutOfRange { .. } | VolumeError::Invalid(_) => libc::EINVAL,
             VolumeError::ShuttingDown => libc::ESHUTDOWN,
+            VolumeError::ReadOnly => libc::EPERM,
+            VolumeError::Busy(_) => libc::EBUSY,
             _ => libc::EIO,
         }
     }
@@ -168,6 +178,7 @@ pub struct Volume {
     shared: Arc<Shared>,
     submit: Mutex<Option<SyncSender<Request>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    markers: Mutex<markers::MarkerHistory>,
     _lock: DirLock,
 }
 
@@ -262,8 +273,8 @@ impl Volume {
         });
         let sender = lock(&self.submit).clone();
         let Some(sender) = sender else { return completion(Err(VolumeError::ShuttingDown)) };
-        if let Err(mpsc::SendError(request)) = sender.send(Request { op, completion }) {
-            (request.completion)(Err(VolumeError::ShuttingDown));
+        if let Err(mpsc::SendError(Request::Io { completion, .. })) = sender.send(Request::Io { op, completion }) {
+            completion(Err(VolumeError::ShuttingDown));
         }
     }
 

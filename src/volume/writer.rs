@@ -18,9 +18,28 @@ use crate::lock;
 const RECORD_OVERHEAD: u64 = 64;
 
 /// A request on its way to the writer.
-pub(super) struct Request {
-    pub op: WriteOp,
-    pub completion: Completion,
+pub(super) enum Request {
+    Io {
+        op: WriteOp,
+        completion: Completion,
+    },
+    /// Take no new request until the hold ends (a marker, see `markers.rs`).
+    Hold(HoldRequest),
+}
+
+/// A hold on new writes: granted once every request before it has an LSN; then either a
+/// marker record is appended (it follows them all and precedes everything after) or the
+/// hold is released, at the latest after `limit`.
+pub(super) struct HoldRequest {
+    pub granted: mpsc::SyncSender<()>,
+    pub next: Receiver<HoldStep>,
+    pub limit: Duration,
+}
+
+/// How a hold ends (a hold whose sender is dropped is released).
+pub(super) enum HoldStep {
+    /// Append a marker record with this payload; `done` gets its LSN once it is durable.
+    Mark { payload: Vec<u8>, appended: mpsc::SyncSender<u64>, done: mpsc::SyncSender<Result<u64, VolumeError>> },
 }
 
 /// The writer thread: LSN assignment, group commit, acknowledgements.
@@ -61,23 +80,77 @@ impl WriterLoop {
     }
 
     fn handle(&mut self, request: Request) {
+        let (op, completion) = match request {
+            Request::Io { op, completion } => (op, completion),
+            Request::Hold(hold) => return self.hold(hold),
+        };
         if let Some(failure) = self.shared.failure() {
-            return (request.completion)(Err(VolumeError::Failed(failure)));
+            return completion(Err(VolumeError::Failed(failure)));
         }
-        let (kind, extent, data, fua) = match request.op {
+        let (kind, extent, data, fua) = match op {
             WriteOp::Flush => {
                 self.shared.counters.flushes.fetch_add(1, Ordering::Relaxed);
-                self.durable_completions.push(request.completion);
+                self.durable_completions.push(completion);
                 return;
             }
             WriteOp::Write { offset, data, fua } => (RecordKind::Write, Extent::new(offset, data.len() as u64), Some(data), fua),
             WriteOp::WriteZeroes { extent, fua } => (RecordKind::WriteZeroes, extent, None, fua),
             WriteOp::Discard { extent } => (RecordKind::Discard, extent, None, false),
         };
-        let cost = data.as_ref().map_or(0, |d| d.len() as u64) + RECORD_OVERHEAD;
-        self.wait_for_window(cost);
         let payload: &[u8] = data.as_ref().map_or(&[], |d| d.as_slice());
         let flags = if fua { FLAG_FUA } else { 0 };
+        let lsn = match self.append(kind, extent, payload, flags) {
+            Ok(lsn) => lsn,
+            Err(error) => return completion(Err(error)),
+        };
+        let cost = payload.len() as u64 + RECORD_OVERHEAD;
+        let overlay = match &data {
+            Some(buffer) => ExtentData::Bytes { buffer: buffer.clone(), start: 0 },
+            None => ExtentData::Zero,
+        };
+        lock(&self.shared.index).insert(extent, lsn, overlay);
+        self.shared.counters.writes.fetch_add(1, Ordering::Relaxed);
+        self.shared.counters.written_bytes.fetch_add(payload.len() as u64, Ordering::Relaxed);
+        if fua {
+            self.durable_completions.push(completion);
+        } else {
+            self.completions.push(completion);
+        }
+        self.to_apply.push(ApplyItem { lsn, kind, extent, data, cost });
+    }
+
+    /// A hold: everything before it is written (and acknowledged) first, so the hold delays
+    /// only what arrives during it.
+    fn hold(&mut self, hold: HoldRequest) {
+        self.finish_batch(false);
+        if hold.granted.send(()).is_err() {
+            return;
+        }
+        let Ok(HoldStep::Mark { payload, appended, done }) = hold.next.recv_timeout(hold.limit) else {
+            tracing::debug!("write hold released without a marker");
+            return;
+        };
+        let lsn = match self.append(RecordKind::Marker, Extent::default(), &payload, 0) {
+            Ok(lsn) => lsn,
+            Err(error) => {
+                let _ = done.send(Err(error));
+                return;
+            }
+        };
+        let _ = appended.send(lsn);
+        self.to_apply.push(ApplyItem { lsn, kind: RecordKind::Marker, extent: Extent::default(), data: None, cost: payload.len() as u64 + RECORD_OVERHEAD });
+        // Durable before the marker is reported: the applier takes its snapshot from it.
+        self.durable_completions.push(Box::new(move |result| {
+            let _ = done.send(result.map(|()| lsn));
+        }));
+        self.finish_batch(false);
+    }
+
+    /// Appends one record, waiting for journal space as the policy says, and counts it as
+    /// pending; an error means it was not journaled (so must not be acknowledged).
+    fn append(&mut self, kind: RecordKind, extent: Extent, payload: &[u8], flags: u16) -> Result<u64, VolumeError> {
+        let cost = payload.len() as u64 + RECORD_OVERHEAD;
+        self.wait_for_window(cost);
         let lsn = loop {
             match self.writer.append(kind, extent, payload, flags) {
                 Ok(lsn) => break lsn,
@@ -85,7 +158,7 @@ impl WriterLoop {
                     // Let everything staged reach writeback, then wait for a trim.
                     self.finish_batch(true);
                     if let Some(failure) = self.shared.failure() {
-                        return (request.completion)(Err(VolumeError::Failed(failure)));
+                        return Err(VolumeError::Failed(failure));
                     }
                     let retention = &self.shared.retention;
                     if retention.policy() == OnFull::Track {
@@ -103,7 +176,7 @@ impl WriterLoop {
                             // Not journaled, so not acknowledged: the client sees the error
                             // and nothing it was told is safe is lost.
                             tracing::warn!(offset = extent.offset, length = extent.length, "stopping with a full journal: a waiting write fails");
-                            return (request.completion)(Err(VolumeError::ShuttingDown));
+                            return Err(VolumeError::ShuttingDown);
                         }
                         if self.writer.wait_for_space(Duration::from_millis(200)) {
                             break;
@@ -112,25 +185,13 @@ impl WriterLoop {
                 }
                 Err(AppendError::Failed(error)) => {
                     self.shared.fail(format!("journal append: {error}"));
-                    return (request.completion)(Err(VolumeError::Journal(error)));
+                    return Err(VolumeError::Journal(error));
                 }
             }
         };
-        let overlay = match &data {
-            Some(buffer) => ExtentData::Bytes { buffer: buffer.clone(), start: 0 },
-            None => ExtentData::Zero,
-        };
-        lock(&self.shared.index).insert(extent, lsn, overlay);
         lock(&self.shared.progress).pending_bytes += cost;
         self.shared.last_lsn.store(lsn, Ordering::Release);
-        self.shared.counters.writes.fetch_add(1, Ordering::Relaxed);
-        self.shared.counters.written_bytes.fetch_add(payload.len() as u64, Ordering::Relaxed);
-        if fua {
-            self.durable_completions.push(request.completion);
-        } else {
-            self.completions.push(request.completion);
-        }
-        self.to_apply.push(ApplyItem { lsn, kind, extent, data, cost });
+        Ok(lsn)
     }
 
     /// Back-pressure: wait while the records not yet applied exceed the pending window.

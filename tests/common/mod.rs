@@ -155,9 +155,16 @@ pub struct Applier {
 
 impl Applier {
     pub fn start(dir: &Path, port: u16) -> Applier {
+        Applier::start_with_env(dir, port, &[])
+    }
+
+    /// Like `start`, with environment variables (e.g. UBLK_MIRROR_FAILPOINTS).
+    pub fn start_with_env(dir: &Path, port: u16, env: &[(&str, &str)]) -> Applier {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.with_extension("log")).unwrap();
+        let _ = std::fs::remove_file(dir.join("control.sock"));
         let child = Command::new(bin())
             .args(["applier", "run", "--dir", dir.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")])
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -249,5 +256,60 @@ pub fn metric(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &s
     match &sample.value {
         prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => *v,
         other => panic!("{name} is not a plain value: {other:?}"),
+    }
+}
+
+/// A filesystem of its own (a loop device on a sparse file, mkfs'd and mounted), for tests
+/// that need a particular filesystem (XFS with reflink, ext4) or a small one that fills up.
+/// Unmounted and detached when dropped. Needs root and loop devices; fails loudly otherwise.
+pub struct LoopFs {
+    pub mount: PathBuf,
+    device: String,
+    image: PathBuf,
+}
+
+impl LoopFs {
+    /// `kind` is "ext4", "xfs" (with reflink) or "tmpfs" (no loop device; `size` bytes).
+    pub fn new(base: &Path, kind: &str, size: u64) -> LoopFs {
+        let mount = base.join(format!("{kind}-mount"));
+        std::fs::create_dir_all(&mount).unwrap();
+        if kind == "tmpfs" {
+            let status =
+                Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs", mount.to_str().unwrap()]).status().unwrap();
+            assert!(status.success(), "mount tmpfs at {} (needs root)", mount.display());
+            return LoopFs { mount, device: String::new(), image: PathBuf::new() };
+        }
+        let image = base.join(format!("{kind}.fs"));
+        let file = std::fs::File::create(&image).unwrap();
+        file.set_len(size).unwrap();
+        let output = Command::new("losetup").args(["-f", "--show", image.to_str().unwrap()]).output().expect("losetup (util-linux)");
+        assert!(output.status.success(), "losetup failed (needs root and /dev/loop*): {}", String::from_utf8_lossy(&output.stderr));
+        let device = String::from_utf8_lossy(&output.stdout).trim().to_string();
+        let mkfs = match kind {
+            "xfs" => {
+                require_tool("mkfs.xfs", "xfsprogs");
+                Command::new("mkfs.xfs").args(["-q", "-f", "-m", "reflink=1", &device]).output().unwrap()
+            }
+            _ => Command::new("mkfs.ext4").args(["-q", "-F", &device]).output().unwrap(),
+        };
+        assert!(mkfs.status.success(), "mkfs {kind}: {}", String::from_utf8_lossy(&mkfs.stderr));
+        let status = Command::new("mount").args([&device, mount.to_str().unwrap()]).status().unwrap();
+        assert!(status.success(), "mount {device} at {}", mount.display());
+        LoopFs { mount, device, image }
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if Command::new("umount").arg(&self.mount).status().map(|s| s.success()).unwrap_or(false) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if !self.device.is_empty() {
+            let _ = Command::new("losetup").args(["-d", &self.device]).status();
+            let _ = std::fs::remove_file(&self.image);
+        }
     }
 }

@@ -9,6 +9,7 @@
 //! `sync_target.rs`; the state file `state.rs`.
 
 mod resync;
+mod snapshots;
 mod stage;
 mod state;
 mod sync_target;
@@ -22,6 +23,7 @@ use serde::Serialize;
 
 pub use state::{Consistency, ReplicaState, ResyncState};
 
+use super::snapshot::{SnapshotError, SnapshotMeta, Snapshots};
 use crate::extent::Extent;
 use crate::journal::{AppendError, Journal, JournalError, JournalOptions, JournalReader, JournalWriter, RecordKind, Retention};
 use crate::layout::ReplicaDir;
@@ -45,6 +47,8 @@ pub enum ReplicaError {
     JournalFull,
     #[error("resync stage: {0}")]
     Stage(String),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ReplicaError {
@@ -82,6 +86,12 @@ pub struct Replica {
     stage: Option<stage::Stage>,
     /// Chunks the running resync stored so far.
     chunks_stored: u64,
+    /// Snapshots taken at markers; every image write goes through them first.
+    snapshots: Snapshots,
+    /// Snapshots kept (the oldest beyond are deleted when a new one is taken).
+    keep_snapshots: usize,
+    /// Snapshots taken since the daemon last looked (for group snapshots).
+    taken: Vec<SnapshotMeta>,
 }
 
 /// Journal sizing for replicas: room for bursts while the image catches up.
@@ -155,6 +165,7 @@ impl Replica {
             }
         };
         let applied_unsynced = state.applied_lsn;
+        let snapshots = Snapshots::open(&dir, &state.volume_name, state.size)?;
         let mut replica = Replica {
             retention: Retention::unheld(journal, state.applied_lsn),
             dir,
@@ -167,6 +178,9 @@ impl Replica {
             checkpoint_begun_lsn: applied_unsynced,
             stage: None,
             chunks_stored: 0,
+            snapshots,
+            keep_snapshots: super::snapshot::DEFAULT_KEEP,
+            taken: Vec::new(),
         };
         replica.finish_or_abandon_resync()?;
         replica.apply()?;
@@ -300,6 +314,17 @@ impl Replica {
     /// from the journal. Returns the LSN applied so far.
     pub fn apply_received(&mut self, records: &[ReceivedRecord]) -> Result<u64, ReplicaError> {
         let received = self.received_lsn();
+        if self.stage.is_none() && self.snapshots.preserving() {
+            // What the records up to the next marker change is preserved in one step (one
+            // sync per snapshot store) rather than record by record.
+            let writes: Vec<(u64, Extent)> = records
+                .iter()
+                .filter(|r| r.lsn > self.applied_unsynced && r.lsn <= received)
+                .take_while(|r| r.kind != RecordKind::Marker)
+                .map(|r| (r.lsn, r.extent))
+                .collect();
+            self.snapshots.preserve(&self.image, &writes);
+        }
         for record in records {
             if record.lsn <= self.applied_unsynced {
                 continue;
@@ -314,10 +339,13 @@ impl Replica {
     }
 
     fn apply_one(&mut self, lsn: u64, kind: RecordKind, extent: Extent, payload: &[bytes::Bytes]) -> Result<(), ReplicaError> {
-        if let Some(stage) = self.stage.as_mut() {
+        if kind == RecordKind::Marker {
+            self.take_snapshot(lsn, payload);
+        } else if let Some(stage) = self.stage.as_mut() {
             // A resync: the image stays the old consistent state until the stage commits.
             stage.apply(&self.image, kind, extent, payload)?;
         } else {
+            self.snapshots.preserve(&self.image, &[(lsn, extent)]);
             // The error's context is formatted only on failure: this runs once per record.
             self.image
                 .apply(kind, extent, payload)

@@ -128,6 +128,9 @@ impl Replica {
 
     /// Copies a sealed stage over the image and records the image as the source at `lsn`.
     fn commit(&mut self, stage: &Stage, lsn: u64) -> Result<(), ReplicaError> {
+        // Snapshots keep the old state of what the commit overwrites (again after a crash:
+        // what is preserved already is not preserved twice).
+        self.snapshots.preserve(&self.image, &stage.staged_extents());
         stage.copy_to(&self.image)?;
         self.state.applied_lsn = lsn;
         self.state.consistency = Consistency::Consistent;

@@ -120,6 +120,12 @@ impl Stage {
         self.map.save(&dir.stage_map()).map_err(|error| ReplicaError::Stage(error.to_string()))
     }
 
+    /// The device bytes a commit overwrites.
+    pub fn staged_extents(&self) -> Vec<(u64, Extent)> {
+        // After every snapshot's LSN: a commit changes the image now.
+        self.map.iter().map(|region| (u64::MAX, self.map.region_extent(region))).collect()
+    }
+
     /// Second step: every staged region is copied over the image, which is then synced.
     pub fn copy_to(&self, image: &Store) -> Result<(), ReplicaError> {
         let mut buffer = Vec::new();

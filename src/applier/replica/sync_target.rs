@@ -54,6 +54,7 @@ impl Replica {
         }
         let (offset, length) = self.chunk_range(chunk)?;
         self.counters.bytes_received += data.len() as u64;
+        self.snapshots.preserve(&self.image, &[(u64::MAX, Extent::new(offset, length as u64))]);
         if zero {
             if !data.is_empty() {
                 return Err(ReplicaError::Rejected(format!("zero chunk {chunk} carries {} bytes", data.len())));

@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use super::Export;
 pub use crate::address::NbdAddress;
-use crate::volume::Volume;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NbdError {
@@ -93,7 +93,8 @@ pub struct NbdServer {
 
 impl NbdServer {
     /// Binds every address and starts accepting clients for `volume`, exported under `export_name`.
-    pub fn start(addresses: &[NbdAddress], volume: Arc<Volume>, export_name: &str) -> Result<NbdServer, NbdError> {
+    pub fn start(addresses: &[NbdAddress], export: impl Into<Export>, export_name: &str) -> Result<NbdServer, NbdError> {
+        let volume: Export = export.into();
         let stopping = Arc::new(AtomicBool::new(false));
         let connections: Arc<Mutex<Connections>> = Arc::new(Mutex::new(Vec::new()));
         let mut accept_threads = Vec::new();
@@ -173,7 +174,7 @@ impl NbdServer {
     }
 }
 
-fn accept_loop(listener: Listener, volume: Arc<Volume>, export_name: String, stopping: Arc<AtomicBool>, connections: Arc<Mutex<Connections>>) {
+fn accept_loop(listener: Listener, volume: Export, export_name: String, stopping: Arc<AtomicBool>, connections: Arc<Mutex<Connections>>) {
     loop {
         let accepted = match &listener {
             Listener::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
@@ -213,7 +214,7 @@ pub(super) fn io_error(context: &str) -> impl FnOnce(io::Error) -> NbdError + '_
     move |source| NbdError::Io { context: context.to_string(), source }
 }
 
-fn serve_connection(stream: Stream, volume: &Arc<Volume>, export_name: &str) -> Result<(), NbdError> {
+fn serve_connection(stream: Stream, volume: &Export, export_name: &str) -> Result<(), NbdError> {
     let closer = stream.try_clone().map_err(io_error("clone socket"))?;
     let result = serve_stream(stream, volume, export_name);
     // Other handles on the socket exist (for shutdown): make the client see the close now.
@@ -221,7 +222,7 @@ fn serve_connection(stream: Stream, volume: &Arc<Volume>, export_name: &str) -> 
     result
 }
 
-fn serve_stream(stream: Stream, volume: &Arc<Volume>, export_name: &str) -> Result<(), NbdError> {
+fn serve_stream(stream: Stream, volume: &Export, export_name: &str) -> Result<(), NbdError> {
     let mut reader = BufReader::with_capacity(256 << 10, stream.try_clone().map_err(io_error("clone socket"))?);
     let mut writer = BufWriter::with_capacity(256 << 10, stream);
     if !negotiation::negotiate(&mut reader, &mut writer, volume, export_name)? {

@@ -5,7 +5,7 @@ use std::io::{self, Read, Write};
 use super::io_error;
 use super::protocol::*;
 use super::NbdError;
-use crate::volume::Volume;
+use crate::frontend::Export;
 
 fn read_u32(stream: &mut impl Read) -> io::Result<u32> {
     let mut bytes = [0u8; 4];
@@ -19,8 +19,12 @@ fn read_u64(stream: &mut impl Read) -> io::Result<u64> {
     Ok(u64::from_be_bytes(bytes))
 }
 
-fn transmission_flags() -> u16 {
-    TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES | TFLAG_CAN_MULTI_CONN
+fn transmission_flags(read_only: bool) -> u16 {
+    if read_only {
+        TFLAG_HAS_FLAGS | TFLAG_READ_ONLY | TFLAG_SEND_FLUSH | TFLAG_CAN_MULTI_CONN
+    } else {
+        TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES | TFLAG_CAN_MULTI_CONN
+    }
 }
 
 /// Whether `name` selects our export. The empty name is the default export (as qemu-nbd does).
@@ -29,7 +33,7 @@ fn is_our_export(name: &str, export_name: &str) -> bool {
 }
 
 /// Runs option haggling; true when the client entered the transmission phase.
-pub(super) fn negotiate(reader: &mut impl Read, writer: &mut impl Write, volume: &Volume, export_name: &str) -> Result<bool, NbdError> {
+pub(super) fn negotiate(reader: &mut impl Read, writer: &mut impl Write, volume: &Export, export_name: &str) -> Result<bool, NbdError> {
     writer.write_all(&NBD_MAGIC.to_be_bytes()).map_err(io_error("send greeting"))?;
     writer.write_all(&IHAVEOPT.to_be_bytes()).map_err(io_error("send greeting"))?;
     writer.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes()).map_err(io_error("send greeting"))?;
@@ -40,7 +44,7 @@ pub(super) fn negotiate(reader: &mut impl Read, writer: &mut impl Write, volume:
     }
     let no_zeroes = client_flags & CLIENT_FLAG_NO_ZEROES != 0;
     let size = volume.size();
-    let max_io = volume.config().max_io() as u32;
+    let max_io = volume.max_io() as u32;
     loop {
         let magic = read_u64(reader).map_err(io_error("read option"))?;
         if magic != IHAVEOPT {
@@ -64,7 +68,7 @@ pub(super) fn negotiate(reader: &mut impl Read, writer: &mut impl Write, volume:
                     return Err(NbdError::Protocol(format!("client asked for unknown export {name:?}")));
                 }
                 writer.write_all(&size.to_be_bytes()).map_err(io_error("send export"))?;
-                writer.write_all(&transmission_flags().to_be_bytes()).map_err(io_error("send export"))?;
+                writer.write_all(&transmission_flags(volume.read_only()).to_be_bytes()).map_err(io_error("send export"))?;
                 if !no_zeroes {
                     writer.write_all(&[0u8; 124]).map_err(io_error("send export"))?;
                 }
@@ -101,7 +105,7 @@ pub(super) fn negotiate(reader: &mut impl Read, writer: &mut impl Write, volume:
                 }
                 let mut export = INFO_EXPORT.to_be_bytes().to_vec();
                 export.extend_from_slice(&size.to_be_bytes());
-                export.extend_from_slice(&transmission_flags().to_be_bytes());
+                export.extend_from_slice(&transmission_flags(volume.read_only()).to_be_bytes());
                 reply(writer, REP_INFO, &export)?;
                 let mut named = INFO_NAME.to_be_bytes().to_vec();
                 named.extend_from_slice(export_name.as_bytes());

@@ -8,7 +8,8 @@ use std::sync::{mpsc, Arc};
 use super::protocol::*;
 use super::{io_error, NbdError, Stream};
 use crate::extent::Extent;
-use crate::volume::{Volume, VolumeError, WriteOp};
+use crate::frontend::Export;
+use crate::volume::{VolumeError, WriteOp};
 
 /// A reply on its way to the client.
 struct Reply {
@@ -22,11 +23,12 @@ fn nbd_errno(error: &VolumeError) -> u32 {
         libc::EINVAL => EINVAL,
         libc::ESHUTDOWN => ESHUTDOWN,
         libc::ENOSPC => ENOSPC,
+        libc::EPERM => EPERM,
         _ => EIO,
     }
 }
 
-pub(super) fn transmission(mut reader: impl Read, writer: BufWriter<Stream>, volume: &Arc<Volume>) -> Result<(), NbdError> {
+pub(super) fn transmission(mut reader: impl Read, writer: BufWriter<Stream>, volume: &Export) -> Result<(), NbdError> {
     let (reply_tx, reply_rx) = mpsc::channel::<Reply>();
     let reply_thread =
         std::thread::Builder::new().name("nbd-reply".into()).spawn(move || send_replies(writer, reply_rx)).map_err(io_error("start reply thread"))?;
@@ -59,9 +61,9 @@ fn send_replies(mut writer: BufWriter<Stream>, replies: mpsc::Receiver<Reply>) {
     let _ = writer.flush();
 }
 
-fn read_requests(reader: &mut impl Read, volume: &Arc<Volume>, replies: &mpsc::Sender<Reply>) -> Result<(), NbdError> {
+fn read_requests(reader: &mut impl Read, volume: &Export, replies: &mpsc::Sender<Reply>) -> Result<(), NbdError> {
     let size = volume.size();
-    let max_io = volume.config().max_io();
+    let max_io = volume.max_io();
     loop {
         let mut bytes = [0u8; REQUEST_HEADER_SIZE];
         match reader.read_exact(&mut bytes) {
