@@ -66,11 +66,14 @@ impl ControlServer {
     }
 }
 
+/// A request line's limit: a group marker's payload names every member.
+const MAX_LINE: u64 = 64 * 1024;
+
 fn answer(stream: UnixStream, handler: &Handler) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut reader = BufReader::new(&stream);
     let mut line = String::new();
-    (&mut reader).take(4096).read_line(&mut line)?;
+    (&mut reader).take(MAX_LINE).read_line(&mut line)?;
     let mut writer = &stream;
     match handler(line.trim()) {
         Reply::Done(reply) => writeln!(writer, "{reply}"),
@@ -81,7 +84,7 @@ fn answer(stream: UnixStream, handler: &Handler) -> std::io::Result<()> {
             }
             stream.set_read_timeout(Some(deadline.max(Duration::from_millis(1))))?;
             let mut next = String::new();
-            let got = matches!((&mut reader).take(4096).read_line(&mut next), Ok(n) if n > 0 && next.ends_with('\n'));
+            let got = matches!((&mut reader).take(MAX_LINE).read_line(&mut next), Ok(n) if n > 0 && next.ends_with('\n'));
             let reply = then(got.then_some(next.trim()));
             writeln!(writer, "{reply}")
         }

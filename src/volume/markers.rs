@@ -25,8 +25,9 @@ use crate::marker::Marker;
 
 /// A hold ends by itself after this long without its marker (a caller that died).
 pub const MAX_HOLD: Duration = Duration::from_secs(2);
-/// How long a hold may wait for the writer (busy with a full journal, say) before it fails.
-const GRANT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a hold may wait for the writer (busy with a full journal, say) before it fails;
+/// shorter than [`MAX_HOLD`] so that a group's first hold cannot expire while the last waits.
+const GRANT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Markers the history keeps (older ones are dropped; names must be unique among these).
 const HISTORY_LIMIT: usize = 10_000;
 

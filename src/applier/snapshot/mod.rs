@@ -73,6 +73,9 @@ pub enum SnapshotKind {
     Reflink,
 }
 
+/// How long a temporary snapshot may wait for its export to lock it.
+const TEMPORARY_GRACE_US: u64 = 60_000_000;
+
 /// `snapshot.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotMeta {
@@ -364,8 +367,15 @@ impl Snapshots {
     /// Deletes the oldest snapshots beyond `keep` (temporary ones do not count and exported
     /// ones are skipped), and temporary ones no export holds any more.
     pub fn retain(&mut self, keep: usize) {
-        let stale: Vec<String> =
-            self.live.iter().filter(|l| l.meta.temporary && !is_exported(&self.dir.snapshot(&l.meta.name))).map(|l| l.meta.name.clone()).collect();
+        // A temporary snapshot just made for `export --latest` is not yet locked by its
+        // export: give the exporter a grace period before calling it abandoned.
+        let now_us = crate::clock::now_micros();
+        let stale: Vec<String> = self
+            .live
+            .iter()
+            .filter(|l| l.meta.temporary && now_us.saturating_sub(l.meta.taken_us) > TEMPORARY_GRACE_US && !is_exported(&self.dir.snapshot(&l.meta.name)))
+            .map(|l| l.meta.name.clone())
+            .collect();
         let kept: Vec<String> = self.live.iter().filter(|l| !l.meta.temporary).map(|l| l.meta.name.clone()).collect();
         let excess = kept.len().saturating_sub(keep);
         for name in stale.into_iter().chain(kept.into_iter().take(excess)) {
