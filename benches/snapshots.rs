@@ -25,7 +25,7 @@ use ublk_mirror::applier::replica::Replica;
 use ublk_mirror::extent::Extent;
 use ublk_mirror::journal::RecordKind;
 use ublk_mirror::marker::Marker;
-use ublk_mirror::protocol::wire::{Hello, ReceivedRecord, PROTOCOL_VERSION};
+use ublk_mirror::protocol::wire::{Hello, ReceivedRecord, WireGeneration, PROTOCOL_VERSION};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ublk-mirror");
 const DEVICE: u64 = 256 << 20;
@@ -52,7 +52,16 @@ fn main() {
 }
 
 fn hello(size: u64) -> Hello {
-    Hello { protocol: PROTOCOL_VERSION, volume_uuid: [7; 16], volume_name: "bench".into(), size, generation: [8; 16], first_lsn: 1, last_lsn: 0 }
+    Hello {
+        protocol: PROTOCOL_VERSION,
+        volume_uuid: [7; 16],
+        volume_name: "bench".into(),
+        size,
+        generation: [8; 16],
+        first_lsn: 1,
+        history: vec![WireGeneration { id: [8; 16], parent: None, branch_lsn: 0, created_us: 0 }],
+        last_lsn: 0,
+    }
 }
 
 fn record(lsn: u64, kind: RecordKind, extent: Extent, payload: Vec<u8>) -> ReceivedRecord {

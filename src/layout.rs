@@ -65,6 +65,12 @@ impl VolumeDir {
         self.root.join("ublk-device.json")
     }
 
+    /// `generations.json`: the volume's generation history (absent: one generation, the
+    /// state's).
+    pub fn generations(&self) -> PathBuf {
+        self.root.join("generations.json")
+    }
+
     /// `markers.json`: the markers the volume appended (names, LSNs, groups).
     pub fn markers(&self) -> PathBuf {
         self.root.join("markers.json")
@@ -100,8 +106,8 @@ impl VolumeDir {
     }
 
     /// What `volume create` makes in a directory, for undoing a failed create.
-    pub fn created_entries(&self) -> [PathBuf; 5] {
-        [self.config(), self.state(), self.journal(), self.identity(), self.default_backing()]
+    pub fn created_entries(&self) -> [PathBuf; 6] {
+        [self.config(), self.state(), self.journal(), self.identity(), self.default_backing(), self.generations()]
     }
 }
 
@@ -187,6 +193,11 @@ impl ReplicaDir {
     }
 
     /// `journal.new`: a new, empty journal being made before it replaces the old one.
+    /// `generations.json`: the history of the volume as this replica follows it.
+    pub fn generations(&self) -> PathBuf {
+        self.root.join("generations.json")
+    }
+
     pub fn journal_new(&self) -> PathBuf {
         self.root.join("journal.new")
     }

@@ -21,6 +21,7 @@ pub mod extent;
 pub mod failpoint;
 pub mod freeze;
 pub mod fsutil;
+pub mod generation;
 pub mod identity;
 pub mod latency;
 pub mod layout;

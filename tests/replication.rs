@@ -301,6 +301,7 @@ fn garbage_from_an_authenticated_client_leaves_the_replica_untouched() {
         generation: *generation.as_bytes(),
         first_lsn: 1,
         last_lsn: 0,
+        history: vec![wire::WireGeneration { id: *generation.as_bytes(), parent: None, branch_lsn: 0, created_us: 0 }],
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     // Each attack on a fresh connection: the applier must close it and change nothing.

@@ -120,6 +120,8 @@ pub(super) fn offline_replica(dir: &ApplierDir, name: String, state: ReplicaStat
         applied_lsn: state.applied_lsn,
         consistent: state.is_consistent(),
         consistent_lsn: state.is_consistent().then_some(state.applied_lsn),
+        generation: Some(state.generation),
+        promoted_to: state.promotion.as_ref().filter(|p| p.done).map(|p| p.to.display().to_string()),
         ..ReplicaStatus::default()
     }
 }

@@ -26,6 +26,8 @@ const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_milli
 struct Slot {
     replica: Arc<Mutex<Replica>>,
     connected: bool,
+    /// The connected source's address.
+    peer: Option<SocketAddr>,
     connections: u64,
 }
 
@@ -114,9 +116,9 @@ impl Applier {
                 }
             }
         };
-        let refusal = lock(&replica).check_hello(&hello).err();
+        let refusal = lock(&replica).check_hello(&hello).err().map(|refusal| self.with_promoted_position(refusal));
         if let Some(refusal) = refusal {
-            tracing::warn!(volume = %name, reason = %refusal, "refused a source");
+            tracing::warn!(volume = %name, source_last_lsn = hello.last_lsn, reason = %refusal, "refused a source");
             write_control(&mut send, &Control::Refused(refusal.clone())).await?;
             let _ = send.finish();
             connection.closed().await;
@@ -127,6 +129,9 @@ impl Applier {
             let slot = replicas.get_mut(&name).expect("registered by replica_for");
             let already = std::mem::replace(&mut slot.connected, true);
             slot.connections += !already as u64;
+            if !already {
+                slot.peer = Some(connection.remote_address());
+            }
             already
         };
         if already_connected {
@@ -166,7 +171,7 @@ impl Applier {
             Err(error) => tracing::warn!(%error, "applier.toml unreadable: the default snapshot retention applies"),
         }
         let replica = Arc::new(Mutex::new(replica));
-        replicas.insert(name.to_string(), Slot { replica: replica.clone(), connected: false, connections: 0 });
+        replicas.insert(name.to_string(), Slot { replica: replica.clone(), connected: false, peer: None, connections: 0 });
         replica
     }
 
@@ -183,6 +188,11 @@ impl Applier {
         }
         let replica = Replica::open(dir.root())?;
         Ok(self.register(&mut replicas, volume, replica))
+    }
+
+    /// The address of the source connected to `volume`'s replica, if one is.
+    pub(super) fn connected_source(&self, volume: &str) -> Option<SocketAddr> {
+        lock(&self.replicas).get(volume).filter(|slot| slot.connected).and_then(|slot| slot.peer)
     }
 
     /// A temporary snapshot of a replica's latest consistent state (`export --latest`).
@@ -446,6 +456,8 @@ impl Applier {
                     connections: slot.connections,
                     snapshots: r.snapshot_count(),
                     snapshot_bytes: r.snapshot_bytes(),
+                    generation: Some(r.state().generation),
+                    promoted_to: r.promoted_to().map(|p| p.display().to_string()),
                 }
             })
             .collect();

@@ -6,12 +6,14 @@
 mod admin;
 pub mod config;
 mod daemon;
+mod failover;
 pub mod replica;
 pub mod snapshot;
 
 pub use admin::{allow, allowed, attach_image, init, offline_status};
 pub use config::{ApplierConfig, ApplierConfigError};
 pub use daemon::Applier;
+pub use failover::{promote_offline, PromoteRequest};
 
 use crate::protocol::framing::LinkError;
 

@@ -71,6 +71,32 @@ pub enum ReplicaCommand {
         #[arg(long)]
         image: PathBuf,
     },
+    /// Turn the replica of volume NAME (its latest consistent state, or a snapshot) into a
+    /// volume directory that `run` serves, with a new generation branching from the
+    /// replica's history. The image becomes the volume's backing store where it is (no copy).
+    /// Prints the new volume's certificate fingerprint on a line of its own.
+    Promote {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The source volume's name.
+        #[arg(long)]
+        volume: String,
+        /// The volume directory to make (empty or absent).
+        #[arg(long)]
+        to: PathBuf,
+        /// Promote this snapshot (`applier snapshot list`) instead of the latest state.
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// Promote even while the source is connected (it is disconnected, then refused).
+        #[arg(long)]
+        force: bool,
+        /// The new volume's journal size (default 1G, like `volume create`).
+        #[arg(long, value_parser = ublk_mirror::size::parse_size)]
+        journal_size: Option<u64>,
+        /// Print what was made as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn execute(command: ApplierCommand) -> Result<()> {
@@ -84,6 +110,9 @@ pub fn execute(command: ApplierCommand) -> Result<()> {
         ApplierCommand::Replica(ReplicaCommand::Add { dir, volume, image }) => {
             let path = applier::attach_image(&dir, &volume, &image)?;
             println!("replica of {volume} will use {} (synchronised on the first connection)", path.display());
+        }
+        ApplierCommand::Replica(ReplicaCommand::Promote { dir, volume, to, snapshot, force, journal_size, json }) => {
+            promote(&dir, applier::PromoteRequest { volume, to, snapshot, force, journal_size }, json)?
         }
         ApplierCommand::Allow { dir, fingerprint } => {
             if applier::allow(&dir, &fingerprint)? {
@@ -107,6 +136,43 @@ pub fn execute(command: ApplierCommand) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// `applier replica promote`: through the running applier (which knows whether the source is
+/// connected), or on the directory when none runs.
+fn promote(dir: &Path, request: applier::PromoteRequest, json: bool) -> Result<()> {
+    let context = || format!("promote the replica of {} in {}", request.volume, dir.display());
+    let socket = ApplierDir::new(dir).control_socket();
+    let promoted: applier::replica::Promoted = match control::request(&socket, &format!("replica-promote {}", serde_json::to_string(&request)?)) {
+        Ok(reply) => {
+            if let Some(error) = reply["error"].as_str() {
+                return Err(anyhow::anyhow!("{error}")).with_context(context);
+            }
+            serde_json::from_value(reply).context("the applier's answer")?
+        }
+        Err(_) if !DirLock::is_held(&ApplierDir::new(dir).lock()) => applier::promote_offline(dir, &request).with_context(context)?,
+        Err(error) => return Err(anyhow::Error::from(error)).with_context(|| format!("ask the running applier in {}", dir.display())).with_context(context),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&promoted)?);
+        return Ok(());
+    }
+    let from = promoted.snapshot.as_ref().map(|s| format!("snapshot {s}")).unwrap_or_else(|| "its latest state".into());
+    println!("promoted the replica of {} ({from}, LSN {}) to the volume in {}", promoted.volume, promoted.branch_lsn, promoted.dir.display());
+    println!("  generation {} (parent {}, branched at LSN {})", promoted.generation, promoted.parent, promoted.branch_lsn);
+    if promoted.copied_bytes > 0 {
+        println!(
+            "  backing    {} (the replica image; {} of snapshot chunks written back over it)",
+            promoted.backing.display(),
+            ublk_mirror::size::human_size(promoted.copied_bytes)
+        );
+    } else {
+        println!("  backing    {} (used where it is: no copy)", promoted.backing.display());
+    }
+    println!("  serve it:  ublk-mirror run --dir {} --ublk (or --nbd ADDR)", promoted.dir.display());
+    println!("certificate fingerprint:");
+    println!("{}", promoted.fingerprint);
     Ok(())
 }
 
@@ -143,7 +209,10 @@ fn serve(dir: &Path, listen: Option<std::net::SocketAddr>, allow: Vec<String>, m
         Arc::new(move |command: &str| {
             control::Reply::Done(match command {
                 "status" => serde_json::to_value(status_state.status()).unwrap_or_default(),
-                other => status_state.snapshot_request(other).unwrap_or_else(|| serde_json::json!({ "error": format!("unknown request {other:?}") })),
+                other => status_state
+                    .snapshot_request(other)
+                    .or_else(|| status_state.replica_request(other))
+                    .unwrap_or_else(|| serde_json::json!({ "error": format!("unknown request {other:?}") })),
             })
         }),
     )?;

@@ -97,6 +97,7 @@ fn create(args: CreateArgs) -> Result<()> {
         segment_size: args.segment_size,
         pending_window: args.pending_window,
         on_full: args.on_full.map(Into::into),
+        origin: None,
     };
     let created = Volume::create(&args.dir, &options).with_context(|| format!("create volume in {}", args.dir.display()))?;
     let config = &created.config;

@@ -7,6 +7,7 @@
 
 pub mod checkpoints;
 pub mod config;
+mod generations;
 pub mod rate;
 mod resync_source;
 mod senders;

@@ -237,13 +237,14 @@ impl Sender {
             generation: *self.volume.generation().as_bytes(),
             first_lsn: journal.first_lsn(),
             last_lsn: journal.written_lsn(),
+            history: wire::wire_history(self.volume.history()),
         };
         write_control(send, &Control::Hello(hello)).await?;
         let welcome = match read_frame(recv).await? {
             Some(Frame::Control(Control::Welcome { received_lsn, applied_lsn, consistent, needs_sync, consistent_lsn })) => {
                 Welcome { received: received_lsn, applied: applied_lsn, consistent, needs_sync, consistent_lsn }
             }
-            Some(Frame::Control(Control::Refused(refusal))) => return Err(LinkError::Refused(refusal)),
+            Some(Frame::Control(Control::Refused(refusal))) => return Err(super::generations::explain(&self.volume, self.dir.root(), refusal)),
             other => return Err(LinkError::Protocol(format!("expected Welcome, got {other:?}"))),
         };
         if welcome.received > journal.written_lsn() {

@@ -18,6 +18,9 @@ pub enum LinkError {
     Protocol(String),
     #[error("refused by the applier: {0}")]
     Refused(wire::Refusal),
+    /// The two sides' histories split: what each wrote and what resolves it.
+    #[error("refused by the applier: {0}")]
+    Diverged(String),
     #[error(transparent)]
     Journal(#[from] crate::journal::JournalError),
     #[error(transparent)]

@@ -7,10 +7,12 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::generation::{Generation, History};
+
 use crate::extent::Extent;
 use crate::journal::{RecordHeader, RecordKind};
 
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Initial synchronisation compares and copies the device in chunks of this size.
 pub const SYNC_CHUNK: u64 = 1 << 20;
 /// Chunks whose hashes travel in one `SyncHashes`.
@@ -39,6 +41,42 @@ pub struct Hello {
     pub first_lsn: u64,
     /// Newest LSN the sender has journaled.
     pub last_lsn: u64,
+    /// The sender's generation history, oldest first (ends with `generation`).
+    pub history: Vec<WireGeneration>,
+}
+
+/// One generation of a history on the wire (see `crate::generation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireGeneration {
+    pub id: [u8; 16],
+    pub parent: Option<[u8; 16]>,
+    pub branch_lsn: u64,
+    pub created_us: u64,
+}
+
+impl From<&Generation> for WireGeneration {
+    fn from(g: &Generation) -> WireGeneration {
+        WireGeneration { id: *g.id.as_bytes(), parent: g.parent.map(|p| *p.as_bytes()), branch_lsn: g.branch_lsn, created_us: g.created_us }
+    }
+}
+
+/// The wire form of a history.
+pub fn wire_history(history: &History) -> Vec<WireGeneration> {
+    history.generations().iter().map(WireGeneration::from).collect()
+}
+
+/// A history received from the network, checked (an empty or broken list is refused).
+pub fn history_from_wire(list: &[WireGeneration]) -> Result<History, String> {
+    let generations: Vec<Generation> = list
+        .iter()
+        .map(|g| Generation {
+            id: uuid::Uuid::from_bytes(g.id),
+            parent: g.parent.map(uuid::Uuid::from_bytes),
+            branch_lsn: g.branch_lsn,
+            created_us: g.created_us,
+        })
+        .collect();
+    History::try_from(generations)
 }
 
 /// Why an applier refused a sender (also sent back so both sides log the same reason).
@@ -50,8 +88,18 @@ pub enum Refusal {
     WrongVolume { name: String, expected: String, got: String },
     #[error("replica {name} is {replica} bytes but the volume is {volume} bytes")]
     WrongSize { name: String, replica: u64, volume: u64 },
-    #[error("replica {name} follows generation {replica}, the volume is at generation {volume}")]
+    #[error("replica {name} follows generation {replica}, the volume is at generation {volume}, and the two histories share no generation")]
     WrongGeneration { name: String, replica: String, volume: String },
+    /// The replica was promoted to a volume: it takes no records. `history` and `last_lsn`
+    /// are the promoted volume's, so the sender can say whether it is stale or split.
+    #[error("replica {name} was promoted to the volume in {to} on the applier's host (generation {generation}, branched at LSN {branch_lsn}; it has written through LSN {last_lsn})")]
+    Promoted { name: String, to: String, generation: String, branch_lsn: u64, last_lsn: u64, history: Vec<WireGeneration> },
+    /// The replica follows a newer generation than the sender's: the sender is stale.
+    #[error("replica {name} follows generation {replica}, newer than this volume's {volume}: this volume is stale ({replica_after} records after LSN {common_lsn} on the replica's side); demote it (ublk-mirror volume demote) and mirror the newer primary to it")]
+    Stale { name: String, replica: String, volume: String, common_lsn: u64, replica_after: u64 },
+    /// Both wrote after their common point.
+    #[error("split brain with replica {name}: after LSN {common_lsn} the replica holds {replica_after} records of generation {replica} and this volume wrote {volume_after} of generation {volume}; nothing was changed; on the side whose changes are to go: ublk-mirror volume demote --discard-local-changes")]
+    Diverged { name: String, replica: String, volume: String, common_lsn: u64, replica_after: u64, volume_after: u64 },
     #[error("{0}")]
     Other(String),
 }
@@ -431,6 +479,7 @@ mod tests {
             generation: [2; 16],
             first_lsn: 1,
             last_lsn: 9,
+            history: vec![WireGeneration { id: [2; 16], parent: None, branch_lsn: 0, created_us: 0 }],
         });
         let frame = encode_control(&hello);
         let length = check_length(frame[0..4].try_into().unwrap()).unwrap();

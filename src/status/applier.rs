@@ -31,6 +31,13 @@ pub struct ReplicaStatus {
     pub snapshots: u64,
     #[serde(default)]
     pub snapshot_bytes: u64,
+    /// The generation the replica follows.
+    #[serde(default)]
+    pub generation: Option<uuid::Uuid>,
+    /// After `replica promote`: the volume directory the replica became (it takes no more
+    /// records).
+    #[serde(default)]
+    pub promoted_to: Option<String>,
 }
 
 /// A replica's running resync.

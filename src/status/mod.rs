@@ -37,6 +37,15 @@ pub struct VolumeStatus {
     pub size: u64,
     pub backing: String,
     pub generation: uuid::Uuid,
+    /// `primary`: the volume serves its own history (`demoted`: it became a replica).
+    #[serde(default = "primary")]
+    pub role: String,
+    /// The generation history, oldest first (the current generation last).
+    #[serde(default)]
+    pub generations: Vec<crate::generation::Generation>,
+    /// The volume's certificate fingerprint (what an applier's `allow` names).
+    #[serde(default)]
+    pub fingerprint: Option<String>,
     pub running: bool,
     pub pid: Option<u32>,
     pub exports: Vec<String>,
@@ -47,6 +56,10 @@ pub struct VolumeStatus {
     /// mode, LSNs, pending bytes, counters and failure, as top-level fields of `volume`.
     #[serde(flatten)]
     pub numbers: VolumeNumbers,
+}
+
+fn primary() -> String {
+    "primary".into()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -97,6 +110,9 @@ pub fn live(volume: &Volume, exports: &[String], device: Option<String>, mut mir
             size: config.size,
             backing: config.backing.display().to_string(),
             generation: volume.generation(),
+            role: primary(),
+            generations: volume.history().generations().to_vec(),
+            fingerprint: crate::identity::fingerprint(&volume.dir().identity()).ok(),
             running: true,
             pid: Some(std::process::id()),
             exports: exports.to_vec(),
@@ -123,6 +139,12 @@ pub fn offline(dir: &VolumeDir, mirrors: impl FnOnce(&Arc<Journal>, u64) -> Vec<
             size: config.size,
             backing: config.backing.display().to_string(),
             generation: state.generation,
+            role: primary(),
+            generations: crate::generation::History::load_or_first(&dir.generations(), state.generation)
+                .map_err(|error| VolumeError::Invalid(error.to_string()))?
+                .generations()
+                .to_vec(),
+            fingerprint: crate::identity::fingerprint(&dir.identity()).ok(),
             running: false,
             pid: None,
             exports: Vec::new(),

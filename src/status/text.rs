@@ -20,6 +20,16 @@ pub fn render_text(status: &Status) -> String {
         out.push_str(&format!(", not running (last shutdown {})", if v.clean_shutdown == Some(true) { "clean" } else { "unclean: the next run recovers" }));
     }
     out.push('\n');
+    if v.generations.len() > 1 {
+        let parent = &v.generations[v.generations.len() - 2];
+        out.push_str(&format!(
+            "  role     {}, generation {} (branched from {} at LSN {})\n",
+            v.role,
+            v.generation,
+            parent.id,
+            v.generations[v.generations.len() - 1].branch_lsn
+        ));
+    }
     for export in &v.exports {
         out.push_str(&format!("  export   {export}\n"));
     }
@@ -126,9 +136,16 @@ pub fn applier_text(dir: &Path, status: &ApplierStatus) -> String {
             r.volume,
             r.received_lsn,
             r.applied_lsn,
-            if r.consistent { "consistent" } else { "INCONSISTENT" },
+            match &r.promoted_to {
+                Some(_) => "PROMOTED",
+                None if r.consistent => "consistent",
+                None => "INCONSISTENT",
+            },
             if r.connected { "connected" } else { "disconnected" },
-            r.image
+            match &r.promoted_to {
+                Some(to) => format!("{}  (now the volume in {to})", r.image),
+                None => r.image.clone(),
+            }
         ));
     }
     out

@@ -12,6 +12,7 @@ use super::shared::Shared;
 use super::state::VolumeState;
 use super::writer::WriterLoop;
 use super::{io_context, syncer, writeback, Volume, VolumeError};
+use crate::generation::History;
 use crate::journal::{HoldSpec, Journal, JournalError, JournalReader, OnFull, Retention};
 use crate::layout::{DirLock, LockError, VolumeDir};
 use crate::store::Store;
@@ -33,6 +34,17 @@ pub struct CreateOptions {
     pub segment_size: Option<u64>,
     pub pending_window: Option<u64>,
     pub on_full: Option<OnFull>,
+    /// A volume that continues another's history (a promoted replica): its identity, and
+    /// its generation history ending with the new generation (whose branch LSN is the last
+    /// record the backing store already holds).
+    pub origin: Option<Origin>,
+}
+
+/// The history a promoted volume continues (see [`CreateOptions::origin`]).
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub uuid: uuid::Uuid,
+    pub history: History,
 }
 
 /// What `volume create` made.
@@ -60,7 +72,7 @@ impl Volume {
         let mut config = VolumeConfig {
             format_version: CONFIG_FORMAT,
             name: options.name.clone(),
-            uuid: uuid::Uuid::new_v4(),
+            uuid: options.origin.as_ref().map_or_else(uuid::Uuid::new_v4, |origin| origin.uuid),
             size: options.size,
             backing: backing.clone(),
             journal: JournalConfig { capacity: journal_size, segment_size, pending_window: 0, on_full: options.on_full.unwrap_or_default() },
@@ -91,9 +103,16 @@ impl Volume {
             if options.backing.is_none() {
                 Store::create_sparse(&backing, options.size)?;
             }
-            Journal::create(&layout.journal(), config.journal_options())?;
+            let history = options.origin.as_ref().map_or_else(|| History::first(uuid::Uuid::new_v4()), |origin| origin.history.clone());
+            // A promoted volume's backing store holds its history through the branch LSN:
+            // the journal continues the numbering after it.
+            let applied_lsn = history.current().branch_lsn;
+            Journal::create_at(&layout.journal(), config.journal_options(), applied_lsn + 1)?;
             let fingerprint = crate::identity::create(&layout.identity(), &options.name)?;
-            VolumeState { format_version: CONFIG_FORMAT, applied_lsn: 0, generation: uuid::Uuid::new_v4(), clean_shutdown: true }.save(&layout)?;
+            if options.origin.is_some() {
+                history.save(&layout.generations()).map_err(|error| VolumeError::Invalid(error.to_string()))?;
+            }
+            VolumeState { format_version: CONFIG_FORMAT, applied_lsn, generation: history.current().id, clean_shutdown: true }.save(&layout)?;
             // The config file is written last: its presence marks a complete volume.
             config.save(&layout)?;
             crate::fsutil::sync_dir(dir).map_err(io_context(format!("sync {}", dir.display())))?;
@@ -147,6 +166,7 @@ impl Volume {
                 report.first_lsn, state.applied_lsn
             ))));
         }
+        let history = History::load_or_first(&layout.generations(), state.generation).map_err(|error| VolumeError::Invalid(error.to_string()))?;
         let mut markers = MarkerHistory::load(&layout.markers())?;
         markers.prune_beyond(report.last_lsn, &layout.markers())?;
         let redone = redo(&journal, state.applied_lsn, &backing)?;
@@ -188,6 +208,7 @@ impl Volume {
             submit: Mutex::new(Some(request_tx)),
             threads: Mutex::new(threads),
             markers: Mutex::new(markers),
+            history,
             _lock: lock,
         })
     }

@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 pub use config::VolumeConfig;
-pub use lifecycle::{CreateOptions, Created, DEFAULT_JOURNAL_SIZE, DEFAULT_PENDING_WINDOW, DEFAULT_SEGMENT_SIZE};
+pub use lifecycle::{CreateOptions, Created, Origin, DEFAULT_JOURNAL_SIZE, DEFAULT_PENDING_WINDOW, DEFAULT_SEGMENT_SIZE};
 pub use markers::{marker_history, Marked, MarkerEntry, WriteHold, MAX_HOLD};
 pub use state::VolumeState;
 
@@ -179,6 +179,7 @@ pub struct Volume {
     submit: Mutex<Option<SyncSender<Request>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     markers: Mutex<markers::MarkerHistory>,
+    history: crate::generation::History,
     _lock: DirLock,
 }
 
@@ -331,6 +332,11 @@ impl Volume {
 
     pub fn generation(&self) -> uuid::Uuid {
         lock(&self.shared.state).generation
+    }
+
+    /// The volume's generation history (the current generation last).
+    pub fn history(&self) -> &crate::generation::History {
+        &self.history
     }
 
     /// The first step of stopping, before the frontends drain their in-flight requests:

@@ -8,6 +8,7 @@
 //! `applied` (applying is idempotent). The target half of a synchronisation is
 //! `sync_target.rs`; the state file `state.rs`.
 
+mod promote;
 mod resync;
 mod snapshots;
 mod stage;
@@ -21,13 +22,15 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-pub use state::{Consistency, ReplicaState, ResyncState};
+pub use promote::{PromoteOptions, Promoted};
+pub use state::{Consistency, Promotion, ReplicaState, ResyncState};
 
 use super::snapshot::{SnapshotError, SnapshotMeta, Snapshots};
 use crate::extent::Extent;
+use crate::generation::{History, Relation};
 use crate::journal::{AppendError, Journal, JournalError, JournalOptions, JournalReader, JournalWriter, RecordKind, Retention};
 use crate::layout::ReplicaDir;
-use crate::protocol::wire::{Hello, ReceivedRecord, Refusal};
+use crate::protocol::wire::{history_from_wire, wire_history, Hello, ReceivedRecord, Refusal};
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +73,8 @@ pub struct ReplicaCounters {
 pub struct Replica {
     dir: ReplicaDir,
     state: ReplicaState,
+    /// The volume's generation history as this replica follows it.
+    history: History,
     /// Shared so a checkpoint can sync it while batches are still being applied.
     image: Arc<Store>,
     /// The applier's journal and how far it may be trimmed (through `applied`).
@@ -92,6 +97,11 @@ pub struct Replica {
     keep_snapshots: usize,
     /// Snapshots taken since the daemon last looked (for group snapshots).
     taken: Vec<SnapshotMeta>,
+}
+
+/// The history a sender announced (one of a single generation if it sent none).
+fn hello_history(hello: &Hello) -> History {
+    history_from_wire(&hello.history).unwrap_or_else(|_| History::first(uuid::Uuid::from_bytes(hello.generation)))
 }
 
 /// Journal sizing for replicas: room for bursts while the image catches up.
@@ -135,7 +145,9 @@ impl Replica {
             // first session synchronises it.
             consistency: Consistency::NeedsSync,
             resync: None,
+            promotion: None,
         };
+        hello_history(hello).save(&dir.generations()).map_err(|error| ReplicaError::State { path: dir.generations(), message: error.to_string() })?;
         Journal::create_at(&dir.journal(), journal_options(state.volume_uuid), 1)?;
         state.save(&dir)?;
         Self::open(dir.root())
@@ -145,6 +157,8 @@ impl Replica {
     pub fn open(dir: &Path) -> Result<Replica, ReplicaError> {
         let dir = ReplicaDir::new(dir);
         let state = ReplicaState::load(&dir)?;
+        let history = History::load_or_first(&dir.generations(), state.generation)
+            .map_err(|e| ReplicaError::State { path: dir.generations(), message: e.to_string() })?;
         let image = Store::open(&state.image, IMAGE)?;
         // Leftovers of a journal replacement a crash interrupted (see `restart_journal`).
         let _ = std::fs::remove_dir_all(dir.journal_new());
@@ -166,10 +180,12 @@ impl Replica {
         };
         let applied_unsynced = state.applied_lsn;
         let snapshots = Snapshots::open(&dir, &state.volume_name, state.size)?;
+        let promoted = state.promotion.is_some();
         let mut replica = Replica {
             retention: Retention::unheld(journal, state.applied_lsn),
             dir,
             state,
+            history,
             image: Arc::new(image),
             writer,
             counters: ReplicaCounters::default(),
@@ -182,6 +198,11 @@ impl Replica {
             keep_snapshots: super::snapshot::DEFAULT_KEEP,
             taken: Vec::new(),
         };
+        if promoted {
+            // The image is (or is becoming) a volume's backing store: nothing more is
+            // applied to it from here.
+            return Ok(replica);
+        }
         replica.finish_or_abandon_resync()?;
         replica.apply()?;
         Ok(replica)
@@ -208,8 +229,25 @@ impl Replica {
         self.state.applied_lsn
     }
 
-    /// Refuses a sender that is not this replica's volume (nothing changes either way).
-    pub fn check_hello(&self, hello: &Hello) -> Result<(), Refusal> {
+    /// Refuses every change once a promote began: the image is becoming (or is) a volume's.
+    fn writable(&self) -> Result<(), ReplicaError> {
+        match &self.state.promotion {
+            Some(promotion) => {
+                Err(ReplicaError::Rejected(format!("the replica was promoted to the volume in {}: it takes no more changes", promotion.to.display())))
+            }
+            None => Ok(()),
+        }
+    }
+
+    pub fn history(&self) -> &History {
+        &self.history
+    }
+
+    /// Refuses a sender that is not this replica's volume, or whose history this replica
+    /// cannot follow (nothing changes then). A sender whose history extends the replica's
+    /// (a promoted volume the replica was the source of, say) is followed from now on: the
+    /// replica takes its history, and what it lacks comes as records or a resync.
+    pub fn check_hello(&mut self, hello: &Hello) -> Result<(), Refusal> {
         let name = self.state.volume_name.clone();
         if hello.protocol != crate::protocol::wire::PROTOCOL_VERSION {
             return Err(Refusal::Protocol(hello.protocol));
@@ -224,19 +262,46 @@ impl Replica {
         if hello.size != self.state.size {
             return Err(Refusal::WrongSize { name, replica: self.state.size, volume: hello.size });
         }
-        if uuid::Uuid::from_bytes(hello.generation) != self.state.generation {
-            return Err(Refusal::WrongGeneration {
+        let theirs = history_from_wire(&hello.history).map_err(|e| Refusal::Other(format!("the source's generation history is invalid: {e}")))?;
+        if theirs.current().id != uuid::Uuid::from_bytes(hello.generation) {
+            return Err(Refusal::Other("the source's generation history does not end at its generation".into()));
+        }
+        if let Some(promotion) = &self.state.promotion {
+            let history = self.history.branch(promotion.generation, promotion.branch_lsn, promotion.created_us);
+            return Err(Refusal::Promoted {
                 name,
-                replica: self.state.generation.to_string(),
-                volume: uuid::Uuid::from_bytes(hello.generation).to_string(),
+                to: promotion.to.display().to_string(),
+                generation: promotion.generation.to_string(),
+                branch_lsn: promotion.branch_lsn,
+                last_lsn: promotion.branch_lsn,
+                history: wire_history(&history),
             });
         }
-        Ok(())
+        let (replica, volume) = (self.history.current().id.to_string(), theirs.current().id.to_string());
+        match self.history.relation(self.received_lsn(), &theirs, hello.last_lsn) {
+            Relation::Same => Ok(()),
+            Relation::Unrelated => Err(Refusal::WrongGeneration { name, replica, volume }),
+            Relation::Branched { ours_after: 0, .. } if theirs.contains(self.history.current().id) => {
+                tracing::info!(volume = %name, from = %replica, to = %volume, "the source's history extends the replica's: following its generation");
+                theirs.save(&self.dir.generations()).map_err(|e| Refusal::Other(format!("save the replica's history: {e}")))?;
+                self.state.generation = theirs.current().id;
+                self.state.save(&self.dir).map_err(|e| Refusal::Other(format!("save the replica's state: {e}")))?;
+                self.history = theirs;
+                Ok(())
+            }
+            Relation::Branched { common_lsn, ours_after, theirs_after } if theirs_after == 0 || self.history.contains(theirs.current().id) => {
+                Err(Refusal::Stale { name, replica, volume, common_lsn, replica_after: ours_after })
+            }
+            Relation::Branched { common_lsn, ours_after, theirs_after } => {
+                Err(Refusal::Diverged { name, replica, volume, common_lsn, replica_after: ours_after, volume_after: theirs_after })
+            }
+        }
     }
 
     /// Makes a batch durable in the applier's journal and returns the new `received` LSN.
     /// The whole batch is checked first; a bad one changes nothing.
     pub fn receive(&mut self, records: &[ReceivedRecord]) -> Result<u64, ReplicaError> {
+        self.writable()?;
         if self.state.needs_sync() {
             return Err(ReplicaError::Rejected("the replica needs an initial synchronisation before it can take journal records".into()));
         }
@@ -296,6 +361,7 @@ impl Replica {
     /// meanwhile redoes them from the journal, which keeps them until then.) Returns the LSN
     /// applied so far.
     pub fn apply_unsynced(&mut self) -> Result<u64, ReplicaError> {
+        self.writable()?;
         let target = self.received_lsn();
         if self.applied_unsynced >= target {
             return Ok(self.applied_unsynced);

@@ -43,6 +43,7 @@ impl Replica {
     /// Refused for a replica that is not consistent (it needs an initial synchronisation)
     /// and when the file system has no room for `bytes` of stage.
     pub fn resync_start(&mut self, base_lsn: u64, region_bytes: u64, bytes: u64) -> Result<(), ReplicaError> {
+        self.writable()?;
         if self.stage.is_some() {
             self.abandon_resync()?;
         }
@@ -99,6 +100,7 @@ impl Replica {
 
     /// Stores a region's bytes from the source; returns the chunks stored so far.
     pub fn resync_chunk(&mut self, at_lsn: u64, region: u64, zero: bool, data: &[u8]) -> Result<u64, ReplicaError> {
+        self.writable()?;
         self.apply_unsynced()?;
         self.check_position(at_lsn)?;
         self.stage.as_mut().expect("checked by check_position").write_region(region, zero, data)?;
@@ -110,6 +112,7 @@ impl Replica {
     /// Every region is sent: the stage is sealed and copied over the image, which then equals
     /// the source after `at_lsn`. Returns `at_lsn`.
     pub fn resync_done(&mut self, at_lsn: u64) -> Result<u64, ReplicaError> {
+        self.writable()?;
         self.apply_unsynced()?;
         self.check_position(at_lsn)?;
         let mut stage = self.stage.take().expect("checked by check_position");

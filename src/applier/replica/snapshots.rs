@@ -55,6 +55,12 @@ impl Replica {
     }
 
     pub fn delete_snapshot(&mut self, name: &str) -> Result<(), ReplicaError> {
+        if let Some(promotion) = self.state.promotion.as_ref().filter(|p| p.snapshot.as_deref() == Some(name)) {
+            return Err(ReplicaError::Rejected(format!(
+                "snapshot {name} was promoted to the volume in {}: it may be its backing store",
+                promotion.to.display()
+            )));
+        }
         Ok(self.snapshots.delete(name)?)
     }
 

@@ -35,6 +35,25 @@ pub struct ResyncState {
     pub commit_lsn: Option<u64>,
 }
 
+/// A promote of this replica to a volume (`applier replica promote`), saved before its first
+/// step so that a crash is finished by running the command again; once `done`, the image is
+/// the volume's backing store and the replica takes nothing more.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Promotion {
+    /// The volume directory made from the replica.
+    pub to: PathBuf,
+    /// The new volume's generation, and the last LSN of the replica's history it holds.
+    pub generation: uuid::Uuid,
+    pub branch_lsn: u64,
+    /// The snapshot promoted (absent: the replica's latest state).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+    /// When the promote began (microseconds since the Unix epoch).
+    pub created_us: u64,
+    #[serde(default)]
+    pub done: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(from = "StateFile", into = "StateFile")]
 pub struct ReplicaState {
@@ -48,6 +67,7 @@ pub struct ReplicaState {
     pub applied_lsn: u64,
     pub consistency: Consistency,
     pub resync: Option<ResyncState>,
+    pub promotion: Option<Promotion>,
 }
 
 impl ReplicaState {
@@ -106,6 +126,9 @@ struct StateFile {
     /// A resync in progress (absent otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     resync: Option<ResyncState>,
+    /// A promote to a volume, begun or done (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    promotion: Option<Promotion>,
 }
 
 impl From<StateFile> for ReplicaState {
@@ -125,6 +148,7 @@ impl From<StateFile> for ReplicaState {
             applied_lsn: file.applied_lsn,
             consistency,
             resync: file.resync,
+            promotion: file.promotion,
         }
     }
 }
@@ -142,6 +166,7 @@ impl From<ReplicaState> for StateFile {
             image: state.image,
             applied_lsn: state.applied_lsn,
             resync: state.resync,
+            promotion: state.promotion,
         }
     }
 }

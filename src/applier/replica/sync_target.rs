@@ -22,6 +22,7 @@ impl Replica {
 
     /// A synchronisation begins: the image stops being a consistent state of the source.
     pub fn sync_start(&mut self) -> Result<(), ReplicaError> {
+        self.writable()?;
         self.checkpoint()?;
         self.state.consistency = Consistency::NeedsSync;
         self.state.save(&self.dir)
@@ -49,6 +50,7 @@ impl Replica {
 
     /// Writes one chunk from the source (zeros when `zero`).
     pub fn write_chunk(&mut self, chunk: u64, zero: bool, data: &[u8]) -> Result<(), ReplicaError> {
+        self.writable()?;
         if !self.state.needs_sync() {
             return Err(ReplicaError::Rejected("a chunk arrived outside a synchronisation".into()));
         }
@@ -71,6 +73,7 @@ impl Replica {
     /// Every chunk is copied: make the image durable, continue the journal after `base_lsn`,
     /// and become consistent once `consistent_lsn` is applied.
     pub fn sync_done(&mut self, base_lsn: u64, consistent_lsn: u64) -> Result<(), ReplicaError> {
+        self.writable()?;
         if !self.state.needs_sync() {
             return Err(ReplicaError::Rejected("SyncDone without a synchronisation in progress".into()));
         }

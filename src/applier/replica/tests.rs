@@ -14,6 +14,7 @@ fn hello(size: u64) -> Hello {
         generation: [5; 16],
         first_lsn: 1,
         last_lsn: 0,
+        history: vec![crate::protocol::wire::WireGeneration { id: [5; 16], parent: None, branch_lsn: 0, created_us: 0 }],
     }
 }
 
@@ -111,7 +112,11 @@ fn bad_batches_change_nothing() {
     assert!(matches!(replica.check_hello(&hello(2 << 20)), Err(Refusal::WrongSize { .. })));
     let mut generation = hello(1 << 20);
     generation.generation = [1; 16];
+    generation.history[0].id = [1; 16];
     assert!(matches!(replica.check_hello(&generation), Err(Refusal::WrongGeneration { .. })));
+    let mut mismatch = hello(1 << 20);
+    mismatch.generation = [1; 16];
+    assert!(matches!(replica.check_hello(&mismatch), Err(Refusal::Other(_))), "a history that does not end at the generation");
     replica.check_hello(&hello(1 << 20)).unwrap();
 }
 

@@ -385,6 +385,33 @@ impl Snapshots {
         }
     }
 
+    /// Makes `image` the state of snapshot `name` (promote from a snapshot): a reflink
+    /// snapshot is a whole file and needs nothing (its path is returned, to be used as it is);
+    /// a copy-on-write one writes its preserved chunks back over the image (no copy of the
+    /// rest). Returns the file that holds the snapshot's state and the bytes written.
+    pub fn materialise(&self, name: &str, image: &Store) -> Result<(PathBuf, u64), SnapshotError> {
+        let live = self.live.iter().find(|l| l.meta.name == name).ok_or_else(|| SnapshotError::Other(format!("no snapshot {name}")))?;
+        if let Some(reason) = &live.meta.invalid_reason {
+            return Err(SnapshotError::Invalid { name: name.to_string(), reason: reason.clone() });
+        }
+        match (live.meta.kind, &live.store) {
+            (SnapshotKind::Reflink, _) => Ok((self.dir.snapshot(name).join(IMAGE_FILE), 0)),
+            (SnapshotKind::Cow, Some(store)) => {
+                let written = store.restore(image).map_err(|source| SnapshotError::io(format!("restore snapshot {name} onto the image"), source))?;
+                Ok((image.path().to_path_buf(), written))
+            }
+            (SnapshotKind::Cow, None) => Err(SnapshotError::Invalid { name: name.to_string(), reason: "its chunk store is not open".into() }),
+        }
+    }
+
+    /// Invalidates every copy-on-write snapshot (their base image is no longer the replica's:
+    /// it was promoted to a volume).
+    pub fn invalidate_cow(&mut self, reason: &str) {
+        for live in self.live.iter_mut().filter(|l| l.meta.kind == SnapshotKind::Cow && l.meta.invalid_reason.is_none()) {
+            invalidate(&self.dir, live, reason.to_string());
+        }
+    }
+
     pub fn list(&self) -> Vec<SnapshotInfo> {
         self.live
             .iter()

@@ -1,0 +1,102 @@
+//! The applier's side of failover: `replica promote` through a running applier (the
+//! `replica-promote` control request) or on its directory when none runs, and what a source
+//! refused because its replica was promoted is told about the promoted volume.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::replica::{PromoteOptions, Promoted, Replica};
+use super::{Applier, ApplierError};
+use crate::layout::{ApplierDir, DirLock, LockError, VolumeDir};
+use crate::lock;
+use crate::protocol::wire::Refusal;
+
+/// The `replica-promote` request (JSON after the verb).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PromoteRequest {
+    pub volume: String,
+    pub to: std::path::PathBuf,
+    #[serde(default)]
+    pub snapshot: Option<String>,
+    /// Promote even while the source is connected (it is disconnected, and refused after).
+    #[serde(default)]
+    pub force: bool,
+    #[serde(default)]
+    pub journal_size: Option<u64>,
+}
+
+impl PromoteRequest {
+    fn options(&self) -> PromoteOptions {
+        PromoteOptions { to: self.to.clone(), snapshot: self.snapshot.clone(), journal_size: self.journal_size }
+    }
+}
+
+impl Applier {
+    /// `replica-promote JSON`: answers the [`Promoted`] or `{"error"}`.
+    pub fn replica_request(&self, request: &str) -> Option<serde_json::Value> {
+        let body = request.strip_prefix("replica-promote ")?;
+        let result = serde_json::from_str::<PromoteRequest>(body)
+            .map_err(|error| ApplierError::Invalid(format!("bad promote request: {error}")))
+            .and_then(|request| self.promote(&request));
+        Some(match result {
+            Ok(promoted) => serde_json::to_value(promoted).unwrap_or_default(),
+            Err(error) => serde_json::json!({ "error": format!("{error}") }),
+        })
+    }
+
+    fn promote(&self, request: &PromoteRequest) -> Result<Promoted, ApplierError> {
+        let replica = self.existing_replica(&request.volume)?;
+        if let Some(peer) = self.connected_source(&request.volume) {
+            if !request.force {
+                return Err(ApplierError::Invalid(format!(
+                    "the source of {} is connected (from {peer}) and may still be writing: stop it first, or give --force to promote anyway (it is disconnected and refused from then on)",
+                    request.volume
+                )));
+            }
+            tracing::warn!(volume = %request.volume, %peer, "promoting while the source is connected (--force)");
+        }
+        // Under the replica's lock: a batch being applied finishes first, the next one is refused.
+        let promoted = lock(&replica).promote(&request.options())?;
+        Ok(promoted)
+    }
+
+    /// A refusal because the replica was promoted, with how far the promoted volume has
+    /// written since (from its running server, or its files).
+    pub(super) fn with_promoted_position(&self, refusal: Refusal) -> Refusal {
+        match refusal {
+            Refusal::Promoted { name, to, generation, branch_lsn, history, .. } => {
+                let last_lsn = volume_last_lsn(Path::new(&to)).unwrap_or(branch_lsn);
+                Refusal::Promoted { name, to, generation, branch_lsn, last_lsn, history }
+            }
+            other => other,
+        }
+    }
+}
+
+/// The last LSN the volume in `dir` has journaled (`None` if it cannot be read).
+fn volume_last_lsn(dir: &Path) -> Option<u64> {
+    let layout = VolumeDir::new(dir);
+    if let Ok(reply) = crate::control::request(&layout.control_socket(), "status") {
+        if let Ok(status) = serde_json::from_value::<crate::status::Status>(reply) {
+            return Some(status.volume.numbers.last_lsn);
+        }
+    }
+    crate::status::offline(&layout, |_, _| Vec::new()).ok().map(|status| status.volume.numbers.last_lsn)
+}
+
+/// `replica promote` on an applier directory no applier serves (its lock is taken meanwhile).
+pub fn promote_offline(dir: &Path, request: &PromoteRequest) -> Result<Promoted, ApplierError> {
+    crate::name::validate(&request.volume).map_err(ApplierError::Invalid)?;
+    let layout = ApplierDir::new(dir);
+    let _lock = DirLock::acquire(&layout.lock()).map_err(|error| match error {
+        LockError::Held { holder } => ApplierError::Invalid(format!("applier {} is in use by another process ({holder}) that does not answer", dir.display())),
+        LockError::Io { path, source } => ApplierError::Io { context: format!("lock {}", path.display()), source },
+    })?;
+    let replica_dir = layout.replica(&request.volume);
+    if !replica_dir.holds_replica() {
+        return Err(ApplierError::Invalid(format!("applier {} holds no replica of {}", dir.display(), request.volume)));
+    }
+    let mut replica = Replica::open(replica_dir.root())?;
+    Ok(replica.promote(&request.options())?)
+}

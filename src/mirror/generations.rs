@@ -1,0 +1,86 @@
+//! What a source makes of a replica that was promoted: compared with the promoted volume's
+//! history, this volume is **stale** (it wrote nothing after the branch, or only records
+//! that were written before the promote and never reached the replica: a failback undoes
+//! them) or in **split brain** (it went on writing after the promote). Either way nothing is
+//! changed on either side; the error says which, with the counts, and what resolves it.
+//!
+//! Which of its records came after the promote is told by their journal timestamps against
+//! the promote's (the two hosts' clocks are assumed to agree within a second or so, as NTP
+//! keeps them; a record whose time is not known, because the journal no longer holds it,
+//! counts as written after: split brain, the answer that needs the explicit choice).
+
+use crate::generation::Relation;
+use crate::journal::JournalReader;
+use crate::protocol::framing::LinkError;
+use crate::protocol::wire::{history_from_wire, Refusal};
+use crate::size::human_size;
+use crate::volume::Volume;
+
+/// Records this volume wrote after an LSN, split by the promote's time.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct WrittenAfter {
+    pub records: u64,
+    pub bytes: u64,
+    /// Of those, written after the promote (or at an unknown time).
+    pub after_promote: u64,
+}
+
+/// Counts the volume's records after `lsn`; `promoted_us` splits them.
+pub fn written_after(volume: &Volume, lsn: u64, promoted_us: u64) -> WrittenAfter {
+    let journal = volume.journal();
+    let last = journal.written_lsn();
+    let mut counted = WrittenAfter::default();
+    if last <= lsn {
+        return counted;
+    }
+    if journal.first_lsn() <= lsn + 1 {
+        if let Ok(mut reader) = JournalReader::new(journal.clone(), lsn + 1) {
+            while let Ok(Some(record)) = reader.next_record() {
+                counted.records += 1;
+                counted.bytes += record.header.length;
+                counted.after_promote += (record.header.timestamp_us >= promoted_us) as u64;
+            }
+        }
+    }
+    // Records the journal no longer holds (or not yet durable): their times are unknown.
+    let unknown = (last - lsn).saturating_sub(counted.records);
+    counted.records += unknown;
+    counted.after_promote += unknown;
+    counted
+}
+
+/// The error for a refusal because the replica was promoted (other refusals as they are).
+pub fn explain(volume: &Volume, vdir: &std::path::Path, refusal: Refusal) -> LinkError {
+    let Refusal::Promoted { name, to, generation, branch_lsn, last_lsn, history } = &refusal else { return LinkError::Refused(refusal) };
+    let Ok(promoted) = history_from_wire(history) else { return LinkError::Refused(refusal) };
+    let ours = volume.history();
+    let our_last = volume.journal().written_lsn();
+    let (common_lsn, theirs_after) = match ours.relation(our_last, &promoted, *last_lsn) {
+        Relation::Branched { common_lsn, theirs_after, .. } => (common_lsn, theirs_after),
+        _ => return LinkError::Refused(refusal),
+    };
+    let promoted_us = promoted.current().created_us;
+    let mine = written_after(volume, common_lsn, promoted_us);
+    let when = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_micros(promoted_us));
+    let theirs = format!(
+        "the promoted volume (in {to} on the applier's host, generation {generation}, branched at LSN {branch_lsn}) has written {theirs_after} records since"
+    );
+    let demote = format!("ublk-mirror volume demote --dir {} --applier ADIR", vdir.display());
+    let message = if mine.records == 0 {
+        format!("volume {name} is stale: its replica was promoted at {when}; {theirs}; this volume wrote nothing after LSN {common_lsn}. Nothing was changed. To make it a replica of the new primary: {demote}")
+    } else if mine.after_promote == 0 {
+        format!(
+            "volume {name} is stale: its replica was promoted at {when}; {theirs}; this volume wrote {} records ({}) after LSN {common_lsn}, all before the promote, that never reached the replica. Nothing was changed. Demoting it undoes them (they are counted first): {demote}",
+            mine.records,
+            human_size(mine.bytes)
+        )
+    } else {
+        format!(
+            "split brain: the replica of volume {name} was promoted at {when} while this volume went on writing: this volume wrote {} records ({}) after LSN {common_lsn}, {} of them after the promote; {theirs}. Nothing was changed on either side. Keep one side; on the other: {demote} --discard-local-changes",
+            mine.records,
+            human_size(mine.bytes),
+            mine.after_promote
+        )
+    };
+    LinkError::Diverged(message)
+}

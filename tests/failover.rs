@@ -1,0 +1,318 @@
+//! Failover: a replica promoted to a volume (its latest state or a snapshot) that `run`
+//! serves with a new generation; the old source refused as stale, or as split brain when
+//! it went on writing after the promote; refusals that change nothing; a promote that
+//! crashed, finished by running it again. Real binaries, QUIC on loopback, NBD clients.
+
+mod common;
+use common::nbd_client::*;
+use common::*;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+
+const MIB: usize = 1 << 20;
+const SIZE: usize = 32 * MIB;
+
+/// Volume A mirrored to an applier (B's host), served over NBD.
+struct Pair {
+    vdir: PathBuf,
+    adir: PathBuf,
+    port: u16,
+    applier: Option<Applier>,
+    served: Option<Served>,
+}
+
+impl Pair {
+    fn new(base: &Path) -> Pair {
+        let adir = base.join("b").join("applier");
+        let output = cli(&["applier", "init", "--dir", adir.to_str().unwrap()]);
+        assert!(output.status.success(), "{}", stderr(&output));
+        let applier_fp = fingerprint_line(&stdout(&output));
+        let port = free_udp_port();
+        let applier = Applier::start(&adir, port);
+        let vdir = base.join("a").join("vol0");
+        let fp = fingerprint_line(&create_volume(&vdir, "vol0", "32M", &["--journal-size", "64M", "--segment-size", "4M"]));
+        assert!(cli(&["applier", "allow", "--dir", adir.to_str().unwrap(), &fp]).status.success());
+        let output = cli(&["mirror", "add", "--dir", vdir.to_str().unwrap(), "--to", &format!("127.0.0.1:{port}"), "--fingerprint", &applier_fp]);
+        assert!(output.status.success(), "{}", stderr(&output));
+        let served = Served::start(&vdir, &[]);
+        wait_consistent(&vdir);
+        Pair { vdir, adir, port, applier: Some(applier), served: Some(served) }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.served.as_ref().unwrap().socket.clone()
+    }
+
+    fn promote(&self, to: &Path, extra: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+        let mut args = vec!["applier", "replica", "promote", "--dir", self.adir.to_str().unwrap(), "--volume", "vol0", "--to", to.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        std::process::Command::new(bin()).args(&args).envs(env.iter().copied()).output().unwrap()
+    }
+
+    fn replica_status(&self) -> serde_json::Value {
+        applier_status(&self.adir)["replicas"][0].clone()
+    }
+
+    fn wait_disconnected(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.replica_status()["connected"] == true {
+            assert!(Instant::now() < deadline, "the applier still shows the source connected");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The device as the test wrote it.
+struct Writer {
+    client: NbdClient,
+    reference: Vec<u8>,
+}
+
+impl Writer {
+    fn new(socket: &Path, reference: Vec<u8>) -> Writer {
+        Writer { client: NbdClient::connect(socket, "vol0").expect("connect"), reference }
+    }
+
+    fn pattern(&mut self, seed: u64, count: usize, length: usize) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        for _ in 0..count {
+            let offset = rng.gen_range(0..(self.reference.len() - length) / 4096) * 4096;
+            let mut data = vec![0u8; length];
+            rng.fill(&mut data[..]);
+            assert_eq!(self.client.write(offset as u64, &data), 0, "write at {offset}");
+            self.reference[offset..offset + length].copy_from_slice(&data);
+        }
+        assert_eq!(self.client.flush(), 0);
+    }
+
+    fn assert_equal(&mut self, what: &str) {
+        for start in (0..self.reference.len()).step_by(MIB) {
+            assert!(self.client.read(start as u64, MIB as u32) == self.reference[start..start + MIB], "{what}: differs in the MiB at {start}");
+        }
+    }
+}
+
+fn assert_fingerprint(line: &str) {
+    assert!(line.len() == 71 && line.starts_with("sha256:") && line[7..].chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()), "{line:?}");
+}
+
+/// Waits (bounded) until the mirror's last error contains `needle`; returns it.
+fn wait_mirror_error(vdir: &Path, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = status_json(vdir);
+        let error = status["mirrors"][0]["last_error"].as_str().unwrap_or_default().to_string();
+        if error.contains(needle) {
+            return error;
+        }
+        assert!(Instant::now() < deadline, "the mirror never reported {needle:?}: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_promoted_replica_serves_a_new_generation_and_the_old_source_is_refused_as_stale() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut pair = Pair::new(tmp.path());
+    let mut a = Writer::new(&pair.socket(), vec![0u8; SIZE]);
+    a.pattern(1, 200, 64 << 10);
+    let caught_up = wait_caught_up(&pair.vdir);
+    let a_last = caught_up["volume"]["last_lsn"].as_u64().unwrap();
+    let a_generation = caught_up["volume"]["generation"].as_str().unwrap().to_string();
+    let bdir = tmp.path().join("b").join("vol0");
+
+    // While the source is connected: refused without --force, and nothing changes.
+    let refused = pair.promote(&bdir, &[], &[]);
+    assert!(!refused.status.success());
+    assert!(stderr(&refused).contains("is connected") && stderr(&refused).contains("--force"), "{}", stderr(&refused));
+    assert!(!bdir.exists(), "a refused promote made nothing");
+    assert_eq!(pair.replica_status()["promoted_to"], serde_json::Value::Null);
+
+    // The disaster: the source dies.
+    let a_reference = a.reference.clone();
+    drop(a);
+    pair.served.as_mut().unwrap().kill9();
+    pair.wait_disconnected();
+    let output = pair.promote(&bdir, &[], &[]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(text.contains("no copy"), "{text}");
+    let fingerprint = fingerprint_line(&text);
+    assert_fingerprint(&fingerprint);
+    assert_eq!(pair.replica_status()["promoted_to"], bdir.to_str().unwrap());
+    let again = pair.promote(&tmp.path().join("elsewhere"), &[], &[]);
+    assert!(!again.status.success() && stderr(&again).contains("already promoted"), "{}", stderr(&again));
+
+    // B serves the promoted volume: the source's data, a new generation whose parent is A's.
+    let b_served = Served::start(&bdir, &[]);
+    let status = status_json(&bdir);
+    let volume = &status["volume"];
+    assert_eq!(volume["fingerprint"], fingerprint.as_str());
+    assert_eq!(volume["role"], "primary");
+    assert_ne!(volume["generation"], a_generation.as_str());
+    let generations = volume["generations"].as_array().unwrap();
+    assert_eq!(generations.len(), 2, "{status}");
+    assert_eq!(generations[0]["id"], a_generation.as_str());
+    assert_eq!(generations[1]["parent"], a_generation.as_str());
+    assert_eq!(generations[1]["branch_lsn"].as_u64(), Some(a_last));
+    assert_eq!(volume["last_lsn"].as_u64(), Some(a_last), "the journal continues the numbering");
+    let mut b = Writer::new(&b_served.socket, a_reference.clone());
+    b.assert_equal("the promoted volume against the source");
+    b.pattern(2, 128, 64 << 10); // 8 MiB more, at B
+    b.assert_equal("the promoted volume after writes");
+    let b_last = status_json(&bdir)["volume"]["last_lsn"].as_u64().unwrap();
+    assert_eq!(b_last, a_last + 128);
+
+    // A comes back: refused as stale, with the counts; nothing changes on either side.
+    pair.served = Some(Served::start(&pair.vdir, &[]));
+    let error = wait_mirror_error(&pair.vdir, "128 records since");
+    assert!(error.contains("is stale"), "{error}");
+    assert!(error.contains("wrote nothing after LSN") && error.contains("128 records since") && error.contains("volume demote"), "{error}");
+    assert_eq!(status_json(&pair.vdir)["volume"]["last_lsn"].as_u64(), Some(a_last));
+    assert_eq!(status_json(&bdir)["volume"]["last_lsn"].as_u64(), Some(b_last));
+    Writer::new(&pair.socket(), a_reference).assert_equal("the old source, untouched");
+    let log = std::fs::read_to_string(pair.adir.with_extension("log")).unwrap();
+    assert!(log.contains("refused a source") && log.contains("was promoted"), "the applier says why too");
+    drop(b_served);
+    drop(pair.applier.take());
+}
+
+#[test]
+fn a_snapshot_is_promoted_and_an_inconsistent_replica_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut pair = Pair::new(tmp.path());
+    let mut a = Writer::new(&pair.socket(), vec![0u8; SIZE]);
+    a.pattern(3, 100, 64 << 10);
+    let output = cli(&["marker", "create", "--dir", pair.vdir.to_str().unwrap(), "--name", "m1"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let at_marker = a.reference.clone();
+    a.pattern(4, 100, 64 << 10);
+    wait_caught_up(&pair.vdir);
+    drop(a);
+    assert_eq!(pair.served.as_mut().unwrap().terminate(), Some(0));
+    pair.wait_disconnected();
+
+    let bdir = tmp.path().join("b").join("vol0");
+    let missing = pair.promote(&bdir, &["--snapshot", "nope"], &[]);
+    assert!(!missing.status.success() && stderr(&missing).contains("no snapshot nope"), "{}", stderr(&missing));
+    let output = pair.promote(&bdir, &["--snapshot", "m1", "--json"], &[]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let promoted: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(promoted["snapshot"], "m1");
+    assert!(promoted["copied_bytes"].as_u64().unwrap() > 0, "copy-on-write chunks were written back: {promoted}");
+    let served = Served::start(&bdir, &[]);
+    Writer::new(&served.socket, at_marker).assert_equal("the promoted snapshot");
+    let marker_lsn = status_json(&bdir)["volume"]["generations"][1]["branch_lsn"].as_u64().unwrap();
+    assert_eq!(marker_lsn, promoted["branch_lsn"].as_u64().unwrap());
+    drop(served);
+
+    // A replica still in its initial synchronisation (slowed to 2 MiB/s) when its source
+    // dies is not consistent: refused, with the reason; nothing made.
+    let base = tmp.path().join("second");
+    let second = Pair::new_unsynced(&base);
+    let refused = second.promote(&base.join("b").join("vol0"), &[], &[]);
+    assert!(!refused.status.success());
+    assert!(stderr(&refused).contains("not consistent") && stderr(&refused).contains("no valid snapshot"), "{}", stderr(&refused));
+    assert!(!base.join("b").join("vol0").exists());
+}
+
+impl Pair {
+    /// A volume with 24 MiB of data whose mirror is added with a 2 MiB/s limit and whose
+    /// source is killed a second into the initial synchronisation.
+    fn new_unsynced(base: &Path) -> Pair {
+        let adir = base.join("b").join("applier");
+        let output = cli(&["applier", "init", "--dir", adir.to_str().unwrap()]);
+        assert!(output.status.success(), "{}", stderr(&output));
+        let applier_fp = fingerprint_line(&stdout(&output));
+        let port = free_udp_port();
+        let applier = Applier::start(&adir, port);
+        let vdir = base.join("a").join("vol0");
+        let fp = fingerprint_line(&create_volume(&vdir, "vol0", "32M", &["--journal-size", "64M", "--segment-size", "4M"]));
+        assert!(cli(&["applier", "allow", "--dir", adir.to_str().unwrap(), &fp]).status.success());
+        {
+            let served = Served::start(&vdir, &[]);
+            Writer::new(&served.socket, vec![0u8; SIZE]).pattern(5, 96, 256 << 10);
+        }
+        let output =
+            cli(&["mirror", "add", "--dir", vdir.to_str().unwrap(), "--to", &format!("127.0.0.1:{port}"), "--fingerprint", &applier_fp, "--max-rate", "2M"]);
+        assert!(output.status.success(), "{}", stderr(&output));
+        let mut served = Served::start(&vdir, &[]);
+        let pair = Pair { vdir, adir, port, applier: Some(applier), served: None };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while pair.replica_status()["connected"] != true {
+            assert!(Instant::now() < deadline, "the source never connected");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        served.kill9();
+        pair.wait_disconnected();
+        assert_eq!(pair.replica_status()["consistent"], false);
+        let _ = pair.port;
+        pair
+    }
+}
+
+#[test]
+fn split_brain_is_refused_on_both_sides_and_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = Pair::new(tmp.path());
+    let mut a = Writer::new(&pair.socket(), vec![0u8; SIZE]);
+    a.pattern(6, 100, 64 << 10);
+    let branch = wait_caught_up(&pair.vdir)["volume"]["last_lsn"].as_u64().unwrap();
+    let bdir = tmp.path().join("b").join("vol0");
+    // Promoted while A runs (--force): A is disconnected and goes on writing.
+    let output = pair.promote(&bdir, &["--force"], &[]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    std::thread::sleep(Duration::from_millis(50));
+    let at_branch = a.reference.clone();
+    a.pattern(7, 40, 64 << 10);
+    let b_served = Served::start(&bdir, &[]);
+    let mut b = Writer::new(&b_served.socket, at_branch);
+    b.assert_equal("B holds A's state at the branch, not A's writes since");
+    b.pattern(8, 30, 64 << 10);
+
+    let error = wait_mirror_error(&pair.vdir, "30 records since");
+    assert!(error.starts_with("refused by the applier: split brain"), "{error}");
+    assert!(error.contains(&format!("40 records (2.5M) after LSN {branch}")) && error.contains("40 of them after the promote"), "{error}");
+    assert!(error.contains("30 records since") && error.contains("--discard-local-changes"), "{error}");
+    let log = std::fs::read_to_string(pair.adir.with_extension("log")).unwrap();
+    assert!(log.contains("refused a source"), "the applier refuses too");
+    a.assert_equal("A after the refusal");
+    b.assert_equal("B after the refusal");
+    assert_eq!(status_json(&bdir)["volume"]["last_lsn"].as_u64(), Some(branch + 30));
+}
+
+#[test]
+fn a_promote_that_crashed_is_finished_by_running_it_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut pair = Pair::new(tmp.path());
+    let mut a = Writer::new(&pair.socket(), vec![0u8; SIZE]);
+    a.pattern(9, 100, 64 << 10);
+    wait_caught_up(&pair.vdir);
+    let reference = a.reference.clone();
+    drop(a);
+    assert_eq!(pair.served.as_mut().unwrap().terminate(), Some(0));
+    // The promote runs in the command itself when no applier runs.
+    pair.applier.take().unwrap().kill9();
+    let bdir = tmp.path().join("b").join("vol0");
+    for point in ["promote-before-volume", "promote-before-done"] {
+        let crashed = pair.promote(&bdir, &[], &[("UBLK_MIRROR_FAILPOINTS", point)]);
+        assert!(!crashed.status.success(), "{point}: the failpoint aborts");
+        let other = pair.promote(&tmp.path().join("other"), &[], &[]);
+        assert!(!other.status.success() && stderr(&other).contains("begun and not finished"), "{point}: {}", stderr(&other));
+        // The replica takes nothing meanwhile: the source is refused.
+        let applier = Applier::start(&pair.adir, pair.port);
+        let mut served = Served::start(&pair.vdir, &[]);
+        wait_mirror_error(&pair.vdir, "was promoted");
+        served.terminate();
+        drop(applier);
+    }
+    let output = pair.promote(&bdir, &[], &[]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_fingerprint(&fingerprint_line(&stdout(&output)));
+    let served = Served::start(&bdir, &[]);
+    Writer::new(&served.socket, reference).assert_equal("the volume a crashed promote made");
+}
