@@ -71,6 +71,21 @@ impl VolumeDir {
         self.root.join("generations.json")
     }
 
+    /// `branch.dirty`: a promoted volume's map of the regions written since its branch.
+    pub fn branch_map(&self) -> PathBuf {
+        self.root.join("branch.dirty")
+    }
+
+    /// `demoted.json`: the volume was demoted to a replica (`volume demote`); `run` refuses it.
+    pub fn demoted(&self) -> PathBuf {
+        self.root.join("demoted.json")
+    }
+
+    /// `demote.dirty`: the regions a demoted volume wrote that its new primary may lack.
+    pub fn demote_map(&self) -> PathBuf {
+        self.root.join("demote.dirty")
+    }
+
     /// `markers.json`: the markers the volume appended (names, LSNs, groups).
     pub fn markers(&self) -> PathBuf {
         self.root.join("markers.json")
@@ -94,6 +109,12 @@ impl VolumeDir {
     /// not records), so markers inside them have no snapshot there.
     pub fn mirror_gaps(&self, name: &str) -> PathBuf {
         self.mirrors().join(format!("{name}.gaps.json"))
+    }
+
+    /// `mirrors/NAME.promoted.json`: what the mirror's applier said when it refused it
+    /// because its replica was promoted (the promoted history, when), for `volume demote`.
+    pub fn mirror_promoted(&self, name: &str) -> PathBuf {
+        self.mirrors().join(format!("{name}.promoted.json"))
     }
 
     pub fn mirror_dirty_map(&self, name: &str) -> PathBuf {
@@ -196,6 +217,12 @@ impl ReplicaDir {
     /// `generations.json`: the history of the volume as this replica follows it.
     pub fn generations(&self) -> PathBuf {
         self.root.join("generations.json")
+    }
+
+    /// `local-changes.dirty`: a demoted volume's replica: the regions its image may hold
+    /// that the new primary lacks (sent to it in the Welcome; removed once resynced).
+    pub fn local_changes(&self) -> PathBuf {
+        self.root.join("local-changes.dirty")
     }
 
     pub fn journal_new(&self) -> PathBuf {

@@ -77,9 +77,14 @@ impl Writer {
     }
 
     fn pattern(&mut self, seed: u64, count: usize, length: usize) {
+        self.pattern_aligned(seed, count, length, 4096)
+    }
+
+    /// `count` writes of `length` bytes at seeded offsets, multiples of `align`; a flush.
+    fn pattern_aligned(&mut self, seed: u64, count: usize, length: usize, align: usize) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         for _ in 0..count {
-            let offset = rng.gen_range(0..(self.reference.len() - length) / 4096) * 4096;
+            let offset = rng.gen_range(0..(self.reference.len() - length) / align) * align;
             let mut data = vec![0u8; length];
             rng.fill(&mut data[..]);
             assert_eq!(self.client.write(offset as u64, &data), 0, "write at {offset}");
@@ -283,6 +288,32 @@ fn split_brain_is_refused_on_both_sides_and_changes_nothing() {
     a.assert_equal("A after the refusal");
     b.assert_equal("B after the refusal");
     assert_eq!(status_json(&bdir)["volume"]["last_lsn"].as_u64(), Some(branch + 30));
+
+    // Resolved by choosing B: A's changes go, but only with --discard-local-changes.
+    drop(a);
+    let mut pair = pair;
+    assert_eq!(pair.served.as_mut().unwrap().terminate(), Some(0));
+    let a_adir = tmp.path().join("a").join("applier");
+    let a_applier_fp = init_applier(&a_adir);
+    let demote = |extra: &[&str]| {
+        let mut args = vec!["volume", "demote", "--dir", pair.vdir.to_str().unwrap(), "--applier", a_adir.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        cli(&args)
+    };
+    let refused = demote(&[]);
+    assert!(
+        !refused.status.success() && stderr(&refused).contains("split brain") && stderr(&refused).contains("--discard-local-changes"),
+        "{}",
+        stderr(&refused)
+    );
+    assert_eq!(status_json(&pair.vdir)["volume"]["role"], "primary", "a refused demote changes nothing");
+    let output = demote(&["--discard-local-changes"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stdout(&output).contains("40 records"), "{}", stdout(&output));
+    let b_fingerprint = status_json(&bdir)["volume"]["fingerprint"].as_str().unwrap().to_string();
+    let (_status, _b_served, b, _a_applier) = fail_back(&a_adir, &a_applier_fp, &b_fingerprint, &bdir, b_served, b);
+    let backing = status_json(&pair.vdir)["volume"]["backing"].as_str().unwrap().to_string();
+    assert!(std::fs::read(&backing).unwrap() == b.reference, "A converged to B");
 }
 
 #[test]
@@ -315,4 +346,91 @@ fn a_promote_that_crashed_is_finished_by_running_it_again() {
     assert_fingerprint(&fingerprint_line(&stdout(&output)));
     let served = Served::start(&bdir, &[]);
     Writer::new(&served.socket, reference).assert_equal("the volume a crashed promote made");
+}
+
+#[test]
+fn failback_resyncs_only_what_either_side_changed_and_undoes_the_old_sources_unreplicated_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut pair = Pair::new(tmp.path());
+    let mut a = Writer::new(&pair.socket(), vec![0u8; SIZE]);
+    a.pattern(10, 200, 64 << 10);
+    wait_caught_up(&pair.vdir);
+    // The link dies (the applier with it); A writes 20 records that never reach B, then dies.
+    pair.applier.take().unwrap().kill9();
+    a.pattern_aligned(11, 20, 64 << 10, 64 << 10);
+    drop(a);
+    pair.served.as_mut().unwrap().kill9();
+    pair.applier = Some(Applier::start(&pair.adir, pair.port));
+    let bdir = tmp.path().join("b").join("vol0");
+    let output = pair.promote(&bdir, &[], &[]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let b_fingerprint = fingerprint_line(&stdout(&output));
+    let b_served = Served::start(&bdir, &[]);
+    let at_branch: Vec<u8> = {
+        let mut client = NbdClient::connect(&b_served.socket, "vol0").unwrap();
+        (0..SIZE).step_by(MIB).flat_map(|start| client.read(start as u64, MIB as u32)).collect()
+    };
+    let mut b = Writer::new(&b_served.socket, at_branch);
+    // 64 KiB writes on 64 KiB boundaries: each changes one region of the maps.
+    b.pattern_aligned(12, 128, 64 << 10, 64 << 10);
+
+    // A comes back: stale, with its 20 unreplicated records counted, all from before the promote.
+    pair.served = Some(Served::start(&pair.vdir, &[]));
+    let error = wait_mirror_error(&pair.vdir, "is stale");
+    assert!(error.contains("wrote 20 records (1.2M)") && error.contains("all before the promote"), "{error}");
+    assert_eq!(pair.served.as_mut().unwrap().terminate(), Some(0));
+
+    // Demote A to a replica on its own host: the count is reported before anything is undone.
+    let a_adir = tmp.path().join("a").join("applier");
+    let a_applier_fp = init_applier(&a_adir);
+    let output = cli(&["volume", "demote", "--dir", pair.vdir.to_str().unwrap(), "--applier", a_adir.to_str().unwrap(), "--json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["local_records"].as_u64(), Some(20), "{report}");
+    assert_eq!(report["after_promote"].as_u64(), Some(0), "{report}");
+    assert_eq!(status_json(&pair.vdir)["volume"]["role"], "demoted");
+    let refused = std::process::Command::new(bin()).args(["run", "--dir", pair.vdir.to_str().unwrap(), "--nbd", "unix:/nonexistent/x.sock"]).output().unwrap();
+    assert!(!refused.status.success() && stderr(&refused).contains("was demoted"), "{}", stderr(&refused));
+
+    // B mirrors to A's applier: a failback resync of the regions either side changed.
+    let (status, _b_served, mut b, _a_applier) = fail_back(&a_adir, &a_applier_fp, &b_fingerprint, &bdir, b_served, b);
+    let sent = status["mirrors"][0]["sent_bytes"].as_u64().unwrap();
+    let changed_regions = (128 + 20) * (64 << 10);
+    eprintln!("failback sent {sent} bytes for at most {changed_regions} bytes of changed regions (volume {SIZE})");
+    assert!(sent <= changed_regions as u64 + MIB as u64, "the failback sent {sent} bytes: more than the changed regions");
+    let backing = status_json(&pair.vdir)["volume"]["backing"].as_str().unwrap().to_string();
+    let image = std::fs::read(&backing).unwrap();
+    assert!(image == b.reference, "A's image equals B byte for byte after the failback");
+    assert!(!a_adir.join("replicas").join("vol0").join("local-changes.dirty").exists(), "the local changes were replaced");
+    // And it follows B from now on.
+    b.pattern(13, 10, 64 << 10);
+    wait_caught_up(&bdir);
+    assert!(std::fs::read(&backing).unwrap() == b.reference);
+}
+
+/// B (the promoted volume, served by `b_served`, written through `b`) mirrors to A's
+/// applier in `a_adir`: the failback. Returns B's status once it caught up, B's new server and
+/// writer.
+fn fail_back(a_adir: &Path, a_applier_fp: &str, b_fingerprint: &str, bdir: &Path, b_served: Served, b: Writer) -> (serde_json::Value, Served, Writer, Applier) {
+    assert!(cli(&["applier", "allow", "--dir", a_adir.to_str().unwrap(), b_fingerprint]).status.success());
+    let a_port = free_udp_port();
+    let a_applier = Applier::start(a_adir, a_port);
+    let output = cli(&["mirror", "add", "--dir", bdir.to_str().unwrap(), "--to", &format!("127.0.0.1:{a_port}"), "--fingerprint", a_applier_fp]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    // A mirror added starts with the next `run`.
+    let reference = b.reference.clone();
+    drop(b);
+    let mut b_served = b_served;
+    assert_eq!(b_served.terminate(), Some(0));
+    let b_served = Served::start(bdir, &[]);
+    let b = Writer::new(&b_served.socket, reference);
+    let status = wait_caught_up(bdir);
+    (status, b_served, b, a_applier)
+}
+
+/// Makes an applier directory; returns its fingerprint.
+fn init_applier(adir: &Path) -> String {
+    let output = cli(&["applier", "init", "--dir", adir.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    fingerprint_line(&stdout(&output))
 }

@@ -229,11 +229,11 @@ impl Applier {
     }
 
     async fn stream(&self, name: &str, replica: &Arc<Mutex<Replica>>, send: &mut quinn::SendStream, mut recv: quinn::RecvStream) -> Result<(), ApplierError> {
-        let (received_lsn, applied_lsn, consistent, needs_sync, consistent_lsn) = {
+        let (received_lsn, applied_lsn, consistent, needs_sync, consistent_lsn, local_changes) = {
             let r = lock(replica);
-            (r.received_lsn(), r.applied_lsn(), r.state().is_consistent(), r.state().needs_sync(), r.state().consistent_lsn())
+            (r.received_lsn(), r.applied_lsn(), r.state().is_consistent(), r.state().needs_sync(), r.state().consistent_lsn(), r.local_changes()?)
         };
-        write_control(send, &Control::Welcome { received_lsn, applied_lsn, consistent, needs_sync, consistent_lsn }).await?;
+        write_control(send, &Control::Welcome { received_lsn, applied_lsn, consistent, needs_sync, consistent_lsn, local_changes }).await?;
         tracing::info!(volume = %name, received_lsn, applied_lsn, consistent, needs_sync, "source connected");
         // Frames are read by their own task, so the next batch crosses the network while this
         // one is made durable and applied. A frame that fails to decode ends the reader, and

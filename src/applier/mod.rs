@@ -6,6 +6,7 @@
 mod admin;
 pub mod config;
 mod daemon;
+mod demote;
 mod failover;
 pub mod replica;
 pub mod snapshot;
@@ -13,6 +14,7 @@ pub mod snapshot;
 pub use admin::{allow, allowed, attach_image, init, offline_status};
 pub use config::{ApplierConfig, ApplierConfigError};
 pub use daemon::Applier;
+pub use demote::{demote, DemoteOptions, DemoteReport};
 pub use failover::{promote_offline, PromoteRequest};
 
 use crate::protocol::framing::LinkError;

@@ -1,4 +1,4 @@
-//! `volume create` and `volume set`.
+//! `volume create`, `volume set` and `volume demote`.
 
 use std::path::PathBuf;
 
@@ -20,6 +20,58 @@ pub enum VolumeCommand {
     Create(CreateArgs),
     /// Change a volume's settings; a running volume applies them at once.
     Set(SetArgs),
+    /// Turn a stale old source (its replica was promoted elsewhere) into a replica held by
+    /// the applier in ADIR on this host, on its backing store where it is. What it wrote
+    /// after the point the new primary holds is counted and kept as a map: when the new
+    /// primary mirrors to this applier, only those regions and the ones it wrote since the
+    /// promote are resynced (no full copy), and this volume ends equal to the new primary.
+    Demote(DemoteArgs),
+}
+
+#[derive(Args)]
+pub struct DemoteArgs {
+    /// State directory of the volume (not running).
+    #[arg(long)]
+    dir: PathBuf,
+    /// The applier directory (made by `applier init`) that will hold the replica.
+    #[arg(long)]
+    applier: PathBuf,
+    /// The mirror whose replica was promoted (default: the volume's only mirror).
+    #[arg(long)]
+    mirror: Option<String>,
+    /// Let the new primary's data replace what this volume wrote after the branch even when
+    /// that may be a split brain's (written after the promote, or not known).
+    #[arg(long)]
+    discard_local_changes: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn demote(args: DemoteArgs) -> Result<()> {
+    let options = ublk_mirror::applier::DemoteOptions { mirror: args.mirror, discard_local_changes: args.discard_local_changes };
+    let report = ublk_mirror::applier::demote(&args.dir, &args.applier, &options).with_context(|| format!("demote volume {}", args.dir.display()))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!("demoted volume {}: it is now the replica in {}", report.volume, report.replica_dir.display());
+    println!("  image      {} (the backing store, used where it is)", report.image.display());
+    if report.local_records > 0 {
+        println!(
+            "  undone     {} records ({}) written after LSN {}, {} of them after the promote: the new primary's data replaces their regions ({}) at the first resync",
+            report.local_records,
+            ublk_mirror::size::human_size(report.local_bytes),
+            report.common_lsn,
+            report.after_promote,
+            ublk_mirror::size::human_size(report.local_region_bytes)
+        );
+    } else {
+        println!("  undone     nothing: it wrote nothing after LSN {}", report.common_lsn);
+    }
+    println!("next: allow the new primary's fingerprint (ublk-mirror applier allow --dir {} FP), run this applier,", args.applier.display());
+    println!("      and on the new primary's host: ublk-mirror mirror add --dir VDIR --to THIS_HOST:PORT --fingerprint <this applier's>");
+    Ok(())
 }
 
 /// What a volume does when its journal would fill because mirrors hold it.
@@ -85,6 +137,7 @@ pub fn execute(command: VolumeCommand) -> Result<()> {
     match command {
         VolumeCommand::Create(args) => create(args),
         VolumeCommand::Set(args) => set(args),
+        VolumeCommand::Demote(args) => demote(args),
     }
 }
 

@@ -32,7 +32,7 @@ pub use ledger::Backlog;
 use ledger::Ledger;
 pub use reader::JournalReader;
 pub use recovery::{RecoveryMode, RecoveryReport};
-pub use retention::{Hold, HoldSpec, HoldState, OnFull, Retention};
+pub use retention::{Hold, HoldSpec, HoldState, OnFull, Retention, BRANCH_HOLD};
 use table::{initialise_segment_file, SegmentTable};
 pub use writer::{AppendError, JournalWriter};
 

@@ -63,6 +63,11 @@ impl std::str::FromStr for OnFull {
     }
 }
 
+/// The hold of a promoted volume's branch map: it keeps nothing and folds every record
+/// trimmed into `VDIR/branch.dirty`, so the regions written since the branch are always
+/// known (a failback resyncs them). Not a mirror name (those cannot contain `@`).
+pub const BRANCH_HOLD: &str = "@branch";
+
 /// Past this fill, under `Track`, the holds that keep the journal this full are released...
 const HIGH_WATER: (u64, u64) = (3, 4);
 /// ...so that trimming can bring it back to this.
@@ -364,6 +369,31 @@ impl Hold {
         let snapshot = map.clone();
         entry.lsn = Some(base);
         Ok(snapshot)
+    }
+
+    /// Starts a failback resync at `base`: the regions to resend are the replica's
+    /// `local_changes` and every region this volume wrote since its branch (the hold `branch`'s
+    /// map and the records the journal holds after it, through `base`), under one lock so no
+    /// trim falls between them. Without a branch map (or when the journal lost records the map
+    /// lacks) every region is resent; the applier compares hashes.
+    pub fn begin_failback(&self, base: u64, branch: &str, local_changes: &DirtyMap) -> Result<DirtyMap, String> {
+        let retention = &self.retention;
+        let mut holds = crate::lock(&retention.holds);
+        let size = retention.device_size;
+        let mut union = match holds.get(branch).and_then(|entry| entry.map.clone()) {
+            Some(map) if map.region_size() == local_changes.region_size() => map,
+            _ => DirtyMap::full(size, local_changes.region_size(), base),
+        };
+        union.merge(local_changes);
+        if !retention.journal.fold_into(&mut union, base) {
+            union = DirtyMap::full(size, local_changes.region_size(), base);
+        }
+        union.set_covered_lsn(base);
+        union.set_tracked_from(local_changes.tracked_from());
+        let entry = holds.get_mut(&self.name).ok_or_else(|| format!("no hold named {}", self.name))?;
+        entry.map = Some(union.clone());
+        entry.lsn = Some(base);
+        Ok(union)
     }
 
     /// The applier committed the resync: the map is no longer needed (every record folded

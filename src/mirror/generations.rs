@@ -9,12 +9,43 @@
 //! keeps them; a record whose time is not known, because the journal no longer holds it,
 //! counts as written after: split brain, the answer that needs the explicit choice).
 
-use crate::generation::Relation;
+use serde::{Deserialize, Serialize};
+
+use crate::generation::{Generation, Relation};
 use crate::journal::JournalReader;
+use crate::layout::VolumeDir;
 use crate::protocol::framing::LinkError;
 use crate::protocol::wire::{history_from_wire, Refusal};
 use crate::size::human_size;
 use crate::volume::Volume;
+
+/// What a mirror's applier said when it refused the mirror because its replica was promoted
+/// (`mirrors/NAME.promoted.json`): `volume demote` goes by it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromotionSeen {
+    pub to: String,
+    pub generation: uuid::Uuid,
+    pub branch_lsn: u64,
+    /// When the promote began (the new generation's time).
+    pub promoted_us: u64,
+    /// The promoted volume's history and last LSN when it was seen.
+    pub history: Vec<Generation>,
+    pub last_lsn: u64,
+    pub seen_us: u64,
+}
+
+impl PromotionSeen {
+    pub fn load(dir: &VolumeDir, mirror: &str) -> Option<PromotionSeen> {
+        serde_json::from_slice(&std::fs::read(dir.mirror_promoted(mirror)).ok()?).ok()
+    }
+
+    fn save(&self, dir: &VolumeDir, mirror: &str) {
+        let path = dir.mirror_promoted(mirror);
+        if let Err(error) = crate::fsutil::write_atomic(&path, &serde_json::to_vec_pretty(self).expect("serialises")) {
+            tracing::warn!(path = %path.display(), %error, "could not save what the applier said of the promotion");
+        }
+    }
+}
 
 /// Records this volume wrote after an LSN, split by the promote's time.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -50,9 +81,20 @@ pub fn written_after(volume: &Volume, lsn: u64, promoted_us: u64) -> WrittenAfte
 }
 
 /// The error for a refusal because the replica was promoted (other refusals as they are).
-pub fn explain(volume: &Volume, vdir: &std::path::Path, refusal: Refusal) -> LinkError {
+pub fn explain(volume: &Volume, mirror: &str, refusal: Refusal) -> LinkError {
     let Refusal::Promoted { name, to, generation, branch_lsn, last_lsn, history } = &refusal else { return LinkError::Refused(refusal) };
     let Ok(promoted) = history_from_wire(history) else { return LinkError::Refused(refusal) };
+    let vdir = volume.dir().root();
+    PromotionSeen {
+        to: to.clone(),
+        generation: promoted.current().id,
+        branch_lsn: *branch_lsn,
+        promoted_us: promoted.current().created_us,
+        history: promoted.generations().to_vec(),
+        last_lsn: *last_lsn,
+        seen_us: crate::clock::now_micros(),
+    }
+    .save(volume.dir(), mirror);
     let ours = volume.history();
     let our_last = volume.journal().written_lsn();
     let (common_lsn, theirs_after) = match ours.relation(our_last, &promoted, *last_lsn) {

@@ -7,7 +7,7 @@
 
 pub mod checkpoints;
 pub mod config;
-mod generations;
+pub mod generations;
 pub mod rate;
 mod resync_source;
 mod senders;
@@ -16,6 +16,7 @@ mod sync_source;
 
 pub use checkpoints::Checkpoints;
 pub use config::{add, list, load, remove, set, MirrorConfig, MIN_RATE};
+pub use generations::{written_after, PromotionSeen, WrittenAfter};
 pub use senders::{holds, offline_statuses, Senders};
 
 #[derive(Debug, thiserror::Error)]

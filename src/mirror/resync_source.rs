@@ -19,6 +19,7 @@ use std::time::Instant;
 use super::rate::RateLimiter;
 use super::session::Sender;
 use crate::dirty_map::DirtyMap;
+use crate::journal::BRANCH_HOLD;
 use crate::lock;
 use crate::protocol::framing::{write_control, LinkError};
 use crate::protocol::wire::Control;
@@ -60,8 +61,20 @@ pub(super) struct ResyncSource {
 impl ResyncSource {
     /// Begins a resync at `base` (after which records stream): takes the hold, sends
     /// `ResyncStart`. `whole_device` when there is no dirty map to go by.
-    pub async fn start(sender: &Sender, send: &mut quinn::SendStream, base: u64, whole_device: bool) -> Result<ResyncSource, LinkError> {
-        let map = match sender.hold.begin_resync(base, whole_device) {
+    /// `failback`: the regions a demoted replica may hold that this volume lacks; they are
+    /// resynced with every region this volume wrote since its branch.
+    pub async fn start(
+        sender: &Sender,
+        send: &mut quinn::SendStream,
+        base: u64,
+        whole_device: bool,
+        failback: Option<DirtyMap>,
+    ) -> Result<ResyncSource, LinkError> {
+        let begun = match failback {
+            Some(local_changes) => sender.hold.begin_failback(base, BRANCH_HOLD, &local_changes),
+            None => sender.hold.begin_resync(base, whole_device),
+        };
+        let map = match begun {
             Ok(map) => map,
             Err(reason) => {
                 tracing::warn!(mirror = %sender.config.name, %reason, "resyncing the whole device");

@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use super::session::Sender;
 use super::{checkpoints, config, MirrorError};
-use crate::journal::{Hold, HoldSpec, HoldState, Journal};
+use crate::dirty_map::{DirtyMap, DEFAULT_REGION_SIZE};
+use crate::journal::{Hold, HoldSpec, HoldState, Journal, BRANCH_HOLD};
 use crate::layout::VolumeDir;
 use crate::lock;
 use crate::status::{MirrorState, MirrorStatus};
@@ -14,8 +15,10 @@ use crate::volume::Volume;
 
 /// The journal holds a volume of `device_size` bytes opens with: each mirror's saved
 /// `received` checkpoint, and for a mirror that tracks, its dirty map.
+/// A promoted volume also keeps its branch map ([`BRANCH_HOLD`]): the regions written since
+/// the branch, for a failback.
 pub fn holds(dir: &VolumeDir, device_size: u64) -> Result<Vec<HoldSpec>, MirrorError> {
-    Ok(config::list(dir)?
+    let mut holds: Vec<HoldSpec> = config::list(dir)?
         .into_iter()
         .map(|m| HoldSpec {
             lsn: checkpoints::load(dir, &m.name).received_lsn,
@@ -23,7 +26,16 @@ pub fn holds(dir: &VolumeDir, device_size: u64) -> Result<Vec<HoldSpec>, MirrorE
             map: checkpoints::load_dirty_map(dir, &m.name, device_size).0,
             name: m.name,
         })
-        .collect())
+        .collect();
+    let path = dir.branch_map();
+    if path.exists() {
+        let map = DirtyMap::load(&path, device_size).ok().flatten().unwrap_or_else(|| {
+            tracing::error!(path = %path.display(), "the branch map is damaged: a failback will compare every region");
+            DirtyMap::full(device_size, DEFAULT_REGION_SIZE, 0)
+        });
+        holds.push(HoldSpec { name: BRANCH_HOLD.into(), lsn: 0, map_path: path, map: Some(map) });
+    }
+    Ok(holds)
 }
 
 /// The mirrors of a volume nobody serves, from their files, with the lag the journal shows.

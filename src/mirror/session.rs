@@ -13,6 +13,7 @@ use super::checkpoints::{self, Checkpoints};
 use super::config::MirrorConfig;
 use super::rate::RateLimiter;
 use super::resync_source::{ResyncEvent, ResyncSource};
+use crate::dirty_map::DirtyMap;
 use crate::journal::{Hold, HoldState, JournalReader};
 use crate::layout::VolumeDir;
 use crate::lock;
@@ -182,18 +183,27 @@ impl Sender {
         )?);
         let connection = endpoint.connect(address, "applier")?.await?;
         let (mut send, mut recv) = connection.open_bi().await?;
-        let welcome = self.handshake(&mut send, &mut recv).await?;
+        let mut welcome = self.handshake(&mut send, &mut recv).await?;
         let journal = self.volume.journal();
         let mut limiter = RateLimiter::new(self.rate.clone());
         let journal_gap = welcome.received + 1 < journal.first_lsn();
         let tracking = !matches!(self.hold.state(), HoldState::Streaming { .. });
         let unfinished_elsewhere = !welcome.consistent && !welcome.needs_sync && !self.synced_here.load(Ordering::SeqCst);
         let mut resync_at = None;
+        let mut failback = None;
         let received = if welcome.needs_sync || unfinished_elsewhere || (!welcome.consistent && (journal_gap || tracking)) {
             if journal_gap && !welcome.needs_sync {
                 tracing::warn!(mirror = %self.config.name, received = welcome.received, first = journal.first_lsn(), "the journal no longer reaches back to the replica's checkpoint: synchronising");
             }
             self.synchronise(&mut send, &mut recv, welcome.applied, &mut limiter).await?
+        } else if let Some(local_changes) = welcome.local_changes.take() {
+            // A failback: the replica is a demoted volume. What it wrote after the branch and
+            // what this volume wrote since are resynced (DRBD's bitmap merge): no full copy.
+            let base = journal.synced_lsn();
+            lock(&self.status).rebase(welcome.received, welcome.applied);
+            failback = Some(local_changes);
+            resync_at = Some((base, false));
+            base
         } else if tracking || journal_gap {
             // A consistent replica the journal no longer reaches: resync it (staged: it
             // stays at its state until the resync commits), from the dirty map if there is
@@ -210,7 +220,7 @@ impl Sender {
         let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
         let mut acks = tokio::spawn(self.clone().read_acks(recv, in_flight.clone(), events_tx));
         let mut resync = match resync_at {
-            Some((base, whole_device)) => Some(ResyncSource::start(self, &mut send, base, whole_device).await?),
+            Some((base, whole_device)) => Some(ResyncSource::start(self, &mut send, base, whole_device, failback).await?),
             None => None,
         };
         let result = self.stream(&mut send, received, &in_flight, &mut acks, &mut limiter, &mut resync, events).await;
@@ -241,10 +251,17 @@ impl Sender {
         };
         write_control(send, &Control::Hello(hello)).await?;
         let welcome = match read_frame(recv).await? {
-            Some(Frame::Control(Control::Welcome { received_lsn, applied_lsn, consistent, needs_sync, consistent_lsn })) => {
-                Welcome { received: received_lsn, applied: applied_lsn, consistent, needs_sync, consistent_lsn }
+            Some(Frame::Control(Control::Welcome { received_lsn, applied_lsn, consistent, needs_sync, consistent_lsn, local_changes })) => {
+                let local_changes = match local_changes {
+                    Some(bytes) => Some(
+                        DirtyMap::decode(&bytes, std::path::Path::new("the applier's Welcome"), self.volume.config().size)
+                            .map_err(|error| LinkError::Protocol(format!("the replica's map of local changes: {error}")))?,
+                    ),
+                    None => None,
+                };
+                Welcome { received: received_lsn, applied: applied_lsn, consistent, needs_sync, consistent_lsn, local_changes }
             }
-            Some(Frame::Control(Control::Refused(refusal))) => return Err(super::generations::explain(&self.volume, self.dir.root(), refusal)),
+            Some(Frame::Control(Control::Refused(refusal))) => return Err(super::generations::explain(&self.volume, &self.config.name, refusal)),
             other => return Err(LinkError::Protocol(format!("expected Welcome, got {other:?}"))),
         };
         if welcome.received > journal.written_lsn() {
@@ -434,6 +451,8 @@ struct Welcome {
     consistent: bool,
     needs_sync: bool,
     consistent_lsn: Option<u64>,
+    /// A demoted volume's replica: regions it may hold that this volume's history lacks.
+    local_changes: Option<DirtyMap>,
 }
 
 /// A batch frame as chunks for QUIC, all handed over in one call: large payloads move in as

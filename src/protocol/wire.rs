@@ -117,6 +117,10 @@ pub enum Control {
         consistent: bool,
         needs_sync: bool,
         consistent_lsn: Option<u64>,
+        /// A demoted volume's replica (a failback): the regions its image may hold that
+        /// the source's history lacks (an encoded dirty map); the source resyncs them with
+        /// what it wrote since the branch. Absent otherwise.
+        local_changes: Option<Vec<u8>>,
     },
     Refused(Refusal),
     /// Checkpoints: `received` durable in the applier's journal, `applied` durable in the replica.

@@ -139,7 +139,7 @@ pub fn offline(dir: &VolumeDir, mirrors: impl FnOnce(&Arc<Journal>, u64) -> Vec<
             size: config.size,
             backing: config.backing.display().to_string(),
             generation: state.generation,
-            role: primary(),
+            role: if dir.demoted().exists() { "demoted".into() } else { primary() },
             generations: crate::generation::History::load_or_first(&dir.generations(), state.generation)
                 .map_err(|error| VolumeError::Invalid(error.to_string()))?
                 .generations()

@@ -144,6 +144,9 @@ impl Volume {
     pub fn open(dir: &Path, holds: impl IntoIterator<Item = HoldSpec>) -> Result<Volume, VolumeError> {
         let layout = VolumeDir::new(dir);
         let config = VolumeConfig::load(&layout)?;
+        if let Some(demoted) = super::Demoted::load(&layout)? {
+            return Err(demoted.refusal(dir));
+        }
         let lock = DirLock::acquire(&layout.lock()).map_err(|error| match error {
             LockError::Held { holder } => VolumeError::InUse { dir: dir.to_path_buf(), holder },
             LockError::Io { path, source } => VolumeError::Io { context: format!("open {}", path.display()), source },

@@ -17,6 +17,7 @@
 //!    redone.
 
 pub mod config;
+mod demoted;
 pub mod index;
 mod lifecycle;
 pub mod markers;
@@ -34,6 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 pub use config::VolumeConfig;
+pub use demoted::Demoted;
 pub use lifecycle::{CreateOptions, Created, Origin, DEFAULT_JOURNAL_SIZE, DEFAULT_PENDING_WINDOW, DEFAULT_SEGMENT_SIZE};
 pub use markers::{marker_history, Marked, MarkerEntry, WriteHold, MAX_HOLD};
 pub use state::VolumeState;

@@ -8,6 +8,7 @@
 //! `applied` (applying is idempotent). The target half of a synchronisation is
 //! `sync_target.rs`; the state file `state.rs`.
 
+mod demoted;
 mod promote;
 mod resync;
 mod snapshots;
@@ -22,6 +23,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+pub use demoted::DemotedImage;
 pub use promote::{PromoteOptions, Promoted};
 pub use state::{Consistency, Promotion, ReplicaState, ResyncState};
 

@@ -12,6 +12,7 @@
 use std::path::{Path, PathBuf};
 
 use super::{Promotion, Replica, ReplicaError};
+use crate::dirty_map::{DirtyMap, DEFAULT_REGION_SIZE};
 use crate::generation::History;
 use crate::volume::{CreateOptions, Origin, Volume};
 
@@ -184,6 +185,11 @@ impl Replica {
                 ..Default::default()
             };
             Volume::create(&promotion.to, &options).map_err(failed)?;
+        }
+        // The regions the new primary writes from now on, for a failback to the old source.
+        if !dir.branch_map().exists() {
+            let map = DirtyMap::new(self.state.size, DEFAULT_REGION_SIZE, promotion.branch_lsn);
+            map.save(&dir.branch_map()).map_err(|error| ReplicaError::Rejected(format!("save the branch map: {error}")))?;
         }
         crate::identity::fingerprint(&dir.identity()).map_err(|error| ReplicaError::Rejected(format!("read the new volume's identity: {error}")))
     }

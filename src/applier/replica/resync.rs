@@ -139,6 +139,7 @@ impl Replica {
         self.state.consistency = Consistency::Consistent;
         self.state.resync = None;
         self.state.save(&self.dir)?;
+        self.forget_local_changes();
         Stage::discard(&self.dir);
         self.applied_unsynced = self.applied_unsynced.max(lsn);
         self.checkpoint_begun_lsn = lsn;
