@@ -434,3 +434,165 @@ fn init_applier(adir: &Path) -> String {
     assert!(output.status.success(), "{}", stderr(&output));
     fingerprint_line(&stdout(&output))
 }
+
+#[test]
+fn a_planned_switchover_resends_nothing_and_the_same_command_swaps_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut pair = Pair::new(tmp.path());
+    let mut a = Writer::new(&pair.socket(), vec![0u8; SIZE]);
+    a.pattern(20, 100, 64 << 10);
+    let reference = a.reference.clone();
+    drop(a);
+    let a_adir = tmp.path().join("a").join("applier");
+    init_applier(&a_adir);
+    let a_port = free_udp_port();
+    let output = cli(&[
+        "mirror",
+        "switchover",
+        "--dir",
+        pair.vdir.to_str().unwrap(),
+        "--applier",
+        a_adir.to_str().unwrap(),
+        "--applier-address",
+        &format!("127.0.0.1:{a_port}"),
+        "--json",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    eprintln!("switchover: {report}");
+    assert_eq!(report["demoted"]["local_records"].as_u64(), Some(0));
+    let to = PathBuf::from(report["switched_over"]["to"].as_str().unwrap());
+    assert_eq!(to, pair.adir.join("volumes").join("vol0"));
+    // A's `run` stopped by itself.
+    let served = pair.served.as_mut().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while served.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "run did not stop after the switchover");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(status_json(&pair.vdir)["volume"]["role"], "demoted");
+
+    // The new primary serves the same data and mirrors back: nothing is resent.
+    let _a_applier = Applier::start(&a_adir, a_port);
+    let b_served = Served::start(&to, &[]);
+    let mut b = Writer::new(&b_served.socket, reference);
+    b.assert_equal("the new primary after the switchover");
+    let status = wait_caught_up_or_idle(&to);
+    assert_eq!(status["mirrors"][0]["sent_bytes"].as_u64(), Some(0), "nothing resent after the switch: {status}");
+    b.pattern(21, 16, 64 << 10);
+    let status = wait_caught_up(&to);
+    assert_eq!(status["mirrors"][0]["resync_sent_bytes"].as_u64().unwrap_or(0), 0, "{status}");
+    let backing = status_json(&pair.vdir)["volume"]["backing"].as_str().unwrap().to_string();
+    assert!(std::fs::read(&backing).unwrap() == b.reference, "the old source follows the new primary");
+
+    // Back: the same command the other way; A's own directory is the primary again.
+    let reference = b.reference.clone();
+    drop(b);
+    let output = cli(&[
+        "mirror",
+        "switchover",
+        "--dir",
+        to.to_str().unwrap(),
+        "--applier",
+        pair.adir.to_str().unwrap(),
+        "--applier-address",
+        &format!("127.0.0.1:{}", pair.port),
+        "--json",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let back: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(PathBuf::from(back["switched_over"]["to"].as_str().unwrap()), pair.vdir, "{back}");
+    let mut b_served = b_served;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while b_served.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the new primary's run did not stop after switching back");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = status_json(&pair.vdir);
+    assert_eq!(status["volume"]["role"], "primary");
+    assert_eq!(status["volume"]["generations"].as_array().unwrap().len(), 3, "{status}");
+    pair.served = Some(Served::start(&pair.vdir, &[]));
+    let mut a = Writer::new(&pair.socket(), reference);
+    a.assert_equal("A after switching back");
+    let status = wait_caught_up_or_idle(&pair.vdir);
+    assert_eq!(status["mirrors"][0]["sent_bytes"].as_u64(), Some(0), "nothing resent after switching back: {status}");
+    a.pattern(22, 8, 64 << 10);
+    wait_caught_up(&pair.vdir);
+}
+
+/// Waits (bounded) until the volume's only mirror is connected and consistent and has
+/// applied everything (which may be nothing).
+fn wait_caught_up_or_idle(volume: &Path) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = status_json(volume);
+        let mirror = &status["mirrors"][0];
+        if mirror["connected"] == true && mirror["consistent"] == true && mirror["applied_lsn"] == status["volume"]["last_lsn"] {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "mirror never settled: {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn crashes_during_demote_and_switchover_leave_states_the_commands_continue_from() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut pair = Pair::new(tmp.path());
+    let mut a = Writer::new(&pair.socket(), vec![0u8; SIZE]);
+    a.pattern(30, 60, 64 << 10);
+    let reference = a.reference.clone();
+    drop(a);
+    // The applier dies while it promotes for a switchover, before it answers.
+    pair.applier.take().unwrap().kill9();
+    pair.applier = Some(Applier::start_with_env(&pair.adir, pair.port, &[("UBLK_MIRROR_FAILPOINTS", "switchover-before-answer")]));
+    wait_caught_up(&pair.vdir);
+    let a_adir = tmp.path().join("a").join("applier");
+    init_applier(&a_adir);
+    let a_port = free_udp_port();
+    let switchover = |dir: &Path, adir: &Path, port: u16| {
+        cli(&["mirror", "switchover", "--dir", dir.to_str().unwrap(), "--applier", adir.to_str().unwrap(), "--applier-address", &format!("127.0.0.1:{port}")])
+    };
+    let output = switchover(&pair.vdir, &a_adir, a_port);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("fenced"), "the source does not know the outcome, so it is fenced: {}", stderr(&output));
+    // Fenced: a write fails, a read still works.
+    let mut client = NbdClient::connect(&pair.socket(), "vol0").unwrap();
+    assert_ne!(client.write(0, &[1u8; 4096]), 0, "a fenced volume takes no write");
+    assert!(client.read(0, 4096) == reference[..4096]);
+    drop(client);
+    assert_eq!(pair.served.as_mut().unwrap().terminate(), Some(0));
+    // The applier had promoted: its status says so; the source is demoted by hand, and a
+    // crash inside the demote is finished by running it again.
+    pair.applier.take().unwrap().kill9();
+    let replica = applier_status(&pair.adir)["replicas"][0].clone();
+    let to = PathBuf::from(replica["promoted_to"].as_str().expect("the replica was promoted"));
+    let demote = |env: &[(&str, &str)]| {
+        std::process::Command::new(bin())
+            .args(["volume", "demote", "--dir", pair.vdir.to_str().unwrap(), "--applier", a_adir.to_str().unwrap()])
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
+    };
+    assert!(!demote(&[("UBLK_MIRROR_FAILPOINTS", "demote-before-replica")]).status.success());
+    let refused = std::process::Command::new(bin()).args(["run", "--dir", pair.vdir.to_str().unwrap(), "--nbd", "unix:/nonexistent/x.sock"]).output().unwrap();
+    assert!(stderr(&refused).contains("was demoted"), "half demoted: run refuses: {}", stderr(&refused));
+    let output = demote(&[]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stdout(&output).contains("undone     nothing"), "{}", stdout(&output));
+    // The new primary serves the data and mirrors to the old source's applier once told to.
+    let fingerprint = status_json(&to)["volume"]["fingerprint"].as_str().unwrap().to_string();
+    assert!(cli(&["applier", "allow", "--dir", a_adir.to_str().unwrap(), &fingerprint]).status.success());
+    let a_applier_fp = applier_status(&a_adir)["fingerprint"].as_str().unwrap().to_string();
+    let output = cli(&["mirror", "add", "--dir", to.to_str().unwrap(), "--to", &format!("127.0.0.1:{a_port}"), "--fingerprint", &a_applier_fp]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let _a_applier = Applier::start(&a_adir, a_port);
+    let served = Served::start(&to, &[]);
+    let mut b = Writer::new(&served.socket, reference);
+    b.assert_equal("the promoted volume");
+    b.pattern(31, 8, 64 << 10);
+    let status = wait_caught_up(&to);
+    assert_eq!(status["mirrors"][0]["resync_sent_bytes"].as_u64().unwrap_or(0), 0, "{status}");
+    let backing = status_json(&pair.vdir)["volume"]["backing"].as_str().unwrap().to_string();
+    assert!(std::fs::read(&backing).unwrap() == b.reference);
+}

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use super::admin::{allowed, attached_image, offline_replica, replicas_on_disk};
-use super::replica::{Replica, ReplicaError};
+use super::replica::{Replica, ReplicaError, ReplicaState};
 use super::ApplierError;
 use crate::layout::ApplierDir;
 use crate::lock;
@@ -92,6 +92,22 @@ impl Applier {
         let (mut send, mut recv) = connection.accept_bi().await.map_err(LinkError::from)?;
         let hello = match read_frame(&mut recv).await? {
             Some(Frame::Control(Control::Hello(hello))) => hello,
+            Some(Frame::Control(Control::Switchover { hello, to, mirror, applier_address, applier_fingerprint })) => {
+                let applier = self.clone();
+                let request = super::failover::SwitchoverAsk { hello, to, mirror, applier_address, applier_fingerprint };
+                let reply = tokio::task::spawn_blocking(move || applier.switchover(&request)).await.map_err(|e| LinkError::Protocol(e.to_string()))?;
+                let reply = match reply {
+                    Ok(switched) => switched,
+                    Err(refusal) => {
+                        tracing::warn!(reason = %refusal, "refused a switchover");
+                        Control::Refused(refusal)
+                    }
+                };
+                write_control(&mut send, &reply).await?;
+                let _ = send.finish();
+                connection.closed().await;
+                return Ok(());
+            }
             other => return Err(LinkError::Protocol(format!("expected Hello, got {other:?}")).into()),
         };
         let name = hello.volume_name.clone();
@@ -148,10 +164,16 @@ impl Applier {
 
     fn replica_for(&self, hello: &Hello) -> Result<Arc<Mutex<Replica>>, ApplierError> {
         let mut replicas = lock(&self.replicas);
-        if let Some(slot) = replicas.get(&hello.volume_name) {
-            return Ok(slot.replica.clone());
-        }
         let dir = self.dir.replica(&hello.volume_name);
+        if let Some(slot) = replicas.get(&hello.volume_name) {
+            // A promoted replica that `volume demote` made a replica again (a switchover
+            // back) is opened anew from its files.
+            let remade = lock(&slot.replica).state().promotion.is_some() && ReplicaState::load(&dir).is_ok_and(|state| state.promotion.is_none());
+            if !remade {
+                return Ok(slot.replica.clone());
+            }
+            tracing::info!(volume = %hello.volume_name, "the promoted replica was made a replica again: reopening it");
+        }
         let replica = if dir.holds_replica() {
             Replica::open(dir.root())?
         } else if let Some(image) = attached_image(&dir)? {
@@ -188,6 +210,10 @@ impl Applier {
         }
         let replica = Replica::open(dir.root())?;
         Ok(self.register(&mut replicas, volume, replica))
+    }
+
+    pub(super) fn applier_dir(&self) -> &ApplierDir {
+        &self.dir
     }
 
     /// The address of the source connected to `volume`'s replica, if one is.

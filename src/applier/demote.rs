@@ -77,17 +77,20 @@ pub fn demote(vdir: &Path, adir: &Path, options: &DemoteOptions) -> Result<Demot
             (record, map)
         }
         None => {
-            if replica_dir.root().exists() {
+            if replica_dir.root().exists() && !promoted_into(&replica_dir, layout.root()) {
                 return Err(invalid(format!("{} already holds a replica of {}", adir.display(), config.name)));
             }
             let (mut record, map) = local_changes(&layout, &config, options)?;
             record.applier = applier.root().to_path_buf();
             map.save(&layout.demote_map()).map_err(|error| invalid(format!("save {}: {error}", layout.demote_map().display())))?;
             record.save(&layout).map_err(volume_error)?;
+            if crate::failpoint::hit("demote-before-replica") {
+                std::process::abort();
+            }
             (record, map)
         }
     };
-    if !replica_dir.holds_replica() {
+    if !replica_dir.holds_replica() || promoted_into(&replica_dir, layout.root()) {
         let state = VolumeState::load(&layout).map_err(volume_error)?;
         let history = History::load_or_first(&layout.generations(), state.generation).map_err(|error| invalid(error.to_string()))?;
         Replica::create_demoted(
@@ -100,6 +103,7 @@ pub fn demote(vdir: &Path, adir: &Path, options: &DemoteOptions) -> Result<Demot
                 image: config.backing.clone(),
                 common_lsn: record.common_lsn,
                 local_changes: map.clone(),
+                from: layout.root().to_path_buf(),
             },
         )?;
     }
@@ -115,6 +119,12 @@ pub fn demote(vdir: &Path, adir: &Path, options: &DemoteOptions) -> Result<Demot
         local_region_bytes: map.dirty_bytes(),
         discard_local_changes: record.discard_local_changes,
     })
+}
+
+/// The replica in `dir` is the one this volume was promoted from (a switchover's leftover):
+/// its image is this volume's backing store, and it becomes this volume's replica again.
+fn promoted_into(dir: &crate::layout::ReplicaDir, volume: &Path) -> bool {
+    crate::applier::replica::ReplicaState::load(dir).is_ok_and(|state| state.promotion.is_some_and(|p| p.done && p.to == volume))
 }
 
 /// Opens the volume (redo, lock), finds the point the replica holds and the regions written

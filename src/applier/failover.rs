@@ -10,7 +10,8 @@ use super::replica::{PromoteOptions, Promoted, Replica};
 use super::{Applier, ApplierError};
 use crate::layout::{ApplierDir, DirLock, LockError, VolumeDir};
 use crate::lock;
-use crate::protocol::wire::Refusal;
+use crate::mirror::MirrorConfig;
+use crate::protocol::wire::{Control, Refusal};
 
 /// The `replica-promote` request (JSON after the verb).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -71,6 +72,66 @@ impl Applier {
             }
             other => other,
         }
+    }
+}
+
+/// A source's `Switchover` (see `mirror::switchover`).
+pub(super) struct SwitchoverAsk {
+    pub hello: crate::protocol::wire::Hello,
+    pub to: String,
+    pub mirror: String,
+    pub applier_address: String,
+    pub applier_fingerprint: String,
+}
+
+impl Applier {
+    /// A planned swap: the replica, which must have everything the source has, is promoted
+    /// at that LSN; the new volume gets a mirror back to the source's own applier. Answers
+    /// `SwitchedOver`, or a refusal (nothing changed).
+    pub(super) fn switchover(&self, ask: &SwitchoverAsk) -> Result<Control, Refusal> {
+        let name = ask.hello.volume_name.clone();
+        let other = |message: String| Refusal::Other(message);
+        let back = MirrorConfig {
+            name: ask.mirror.clone(),
+            address: ask.applier_address.clone(),
+            fingerprint: ask.applier_fingerprint.clone(),
+            max_rate: None,
+            idle_timeout: None,
+            congestion: None,
+        };
+        back.validate().map_err(|e| other(format!("the mirror back to the source: {e}")))?;
+        let replica = self.existing_replica(&name).map_err(|e| other(e.to_string()))?;
+        let mut replica = lock(&replica);
+        replica.check_hello(&ask.hello)?;
+        let applied = replica.apply().map_err(|e| other(e.to_string()))?;
+        if applied != ask.hello.last_lsn {
+            return Err(other(format!("the replica of {name} holds LSN {applied}, the source is at {}: it must have everything first", ask.hello.last_lsn)));
+        }
+        // By default a demoted volume's replica goes back into the volume it was; any other
+        // into the applier's `volumes/NAME`.
+        let to = match (ask.to.is_empty(), &replica.state().demoted_from) {
+            (false, _) => std::path::PathBuf::from(&ask.to),
+            (true, Some(from)) if crate::volume::Demoted::load(&VolumeDir::new(from)).ok().flatten().is_some() => from.clone(),
+            (true, _) => self.applier_dir().root().join("volumes").join(&name),
+        };
+        let promoted = replica.promote(&PromoteOptions { to: to.clone(), snapshot: None, journal_size: None }).map_err(|e| other(e.to_string()))?;
+        let vdir = VolumeDir::new(&promoted.dir);
+        if crate::failpoint::hit("switchover-before-answer") {
+            std::process::abort();
+        }
+        if let Err(error) = crate::mirror::add(&vdir, &back) {
+            tracing::error!(%error, "the promoted volume has no mirror back to the old source: add it by hand");
+        }
+        let state = crate::volume::VolumeState::load(&vdir).map_err(|e| other(e.to_string()))?;
+        let history = crate::generation::History::load_or_first(&vdir.generations(), state.generation).map_err(|e| other(e.to_string()))?;
+        tracing::info!(volume = %name, to = %promoted.dir.display(), lsn = promoted.branch_lsn, "switched over: the replica is the new primary");
+        Ok(Control::SwitchedOver {
+            to: promoted.dir.display().to_string(),
+            generation: *promoted.generation.as_bytes(),
+            branch_lsn: promoted.branch_lsn,
+            fingerprint: promoted.fingerprint,
+            history: crate::protocol::wire::wire_history(&history),
+        })
     }
 }
 

@@ -1,5 +1,5 @@
 //! `mirror add`, `mirror remove`, `mirror set` (applied at once to a running volume where it
-//! can be) and `mirror wait`.
+//! can be), `mirror wait` and `mirror switchover` (`switchover.rs`).
 
 use std::path::PathBuf;
 
@@ -25,6 +25,12 @@ pub enum MirrorCommand {
     /// Wait until the mirrors have applied every write the running volume had journaled when
     /// the command started (e.g. before a planned failover, or in scripts). Exits 1 on timeout.
     Wait(MirrorWaitArgs),
+    /// Planned swap: hold writes at this running volume, wait until the mirror has applied
+    /// everything, promote its replica at that LSN (the replica's host gets a volume
+    /// directory to `run`, same data, new generation) and make this volume its replica in a
+    /// local applier. Nothing is resent. Unmount or stop the application first: writes sent
+    /// after the hold fail (EIO). Failback later is the same command the other way.
+    Switchover(super::switchover::SwitchoverArgs),
 }
 
 #[derive(Args)]
@@ -114,6 +120,7 @@ pub fn execute(command: MirrorCommand) -> Result<()> {
         }
         MirrorCommand::Wait(args) => wait(args),
         MirrorCommand::Set(args) => set(args),
+        MirrorCommand::Switchover(args) => super::switchover::switchover(args),
     }
 }
 

@@ -10,6 +10,7 @@ mod mirror;
 mod run;
 mod snapshot;
 mod status;
+mod switchover;
 mod ublk;
 mod volume;
 

@@ -57,6 +57,25 @@ pub struct RunArgs {
     metrics: Option<std::net::SocketAddr>,
 }
 
+/// The `switchover` control request: on success the volume is fenced and `run` stops
+/// itself (a moment later, so the answer goes out first).
+fn switchover(volume: &Volume, senders: &Senders, body: &str) -> serde_json::Value {
+    let request: mirror::SwitchoverRequest = match serde_json::from_str(body) {
+        Ok(request) => request,
+        Err(error) => return serde_json::json!({ "error": format!("bad switchover request: {error}") }),
+    };
+    match mirror::switchover(volume, senders, &request) {
+        Ok(switched) => {
+            std::thread::spawn(|| {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                let _ = signal_hook::low_level::raise(signal_hook::consts::SIGTERM);
+            });
+            serde_json::to_value(switched).unwrap_or_default()
+        }
+        Err(error) => serde_json::json!({ "error": format!("{error}") }),
+    }
+}
+
 pub fn execute(args: RunArgs) -> Result<()> {
     // The volume's file first: a bad [run] table must be reported before anything starts.
     let layout = VolumeDir::new(&args.dir);
@@ -125,6 +144,9 @@ pub fn execute(args: RunArgs) -> Result<()> {
                     if let Some(reply) = ublk_mirror::volume::markers::control_request(&control_volume, command) {
                         return reply;
                     }
+                }
+                if let Some(body) = command.strip_prefix("switchover ") {
+                    return control::Reply::Done(switchover(&control_volume, &senders, body));
                 }
                 control::Reply::Done(match command {
                     "status" => serde_json::to_value(live_status()).unwrap_or_default(),

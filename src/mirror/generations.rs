@@ -39,7 +39,7 @@ impl PromotionSeen {
         serde_json::from_slice(&std::fs::read(dir.mirror_promoted(mirror)).ok()?).ok()
     }
 
-    fn save(&self, dir: &VolumeDir, mirror: &str) {
+    pub(super) fn save(&self, dir: &VolumeDir, mirror: &str) {
         let path = dir.mirror_promoted(mirror);
         if let Err(error) = crate::fsutil::write_atomic(&path, &serde_json::to_vec_pretty(self).expect("serialises")) {
             tracing::warn!(path = %path.display(), %error, "could not save what the applier said of the promotion");

@@ -12,12 +12,14 @@ pub mod rate;
 mod resync_source;
 mod senders;
 mod session;
+mod switchover;
 mod sync_source;
 
 pub use checkpoints::Checkpoints;
 pub use config::{add, list, load, remove, set, MirrorConfig, MIN_RATE};
 pub use generations::{written_after, PromotionSeen, WrittenAfter};
 pub use senders::{holds, offline_statuses, Senders};
+pub use switchover::{switchover, SwitchedOver, SwitchoverRequest};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MirrorError {

@@ -238,17 +238,7 @@ impl Sender {
     /// Says who we are and reads the applier's checkpoints.
     async fn handshake(&self, send: &mut quinn::SendStream, recv: &mut quinn::RecvStream) -> Result<Welcome, LinkError> {
         let journal = self.volume.journal();
-        let config = self.volume.config();
-        let hello = Hello {
-            protocol: wire::PROTOCOL_VERSION,
-            volume_uuid: *config.uuid.as_bytes(),
-            volume_name: config.name.clone(),
-            size: config.size,
-            generation: *self.volume.generation().as_bytes(),
-            first_lsn: journal.first_lsn(),
-            last_lsn: journal.written_lsn(),
-            history: wire::wire_history(self.volume.history()),
-        };
+        let hello = hello_of(&self.volume);
         write_control(send, &Control::Hello(hello)).await?;
         let welcome = match read_frame(recv).await? {
             Some(Frame::Control(Control::Welcome { received_lsn, applied_lsn, consistent, needs_sync, consistent_lsn, local_changes })) => {
@@ -442,6 +432,22 @@ pub(super) enum Ended {
     Stopped,
     /// The journal released the mirror's hold: reconnect and resync.
     Released,
+}
+
+/// Who this volume is, for the applier (the first message of a connection).
+pub(super) fn hello_of(volume: &Volume) -> Hello {
+    let journal = volume.journal();
+    let config = volume.config();
+    Hello {
+        protocol: wire::PROTOCOL_VERSION,
+        volume_uuid: *config.uuid.as_bytes(),
+        volume_name: config.name.clone(),
+        size: config.size,
+        generation: *volume.generation().as_bytes(),
+        first_lsn: journal.first_lsn(),
+        last_lsn: journal.written_lsn(),
+        history: wire::wire_history(volume.history()),
+    }
 }
 
 /// What the applier's Welcome said.

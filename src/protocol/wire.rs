@@ -123,6 +123,26 @@ pub enum Control {
         local_changes: Option<Vec<u8>>,
     },
     Refused(Refusal),
+    /// A planned swap (`mirror switchover`), on a connection of its own, first message: the
+    /// source has stopped writes and the replica has applied everything through
+    /// `hello.last_lsn`; the applier promotes the replica at that LSN into a volume in `to`
+    /// (empty: its default place) that mirrors back to `applier_address` (the source's own
+    /// applier, whose fingerprint is `applier_fingerprint`) under the name `mirror`.
+    Switchover {
+        hello: Hello,
+        to: String,
+        mirror: String,
+        applier_address: String,
+        applier_fingerprint: String,
+    },
+    /// The swap is done: the new primary's volume directory, generation and fingerprint.
+    SwitchedOver {
+        to: String,
+        generation: [u8; 16],
+        branch_lsn: u64,
+        fingerprint: String,
+        history: Vec<WireGeneration>,
+    },
     /// Checkpoints: `received` durable in the applier's journal, `applied` durable in the replica.
     Ack {
         received_lsn: u64,

@@ -108,6 +108,16 @@ impl Appended {
 }
 
 impl WriteHold {
+    /// Ends the hold with the volume fenced: the writes queued meanwhile and every later one
+    /// fail (EIO); reads and flushes go on. For `mirror switchover`, once the replica has
+    /// everything: nothing more may be written here.
+    pub fn fence(mut self) -> Result<(), VolumeError> {
+        let next = self.next.take().expect("a hold is used once");
+        let (fenced_tx, fenced) = mpsc::sync_channel(1);
+        next.send(HoldStep::Fence { fenced: fenced_tx }).map_err(|_| VolumeError::Busy("the write hold ended before the fence came".into()))?;
+        fenced.recv().map_err(|_| VolumeError::ShuttingDown)
+    }
+
     /// Appends the marker, which ends the hold.
     pub fn mark(mut self, payload: Vec<u8>) -> Result<Appended, VolumeError> {
         let next = self.next.take().expect("a hold is used once");
@@ -135,10 +145,15 @@ impl Volume {
     /// Stops giving new writes an LSN until the hold's marker is appended or it is dropped
     /// (at the latest after [`MAX_HOLD`]). Returns once every earlier request has its LSN.
     pub fn hold_writes(&self) -> Result<WriteHold, VolumeError> {
+        self.hold_writes_for(MAX_HOLD)
+    }
+
+    /// Like [`Volume::hold_writes`], for at most `limit` (a switchover's wait for its mirror).
+    pub fn hold_writes_for(&self, limit: Duration) -> Result<WriteHold, VolumeError> {
         let (granted_tx, granted) = mpsc::sync_channel(1);
         let (next, next_rx) = mpsc::sync_channel(1);
         let sender = lock(&self.submit).clone().ok_or(VolumeError::ShuttingDown)?;
-        sender.send(Request::Hold(HoldRequest { granted: granted_tx, next: next_rx, limit: MAX_HOLD })).map_err(|_| VolumeError::ShuttingDown)?;
+        sender.send(Request::Hold(HoldRequest { granted: granted_tx, next: next_rx, limit })).map_err(|_| VolumeError::ShuttingDown)?;
         match granted.recv_timeout(GRANT_TIMEOUT) {
             Ok(()) => Ok(WriteHold { next: Some(next), granted: Instant::now() }),
             Err(mpsc::RecvTimeoutError::Timeout) => {

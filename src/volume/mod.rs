@@ -81,6 +81,10 @@ pub enum VolumeError {
     /// A write to a read-only export (a replica snapshot).
     #[error("the export is read-only")]
     ReadOnly,
+    /// The volume was switched over to its replica (`mirror switchover`): it takes no more
+    /// writes here.
+    #[error("the volume was switched over to its replica: writes go to the new primary")]
+    Fenced,
 }
 
 impl VolumeError {
@@ -90,6 +94,7 @@ impl VolumeError {
             VolumeError::OutOfRange { .. } | VolumeError::Invalid(_) => libc::EINVAL,
             VolumeError::ShuttingDown => libc::ESHUTDOWN,
             VolumeError::ReadOnly => libc::EPERM,
+            VolumeError::Fenced => libc::EIO,
             VolumeError::Busy(_) => libc::EBUSY,
             _ => libc::EIO,
         }

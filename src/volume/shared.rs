@@ -45,6 +45,8 @@ pub(super) struct Shared {
     /// Set by `Volume::begin_shutdown`: a writer waiting for journal space gives up (a full
     /// journal held by an unreachable mirror would otherwise keep the volume from stopping).
     pub closing: AtomicBool,
+    /// Switched over: writes fail from now on.
+    pub fenced: AtomicBool,
     failure: Mutex<Option<String>>,
     pub state: Mutex<VolumeState>,
     pub counters: Counters,
@@ -71,6 +73,7 @@ impl Shared {
             pending_window,
             last_lsn: AtomicU64::new(last_lsn),
             closing: AtomicBool::new(false),
+            fenced: AtomicBool::new(false),
             failure: Mutex::new(None),
             state: Mutex::new(state),
             counters: Counters::default(),

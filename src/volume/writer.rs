@@ -38,6 +38,8 @@ pub(super) struct HoldRequest {
 
 /// How a hold ends (a hold whose sender is dropped is released).
 pub(super) enum HoldStep {
+    /// End the hold with the volume fenced: every later write fails (`mirror switchover`).
+    Fence { fenced: mpsc::SyncSender<()> },
     /// Append a marker record with this payload; `done` gets its LSN once it is durable.
     Mark { payload: Vec<u8>, appended: mpsc::SyncSender<u64>, done: mpsc::SyncSender<Result<u64, VolumeError>> },
 }
@@ -87,6 +89,9 @@ impl WriterLoop {
         if let Some(failure) = self.shared.failure() {
             return completion(Err(VolumeError::Failed(failure)));
         }
+        if self.shared.fenced.load(Ordering::Acquire) && !matches!(op, WriteOp::Flush) {
+            return completion(Err(VolumeError::Fenced));
+        }
         let (kind, extent, data, fua) = match op {
             WriteOp::Flush => {
                 self.shared.counters.flushes.fetch_add(1, Ordering::Relaxed);
@@ -126,9 +131,18 @@ impl WriterLoop {
         if hold.granted.send(()).is_err() {
             return;
         }
-        let Ok(HoldStep::Mark { payload, appended, done }) = hold.next.recv_timeout(hold.limit) else {
-            tracing::debug!("write hold released without a marker");
-            return;
+        let (payload, appended, done) = match hold.next.recv_timeout(hold.limit) {
+            Ok(HoldStep::Mark { payload, appended, done }) => (payload, appended, done),
+            Ok(HoldStep::Fence { fenced }) => {
+                self.shared.fenced.store(true, Ordering::Release);
+                tracing::warn!("volume fenced: it takes no more writes (switched over)");
+                let _ = fenced.send(());
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("write hold released without a marker");
+                return;
+            }
         };
         let lsn = match self.append(RecordKind::Marker, Extent::default(), &payload, 0) {
             Ok(lsn) => lsn,

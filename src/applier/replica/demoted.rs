@@ -27,6 +27,8 @@ pub struct DemotedImage {
     pub common_lsn: u64,
     /// The regions the old source wrote after `common_lsn`.
     pub local_changes: DirtyMap,
+    /// The volume directory demoted.
+    pub from: PathBuf,
 }
 
 impl Replica {
@@ -39,10 +41,17 @@ impl Replica {
         if size != demoted.size {
             return Err(ReplicaError::Rejected(format!("{} is {size} bytes, the volume {}", demoted.image.display(), demoted.size)));
         }
-        let _ = std::fs::remove_dir_all(layout.journal());
+        for leftover in [layout.journal(), layout.journal_new(), layout.journal_resetting()] {
+            let _ = std::fs::remove_dir_all(leftover);
+        }
         Journal::create_at(&layout.journal(), journal_options(demoted.volume_uuid), demoted.common_lsn + 1)?;
         demoted.history.save(&layout.generations()).map_err(|e| ReplicaError::State { path: layout.generations(), message: e.to_string() })?;
-        demoted.local_changes.save(&layout.local_changes()).map_err(|e| ReplicaError::State { path: layout.local_changes(), message: e.to_string() })?;
+        // No local changes (a switchover, or nothing written after the branch): the new
+        // primary streams its journal, nothing is resynced.
+        let _ = std::fs::remove_file(layout.local_changes());
+        if demoted.local_changes.dirty_regions() > 0 {
+            demoted.local_changes.save(&layout.local_changes()).map_err(|e| ReplicaError::State { path: layout.local_changes(), message: e.to_string() })?;
+        }
         let state = ReplicaState {
             format_version: 1,
             volume_uuid: demoted.volume_uuid,
@@ -56,6 +65,7 @@ impl Replica {
             consistency: Consistency::Consistent,
             resync: None,
             promotion: None,
+            demoted_from: Some(demoted.from.clone()),
         };
         state.save(&layout)?;
         crate::fsutil::sync_dir(dir).map_err(super::io(format!("sync {}", dir.display())))?;

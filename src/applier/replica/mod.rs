@@ -148,6 +148,7 @@ impl Replica {
             consistency: Consistency::NeedsSync,
             resync: None,
             promotion: None,
+            demoted_from: None,
         };
         hello_history(hello).save(&dir.generations()).map_err(|error| ReplicaError::State { path: dir.generations(), message: error.to_string() })?;
         Journal::create_at(&dir.journal(), journal_options(state.volume_uuid), 1)?;

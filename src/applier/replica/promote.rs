@@ -103,6 +103,7 @@ impl Replica {
     /// Checks, brings the image to the state promoted, and saves the promotion.
     fn begin_promotion(&mut self, to: &Path, snapshot: Option<&str>) -> Result<Promotion, ReplicaError> {
         match std::fs::read_dir(to) {
+            Ok(_) if self.reinstates(to) => {}
             Ok(mut entries) => {
                 if entries.next().is_some() {
                     return Err(ReplicaError::Rejected(format!("{} is not empty: promote makes a new volume directory", to.display())));
@@ -164,7 +165,9 @@ impl Replica {
     fn make_volume(&self, promotion: &Promotion, backing: &Path, journal_size: Option<u64>) -> Result<String, ReplicaError> {
         let dir = crate::layout::VolumeDir::new(&promotion.to);
         let failed = |error: crate::volume::VolumeError| ReplicaError::Rejected(format!("make the volume in {}: {error}", promotion.to.display()));
-        if dir.holds_volume() {
+        if self.reinstates(&promotion.to) {
+            self.reinstate(promotion, &dir)?;
+        } else if dir.holds_volume() {
             let state = crate::volume::VolumeState::load(&dir).map_err(failed)?;
             if state.generation != promotion.generation {
                 return Err(ReplicaError::Rejected(format!("{} holds another volume (generation {})", promotion.to.display(), state.generation)));
@@ -192,6 +195,49 @@ impl Replica {
             map.save(&dir.branch_map()).map_err(|error| ReplicaError::Rejected(format!("save the branch map: {error}")))?;
         }
         crate::identity::fingerprint(&dir.identity()).map_err(|error| ReplicaError::Rejected(format!("read the new volume's identity: {error}")))
+    }
+
+    /// `to` is the demoted volume this replica was made from, demoted to this applier: the
+    /// promote makes it the primary again in place (a switchover back).
+    fn reinstates(&self, to: &Path) -> bool {
+        let applier = self.dir.root().parent().and_then(Path::parent);
+        self.state.demoted_from.as_deref() == Some(to)
+            && crate::volume::Demoted::load(&crate::layout::VolumeDir::new(to)).ok().flatten().is_some_and(|d| Some(d.applier.as_path()) == applier)
+    }
+
+    /// Makes the demoted volume in `dir` the primary again, continuing this replica's history
+    /// (its backing store is this replica's image): a new generation, a fresh journal after
+    /// the branch; `demoted.json` goes last, so a crash is redone by running the promote again.
+    fn reinstate(&self, promotion: &Promotion, dir: &crate::layout::VolumeDir) -> Result<(), ReplicaError> {
+        let failed = |error: crate::volume::VolumeError| ReplicaError::Rejected(format!("make {} the primary again: {error}", dir.root().display()));
+        let config = crate::volume::VolumeConfig::load(dir).map_err(failed)?;
+        if config.uuid != self.state.volume_uuid || config.backing != self.state.image {
+            return Err(ReplicaError::Rejected(format!("{} is not the volume this replica was demoted from", dir.root().display())));
+        }
+        let history = self.history.branch(promotion.generation, promotion.branch_lsn, promotion.created_us);
+        history.save(&dir.generations()).map_err(|e| ReplicaError::State { path: dir.generations(), message: e.to_string() })?;
+        let fresh = dir.root().join("journal.new");
+        let _ = std::fs::remove_dir_all(&fresh);
+        crate::journal::Journal::create_at(&fresh, config.journal_options(), promotion.branch_lsn + 1)?;
+        let _ = std::fs::remove_dir_all(dir.journal());
+        std::fs::rename(&fresh, dir.journal()).map_err(super::io(format!("move {} into place", fresh.display())))?;
+        let mut state = crate::volume::VolumeState::load(dir).map_err(failed)?;
+        state.applied_lsn = promotion.branch_lsn;
+        state.generation = promotion.generation;
+        state.clean_shutdown = true;
+        state.save(dir).map_err(failed)?;
+        if let Ok(mirrors) = std::fs::read_dir(dir.mirrors()) {
+            for entry in mirrors.flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".promoted.json")) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        let _ = std::fs::remove_file(dir.demote_map());
+        // A branch map of an older promote covers too much: the new one starts empty.
+        let _ = std::fs::remove_file(dir.branch_map());
+        crate::fsutil::sync_dir(dir.root()).map_err(super::io(format!("sync {}", dir.root().display())))?;
+        std::fs::remove_file(dir.demoted()).map_err(super::io(format!("remove {}", dir.demoted().display())))?;
+        crate::fsutil::sync_dir(dir.root()).map_err(super::io(format!("sync {}", dir.root().display())))?;
+        Ok(())
     }
 
     /// Where this replica was promoted to (once done).

@@ -68,6 +68,9 @@ pub struct ReplicaState {
     pub consistency: Consistency,
     pub resync: Option<ResyncState>,
     pub promotion: Option<Promotion>,
+    /// A demoted volume's replica: the volume directory it was (a switchover back promotes
+    /// into it again).
+    pub demoted_from: Option<PathBuf>,
 }
 
 impl ReplicaState {
@@ -129,6 +132,8 @@ struct StateFile {
     /// A promote to a volume, begun or done (absent otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     promotion: Option<Promotion>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    demoted_from: Option<PathBuf>,
 }
 
 impl From<StateFile> for ReplicaState {
@@ -149,6 +154,7 @@ impl From<StateFile> for ReplicaState {
             consistency,
             resync: file.resync,
             promotion: file.promotion,
+            demoted_from: file.demoted_from,
         }
     }
 }
@@ -167,6 +173,7 @@ impl From<ReplicaState> for StateFile {
             applied_lsn: state.applied_lsn,
             resync: state.resync,
             promotion: state.promotion,
+            demoted_from: state.demoted_from,
         }
     }
 }
