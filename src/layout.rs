@@ -81,6 +81,11 @@ impl VolumeDir {
         self.root.join("demoted.json")
     }
 
+    /// `restore.json`: a `volume restore` in progress; `run` refuses the directory meanwhile.
+    pub fn restoring(&self) -> PathBuf {
+        self.root.join("restore.json")
+    }
+
     /// `demote.dirty`: the regions a demoted volume wrote that its new primary may lack.
     pub fn demote_map(&self) -> PathBuf {
         self.root.join("demote.dirty")

@@ -102,6 +102,13 @@ fn frozen_markers_give_clean_filesystem_snapshots() {
     assert_passes("ublk-markers.sh", "qemu-img dumpe2fs timeout");
 }
 
+/// `mirror switchover` with ext4 on /dev/ublkbN, both ends in the guest, and back: the new
+/// primary's device is fsck clean with the same files, nothing resent.
+#[test]
+fn switchover_moves_a_mounted_ext4_and_back() {
+    assert_passes("ublk-switchover.sh", "");
+}
+
 /// The harness itself: a failing guest script, and a guest that dies, both fail the run.
 #[test]
 fn vm_harness_reports_failures() {

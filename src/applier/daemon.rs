@@ -108,6 +108,11 @@ impl Applier {
                 connection.closed().await;
                 return Ok(());
             }
+            Some(Frame::Control(Control::RestoreStart { hello })) => {
+                let result = self.clone().restore(&hello, &mut send, &mut recv).await;
+                let _ = send.finish();
+                return result;
+            }
             other => return Err(LinkError::Protocol(format!("expected Hello, got {other:?}")).into()),
         };
         let name = hello.volume_name.clone();

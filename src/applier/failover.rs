@@ -11,7 +11,10 @@ use super::{Applier, ApplierError};
 use crate::layout::{ApplierDir, DirLock, LockError, VolumeDir};
 use crate::lock;
 use crate::mirror::MirrorConfig;
-use crate::protocol::wire::{Control, Refusal};
+use std::sync::Arc;
+
+use crate::protocol::framing::{read_frame, write_control, LinkError};
+use crate::protocol::wire::{Control, Frame, Hello, Refusal, SYNC_CHUNK};
 
 /// The `replica-promote` request (JSON after the verb).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -132,6 +135,63 @@ impl Applier {
             fingerprint: promoted.fingerprint,
             history: crate::protocol::wire::wire_history(&history),
         })
+    }
+}
+
+impl Applier {
+    /// The applier half of `volume restore`: the replica's image, chunk by chunk where the
+    /// volume's new backing store differs. The replica must be consistent, follow the
+    /// volume's generation and not be promoted; everything received is applied first.
+    pub(super) async fn restore(self: Arc<Self>, hello: &Hello, send: &mut quinn::SendStream, recv: &mut quinn::RecvStream) -> Result<(), ApplierError> {
+        let prepared = {
+            let applier = self.clone();
+            let hello = hello.clone();
+            tokio::task::spawn_blocking(move || -> Result<(Arc<std::sync::Mutex<Replica>>, u64), Refusal> {
+                let replica = applier.existing_replica(&hello.volume_name).map_err(|e| Refusal::Other(e.to_string()))?;
+                let lsn = {
+                    let mut r = lock(&replica);
+                    r.check_hello(&hello)?;
+                    if !r.state().is_consistent() {
+                        return Err(Refusal::Other(format!("the replica of {} is not consistent: it cannot restore the volume", hello.volume_name)));
+                    }
+                    r.apply().map_err(|e| Refusal::Other(e.to_string()))?
+                };
+                Ok((replica, lsn))
+            })
+            .await
+            .map_err(|e| LinkError::Protocol(e.to_string()))?
+        };
+        let (replica, lsn) = match prepared {
+            Ok(prepared) => prepared,
+            Err(refusal) => {
+                tracing::warn!(volume = %hello.volume_name, reason = %refusal, "refused a restore");
+                write_control(send, &Control::Refused(refusal.clone())).await?;
+                return Err(LinkError::Refused(refusal).into());
+            }
+        };
+        tracing::info!(volume = %hello.volume_name, lsn, "restoring the volume from its replica");
+        write_control(send, &Control::RestoreReady { lsn }).await?;
+        let image = lock(&replica).image();
+        let size = image.size();
+        let mut sent = 0u64;
+        while let Some(frame) = read_frame(recv).await? {
+            let Frame::Control(Control::SyncHashes { first_chunk, hashes }) = frame else {
+                return Err(LinkError::Protocol("expected SyncHashes during a restore".into()).into());
+            };
+            let differ = lock(&replica).differing_chunks(first_chunk, &hashes)?;
+            write_control(send, &Control::SyncDiffer { first_chunk, differ: differ.clone() }).await?;
+            for chunk in differ {
+                let offset = chunk * SYNC_CHUNK;
+                let mut data = vec![0u8; (size - offset).min(SYNC_CHUNK) as usize];
+                let hole =
+                    image.read_for_scan(&mut data, offset, true).map_err(|source| ApplierError::Io { context: format!("read chunk {chunk}"), source })?;
+                let zero = hole || data.iter().all(|&b| b == 0);
+                sent += if zero { 0 } else { data.len() as u64 };
+                write_control(send, &Control::SyncChunk { chunk, zero, data: if zero { Vec::new() } else { data } }).await?;
+            }
+        }
+        tracing::info!(volume = %hello.volume_name, lsn, bytes = sent, "restore sent");
+        Ok(())
     }
 }
 

@@ -1,4 +1,4 @@
-//! `volume create`, `volume set` and `volume demote`.
+//! `volume create`, `volume set`, `volume demote` and `volume restore`.
 
 use std::path::PathBuf;
 
@@ -26,6 +26,48 @@ pub enum VolumeCommand {
     /// primary mirrors to this applier, only those regions and the ones it wrote since the
     /// promote are resynced (no full copy), and this volume ends equal to the new primary.
     Demote(DemoteArgs),
+    /// Rebuild a volume whose backing store died from its replica at an applier: only the
+    /// chunks that differ are fetched (an empty new disk: every non-zero chunk), then the
+    /// volume's own journal is redone over them, so it holds every write it acknowledged.
+    Restore(RestoreArgs),
+}
+
+#[derive(Args)]
+pub struct RestoreArgs {
+    /// State directory of the volume (not running).
+    #[arg(long)]
+    dir: PathBuf,
+    /// The applier holding the volume's replica (HOST:PORT, UDP).
+    #[arg(long, value_name = "HOST:PORT")]
+    from: String,
+    /// The applier's certificate fingerprint.
+    #[arg(long)]
+    fingerprint: String,
+    /// A new backing file or device (exactly the volume's size) instead of the configured
+    /// one; `volume.toml` is changed to name it.
+    #[arg(long)]
+    backing: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
+fn restore(args: RestoreArgs) -> Result<()> {
+    let restored = ublk_mirror::mirror::restore(&args.dir, &args.from, &args.fingerprint, args.backing.as_deref())
+        .with_context(|| format!("restore volume {} from {}", args.dir.display(), args.from))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&restored)?);
+        return Ok(());
+    }
+    println!("restored volume {} onto {}", args.dir.display(), restored.backing.display());
+    println!(
+        "  fetched {} of {} chunks ({}) from the replica at LSN {}; redid {} journal records after it",
+        restored.chunks_fetched,
+        restored.chunks,
+        ublk_mirror::size::human_size(restored.bytes_fetched),
+        restored.replica_lsn,
+        restored.redone_records
+    );
+    Ok(())
 }
 
 #[derive(Args)]
@@ -138,6 +180,7 @@ pub fn execute(command: VolumeCommand) -> Result<()> {
         VolumeCommand::Create(args) => create(args),
         VolumeCommand::Set(args) => set(args),
         VolumeCommand::Demote(args) => demote(args),
+        VolumeCommand::Restore(args) => restore(args),
     }
 }
 

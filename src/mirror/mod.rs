@@ -9,6 +9,7 @@ pub mod checkpoints;
 pub mod config;
 pub mod generations;
 pub mod rate;
+mod restore;
 mod resync_source;
 mod senders;
 mod session;
@@ -18,6 +19,7 @@ mod sync_source;
 pub use checkpoints::Checkpoints;
 pub use config::{add, list, load, remove, set, MirrorConfig, MIN_RATE};
 pub use generations::{written_after, PromotionSeen, WrittenAfter};
+pub use restore::{restore, Restored};
 pub use senders::{holds, offline_statuses, Senders};
 pub use switchover::{switchover, SwitchedOver, SwitchoverRequest};
 

@@ -143,6 +143,16 @@ pub enum Control {
         fingerprint: String,
         history: Vec<WireGeneration>,
     },
+    /// `volume restore`, first message of a connection of its own: the volume's backing store
+    /// died; it asks for the replica's contents. The applier answers `RestoreReady` with the
+    /// LSN the image holds, then answers each `SyncHashes` (of the volume's new backing store)
+    /// with `SyncDiffer` followed by one `SyncChunk` per chunk that differs.
+    RestoreStart {
+        hello: Hello,
+    },
+    RestoreReady {
+        lsn: u64,
+    },
     /// Checkpoints: `received` durable in the applier's journal, `applied` durable in the replica.
     Ack {
         received_lsn: u64,

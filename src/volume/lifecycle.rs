@@ -147,6 +147,13 @@ impl Volume {
         if let Some(demoted) = super::Demoted::load(&layout)? {
             return Err(demoted.refusal(dir));
         }
+        if layout.restoring().exists() {
+            return Err(VolumeError::Invalid(format!(
+                "a `volume restore` of {} is not finished ({} exists): run it again",
+                dir.display(),
+                layout.restoring().display()
+            )));
+        }
         let lock = DirLock::acquire(&layout.lock()).map_err(|error| match error {
             LockError::Held { holder } => VolumeError::InUse { dir: dir.to_path_buf(), holder },
             LockError::Io { path, source } => VolumeError::Io { context: format!("open {}", path.display()), source },

@@ -242,6 +242,11 @@ impl Replica {
         }
     }
 
+    /// The image (for reads beside the applier: a restore).
+    pub fn image(&self) -> Arc<Store> {
+        self.image.clone()
+    }
+
     pub fn history(&self) -> &History {
         &self.history
     }
