@@ -173,9 +173,9 @@ fn a_promoted_replica_serves_a_new_generation_and_the_old_source_is_refused_as_s
 
     // A comes back: refused as stale, with the counts; nothing changes on either side.
     pair.served = Some(Served::start(&pair.vdir, &[]));
-    let error = wait_mirror_error(&pair.vdir, "128 records since");
+    let error = wait_mirror_error(&pair.vdir, "128 records (");
     assert!(error.contains("is stale"), "{error}");
-    assert!(error.contains("wrote nothing after LSN") && error.contains("128 records since") && error.contains("volume demote"), "{error}");
+    assert!(error.contains("wrote nothing after LSN") && error.contains("128 records (8.0M at most) since") && error.contains("volume demote"), "{error}");
     assert_eq!(status_json(&pair.vdir)["volume"]["last_lsn"].as_u64(), Some(a_last));
     assert_eq!(status_json(&bdir)["volume"]["last_lsn"].as_u64(), Some(b_last));
     Writer::new(&pair.socket(), a_reference).assert_equal("the old source, untouched");
@@ -279,10 +279,10 @@ fn split_brain_is_refused_on_both_sides_and_changes_nothing() {
     b.assert_equal("B holds A's state at the branch, not A's writes since");
     b.pattern(8, 30, 64 << 10);
 
-    let error = wait_mirror_error(&pair.vdir, "30 records since");
+    let error = wait_mirror_error(&pair.vdir, "30 records (");
     assert!(error.starts_with("refused by the applier: split brain"), "{error}");
     assert!(error.contains(&format!("40 records (2.5M) after LSN {branch}")) && error.contains("40 of them after the promote"), "{error}");
-    assert!(error.contains("30 records since") && error.contains("--discard-local-changes"), "{error}");
+    assert!(error.contains("30 records (1.9M at most) since") && error.contains("--discard-local-changes"), "{error}");
     let log = std::fs::read_to_string(pair.adir.with_extension("log")).unwrap();
     assert!(log.contains("refused a source"), "the applier refuses too");
     a.assert_equal("A after the refusal");

@@ -69,9 +69,9 @@ impl Applier {
     /// written since (from its running server, or its files).
     pub(super) fn with_promoted_position(&self, refusal: Refusal) -> Refusal {
         match refusal {
-            Refusal::Promoted { name, to, generation, branch_lsn, history, .. } => {
-                let last_lsn = volume_last_lsn(Path::new(&to)).unwrap_or(branch_lsn);
-                Refusal::Promoted { name, to, generation, branch_lsn, last_lsn, history }
+            Refusal::Promoted(mut promoted) => {
+                (promoted.last_lsn, promoted.written_bytes) = volume_position(Path::new(&promoted.to)).unwrap_or((promoted.branch_lsn, None));
+                Refusal::Promoted(promoted)
             }
             other => other,
         }
@@ -195,15 +195,15 @@ impl Applier {
     }
 }
 
-/// The last LSN the volume in `dir` has journaled (`None` if it cannot be read).
-fn volume_last_lsn(dir: &Path) -> Option<u64> {
+/// The last LSN the volume in `dir` has journaled and the bytes it wrote since its branch
+/// (`None` if it cannot be read).
+fn volume_position(dir: &Path) -> Option<(u64, Option<u64>)> {
     let layout = VolumeDir::new(dir);
-    if let Ok(reply) = crate::control::request(&layout.control_socket(), "status") {
-        if let Ok(status) = serde_json::from_value::<crate::status::Status>(reply) {
-            return Some(status.volume.numbers.last_lsn);
-        }
-    }
-    crate::status::offline(&layout, |_, _| Vec::new()).ok().map(|status| status.volume.numbers.last_lsn)
+    let status = crate::control::request(&layout.control_socket(), "status")
+        .ok()
+        .and_then(|reply| serde_json::from_value::<crate::status::Status>(reply).ok())
+        .or_else(|| crate::status::offline(&layout, |_, _| Vec::new()).ok())?;
+    Some((status.volume.numbers.last_lsn, status.volume.written_since_branch_bytes))
 }
 
 /// `replica promote` on an applier directory no applier serves (its lock is taken meanwhile).

@@ -82,7 +82,8 @@ pub fn written_after(volume: &Volume, lsn: u64, promoted_us: u64) -> WrittenAfte
 
 /// The error for a refusal because the replica was promoted (other refusals as they are).
 pub fn explain(volume: &Volume, mirror: &str, refusal: Refusal) -> LinkError {
-    let Refusal::Promoted { name, to, generation, branch_lsn, last_lsn, history } = &refusal else { return LinkError::Refused(refusal) };
+    let Refusal::Promoted(promoted_replica) = &refusal else { return LinkError::Refused(refusal) };
+    let crate::protocol::wire::PromotedReplica { name, to, generation, branch_lsn, last_lsn, written_bytes, history } = promoted_replica.as_ref();
     let Ok(promoted) = history_from_wire(history) else { return LinkError::Refused(refusal) };
     let vdir = volume.dir().root();
     PromotionSeen {
@@ -104,8 +105,9 @@ pub fn explain(volume: &Volume, mirror: &str, refusal: Refusal) -> LinkError {
     let promoted_us = promoted.current().created_us;
     let mine = written_after(volume, common_lsn, promoted_us);
     let when = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_micros(promoted_us));
+    let their_bytes = written_bytes.map(|bytes| format!(" ({} at most)", human_size(bytes))).unwrap_or_default();
     let theirs = format!(
-        "the promoted volume (in {to} on the applier's host, generation {generation}, branched at LSN {branch_lsn}) has written {theirs_after} records since"
+        "the promoted volume (in {to} on the applier's host, generation {generation}, branched at LSN {branch_lsn}) has written {theirs_after} records{their_bytes} since"
     );
     let demote = format!("ublk-mirror volume demote --dir {} --applier ADIR", vdir.display());
     let message = if mine.records == 0 {

@@ -14,15 +14,17 @@
 //! state, after it the source at the commit's LSN.
 
 use std::collections::VecDeque;
+use std::sync::Mutex;
 use std::time::Instant;
 
 use super::rate::RateLimiter;
-use super::session::Sender;
 use crate::dirty_map::DirtyMap;
-use crate::journal::BRANCH_HOLD;
+use crate::journal::{Hold, BRANCH_HOLD};
 use crate::lock;
 use crate::protocol::framing::{write_control, LinkError};
 use crate::protocol::wire::Control;
+use crate::status::MirrorStatus;
+use crate::volume::Volume;
 
 /// Regions hashed per `ResyncHashes` message.
 const HASH_BATCH: usize = 64;
@@ -38,6 +40,15 @@ pub(super) enum ResyncEvent {
     Stored(u64),
     Committed(u64),
     Refused(String),
+}
+
+/// What a resync needs of its mirror's sender (so this module does not depend on the
+/// session that drives it).
+pub(super) struct ResyncPeer<'a> {
+    pub name: &'a str,
+    pub hold: &'a Hold,
+    pub status: &'a Mutex<MirrorStatus>,
+    pub volume: &'a Volume,
 }
 
 pub(super) struct ResyncSource {
@@ -64,7 +75,7 @@ impl ResyncSource {
     /// `failback`: the regions a demoted replica may hold that this volume lacks; they are
     /// resynced with every region this volume wrote since its branch.
     pub async fn start(
-        sender: &Sender,
+        sender: &ResyncPeer<'_>,
         send: &mut quinn::SendStream,
         base: u64,
         whole_device: bool,
@@ -77,14 +88,14 @@ impl ResyncSource {
         let map = match begun {
             Ok(map) => map,
             Err(reason) => {
-                tracing::warn!(mirror = %sender.config.name, %reason, "resyncing the whole device");
+                tracing::warn!(mirror = %sender.name, %reason, "resyncing the whole device");
                 sender.hold.begin_resync(base, true).map_err(LinkError::Protocol)?
             }
         };
         let bytes = map.dirty_bytes();
         write_control(send, &Control::ResyncStart { base_lsn: base, region_bytes: map.region_size(), regions: map.dirty_regions(), bytes }).await?;
-        lock(&sender.status).start_resync(bytes).map_err(|error| LinkError::Protocol(error.to_string()))?;
-        tracing::info!(mirror = %sender.config.name, base, dirty_bytes = bytes, regions = map.dirty_regions(), whole_device, "resync started: the replica stays at its last consistent state until it commits");
+        lock(sender.status).start_resync(bytes).map_err(|error| LinkError::Protocol(error.to_string()))?;
+        tracing::info!(mirror = %sender.name, base, dirty_bytes = bytes, regions = map.dirty_regions(), whole_device, "resync started: the replica stays at its last consistent state until it commits");
         Ok(ResyncSource {
             map,
             cursor: 0,
@@ -106,7 +117,7 @@ impl ResyncSource {
     }
 
     /// Takes the applier's answers. Returns the commit LSN once the resync is committed.
-    pub fn handle(&mut self, sender: &Sender, event: ResyncEvent) -> Result<Option<u64>, LinkError> {
+    pub fn handle(&mut self, sender: &ResyncPeer<'_>, event: ResyncEvent) -> Result<Option<u64>, LinkError> {
         match event {
             ResyncEvent::Differ(regions) => {
                 let Some(batch) = self.awaiting.pop_front() else {
@@ -116,7 +127,7 @@ impl ResyncSource {
                     return Err(LinkError::Protocol("the applier named a region outside the hash batch".into()));
                 }
                 let equal = batch.iter().filter(|region| !regions.contains(region)).map(|&region| self.map.region_extent(region).length).sum::<u64>();
-                lock(&sender.status).resync_done_bytes += equal;
+                lock(sender.status).resync_done_bytes += equal;
                 self.to_send.extend(regions);
                 Ok(None)
             }
@@ -136,7 +147,7 @@ impl ResyncSource {
     /// Sends what can be sent at this point of the stream (after record `position`): region
     /// bytes first, then a hash batch, then `ResyncDone` when everything is through. Returns
     /// whether anything was sent.
-    pub async fn step(&mut self, sender: &Sender, send: &mut quinn::SendStream, position: u64, limiter: &mut RateLimiter) -> Result<bool, LinkError> {
+    pub async fn step(&mut self, sender: &ResyncPeer<'_>, send: &mut quinn::SendStream, position: u64, limiter: &mut RateLimiter) -> Result<bool, LinkError> {
         let mut sent = false;
         while let Some(&region) = self.to_send.front() {
             if self.bytes_in_flight() >= CHUNK_WINDOW {
@@ -153,7 +164,7 @@ impl ResyncSource {
             write_control(send, &Control::ResyncChunk { at_lsn: position, region, zero, data }).await?;
             self.chunks_sent += 1;
             self.chunk_bytes_in_flight.push_back((self.chunks_sent, extent.length));
-            let mut status = lock(&sender.status);
+            let mut status = lock(sender.status);
             status.resync_done_bytes += extent.length;
             status.resync_sent_bytes += if zero { 0 } else { extent.length };
             status.sent_bytes += if zero { 0 } else { extent.length };
@@ -183,15 +194,15 @@ impl ResyncSource {
         if everything_sent && self.done_at.is_none() && position >= self.needed_lsn {
             write_control(send, &Control::ResyncDone { at_lsn: position }).await?;
             self.done_at = Some(position);
-            tracing::info!(mirror = %sender.config.name, lsn = position, "resync sent; waiting for the applier to commit");
+            tracing::info!(mirror = %sender.name, lsn = position, "resync sent; waiting for the applier to commit");
             sent = true;
         }
         self.update_eta(sender);
         Ok(sent)
     }
 
-    fn update_eta(&self, sender: &Sender) {
-        let mut status = lock(&sender.status);
+    fn update_eta(&self, sender: &ResyncPeer<'_>) {
+        let mut status = lock(sender.status);
         let elapsed = self.started.elapsed().as_secs_f64();
         let remaining = status.resync_total_bytes.saturating_sub(status.resync_done_bytes);
         status.resync_eta_seconds = (status.resync_done_bytes > 0 && elapsed > 0.5).then(|| remaining as f64 * elapsed / status.resync_done_bytes as f64);

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use super::checkpoints::{self, Checkpoints};
 use super::config::MirrorConfig;
 use super::rate::RateLimiter;
-use super::resync_source::{ResyncEvent, ResyncSource};
+use super::resync_source::{ResyncEvent, ResyncPeer, ResyncSource};
 use crate::dirty_map::DirtyMap;
 use crate::journal::{Hold, HoldState, JournalReader};
 use crate::layout::VolumeDir;
@@ -164,6 +164,11 @@ impl Sender {
         }
     }
 
+    /// What a resync needs of this sender.
+    fn peer(&self) -> ResyncPeer<'_> {
+        ResyncPeer { name: &self.config.name, hold: &self.hold, status: &self.status, volume: &self.volume }
+    }
+
     /// One connection: handshake, a synchronisation or a resync if the replica needs one,
     /// then the journal streamed until the volume stops, the link fails or the journal lets
     /// go of the mirror.
@@ -220,7 +225,7 @@ impl Sender {
         let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
         let mut acks = tokio::spawn(self.clone().read_acks(recv, in_flight.clone(), events_tx));
         let mut resync = match resync_at {
-            Some((base, whole_device)) => Some(ResyncSource::start(self, &mut send, base, whole_device, failback).await?),
+            Some((base, whole_device)) => Some(ResyncSource::start(&self.peer(), &mut send, base, whole_device, failback).await?),
             None => None,
         };
         let result = self.stream(&mut send, received, &in_flight, &mut acks, &mut limiter, &mut resync, events).await;
@@ -344,7 +349,7 @@ impl Sender {
             }
             while let Ok(event) = events.try_recv() {
                 let Some(running) = resync.as_mut() else { continue };
-                if let Some(lsn) = running.handle(self, event)? {
+                if let Some(lsn) = running.handle(&self.peer(), event)? {
                     *resync = None;
                     if let Some(gap) = self.hold.finish_resync() {
                         let gaps = checkpoints::add_gap(&self.dir, &self.config.name, gap);
@@ -376,7 +381,7 @@ impl Sender {
             if batch.is_empty() {
                 let position = reader.next_lsn() - 1;
                 let stepped = match resync.as_mut() {
-                    Some(running) => running.step(self, send, position, limiter).await?,
+                    Some(running) => running.step(&self.peer(), send, position, limiter).await?,
                     None => false,
                 };
                 if !stepped {
@@ -401,7 +406,7 @@ impl Sender {
                 status.sent_records += records;
             }
             if let Some(running) = resync.as_mut() {
-                running.step(self, send, reader.next_lsn() - 1, limiter).await?;
+                running.step(&self.peer(), send, reader.next_lsn() - 1, limiter).await?;
             }
         }
     }

@@ -79,6 +79,20 @@ pub fn history_from_wire(list: &[WireGeneration]) -> Result<History, String> {
     History::try_from(generations)
 }
 
+/// A refusal because the replica was promoted: the promoted volume's history and how far it
+/// has written, so the sender can say whether it is stale or split.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromotedReplica {
+    pub name: String,
+    pub to: String,
+    pub generation: String,
+    pub branch_lsn: u64,
+    pub last_lsn: u64,
+    /// Bytes written since the branch, at most (absent when not known).
+    pub written_bytes: Option<u64>,
+    pub history: Vec<WireGeneration>,
+}
+
 /// Why an applier refused a sender (also sent back so both sides log the same reason).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum Refusal {
@@ -90,10 +104,10 @@ pub enum Refusal {
     WrongSize { name: String, replica: u64, volume: u64 },
     #[error("replica {name} follows generation {replica}, the volume is at generation {volume}, and the two histories share no generation")]
     WrongGeneration { name: String, replica: String, volume: String },
-    /// The replica was promoted to a volume: it takes no records. `history` and `last_lsn`
-    /// are the promoted volume's, so the sender can say whether it is stale or split.
-    #[error("replica {name} was promoted to the volume in {to} on the applier's host (generation {generation}, branched at LSN {branch_lsn}; it has written through LSN {last_lsn})")]
-    Promoted { name: String, to: String, generation: String, branch_lsn: u64, last_lsn: u64, history: Vec<WireGeneration> },
+    /// The replica was promoted to a volume: it takes no records (boxed: the other refusals
+    /// are small).
+    #[error("replica {} was promoted to the volume in {} on the applier's host (generation {}, branched at LSN {}; it has written through LSN {})", .0.name, .0.to, .0.generation, .0.branch_lsn, .0.last_lsn)]
+    Promoted(Box<PromotedReplica>),
     /// The replica follows a newer generation than the sender's: the sender is stale.
     #[error("replica {name} follows generation {replica}, newer than this volume's {volume}: this volume is stale ({replica_after} records after LSN {common_lsn} on the replica's side); demote it (ublk-mirror volume demote) and mirror the newer primary to it")]
     Stale { name: String, replica: String, volume: String, common_lsn: u64, replica_after: u64 },

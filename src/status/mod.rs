@@ -46,6 +46,11 @@ pub struct VolumeStatus {
     /// The volume's certificate fingerprint (what an applier's `allow` names).
     #[serde(default)]
     pub fingerprint: Option<String>,
+    /// A promoted volume: the bytes written since its branch, as far as its branch map and
+    /// journal tell (64 KiB regions of the map, plus the payload of the records not yet
+    /// folded into it: an upper bound).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub written_since_branch_bytes: Option<u64>,
     pub running: bool,
     pub pid: Option<u32>,
     pub exports: Vec<String>,
@@ -113,6 +118,12 @@ pub fn live(volume: &Volume, exports: &[String], device: Option<String>, mut mir
             role: primary(),
             generations: volume.history().generations().to_vec(),
             fingerprint: crate::identity::fingerprint(&volume.dir().identity()).ok(),
+            written_since_branch_bytes: volume.retention().holds().into_iter().find(|(name, _)| name == crate::journal::BRANCH_HOLD).map(|(_, state)| {
+                match state {
+                    crate::journal::HoldState::Tracking { covered_lsn, dirty_bytes } => dirty_bytes + volume.journal().backlog_after(covered_lsn).payload_bytes,
+                    _ => 0,
+                }
+            }),
             running: true,
             pid: Some(std::process::id()),
             exports: exports.to_vec(),
@@ -145,6 +156,10 @@ pub fn offline(dir: &VolumeDir, mirrors: impl FnOnce(&Arc<Journal>, u64) -> Vec<
                 .generations()
                 .to_vec(),
             fingerprint: crate::identity::fingerprint(&dir.identity()).ok(),
+            written_since_branch_bytes: crate::dirty_map::DirtyMap::load(&dir.branch_map(), config.size)
+                .ok()
+                .flatten()
+                .map(|map| map.dirty_bytes() + journal.backlog_after(map.covered_lsn()).payload_bytes),
             running: false,
             pid: None,
             exports: Vec::new(),

@@ -276,14 +276,15 @@ impl Replica {
         }
         if let Some(promotion) = &self.state.promotion {
             let history = self.history.branch(promotion.generation, promotion.branch_lsn, promotion.created_us);
-            return Err(Refusal::Promoted {
+            return Err(Refusal::Promoted(Box::new(crate::protocol::wire::PromotedReplica {
                 name,
                 to: promotion.to.display().to_string(),
                 generation: promotion.generation.to_string(),
                 branch_lsn: promotion.branch_lsn,
                 last_lsn: promotion.branch_lsn,
+                written_bytes: None,
                 history: wire_history(&history),
-            });
+            })));
         }
         let (replica, volume) = (self.history.current().id.to_string(), theirs.current().id.to_string());
         match self.history.relation(self.received_lsn(), &theirs, hello.last_lsn) {
