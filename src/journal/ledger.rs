@@ -79,6 +79,16 @@ impl Ledger {
         self.entries.range(start..end.max(start)).map(|entry| entry.extent)
     }
 
+    /// Of the retained records in `from..=through`: how many, the device bytes they cover, and
+    /// how many were appended at or after `since_us`.
+    pub fn written(&self, from: u64, through: u64, since_us: u64) -> (u64, u64, u64) {
+        let start = from.saturating_sub(self.first_lsn).min(self.entries.len() as u64) as usize;
+        let end = (through + 1).saturating_sub(self.first_lsn).min(self.entries.len() as u64) as usize;
+        self.entries
+            .range(start..end.max(start))
+            .fold((0, 0, 0), |(records, bytes, since), entry| (records + 1, bytes + entry.extent.length, since + (entry.timestamp_us >= since_us) as u64))
+    }
+
     /// LSN of the oldest record the ledger holds.
     pub fn first_lsn(&self) -> u64 {
         self.first_lsn
@@ -125,6 +135,8 @@ mod tests {
         assert_eq!(ledger.extents(6, 7).collect::<Vec<_>>(), vec![Extent::new(6 * 4096, 600), Extent::new(7 * 4096, 700)]);
         assert_eq!(ledger.extents(0, 5).count(), 1);
         assert_eq!(ledger.extents(9, 30).count(), 1);
+        assert_eq!(ledger.written(6, 8, 7000), (3, 600 + 700 + 800, 2));
+        assert_eq!(ledger.written(0, 30, 0), (5, 3500, 5));
         assert_eq!(ledger.after(4), Backlog { records: 5, payload_bytes: 3500, oldest_timestamp_us: Some(5000) });
         assert_eq!(ledger.after(7), Backlog { records: 2, payload_bytes: 1700, oldest_timestamp_us: Some(8000) });
         assert_eq!(ledger.after(9), Backlog { records: 0, payload_bytes: 0, oldest_timestamp_us: None });

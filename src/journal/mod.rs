@@ -327,6 +327,12 @@ impl Journal {
         true
     }
 
+    /// Of the retained records in `from..=through`: how many, the device bytes they cover, and
+    /// how many were appended at or after `since_us` (from the ledger: nothing is read).
+    pub fn written(&self, from: u64, through: u64, since_us: u64) -> (u64, u64, u64) {
+        crate::lock(&self.ledger).written(from, through, since_us)
+    }
+
     /// The retained records after `lsn`: how far a reader at `lsn` is behind.
     pub fn backlog_after(&self, lsn: u64) -> Backlog {
         crate::lock(&self.ledger).after(lsn)

@@ -11,8 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::generation::{Generation, Relation};
-use crate::journal::JournalReader;
+use crate::generation::{Generation, History, Relation};
 use crate::layout::VolumeDir;
 use crate::protocol::framing::LinkError;
 use crate::protocol::wire::{history_from_wire, Refusal};
@@ -35,6 +34,21 @@ pub struct PromotionSeen {
 }
 
 impl PromotionSeen {
+    /// What was seen now of the volume in `to` with the promoted `history` (its current
+    /// generation is the promote's) written through `last_lsn`.
+    pub(super) fn of(to: &str, history: &History, last_lsn: u64) -> PromotionSeen {
+        let promoted = history.current();
+        PromotionSeen {
+            to: to.to_string(),
+            generation: promoted.id,
+            branch_lsn: promoted.branch_lsn,
+            promoted_us: promoted.created_us,
+            history: history.generations().to_vec(),
+            last_lsn,
+            seen_us: crate::clock::now_micros(),
+        }
+    }
+
     pub fn load(dir: &VolumeDir, mirror: &str) -> Option<PromotionSeen> {
         serde_json::from_slice(&std::fs::read(dir.mirror_promoted(mirror)).ok()?).ok()
     }
@@ -56,7 +70,8 @@ pub struct WrittenAfter {
     pub after_promote: u64,
 }
 
-/// Counts the volume's records after `lsn`; `promoted_us` splits them.
+/// Counts the volume's records after `lsn`; `promoted_us` splits them. From the journal's
+/// ledger (it runs at every refused reconnect: nothing is read from disk).
 pub fn written_after(volume: &Volume, lsn: u64, promoted_us: u64) -> WrittenAfter {
     let journal = volume.journal();
     let last = journal.written_lsn();
@@ -65,15 +80,9 @@ pub fn written_after(volume: &Volume, lsn: u64, promoted_us: u64) -> WrittenAfte
         return counted;
     }
     if journal.first_lsn() <= lsn + 1 {
-        if let Ok(mut reader) = JournalReader::new(journal.clone(), lsn + 1) {
-            while let Ok(Some(record)) = reader.next_record() {
-                counted.records += 1;
-                counted.bytes += record.header.length;
-                counted.after_promote += (record.header.timestamp_us >= promoted_us) as u64;
-            }
-        }
+        (counted.records, counted.bytes, counted.after_promote) = journal.written(lsn + 1, last, promoted_us);
     }
-    // Records the journal no longer holds (or not yet durable): their times are unknown.
+    // Records the journal no longer holds: their times are unknown.
     let unknown = (last - lsn).saturating_sub(counted.records);
     counted.records += unknown;
     counted.after_promote += unknown;
@@ -86,16 +95,7 @@ pub fn explain(volume: &Volume, mirror: &str, refusal: Refusal) -> LinkError {
     let crate::protocol::wire::PromotedReplica { name, to, generation, branch_lsn, last_lsn, written_bytes, history } = promoted_replica.as_ref();
     let Ok(promoted) = history_from_wire(history) else { return LinkError::Refused(refusal) };
     let vdir = volume.dir().root();
-    PromotionSeen {
-        to: to.clone(),
-        generation: promoted.current().id,
-        branch_lsn: *branch_lsn,
-        promoted_us: promoted.current().created_us,
-        history: promoted.generations().to_vec(),
-        last_lsn: *last_lsn,
-        seen_us: crate::clock::now_micros(),
-    }
-    .save(volume.dir(), mirror);
+    PromotionSeen::of(to, &promoted, *last_lsn).save(volume.dir(), mirror);
     let ours = volume.history();
     let our_last = volume.journal().written_lsn();
     let (common_lsn, theirs_after) = match ours.relation(our_last, &promoted, *last_lsn) {

@@ -6,7 +6,6 @@
 //! directory meanwhile); running the command again resumes it (chunks already equal are
 //! only hashed).
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -16,8 +15,8 @@ use crate::generation::History;
 use crate::journal::Journal;
 use crate::layout::VolumeDir;
 use crate::protocol::framing::{read_frame, write_control, LinkError};
-use crate::protocol::wire::{self, Control, Frame, Hello, SYNC_CHUNK, SYNC_HASH_BATCH};
-use crate::protocol::{tls, transport};
+use crate::protocol::tls;
+use crate::protocol::wire::{Control, Frame, Hello, SYNC_CHUNK, SYNC_HASH_BATCH};
 use crate::store::Store;
 use crate::volume::{Volume, VolumeConfig, VolumeState};
 
@@ -72,16 +71,7 @@ pub fn restore(dir: &Path, from: &str, fingerprint: &str, backing: Option<&Path>
     drop(journal);
     let state = VolumeState::load(&layout).map_err(volume_error)?;
     let history = History::load_or_first(&layout.generations(), state.generation).map_err(|e| invalid(e.to_string()))?;
-    let hello = Hello {
-        protocol: wire::PROTOCOL_VERSION,
-        volume_uuid: *config.uuid.as_bytes(),
-        volume_name: config.name.clone(),
-        size: config.size,
-        generation: *state.generation.as_bytes(),
-        first_lsn: report.first_lsn,
-        last_lsn: report.last_lsn,
-        history: wire::wire_history(&history),
-    };
+    let hello = super::session::hello(&config, &history, report.first_lsn, report.last_lsn);
     crate::fsutil::write_atomic(
         &layout.restoring(),
         &serde_json::to_vec_pretty(&InProgress { from: from.to_string(), backing: target.clone() }).expect("serialises"),
@@ -134,11 +124,7 @@ async fn fetch(
     store: &Store,
     check: impl Fn(u64) -> Result<(), String>,
 ) -> Result<(u64, u64, u64, u64), LinkError> {
-    let address: SocketAddr = tokio::net::lookup_host(from).await?.next().ok_or_else(|| LinkError::Protocol(format!("cannot resolve {from}")))?;
-    let local: SocketAddr = if address.is_ipv4() { "0.0.0.0:0".parse().expect("addr") } else { "[::]:0".parse().expect("addr") };
-    let mut endpoint = transport::endpoint(local, None)?;
-    endpoint.set_default_client_config(transport::client_config(identity, fingerprint, std::time::Duration::from_secs(15), Default::default())?);
-    let connection = endpoint.connect(address, "applier")?.await?;
+    let (_endpoint, connection) = super::session::connect(identity, from, fingerprint, std::time::Duration::from_secs(15), Default::default()).await?;
     let (mut send, mut recv) = connection.open_bi().await?;
     write_control(&mut send, &Control::RestoreStart { hello: hello.clone() }).await?;
     let lsn = match read_frame(&mut recv).await? {

@@ -174,19 +174,8 @@ impl Sender {
     /// go of the mirror.
     async fn session(&self) -> Result<Ended, LinkError> {
         let identity = tls::Identity::load(&self.dir.identity())?;
-        let address: SocketAddr = tokio::net::lookup_host(&self.config.address)
-            .await?
-            .next()
-            .ok_or_else(|| LinkError::Protocol(format!("cannot resolve {}", self.config.address)))?;
-        let local: SocketAddr = if address.is_ipv4() { "0.0.0.0:0".parse().expect("addr") } else { "[::]:0".parse().expect("addr") };
-        let mut endpoint = transport::endpoint(local, None)?;
-        endpoint.set_default_client_config(transport::client_config(
-            &identity,
-            &self.config.fingerprint,
-            self.config.idle_timeout(),
-            self.config.congestion.unwrap_or_default(),
-        )?);
-        let connection = endpoint.connect(address, "applier")?.await?;
+        let (_endpoint, connection) =
+            connect(&identity, &self.config.address, &self.config.fingerprint, self.config.idle_timeout(), self.config.congestion.unwrap_or_default()).await?;
         let (mut send, mut recv) = connection.open_bi().await?;
         let mut welcome = self.handshake(&mut send, &mut recv).await?;
         let journal = self.volume.journal();
@@ -439,19 +428,41 @@ pub(super) enum Ended {
     Released,
 }
 
+/// A QUIC connection to the applier at `address` (HOST:PORT), pinned by its fingerprint and
+/// authenticated with `identity`. The endpoint is returned to be kept while the connection is.
+pub(super) async fn connect(
+    identity: &tls::Identity,
+    address: &str,
+    fingerprint: &str,
+    idle_timeout: Duration,
+    congestion: transport::Congestion,
+) -> Result<(quinn::Endpoint, quinn::Connection), LinkError> {
+    let resolved: SocketAddr = tokio::net::lookup_host(address).await?.next().ok_or_else(|| LinkError::Protocol(format!("cannot resolve {address}")))?;
+    let local: SocketAddr = if resolved.is_ipv4() { "0.0.0.0:0".parse().expect("addr") } else { "[::]:0".parse().expect("addr") };
+    let mut endpoint = transport::endpoint(local, None)?;
+    endpoint.set_default_client_config(transport::client_config(identity, fingerprint, idle_timeout, congestion)?);
+    let connection = endpoint.connect(resolved, "applier")?.await?;
+    Ok((endpoint, connection))
+}
+
 /// Who this volume is, for the applier (the first message of a connection).
 pub(super) fn hello_of(volume: &Volume) -> Hello {
     let journal = volume.journal();
-    let config = volume.config();
+    hello(volume.config(), volume.history(), journal.first_lsn(), journal.written_lsn())
+}
+
+/// The Hello of a volume with `config` and `history` whose journal holds `first_lsn` to
+/// `last_lsn` (also for a volume nobody serves: a restore).
+pub(super) fn hello(config: &crate::volume::VolumeConfig, history: &crate::generation::History, first_lsn: u64, last_lsn: u64) -> Hello {
     Hello {
         protocol: wire::PROTOCOL_VERSION,
         volume_uuid: *config.uuid.as_bytes(),
         volume_name: config.name.clone(),
         size: config.size,
-        generation: *volume.generation().as_bytes(),
-        first_lsn: journal.first_lsn(),
-        last_lsn: journal.written_lsn(),
-        history: wire::wire_history(volume.history()),
+        generation: *history.current().id.as_bytes(),
+        first_lsn,
+        last_lsn,
+        history: wire::wire_history(history),
     }
 }
 

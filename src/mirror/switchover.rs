@@ -7,17 +7,16 @@
 //! is written on two sides; `applier status` on the replica's host tells, `volume demote`
 //! or a restart of `run` continues.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::generations::PromotionSeen;
 use super::senders::Senders;
-use super::session::hello_of;
+use super::session::{connect, hello_of};
 use super::{config, MirrorError};
 use crate::generation::Generation;
 use crate::protocol::framing::{read_frame, write_control, LinkError};
+use crate::protocol::tls;
 use crate::protocol::wire::{history_from_wire, Control, Frame};
-use crate::protocol::{tls, transport};
 use crate::volume::Volume;
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -88,17 +87,10 @@ pub fn switchover(volume: &Volume, senders: &Senders, request: &SwitchoverReques
     };
     hold.fence().map_err(|e| MirrorError::Invalid(format!("fence the volume: {e}")))?;
     let held_us = started.elapsed().as_micros() as u64;
-    let promoted_us = switched.history.last().map_or(0, |g| g.created_us);
-    let seen = PromotionSeen {
-        to: switched.to.clone(),
-        generation: switched.generation,
-        branch_lsn: switched.branch_lsn,
-        promoted_us,
-        history: switched.history.clone(),
-        last_lsn: switched.branch_lsn,
-        seen_us: crate::clock::now_micros(),
-    };
-    seen.save(dir, &request.mirror);
+    // The history came checked from the wire.
+    if let Ok(history) = crate::generation::History::try_from(switched.history.clone()) {
+        PromotionSeen::of(&switched.to, &history, switched.branch_lsn).save(dir, &request.mirror);
+    }
     Ok(SwitchedOver { held_us, ..switched })
 }
 
@@ -109,12 +101,8 @@ async fn ask(
     asked: &std::sync::atomic::AtomicBool,
 ) -> Result<SwitchedOver, LinkError> {
     let identity = tls::Identity::load(&volume.dir().identity())?;
-    let address: SocketAddr =
-        tokio::net::lookup_host(&mirror.address).await?.next().ok_or_else(|| LinkError::Protocol(format!("cannot resolve {}", mirror.address)))?;
-    let local: SocketAddr = if address.is_ipv4() { "0.0.0.0:0".parse().expect("addr") } else { "[::]:0".parse().expect("addr") };
-    let mut endpoint = transport::endpoint(local, None)?;
-    endpoint.set_default_client_config(transport::client_config(&identity, &mirror.fingerprint, mirror.idle_timeout(), mirror.congestion.unwrap_or_default())?);
-    let connection = endpoint.connect(address, "applier")?.await?;
+    let (_endpoint, connection) =
+        connect(&identity, &mirror.address, &mirror.fingerprint, mirror.idle_timeout(), mirror.congestion.unwrap_or_default()).await?;
     let (mut send, mut recv) = connection.open_bi().await?;
     let message = Control::Switchover {
         hello: hello_of(volume),
