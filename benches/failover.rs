@@ -20,7 +20,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::Daemon;
+use common::{fingerprint, run, Daemon};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ublk-mirror");
 const MIB: u64 = 1 << 20;
@@ -181,16 +181,6 @@ fn fill(path: &Path, size: u64) {
         file.write_all(&chunk).unwrap();
     }
     file.flush().unwrap();
-}
-
-fn run(args: &[&str]) -> String {
-    let output = Command::new(BIN).args(args).output().unwrap();
-    assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn fingerprint(output: &str) -> String {
-    output.lines().find(|l| l.starts_with("sha256:")).unwrap().to_string()
 }
 
 fn free_udp_port() -> u16 {

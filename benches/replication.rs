@@ -45,7 +45,7 @@ mod relay;
 #[path = "replication/resync.rs"]
 mod resync;
 
-use common::Daemon;
+use common::{fingerprint, run, Daemon};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -256,16 +256,6 @@ fn wan_drain(base: &Path) -> (String, String) {
 fn add(rows: &mut Vec<(String, String)>, row: (String, String)) {
     eprintln!("{:<48} {}", row.0, row.1);
     rows.push(row);
-}
-
-fn run(args: &[&str]) -> String {
-    let output = Command::new(BIN).args(args).output().unwrap();
-    assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn fingerprint(text: &str) -> String {
-    text.lines().find(|l| l.starts_with("sha256:")).unwrap().to_string()
 }
 
 /// How often the drain asks the volume for its mirror's checkpoints (the timing's resolution).

@@ -18,7 +18,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::Daemon;
+use common::{fingerprint, run, Daemon};
 
 use rand::{Rng, SeedableRng};
 use ublk_mirror::applier::replica::Replica;
@@ -175,16 +175,6 @@ impl Drop for XfsMount {
         let _ = Command::new("umount").arg(&self.mount).status();
         let _ = Command::new("losetup").args(["-d", &self.device]).status();
     }
-}
-
-fn run(args: &[&str]) -> String {
-    let output = Command::new(BIN).args(args).output().unwrap();
-    assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn fingerprint(output: &str) -> String {
-    output.lines().find(|l| l.starts_with("sha256:")).unwrap().to_string()
 }
 
 fn spawn(args: &[&str], ready: &Path) -> Daemon {

@@ -26,20 +26,34 @@ struct Pair {
 
 impl Pair {
     fn new(base: &Path) -> Pair {
+        let (pair, mirror_add) = Pair::unmirrored(base);
+        mirror_add(&[]);
+        let served = Served::start(&pair.vdir, &[]);
+        wait_consistent(&pair.vdir);
+        Pair { served: Some(served), ..pair }
+    }
+
+    /// An applier in `base/b/applier` (started) that allows volume `base/a/vol0` (made, not
+    /// served), and the `mirror add` of the volume to it (with extra arguments).
+    fn unmirrored(base: &Path) -> (Pair, impl Fn(&[&str])) {
         let adir = base.join("b").join("applier");
-        let output = cli(&["applier", "init", "--dir", adir.to_str().unwrap()]);
-        assert!(output.status.success(), "{}", stderr(&output));
-        let applier_fp = fingerprint_line(&stdout(&output));
+        let applier_fp = init_applier(&adir);
         let port = free_udp_port();
         let applier = Applier::start(&adir, port);
         let vdir = base.join("a").join("vol0");
         let fp = fingerprint_line(&create_volume(&vdir, "vol0", "32M", &["--journal-size", "64M", "--segment-size", "4M"]));
         assert!(cli(&["applier", "allow", "--dir", adir.to_str().unwrap(), &fp]).status.success());
-        let output = cli(&["mirror", "add", "--dir", vdir.to_str().unwrap(), "--to", &format!("127.0.0.1:{port}"), "--fingerprint", &applier_fp]);
-        assert!(output.status.success(), "{}", stderr(&output));
-        let served = Served::start(&vdir, &[]);
-        wait_consistent(&vdir);
-        Pair { vdir, adir, port, applier: Some(applier), served: Some(served) }
+        let mirror_add = {
+            let vdir = vdir.clone();
+            move |extra: &[&str]| {
+                let address = format!("127.0.0.1:{port}");
+                let mut args = vec!["mirror", "add", "--dir", vdir.to_str().unwrap(), "--to", &address, "--fingerprint", &applier_fp];
+                args.extend_from_slice(extra);
+                let output = cli(&args);
+                assert!(output.status.success(), "{}", stderr(&output));
+            }
+        };
+        (Pair { vdir, adir, port, applier: Some(applier), served: None }, mirror_add)
     }
 
     fn socket(&self) -> PathBuf {
@@ -228,24 +242,13 @@ impl Pair {
     /// A volume with 24 MiB of data whose mirror is added with a 2 MiB/s limit and whose
     /// source is killed a second into the initial synchronisation.
     fn new_unsynced(base: &Path) -> Pair {
-        let adir = base.join("b").join("applier");
-        let output = cli(&["applier", "init", "--dir", adir.to_str().unwrap()]);
-        assert!(output.status.success(), "{}", stderr(&output));
-        let applier_fp = fingerprint_line(&stdout(&output));
-        let port = free_udp_port();
-        let applier = Applier::start(&adir, port);
-        let vdir = base.join("a").join("vol0");
-        let fp = fingerprint_line(&create_volume(&vdir, "vol0", "32M", &["--journal-size", "64M", "--segment-size", "4M"]));
-        assert!(cli(&["applier", "allow", "--dir", adir.to_str().unwrap(), &fp]).status.success());
+        let (pair, mirror_add) = Pair::unmirrored(base);
         {
-            let served = Served::start(&vdir, &[]);
+            let served = Served::start(&pair.vdir, &[]);
             Writer::new(&served.socket, vec![0u8; SIZE]).pattern(5, 96, 256 << 10);
         }
-        let output =
-            cli(&["mirror", "add", "--dir", vdir.to_str().unwrap(), "--to", &format!("127.0.0.1:{port}"), "--fingerprint", &applier_fp, "--max-rate", "2M"]);
-        assert!(output.status.success(), "{}", stderr(&output));
-        let mut served = Served::start(&vdir, &[]);
-        let pair = Pair { vdir, adir, port, applier: Some(applier), served: None };
+        mirror_add(&["--max-rate", "2M"]);
+        let mut served = Served::start(&pair.vdir, &[]);
         let deadline = Instant::now() + Duration::from_secs(30);
         while pair.replica_status()["connected"] != true {
             assert!(Instant::now() < deadline, "the source never connected");
@@ -255,7 +258,6 @@ impl Pair {
         served.kill9();
         pair.wait_disconnected();
         assert_eq!(pair.replica_status()["consistent"], false);
-        let _ = pair.port;
         pair
     }
 }
@@ -389,8 +391,7 @@ fn failback_resyncs_only_what_either_side_changed_and_undoes_the_old_sources_unr
     assert_eq!(report["local_records"].as_u64(), Some(20), "{report}");
     assert_eq!(report["after_promote"].as_u64(), Some(0), "{report}");
     assert_eq!(status_json(&pair.vdir)["volume"]["role"], "demoted");
-    let refused = std::process::Command::new(bin()).args(["run", "--dir", pair.vdir.to_str().unwrap(), "--nbd", "unix:/nonexistent/x.sock"]).output().unwrap();
-    assert!(!refused.status.success() && stderr(&refused).contains("was demoted"), "{}", stderr(&refused));
+    assert_run_refused(&pair.vdir, "was demoted");
 
     // B mirrors to A's applier: a failback resync of the regions either side changed.
     let (status, _b_served, mut b, _a_applier) = fail_back(&a_adir, &a_applier_fp, &b_fingerprint, &bdir, b_served, b);
@@ -426,6 +427,21 @@ fn fail_back(a_adir: &Path, a_applier_fp: &str, b_fingerprint: &str, bdir: &Path
     let b = Writer::new(&b_served.socket, reference);
     let status = wait_caught_up(bdir);
     (status, b_served, b, a_applier)
+}
+
+/// Waits (bounded) until `served`'s process has exited by itself.
+fn wait_exit(served: &mut Served, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while served.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `run` refuses the volume in `vdir`, saying `why`.
+fn assert_run_refused(vdir: &Path, why: &str) {
+    let refused = std::process::Command::new(bin()).args(["run", "--dir", vdir.to_str().unwrap(), "--nbd", "unix:/nonexistent/x.sock"]).output().unwrap();
+    assert!(!refused.status.success() && stderr(&refused).contains(why), "run was not refused ({why}): {}", stderr(&refused));
 }
 
 /// Makes an applier directory; returns its fingerprint.
@@ -464,12 +480,7 @@ fn a_planned_switchover_resends_nothing_and_the_same_command_swaps_back() {
     let to = PathBuf::from(report["switched_over"]["to"].as_str().unwrap());
     assert_eq!(to, pair.adir.join("volumes").join("vol0"));
     // A's `run` stopped by itself.
-    let served = pair.served.as_mut().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while served.child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "run did not stop after the switchover");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_exit(pair.served.as_mut().unwrap(), "run did not stop after the switchover");
     assert_eq!(status_json(&pair.vdir)["volume"]["role"], "demoted");
 
     // The new primary serves the same data and mirrors back: nothing is resent.
@@ -503,11 +514,7 @@ fn a_planned_switchover_resends_nothing_and_the_same_command_swaps_back() {
     let back: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(PathBuf::from(back["switched_over"]["to"].as_str().unwrap()), pair.vdir, "{back}");
     let mut b_served = b_served;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while b_served.child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the new primary's run did not stop after switching back");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_exit(&mut b_served, "the new primary's run did not stop after switching back");
     let status = status_json(&pair.vdir);
     assert_eq!(status["volume"]["role"], "primary");
     assert_eq!(status["volume"]["generations"].as_array().unwrap().len(), 3, "{status}");
@@ -575,8 +582,7 @@ fn crashes_during_demote_and_switchover_leave_states_the_commands_continue_from(
             .unwrap()
     };
     assert!(!demote(&[("UBLK_MIRROR_FAILPOINTS", "demote-before-replica")]).status.success());
-    let refused = std::process::Command::new(bin()).args(["run", "--dir", pair.vdir.to_str().unwrap(), "--nbd", "unix:/nonexistent/x.sock"]).output().unwrap();
-    assert!(stderr(&refused).contains("was demoted"), "half demoted: run refuses: {}", stderr(&refused));
+    assert_run_refused(&pair.vdir, "was demoted");
     let output = demote(&[]);
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(stdout(&output).contains("undone     nothing"), "{}", stdout(&output));

@@ -7,6 +7,18 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Runs `ublk-mirror ARGS` to completion; its stdout (a failure panics with its stderr).
+pub fn run(args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_ublk-mirror")).args(args).output().unwrap();
+    assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The `sha256:` fingerprint line of a command's output.
+pub fn fingerprint(output: &str) -> String {
+    output.lines().find(|l| l.starts_with("sha256:")).unwrap().to_string()
+}
+
 /// A server process started by a bench: SIGTERM and a bounded wait when dropped.
 pub struct Daemon(pub Child);
 
