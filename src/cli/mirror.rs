@@ -15,9 +15,11 @@ use ublk_mirror::status::MirrorStatus;
 
 #[derive(Subcommand)]
 pub enum MirrorCommand {
-    /// Mirror the volume to an applier, pinned by its certificate fingerprint.
+    /// Mirror the volume to an applier, pinned by its certificate fingerprint. A running
+    /// volume starts the mirror at once (initial synchronisation while it serves).
     Add(MirrorAddArgs),
-    /// Stop mirroring to the named applier (its journal retention is released).
+    /// Stop mirroring to the named applier: a running volume stops its sender at once and
+    /// releases its journal retention and dirty map. The replica on the applier stays.
     Remove(MirrorRemoveArgs),
     /// Change a mirror's bandwidth limit or idle timeout. A running volume applies a new rate
     /// at once; the idle timeout at the next connection.
@@ -113,11 +115,7 @@ pub struct MirrorRemoveArgs {
 pub fn execute(command: MirrorCommand) -> Result<()> {
     match command {
         MirrorCommand::Add(args) => add(args),
-        MirrorCommand::Remove(args) => {
-            mirror::remove(&VolumeDir::new(&args.dir), &args.name)?;
-            println!("removed mirror {}", args.name);
-            Ok(())
-        }
+        MirrorCommand::Remove(args) => remove(args),
         MirrorCommand::Wait(args) => wait(args),
         MirrorCommand::Set(args) => set(args),
         MirrorCommand::Switchover(args) => super::switchover::switchover(args),
@@ -156,9 +154,52 @@ fn add(args: MirrorAddArgs) -> Result<()> {
         idle_timeout: args.idle_timeout,
         congestion: args.congestion.map(Into::into),
     };
-    mirror::add(&VolumeDir::new(&args.dir), &config).with_context(|| format!("add mirror to {}", args.dir.display()))?;
-    println!("added mirror {} -> {} (starts with the next `run`)", config.name, config.address);
+    let dir = VolumeDir::new(&args.dir);
+    mirror::add(&dir, &config).with_context(|| format!("add mirror to {}", args.dir.display()))?;
+    if !ublk_mirror::volume::is_locked(&args.dir) {
+        println!("added mirror {} -> {} (starts with the next `run`)", config.name, config.address);
+        return Ok(());
+    }
+    // A running volume starts the mirror's sender now (its initial synchronisation runs
+    // while the volume serves). If it cannot be told, nothing is left half done.
+    let told = running_volume(&dir, "reload-mirrors");
+    match told {
+        Ok(reply) if reply["started"].as_array().is_some_and(|started| started.iter().any(|n| n.as_str() == Some(&config.name))) => {
+            println!("added mirror {} -> {} (started on the running volume)", config.name, config.address);
+            Ok(())
+        }
+        outcome => {
+            let _ = mirror::remove(&dir, &config.name);
+            let why = match outcome {
+                Ok(reply) => format!("it did not start the mirror: {reply}"),
+                Err(error) => format!("{error:#}"),
+            };
+            bail!("the volume at {} is running but could not start the mirror, so it was not added: {why}", args.dir.display())
+        }
+    }
+}
+
+fn remove(args: MirrorRemoveArgs) -> Result<()> {
+    let dir = VolumeDir::new(&args.dir);
+    // The same error for an unknown name whether the volume runs or not.
+    mirror::load(&dir, &args.name).with_context(|| format!("remove mirror from {}", args.dir.display()))?;
+    if ublk_mirror::volume::is_locked(&args.dir) {
+        running_volume(&dir, &format!("remove-mirror {}", args.name))?;
+        println!("removed mirror {} (its sender stopped on the running volume; journal hold and dirty map released)", args.name);
+    } else {
+        mirror::remove(&dir, &args.name)?;
+        println!("removed mirror {}", args.name);
+    }
     Ok(())
+}
+
+/// Sends `request` to the running volume's control socket; an error reply is an error.
+fn running_volume(dir: &VolumeDir, request: &str) -> Result<serde_json::Value> {
+    let reply = control::request(&dir.control_socket(), request).with_context(|| format!("tell the running volume at {}", dir.root().display()))?;
+    if let Some(error) = reply["error"].as_str() {
+        bail!("the running volume refused: {error}");
+    }
+    Ok(reply)
 }
 
 fn set(args: MirrorSetArgs) -> Result<()> {
@@ -174,10 +215,7 @@ fn set(args: MirrorSetArgs) -> Result<()> {
     let rate = config.max_rate.map_or("none".to_string(), |r| format!("{}/s", ublk_mirror::size::format_size(r)));
     println!("mirror {}: max rate {rate}, idle timeout {} s", config.name, config.idle_timeout().as_secs());
     if ublk_mirror::volume::is_locked(&args.dir) {
-        let reply = control::request(&VolumeDir::new(&args.dir).control_socket(), "reload-mirrors").context("tell the running volume")?;
-        if let Some(error) = reply["error"].as_str() {
-            bail!("the running volume could not apply the change: {error}");
-        }
+        running_volume(&VolumeDir::new(&args.dir), "reload-mirrors")?;
         println!("applied to the running volume (the idle timeout at the next connection)");
     }
     Ok(())

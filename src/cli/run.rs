@@ -151,7 +151,11 @@ pub fn execute(args: RunArgs) -> Result<()> {
                 control::Reply::Done(match command {
                     "status" => serde_json::to_value(live_status()).unwrap_or_default(),
                     "reload-mirrors" => match senders.reload() {
-                        Ok(()) => serde_json::json!({ "reloaded": true }),
+                        Ok(reloaded) => serde_json::json!({ "reloaded": true, "started": reloaded.started, "updated": reloaded.updated }),
+                        Err(error) => serde_json::json!({ "error": format!("{error:#}") }),
+                    },
+                    request if request.starts_with("remove-mirror ") => match senders.remove(&request["remove-mirror ".len()..]) {
+                        Ok(()) => serde_json::json!({ "removed": &request["remove-mirror ".len()..] }),
                         Err(error) => serde_json::json!({ "error": format!("{error:#}") }),
                     },
                     request if request.starts_with("set-on-full ") => match request["set-on-full ".len()..].parse::<OnFull>() {

@@ -211,6 +211,17 @@ impl Retention {
         Hold { retention: self.clone(), name }
     }
 
+    /// Drops the hold named `name` (a mirror removed from a running volume): the journal
+    /// keeps nothing for it from now on and is trimmed at once as far as the others allow.
+    /// Its dirty map file is the caller's to delete. Returns whether the hold existed.
+    pub fn remove_hold(&self, name: &str) -> Result<bool, JournalError> {
+        let existed = crate::lock(&self.holds).remove(name).is_some();
+        if existed {
+            self.trim()?;
+        }
+        Ok(existed)
+    }
+
     /// The holds by name with their states (for status and tests).
     pub fn holds(&self) -> Vec<(String, HoldState)> {
         crate::lock(&self.holds).iter().map(|(name, entry)| (name.clone(), entry.state())).collect()

@@ -56,6 +56,7 @@ pub fn remove(dir: &VolumeDir, name: &str) {
     let _ = std::fs::remove_file(dir.mirror_gaps(name));
     let _ = std::fs::remove_file(dir.mirror_state(name));
     let _ = std::fs::remove_file(dir.mirror_dirty_map(name));
+    let _ = std::fs::remove_file(dir.mirror_promoted(name));
 }
 
 /// The mirror's dirty map, if it tracks. A damaged or unreadable map is never taken as

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::session::Sender;
+use super::session::{Sender, SenderControls};
 use super::{checkpoints, config, MirrorError};
 use crate::dirty_map::{DirtyMap, DEFAULT_REGION_SIZE};
 use crate::journal::{Hold, HoldSpec, HoldState, Journal, BRANCH_HOLD};
@@ -70,17 +70,35 @@ fn measure_lag(status: &mut MirrorStatus, journal: &Journal) {
     status.lag_seconds = backlog.oldest_timestamp_us.map_or(0.0, |oldest| crate::clock::now_micros().saturating_sub(oldest) as f64 / 1e6);
 }
 
-/// The senders of a volume.
+/// One running mirror.
+struct Running {
+    name: String,
+    status: Arc<Mutex<MirrorStatus>>,
+    /// Its journal hold.
+    hold: Hold,
+    /// Its rate limit, shared with its sender.
+    rate: Arc<AtomicU64>,
+    /// Set when the mirror is removed: its sender leaves at once.
+    removed: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What [`Senders::reload`] changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Reloaded {
+    /// Mirrors whose sender started now (added since the volume started).
+    pub started: Vec<String>,
+    /// Running mirrors whose settings were re-read.
+    pub updated: Vec<String>,
+}
+
+/// The senders of a volume: one per mirror, started with the volume, added and removed
+/// while it runs (`mirror add` / `mirror remove` through the control socket).
 pub struct Senders {
     dir: VolumeDir,
     volume: Arc<Volume>,
-    statuses: Vec<Arc<Mutex<MirrorStatus>>>,
-    /// Each mirror's journal hold, in the order of `statuses`.
-    holds: Vec<Hold>,
-    /// Each mirror's rate limit, by name, shared with its sender.
-    rates: Vec<(String, Arc<AtomicU64>)>,
+    running: Mutex<Vec<Running>>,
     stop: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Senders {
@@ -88,54 +106,59 @@ impl Senders {
     /// hold the volume was opened with under the mirror's name.
     pub fn start(volume: Arc<Volume>) -> Result<Senders, MirrorError> {
         let dir = volume.dir().clone();
-        let configs = config::list(&dir)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut statuses = Vec::new();
-        let mut threads = Vec::new();
-        let mut rates = Vec::new();
-        let mut holds = Vec::new();
-        for config in configs {
-            let saved = checkpoints::load(&dir, &config.name);
-            let status = Arc::new(Mutex::new(MirrorStatus::new(&config.name, &config.address, config.max_rate, saved.received_lsn, saved.applied_lsn)));
-            // Normally the hold the volume was opened with; a mirror added since gets one now.
-            let hold = volume.retention().add_hold(HoldSpec {
-                name: config.name.clone(),
-                lsn: saved.received_lsn,
-                map_path: dir.mirror_dirty_map(&config.name),
-                map: checkpoints::load_dirty_map(&dir, &config.name, volume.size()).0,
-            });
-            if let (_, Some(problem)) = checkpoints::load_dirty_map(&dir, &config.name, volume.size()) {
-                lock(&status).last_error = Some(problem);
-            }
-            lock(&status).resynced_lsn_ranges = checkpoints::load_gaps(&dir, &config.name);
-            holds.push(hold.clone());
-            let rate = Arc::new(AtomicU64::new(config.max_rate.unwrap_or(0)));
-            rates.push((config.name.clone(), rate.clone()));
-            statuses.push(status.clone());
-            let name = format!("sender-{}", config.name);
-            let sender = Sender::new(dir.clone(), config, volume.clone(), status, hold, stop.clone(), rate);
-            threads.push(
-                std::thread::Builder::new()
-                    .name(name)
-                    .spawn(move || sender.run())
-                    .map_err(|source| MirrorError::Io { context: "start sender thread".into(), source })?,
-            );
+        let senders = Senders { dir: dir.clone(), volume, running: Mutex::new(Vec::new()), stop: Arc::new(AtomicBool::new(false)) };
+        for config in config::list(&dir)? {
+            let running = senders.launch(config)?;
+            lock(&senders.running).push(running);
         }
-        Ok(Senders { dir, volume, statuses, holds, rates, stop, threads })
+        Ok(senders)
+    }
+
+    /// Starts the sender of one mirror.
+    fn launch(&self, config: config::MirrorConfig) -> Result<Running, MirrorError> {
+        let dir = &self.dir;
+        let saved = checkpoints::load(dir, &config.name);
+        let status = Arc::new(Mutex::new(MirrorStatus::new(&config.name, &config.address, config.max_rate, saved.received_lsn, saved.applied_lsn)));
+        // Normally the hold the volume was opened with; a mirror added since gets one now.
+        let (map, problem) = checkpoints::load_dirty_map(dir, &config.name, self.volume.size());
+        let hold = self.volume.retention().add_hold(HoldSpec {
+            name: config.name.clone(),
+            lsn: saved.received_lsn,
+            map_path: dir.mirror_dirty_map(&config.name),
+            map,
+        });
+        lock(&status).last_error = problem;
+        lock(&status).resynced_lsn_ranges = checkpoints::load_gaps(dir, &config.name);
+        let rate = Arc::new(AtomicU64::new(config.max_rate.unwrap_or(0)));
+        let removed = Arc::new(AtomicBool::new(false));
+        let name = config.name.clone();
+        let sender = Sender::new(
+            dir.clone(),
+            config,
+            self.volume.clone(),
+            status.clone(),
+            hold.clone(),
+            SenderControls { stop: self.stop.clone(), removed: removed.clone(), rate: rate.clone() },
+        );
+        let thread = std::thread::Builder::new()
+            .name(format!("sender-{name}"))
+            .spawn(move || sender.run())
+            .map_err(|source| MirrorError::Io { context: "start sender thread".into(), source })?;
+        Ok(Running { name, status, hold, rate, removed, thread: Some(thread) })
     }
 
     /// How many mirrors the volume streams to.
     pub fn count(&self) -> usize {
-        self.statuses.len()
+        lock(&self.running).len()
     }
 
     /// Every mirror's status, its lag measured now against the journal.
     pub fn statuses(&self) -> Vec<MirrorStatus> {
         let journal = self.volume.journal();
-        self.statuses
+        lock(&self.running)
             .iter()
-            .zip(&self.holds)
-            .map(|(shared, hold)| {
+            .map(|running| {
+                let (shared, hold) = (&running.status, &running.hold);
                 let mut status = lock(shared);
                 // The journal may have let go of a mirror whose sender is not looking (it
                 // waits to reconnect): the status follows the hold.
@@ -153,24 +176,62 @@ impl Senders {
             .collect()
     }
 
-    /// Re-reads the mirrors' files and applies their rate limits to the running senders
-    /// (after `mirror set`). Mirrors added or removed take effect at the next `run`.
-    pub fn reload(&self) -> Result<(), MirrorError> {
+    /// Re-reads the mirrors' files (after `mirror add` or `mirror set`): a mirror added since
+    /// the volume started gets its sender now (its initial synchronisation runs while the
+    /// volume serves); a running one takes its new rate limit at once, its idle timeout at
+    /// the next connection.
+    pub fn reload(&self) -> Result<Reloaded, MirrorError> {
+        let mut reloaded = Reloaded::default();
+        let mut running = lock(&self.running);
         for config in config::list(&self.dir)? {
-            if let Some((_, rate)) = self.rates.iter().find(|(name, _)| *name == config.name) {
-                rate.store(config.max_rate.unwrap_or(0), Ordering::Relaxed);
-                if let Some(status) = self.statuses.iter().find(|s| lock(s).name == config.name) {
-                    lock(status).max_rate = config.max_rate;
+            match running.iter().find(|r| r.name == config.name) {
+                Some(mirror) => {
+                    mirror.rate.store(config.max_rate.unwrap_or(0), Ordering::Relaxed);
+                    lock(&mirror.status).max_rate = config.max_rate;
+                    reloaded.updated.push(config.name);
+                }
+                None => {
+                    tracing::info!(mirror = %config.name, address = %config.address, "mirror added: starting its sender");
+                    reloaded.started.push(config.name.clone());
+                    running.push(self.launch(config)?);
                 }
             }
         }
+        // Listed by name, as the files list them when the volume is not running.
+        running.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(reloaded)
+    }
+
+    /// Removes the mirror `name` from the running volume: its sender stops (mid-connection
+    /// or mid-synchronisation too), its journal hold is released (the journal trims as far
+    /// as the others allow) and its files go: settings, checkpoints, dirty map. The
+    /// replica on the applier is left as it is.
+    pub fn remove(&self, name: &str) -> Result<(), MirrorError> {
+        let mut mirror = {
+            let mut running = lock(&self.running);
+            let Some(index) = running.iter().position(|r| r.name == name) else {
+                return Err(MirrorError::Invalid(format!("no mirror named {name:?} runs on volume {}", self.dir.root().display())));
+            };
+            running.remove(index)
+        };
+        mirror.removed.store(true, Ordering::SeqCst);
+        if let Some(thread) = mirror.thread.take() {
+            // The sender saves nothing once it sees the flag; joining also waits for a
+            // checkpoint save already under way, so no file comes back after the removal.
+            let _ = thread.join();
+        }
+        self.volume.retention().remove_hold(name).map_err(|error| MirrorError::Invalid(format!("release the journal hold of mirror {name}: {error}")))?;
+        config::remove(&self.dir, name)?;
+        tracing::info!(mirror = %name, "mirror removed: sender stopped, journal hold and dirty map released");
         Ok(())
     }
 
-    pub fn shutdown(mut self) {
+    pub fn shutdown(self) {
         self.stop.store(true, Ordering::SeqCst);
-        for thread in self.threads.drain(..) {
-            let _ = thread.join();
+        for mirror in lock(&self.running).iter_mut() {
+            if let Some(thread) = mirror.thread.take() {
+                let _ = thread.join();
+            }
         }
     }
 }

@@ -50,12 +50,25 @@ pub(super) struct Sender {
     /// This mirror's claim on the volume's journal: records after its `received` are kept.
     pub hold: Hold,
     pub stop: Arc<AtomicBool>,
+    /// The mirror was removed from the running volume: leave at once, even mid-connect or
+    /// mid-synchronisation, and save nothing more (its files are being deleted).
+    pub removed: Arc<AtomicBool>,
     /// This process copied the chunks of the replica's current synchronisation. An
     /// inconsistent replica synchronised by an earlier process is synchronised again: its
     /// chunks may hold writes that process acknowledged but lost in a crash.
     pub synced_here: Arc<AtomicBool>,
     /// Bytes per second this mirror may send (0: unlimited), shared with `Senders::reload`.
     rate: Arc<AtomicU64>,
+}
+
+/// What the volume's side shares with a running sender to steer it.
+pub(super) struct SenderControls {
+    /// The volume is stopping.
+    pub stop: Arc<AtomicBool>,
+    /// The mirror was removed.
+    pub removed: Arc<AtomicBool>,
+    /// Bytes per second it may send (0: unlimited).
+    pub rate: Arc<AtomicU64>,
 }
 
 /// A record sent on this connection.
@@ -93,16 +106,9 @@ impl Flight {
 }
 
 impl Sender {
-    pub fn new(
-        dir: VolumeDir,
-        config: MirrorConfig,
-        volume: Arc<Volume>,
-        status: Arc<Mutex<MirrorStatus>>,
-        hold: Hold,
-        stop: Arc<AtomicBool>,
-        rate: Arc<AtomicU64>,
-    ) -> Sender {
-        Sender { dir, config, volume, status, hold, stop, synced_here: Arc::new(AtomicBool::new(false)), rate }
+    pub fn new(dir: VolumeDir, config: MirrorConfig, volume: Arc<Volume>, status: Arc<Mutex<MirrorStatus>>, hold: Hold, controls: SenderControls) -> Sender {
+        let SenderControls { stop, removed, rate } = controls;
+        Sender { dir, config, volume, status, hold, stop, removed, synced_here: Arc::new(AtomicBool::new(false)), rate }
     }
 
     pub fn run(self) {
@@ -120,7 +126,7 @@ impl Sender {
         let mut backoff = Duration::from_millis(200);
         let mut disconnected_since: Option<Instant> = None;
         let mut was_tracking = !matches!(self.hold.state(), HoldState::Streaming { .. });
-        while !self.stop.load(Ordering::SeqCst) {
+        while !self.leaving() {
             let tracking = !matches!(self.hold.state(), HoldState::Streaming { .. });
             if tracking && !was_tracking {
                 let away = disconnected_since.map_or("connected".to_string(), |since| format!("disconnected for {:.0} s", since.elapsed().as_secs_f64()));
@@ -128,7 +134,15 @@ impl Sender {
             }
             was_tracking = tracking;
             let started = Instant::now();
-            let result = runtime.block_on(self.session());
+            let result = runtime.block_on(async {
+                tokio::select! {
+                    result = self.session() => result,
+                    () = self.removal() => Ok(Ended::Stopped),
+                }
+            });
+            if self.removed.load(Ordering::SeqCst) {
+                return;
+            }
             disconnected_since = match &result {
                 Err(_) => disconnected_since.or(Some(started)),
                 Ok(_) => None,
@@ -157,10 +171,22 @@ impl Sender {
                 backoff = Duration::from_millis(200);
             }
             let until = Instant::now() + backoff;
-            while Instant::now() < until && !self.stop.load(Ordering::SeqCst) {
+            while Instant::now() < until && !self.leaving() {
                 std::thread::sleep(Duration::from_millis(20));
             }
             backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    fn leaving(&self) -> bool {
+        self.stop.load(Ordering::SeqCst) || self.removed.load(Ordering::SeqCst)
+    }
+
+    /// Completes when the mirror is removed (a volume that stops ends its sessions itself,
+    /// cleanly: a resync in progress is abandoned to its dirty map, the applier told).
+    async fn removal(&self) {
+        while !self.removed.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
