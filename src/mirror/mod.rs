@@ -1,13 +1,15 @@
 //! The source side of replication, inside `run`: a volume's mirrors (`config.rs`, their
 //! saved checkpoints `checkpoints.rs`), one sender per mirror (`senders.rs` starts and reports
 //! them; `session.rs` is one connection: handshake, then the journal streamed from the
-//! applier's `received` checkpoint; `sync_source.rs` the source half of an initial
+//! applier's `received` checkpoint; `link.rs` the connection, its Hello and its
+//! frames, `sync_source.rs` the source half of an initial
 //! synchronisation, `resync_source.rs` of a resync from the dirty map), and the bandwidth
 //! limit (`rate.rs`).
 
 pub mod checkpoints;
 pub mod config;
 pub mod generations;
+mod link;
 pub mod rate;
 mod restore;
 mod resync_source;

@@ -71,7 +71,7 @@ pub fn restore(dir: &Path, from: &str, fingerprint: &str, backing: Option<&Path>
     drop(journal);
     let state = VolumeState::load(&layout).map_err(volume_error)?;
     let history = History::load_or_first(&layout.generations(), state.generation).map_err(|e| invalid(e.to_string()))?;
-    let hello = super::session::hello(&config, &history, report.first_lsn, report.last_lsn);
+    let hello = super::link::hello(&config, &history, report.first_lsn, report.last_lsn);
     crate::fsutil::write_atomic(
         &layout.restoring(),
         &serde_json::to_vec_pretty(&InProgress { from: from.to_string(), backing: target.clone() }).expect("serialises"),
@@ -124,7 +124,7 @@ async fn fetch(
     store: &Store,
     check: impl Fn(u64) -> Result<(), String>,
 ) -> Result<(u64, u64, u64, u64), LinkError> {
-    let (_endpoint, connection) = super::session::connect(identity, from, fingerprint, std::time::Duration::from_secs(15), Default::default()).await?;
+    let (_endpoint, connection) = super::link::connect(identity, from, fingerprint, std::time::Duration::from_secs(15), Default::default()).await?;
     let (mut send, mut recv) = connection.open_bi().await?;
     write_control(&mut send, &Control::RestoreStart { hello: hello.clone() }).await?;
     let lsn = match read_frame(&mut recv).await? {

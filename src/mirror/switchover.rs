@@ -10,8 +10,8 @@
 use std::time::{Duration, Instant};
 
 use super::generations::PromotionSeen;
+use super::link::{connect, hello_of};
 use super::senders::Senders;
-use super::session::{connect, hello_of};
 use super::{config, MirrorError};
 use crate::generation::Generation;
 use crate::protocol::framing::{read_frame, write_control, LinkError};

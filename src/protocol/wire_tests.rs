@@ -1,0 +1,103 @@
+//! Round trips and refusals of the wire format (`wire.rs`).
+use super::*;
+use crate::journal::{RecordHeader, RecordKind};
+
+fn header(lsn: u64, kind: RecordKind, length: u64, payload_len: u32) -> RecordHeader {
+    RecordHeader { kind, flags: 0, lsn, offset: 4096 * lsn, length, payload_len, synced_lsn: 0, timestamp_us: 7 }
+}
+
+fn frame_of(prefix: Vec<u8>, payloads: &[&[u8]]) -> Vec<u8> {
+    let mut frame = prefix;
+    for p in payloads {
+        frame.extend_from_slice(p);
+    }
+    frame
+}
+
+#[test]
+fn control_and_batch_round_trip() {
+    let hello = Control::Hello(Hello {
+        protocol: 1,
+        volume_uuid: [1; 16],
+        volume_name: "vol0".into(),
+        size: 1 << 30,
+        generation: [2; 16],
+        first_lsn: 1,
+        last_lsn: 9,
+        history: vec![WireGeneration { id: [2; 16], parent: None, branch_lsn: 0, created_us: 0 }],
+    });
+    let frame = encode_control(&hello);
+    let length = check_length(frame[0..4].try_into().unwrap()).unwrap();
+    assert_eq!(length, frame.len() - 4);
+    assert_eq!(decode_body(&frame[4..]).unwrap(), Frame::Control(hello));
+
+    let data = vec![9u8; 4096];
+    let records = [(header(5, RecordKind::Write, 4096, 4096), &data[..]), (header(6, RecordKind::Discard, 8192, 0), &[][..])];
+    let frame = frame_of(encode_batch_header(&records), &[&data]);
+    assert_eq!(check_length(frame[0..4].try_into().unwrap()).unwrap(), frame.len() - 4);
+    let Frame::Records(decoded) = decode_body(&frame[4..]).unwrap() else { panic!("records expected") };
+    assert_eq!(decoded.len(), 2);
+    assert_eq!(decoded[0].payload.to_vec(), data);
+    assert_eq!(decoded[1].kind, RecordKind::Discard);
+}
+
+#[test]
+fn a_frame_decodes_the_same_whatever_chunks_it_arrives_in() {
+    let first: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
+    let second: Vec<u8> = (0..300u32).map(|i| (i * 7) as u8).collect();
+    let records = [
+        (header(1, RecordKind::Write, 5000, 5000), &first[..]),
+        (header(2, RecordKind::Discard, 4096, 0), &[][..]),
+        (header(3, RecordKind::Write, 300, 300), &second[..]),
+    ];
+    let frame = frame_of(encode_batch_header(&records), &[&first, &second]);
+    let body = bytes::Bytes::copy_from_slice(&frame[4..]);
+    let whole = decode_frame(vec![body.clone()]).unwrap();
+    let payloads = |frame: &Frame| match frame {
+        Frame::Records(records) => records.iter().map(|r| (r.lsn, r.payload.to_vec())).collect::<Vec<_>>(),
+        Frame::Control(_) => panic!("records expected"),
+    };
+    assert_eq!(payloads(&whole), vec![(1, first.clone()), (2, Vec::new()), (3, second.clone())]);
+    // Every two-chunk split, and many-chunk splits (empty chunks included).
+    for cut in 0..=body.len() {
+        let split = decode_frame(vec![body.slice(..cut), body.slice(cut..)]).unwrap();
+        assert_eq!(payloads(&split), payloads(&whole), "cut at {cut}");
+    }
+    for step in [1, 3, 64, 1000, 4999] {
+        let chunks: Vec<_> = (0..body.len()).step_by(step).map(|at| body.slice(at..(at + step).min(body.len()))).chain([bytes::Bytes::new()]).collect();
+        let Frame::Records(split) = decode_frame(chunks).unwrap() else { panic!("records expected") };
+        assert!(split[0].payload.parts().iter().all(|part| part.len() <= step), "payload pieces are slices of the chunks, not gathered (step {step})");
+        assert_eq!(split.iter().map(|r| (r.lsn, r.payload.to_vec())).collect::<Vec<_>>(), payloads(&whole));
+    }
+    // Truncated anywhere, in pieces: an error.
+    for cut in 0..body.len() {
+        assert!(decode_frame(vec![body.slice(..cut / 2), body.slice(cut / 2..cut)]).is_err(), "truncated at {cut}");
+    }
+}
+
+#[test]
+fn garbage_and_truncation_are_errors_not_panics() {
+    let data = vec![1u8; 100];
+    let records = [(header(1, RecordKind::Write, 100, 100), &data[..]), (header(2, RecordKind::Write, 100, 100), &data[..])];
+    let frame = frame_of(encode_batch_header(&records), &[&data, &data]);
+    let body = &frame[4..];
+    for cut in 0..body.len() {
+        assert!(decode_body(&body[..cut]).is_err(), "truncated at {cut}");
+    }
+    let mut rng = 12345u64;
+    for _ in 0..2000 {
+        let mut garbled = body.to_vec();
+        for _ in 0..3 {
+            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let at = (rng >> 33) as usize % garbled.len();
+            garbled[at] ^= (rng >> 8) as u8 | 1;
+        }
+        let _ = decode_body(&garbled); // must not panic
+    }
+    assert_eq!(check_length([0, 0, 0, 0]), Err(WireError::Empty));
+    assert!(matches!(check_length(u32::MAX.to_le_bytes()), Err(WireError::TooLarge(_))));
+    assert_eq!(decode_body(&[9]), Err(WireError::UnknownKind(9)));
+    // A gap in LSNs inside a batch is refused.
+    let gap = [(header(1, RecordKind::Discard, 1, 0), &[][..]), (header(3, RecordKind::Discard, 1, 0), &[][..])];
+    assert!(matches!(decode_body(&encode_batch_header(&gap)[4..]), Err(WireError::BadBatch(_))));
+}
