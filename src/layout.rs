@@ -122,6 +122,11 @@ impl VolumeDir {
         self.mirrors().join(format!("{name}.promoted.json"))
     }
 
+    /// `mirrors/NAME.verify.json`: the mirror's last online verify (`mirror verify`).
+    pub fn mirror_verify(&self, name: &str) -> PathBuf {
+        self.mirrors().join(format!("{name}.verify.json"))
+    }
+
     pub fn mirror_dirty_map(&self, name: &str) -> PathBuf {
         self.mirrors().join(format!("{name}.dirty"))
     }

@@ -349,6 +349,13 @@ impl Applier {
                     }
                     records
                 }
+                Frame::Control(Control::VerifyHashes { at_lsn, chunk_bytes, chunks, hashes }) => {
+                    // Every record before it is applied: the image is the source's at `at_lsn`.
+                    let outcome = blocking(replica, move |r| r.verify_chunks(at_lsn, chunk_bytes, &chunks, &hashes)).await?;
+                    let (differ, skipped) = outcome.map_or_else(|reason| (Vec::new(), Some(reason)), |differ| (differ, None));
+                    write_control(send, &Control::VerifyResult { at_lsn, differ, skipped }).await?;
+                    continue;
+                }
                 Frame::Control(control) if is_resync_step(&control) => {
                     // Resync steps go to the stage; the image is not written until the commit.
                     self.resync_step(name, replica, send, control, &mut syncing).await?;

@@ -101,6 +101,7 @@ impl Applier {
             max_rate: None,
             idle_timeout: None,
             congestion: None,
+            verify_every: None,
         };
         back.validate().map_err(|e| other(format!("the mirror back to the source: {e}")))?;
         let replica = self.existing_replica(&name).map_err(|e| other(e.to_string()))?;

@@ -1,5 +1,6 @@
 //! `mirror add`, `mirror remove`, `mirror set` (applied at once to a running volume where it
-//! can be), `mirror wait` and `mirror switchover` (`switchover.rs`).
+//! can be), `mirror wait`, `mirror switchover` (`switchover.rs`) and `mirror verify`
+//! (`verify.rs`).
 
 use std::path::PathBuf;
 
@@ -33,6 +34,10 @@ pub enum MirrorCommand {
     /// local applier. Nothing is resent. Unmount or stop the application first: writes sent
     /// after the hold fail (EIO). Failback later is the same command the other way.
     Switchover(super::switchover::SwitchoverArgs),
+    /// Compare replicas with the running volume chunk by chunk, each chunk at the same LSN on
+    /// both sides (writes go on; no false differences). Reports the differing regions and
+    /// exits 1 when any differ; `--repair` resends them through a resync.
+    Verify(super::verify::MirrorVerifyArgs),
 }
 
 #[derive(Args)]
@@ -60,6 +65,10 @@ pub struct MirrorSetArgs {
     /// Seconds without a packet before the connection is re-established (1..600).
     #[arg(long, value_name = "SECONDS")]
     idle_timeout: Option<u64>,
+    /// Interval of the online verifies the running volume starts by itself, e.g. 7d, or
+    /// "none" to stop them.
+    #[arg(long, value_name = "INTERVAL|none")]
+    verify_every: Option<String>,
 }
 
 #[derive(Args)]
@@ -87,6 +96,9 @@ pub struct MirrorAddArgs {
     /// Congestion control: bbr (default: keeps a lossy long path busy) or cubic (loss-based).
     #[arg(long, value_enum)]
     congestion: Option<CongestionArg>,
+    /// Run an online verify (no repair) this often, e.g. 7d (default: only on request).
+    #[arg(long, value_name = "INTERVAL")]
+    verify_every: Option<String>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -119,6 +131,7 @@ pub fn execute(command: MirrorCommand) -> Result<()> {
         MirrorCommand::Wait(args) => wait(args),
         MirrorCommand::Set(args) => set(args),
         MirrorCommand::Switchover(args) => super::switchover::switchover(args),
+        MirrorCommand::Verify(args) => super::verify::verify(args),
     }
 }
 
@@ -153,6 +166,7 @@ fn add(args: MirrorAddArgs) -> Result<()> {
         max_rate: args.max_rate,
         idle_timeout: args.idle_timeout,
         congestion: args.congestion.map(Into::into),
+        verify_every: args.verify_every,
     };
     let dir = VolumeDir::new(&args.dir);
     mirror::add(&dir, &config).with_context(|| format!("add mirror to {}", args.dir.display()))?;
@@ -194,7 +208,7 @@ fn remove(args: MirrorRemoveArgs) -> Result<()> {
 }
 
 /// Sends `request` to the running volume's control socket; an error reply is an error.
-fn running_volume(dir: &VolumeDir, request: &str) -> Result<serde_json::Value> {
+pub(super) fn running_volume(dir: &VolumeDir, request: &str) -> Result<serde_json::Value> {
     let reply = control::request(&dir.control_socket(), request).with_context(|| format!("tell the running volume at {}", dir.root().display()))?;
     if let Some(error) = reply["error"].as_str() {
         bail!("the running volume refused: {error}");
@@ -208,12 +222,19 @@ fn set(args: MirrorSetArgs) -> Result<()> {
         Some("none") => Some(None),
         Some(text) => Some(Some(parse_size(text).context("--max-rate")?)),
     };
-    if max_rate.is_none() && args.idle_timeout.is_none() {
-        bail!("nothing to change: give --max-rate RATE|none and/or --idle-timeout SECONDS");
+    let verify_every = args.verify_every.map(|every| if every == "none" { None } else { Some(every) });
+    let changes = mirror::MirrorChanges { max_rate, idle_timeout: args.idle_timeout, verify_every };
+    if changes.is_empty() {
+        bail!("nothing to change: give --max-rate RATE|none, --idle-timeout SECONDS and/or --verify-every INTERVAL|none");
     }
-    let config = mirror::set(&VolumeDir::new(&args.dir), &args.name, max_rate, args.idle_timeout)?;
+    let config = mirror::set(&VolumeDir::new(&args.dir), &args.name, &changes)?;
     let rate = config.max_rate.map_or("none".to_string(), |r| format!("{}/s", ublk_mirror::size::format_size(r)));
-    println!("mirror {}: max rate {rate}, idle timeout {} s", config.name, config.idle_timeout().as_secs());
+    println!(
+        "mirror {}: max rate {rate}, idle timeout {} s, verify every {}",
+        config.name,
+        config.idle_timeout().as_secs(),
+        config.verify_every.as_deref().unwrap_or("(never)")
+    );
     if ublk_mirror::volume::is_locked(&args.dir) {
         running_volume(&VolumeDir::new(&args.dir), "reload-mirrors")?;
         println!("applied to the running volume (the idle timeout at the next connection)");

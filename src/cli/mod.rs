@@ -12,6 +12,7 @@ mod snapshot;
 mod status;
 mod switchover;
 mod ublk;
+mod verify;
 mod volume;
 
 use anyhow::Result;

@@ -154,6 +154,19 @@ pub fn execute(args: RunArgs) -> Result<()> {
                         Ok(reloaded) => serde_json::json!({ "reloaded": true, "started": reloaded.started, "updated": reloaded.updated }),
                         Err(error) => serde_json::json!({ "error": format!("{error:#}") }),
                     },
+                    request if request.starts_with("verify-mirror ") => {
+                        let mut words = request["verify-mirror ".len()..].split(' ');
+                        let name = words.next().unwrap_or_default();
+                        let repair = match words.next() {
+                            None => Ok(false),
+                            Some("repair") => Ok(true),
+                            Some(other) => Err(format!("unknown verify option {other:?}")),
+                        };
+                        match repair.and_then(|repair| senders.verify(name, repair).map_err(|error| format!("{error:#}"))) {
+                            Ok(id) => serde_json::json!({ "verify": id }),
+                            Err(error) => serde_json::json!({ "error": error }),
+                        }
+                    }
                     request if request.starts_with("remove-mirror ") => match senders.remove(&request["remove-mirror ".len()..]) {
                         Ok(()) => serde_json::json!({ "removed": &request["remove-mirror ".len()..] }),
                         Err(error) => serde_json::json!({ "error": format!("{error:#}") }),

@@ -407,6 +407,31 @@ impl Hold {
         Ok(union)
     }
 
+    /// Regions where the replica was found to differ (`mirror verify --repair`) join the
+    /// hold's dirty map; a hold without one gets one that covers nothing else (tracked from
+    /// and covering its LSN, so the journal's records after it are still folded at the
+    /// resync's start). The hold keeps its LSN: the sender's next connection resyncs the
+    /// regions, staged, so the replica is never torn. The map is saved at once.
+    pub fn add_dirty_regions(&self, regions: &DirtyMap) {
+        self.retention.with_entry(&self.name, |entry| {
+            match (entry.map.as_mut(), entry.lsn) {
+                (Some(map), _) => map.merge(regions),
+                (None, lsn) => {
+                    let lsn = lsn.unwrap_or(0);
+                    let mut map = regions.clone();
+                    map.set_covered_lsn(lsn);
+                    map.set_tracked_from(lsn);
+                    entry.map = Some(map);
+                }
+            }
+            if let Some(map) = entry.map.as_ref() {
+                if let Err(error) = save_map(map, &entry.map_path) {
+                    tracing::warn!(hold = %self.name, %error, "could not save the dirty map with the regions to repair");
+                }
+            }
+        });
+    }
+
     /// The applier committed the resync: the map is no longer needed (every record folded
     /// into it is in the replica now) and its file goes. Returns the LSNs the replica got as
     /// regions rather than records: `(tracked_from, base]`.

@@ -2,13 +2,15 @@
 //! checkpoints `VDIR/mirrors/NAME.state.json` (the last `received` and `applied` LSNs its
 //! applier acknowledged; they only have to be no newer than the applier's, which sends its
 //! own on every connect: `received` is the mirror's journal hold when the volume starts) and,
-//! while it tracks or resyncs, its dirty map `NAME.dirty` (format in `dirty_map.rs`).
+//! while it tracks or resyncs, its dirty map `NAME.dirty` (format in `dirty_map.rs`); its last
+//! online verify `NAME.verify.json`.
 
 use serde::{Deserialize, Serialize};
 
 use super::MirrorError;
 use crate::dirty_map::{DirtyMap, DEFAULT_REGION_SIZE};
 use crate::layout::VolumeDir;
+use crate::status::VerifyReport;
 
 /// The checkpoints of one mirror (the file's format).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,6 +59,20 @@ pub fn remove(dir: &VolumeDir, name: &str) {
     let _ = std::fs::remove_file(dir.mirror_state(name));
     let _ = std::fs::remove_file(dir.mirror_dirty_map(name));
     let _ = std::fs::remove_file(dir.mirror_promoted(name));
+    let _ = std::fs::remove_file(dir.mirror_verify(name));
+}
+
+/// The mirror's last online verify (`NAME.verify.json`), if one ran and the file reads.
+pub fn load_verify(dir: &VolumeDir, name: &str) -> Option<VerifyReport> {
+    std::fs::read(dir.mirror_verify(name)).ok().and_then(|bytes| serde_json::from_slice(&bytes).ok())
+}
+
+/// Keeps a finished verify's report (best effort: the schedule and the metrics use it).
+pub fn save_verify(dir: &VolumeDir, name: &str, report: &VerifyReport) {
+    let bytes = serde_json::to_vec_pretty(report).expect("a verify report serialises");
+    if let Err(error) = crate::fsutil::write_atomic(&dir.mirror_verify(name), &bytes) {
+        tracing::warn!(mirror = name, %error, "could not save the verify report");
+    }
 }
 
 /// The mirror's dirty map, if it tracks. A damaged or unreadable map is never taken as

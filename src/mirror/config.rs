@@ -30,6 +30,10 @@ pub struct MirrorConfig {
     /// Congestion control of this mirror's connection: "bbr" (default) or "cubic".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub congestion: Option<Congestion>,
+    /// Interval of the online verifies the running volume starts by itself (e.g. "7d");
+    /// absent: none. At least a minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_every: Option<String>,
 }
 
 impl MirrorConfig {
@@ -51,9 +55,22 @@ impl MirrorConfig {
         if let Some(seconds) = self.idle_timeout.filter(|s| !(1..=600).contains(s)) {
             return Err(format!("idle_timeout: {seconds} must be between 1 and 600 seconds"));
         }
+        if let Some(every) = &self.verify_every {
+            let interval = humantime::parse_duration(every).map_err(|e| format!("verify_every: {every:?}: {e} (e.g. \"12h\", \"7d\")"))?;
+            if interval < MIN_VERIFY_INTERVAL {
+                return Err(format!("verify_every: {every:?} is shorter than a minute"));
+            }
+        }
         Ok(())
     }
+
+    /// The interval of scheduled verifies, if any (validated on load).
+    pub fn verify_interval(&self) -> Option<std::time::Duration> {
+        self.verify_every.as_deref().and_then(|every| humantime::parse_duration(every).ok())
+    }
 }
+
+const MIN_VERIFY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Below this a single largest record would take seconds to pass the limiter.
 pub const MIN_RATE: u64 = 64 << 10;
@@ -81,7 +98,7 @@ fn save(dir: &VolumeDir, config: &MirrorConfig) -> Result<(), MirrorError> {
     let text = format!(
         "# ublk-mirror mirror of this volume; written by `ublk-mirror mirror add`/`mirror set`.\n\
          # Keys: name, address (HOST:PORT), fingerprint (sha256:...), max_rate (bytes/s, e.g. \"50M\"),\n\
-         # idle_timeout (seconds), congestion (\"bbr\" or \"cubic\"). See docs/configuration.md.\n{}",
+         # idle_timeout (seconds), congestion (\"bbr\" or \"cubic\"), verify_every (e.g. \"7d\"). See docs/configuration.md.\n{}",
         toml::to_string_pretty(config).expect("mirror config serialises")
     );
     crate::fsutil::write_atomic(&path, text.as_bytes()).map_err(|source| MirrorError::Io { context: format!("write {}", path.display()), source })
@@ -89,17 +106,34 @@ fn save(dir: &VolumeDir, config: &MirrorConfig) -> Result<(), MirrorError> {
 
 /// Changes a mirror's rate limit and idle timeout (`None`: leave as is). A running volume
 /// picks the rate up at once (see `reload`), the idle timeout at the next connection.
-pub fn set(dir: &VolumeDir, name: &str, max_rate: Option<Option<u64>>, idle_timeout: Option<u64>) -> Result<MirrorConfig, MirrorError> {
+pub fn set(dir: &VolumeDir, name: &str, changes: &MirrorChanges) -> Result<MirrorConfig, MirrorError> {
     let mut config = load(dir, name)?;
-    if let Some(rate) = max_rate {
+    if let Some(rate) = changes.max_rate {
         config.max_rate = rate;
     }
-    if let Some(seconds) = idle_timeout {
+    if let Some(seconds) = changes.idle_timeout {
         config.idle_timeout = Some(seconds);
+    }
+    if let Some(every) = &changes.verify_every {
+        config.verify_every = every.clone();
     }
     config.validate().map_err(|e| MirrorError::Invalid(format!("mirror {e}")))?;
     save(dir, &config)?;
     Ok(config)
+}
+
+/// What `mirror set` changes (`None`: left as it is; `Some(None)`: removed).
+#[derive(Debug, Default, Clone)]
+pub struct MirrorChanges {
+    pub max_rate: Option<Option<u64>>,
+    pub idle_timeout: Option<u64>,
+    pub verify_every: Option<Option<String>>,
+}
+
+impl MirrorChanges {
+    pub fn is_empty(&self) -> bool {
+        self.max_rate.is_none() && self.idle_timeout.is_none() && self.verify_every.is_none()
+    }
 }
 
 /// Reads and validates one mirror's file; errors name the file and the key.

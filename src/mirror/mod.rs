@@ -3,7 +3,8 @@
 //! them; `session.rs` is one connection: handshake, then the journal streamed from the
 //! applier's `received` checkpoint; `link.rs` the connection, its Hello and its
 //! frames, `sync_source.rs` the source half of an initial
-//! synchronisation, `resync_source.rs` of a resync from the dirty map), and the bandwidth
+//! synchronisation, `resync_source.rs` of a resync from the dirty map,
+//! `verify_source.rs` of an online verify), and the bandwidth
 //! limit (`rate.rs`).
 
 pub mod checkpoints;
@@ -17,9 +18,10 @@ mod senders;
 mod session;
 mod switchover;
 mod sync_source;
+mod verify_source;
 
 pub use checkpoints::Checkpoints;
-pub use config::{add, list, load, remove, set, MirrorConfig, MIN_RATE};
+pub use config::{add, list, load, remove, set, MirrorChanges, MirrorConfig, MIN_RATE};
 pub use generations::{written_after, PromotionSeen, WrittenAfter};
 pub use restore::{restore, Restored};
 pub use senders::{holds, offline_statuses, Senders};

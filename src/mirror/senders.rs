@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::session::{Sender, SenderControls};
+use super::verify_source::{VerifyControl, VerifyRequest};
 use super::{checkpoints, config, MirrorError};
 use crate::dirty_map::{DirtyMap, DEFAULT_REGION_SIZE};
 use crate::journal::{Hold, HoldSpec, HoldState, Journal, BRANCH_HOLD};
@@ -56,6 +57,7 @@ pub fn offline_statuses(dir: &VolumeDir, journal: &Journal, device_size: u64) ->
                 status.track();
             }
             status.last_error = problem;
+            status.verify = checkpoints::load_verify(dir, &m.name);
             measure_lag(&mut status, journal);
             status
         })
@@ -80,6 +82,8 @@ struct Running {
     rate: Arc<AtomicU64>,
     /// Set when the mirror is removed: its sender leaves at once.
     removed: Arc<AtomicBool>,
+    /// Verifies asked for, and the schedule, shared with its sender.
+    verify: Arc<Mutex<VerifyControl>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -129,6 +133,8 @@ impl Senders {
         });
         lock(&status).last_error = problem;
         lock(&status).resynced_lsn_ranges = checkpoints::load_gaps(dir, &config.name);
+        lock(&status).verify = checkpoints::load_verify(dir, &config.name);
+        let verify = Arc::new(Mutex::new(VerifyControl { requested: None, every: config.verify_interval() }));
         let rate = Arc::new(AtomicU64::new(config.max_rate.unwrap_or(0)));
         let removed = Arc::new(AtomicBool::new(false));
         let name = config.name.clone();
@@ -138,13 +144,13 @@ impl Senders {
             self.volume.clone(),
             status.clone(),
             hold.clone(),
-            SenderControls { stop: self.stop.clone(), removed: removed.clone(), rate: rate.clone() },
+            SenderControls { stop: self.stop.clone(), removed: removed.clone(), rate: rate.clone(), verify: verify.clone() },
         );
         let thread = std::thread::Builder::new()
             .name(format!("sender-{name}"))
             .spawn(move || sender.run())
             .map_err(|source| MirrorError::Io { context: "start sender thread".into(), source })?;
-        Ok(Running { name, status, hold, rate, removed, thread: Some(thread) })
+        Ok(Running { name, status, hold, rate, removed, verify, thread: Some(thread) })
     }
 
     /// How many mirrors the volume streams to.
@@ -188,6 +194,7 @@ impl Senders {
                 Some(mirror) => {
                     mirror.rate.store(config.max_rate.unwrap_or(0), Ordering::Relaxed);
                     lock(&mirror.status).max_rate = config.max_rate;
+                    lock(&mirror.verify).every = config.verify_interval();
                     reloaded.updated.push(config.name);
                 }
                 None => {
@@ -224,6 +231,35 @@ impl Senders {
         config::remove(&self.dir, name)?;
         tracing::info!(mirror = %name, "mirror removed: sender stopped, journal hold and dirty map released");
         Ok(())
+    }
+
+    /// Asks the sender of mirror `name` for an online verify (`repair`: resync what differs);
+    /// returns its id, which `status` shows in `mirrors[].verify` as it runs and once done.
+    /// Refused unless the replica is consistent and replicating, or while a verify runs.
+    pub fn verify(&self, name: &str, repair: bool) -> Result<u64, MirrorError> {
+        let running = lock(&self.running);
+        let Some(mirror) = running.iter().find(|r| r.name == name) else {
+            return Err(MirrorError::Invalid(format!("no mirror named {name:?} runs on volume {}", self.dir.root().display())));
+        };
+        let mut status = lock(&mirror.status);
+        if status.state() != MirrorState::Replicating || !status.consistent() {
+            return Err(MirrorError::Invalid(format!(
+                "mirror {name} is {}: an online verify needs a connected, consistent replica that replicates (wait for it, e.g. `mirror wait`)",
+                status.state()
+            )));
+        }
+        if status.verify.as_ref().is_some_and(|report| report.is_running()) {
+            return Err(MirrorError::Invalid(format!("a verify of mirror {name} is already running")));
+        }
+        let mut control = lock(&mirror.verify);
+        if control.requested.is_some() {
+            return Err(MirrorError::Invalid(format!("a verify of mirror {name} is already requested")));
+        }
+        let id = crate::clock::now_micros();
+        control.requested = Some(VerifyRequest { id, repair, scheduled: false });
+        // Shown as running at once, so a caller that polls never sees the previous report.
+        status.verify = Some(crate::status::VerifyReport::start(id, false, repair, super::verify_source::VERIFY_CHUNK, self.volume.size()));
+        Ok(id)
     }
 
     pub fn shutdown(self) {

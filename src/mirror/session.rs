@@ -13,6 +13,7 @@ use super::config::MirrorConfig;
 use super::link::{connect, frame_chunks, hello_of};
 use super::rate::RateLimiter;
 use super::resync_source::{ResyncEvent, ResyncPeer, ResyncSource};
+use super::verify_source::{self, VerifyControl, VerifyPeer, VerifySource};
 use crate::dirty_map::DirtyMap;
 use crate::journal::{Hold, HoldState, JournalReader};
 use crate::layout::VolumeDir;
@@ -58,6 +59,8 @@ pub(super) struct Sender {
     pub synced_here: Arc<AtomicBool>,
     /// Bytes per second this mirror may send (0: unlimited), shared with `Senders::reload`.
     rate: Arc<AtomicU64>,
+    /// Online verifies asked for, and the schedule.
+    verify: Arc<Mutex<VerifyControl>>,
 }
 
 /// What the volume's side shares with a running sender to steer it.
@@ -68,6 +71,14 @@ pub(super) struct SenderControls {
     pub removed: Arc<AtomicBool>,
     /// Bytes per second it may send (0: unlimited).
     pub rate: Arc<AtomicU64>,
+    /// Online verifies asked for (`mirror verify`) and the schedule (`verify_every`).
+    pub verify: Arc<Mutex<VerifyControl>>,
+}
+
+/// What the applier says besides checkpoints (read by the acknowledgement task).
+enum ApplierEvent {
+    Resync(ResyncEvent),
+    Verified { at_lsn: u64, differ: Vec<u64>, skipped: Option<String> },
 }
 
 /// A record sent on this connection.
@@ -106,8 +117,8 @@ impl Flight {
 
 impl Sender {
     pub fn new(dir: VolumeDir, config: MirrorConfig, volume: Arc<Volume>, status: Arc<Mutex<MirrorStatus>>, hold: Hold, controls: SenderControls) -> Sender {
-        let SenderControls { stop, removed, rate } = controls;
-        Sender { dir, config, volume, status, hold, stop, removed, synced_here: Arc::new(AtomicBool::new(false)), rate }
+        let SenderControls { stop, removed, rate, verify } = controls;
+        Sender { dir, config, volume, status, hold, stop, removed, synced_here: Arc::new(AtomicBool::new(false)), rate, verify }
     }
 
     pub fn run(self) {
@@ -164,6 +175,10 @@ impl Sender {
                     tracing::warn!(mirror = %self.config.name, "the mirror fell out of the journal while connected; resyncing from its dirty map");
                     continue;
                 }
+                Ok(Ended::Repair) => {
+                    tracing::info!(mirror = %self.config.name, "reconnecting to resync the regions the verify found different");
+                    continue;
+                }
                 Ok(Ended::Stopped) => {}
             }
             if started.elapsed() > Duration::from_secs(10) {
@@ -187,6 +202,11 @@ impl Sender {
         while !self.removed.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// What a verify needs of this sender.
+    fn verify_peer(&self) -> VerifyPeer<'_> {
+        VerifyPeer { name: &self.config.name, dir: &self.dir, hold: &self.hold, status: &self.status, volume: &self.volume, control: &self.verify }
     }
 
     /// What a resync needs of this sender.
@@ -242,7 +262,14 @@ impl Sender {
             Some((base, whole_device)) => Some(ResyncSource::start(&self.peer(), &mut send, base, whole_device, failback).await?),
             None => None,
         };
-        let result = self.stream(&mut send, received, &in_flight, &mut acks, &mut limiter, &mut resync, events).await;
+        let mut verify = None;
+        let result = self.stream(&mut send, received, &in_flight, &mut acks, &mut limiter, (&mut resync, &mut verify), events).await;
+        let why = match &result {
+            Err(error) => format!("the connection to the applier ended: {error:#}"),
+            Ok(Ended::Stopped) => "the volume is stopping".to_string(),
+            Ok(Ended::Released | Ended::Repair) => "the mirror fell out of the journal (it tracks now)".to_string(),
+        };
+        verify_source::abandon(&self.verify_peer(), &mut verify, why);
         if resync.is_some() {
             // Not committed: the mirror tracks on with its dirty map (it still covers
             // everything the replica lacks).
@@ -291,7 +318,7 @@ impl Sender {
         self,
         mut recv: quinn::RecvStream,
         in_flight: Arc<Mutex<Flight>>,
-        events: tokio::sync::mpsc::UnboundedSender<ResyncEvent>,
+        events: tokio::sync::mpsc::UnboundedSender<ApplierEvent>,
     ) -> Result<(), LinkError> {
         let mut last_persist = Instant::now() - PERSIST_INTERVAL;
         let mut persisting: Option<tokio::task::JoinHandle<()>> = None;
@@ -312,16 +339,19 @@ impl Sender {
                     }
                 }
                 Some(Frame::Control(Control::ResyncDiffer { regions })) => {
-                    let _ = events.send(ResyncEvent::Differ(regions));
+                    let _ = events.send(ApplierEvent::Resync(ResyncEvent::Differ(regions)));
                 }
                 Some(Frame::Control(Control::ResyncStored { chunks })) => {
-                    let _ = events.send(ResyncEvent::Stored(chunks));
+                    let _ = events.send(ApplierEvent::Resync(ResyncEvent::Stored(chunks)));
                 }
                 Some(Frame::Control(Control::ResyncCommitted { at_lsn })) => {
-                    let _ = events.send(ResyncEvent::Committed(at_lsn));
+                    let _ = events.send(ApplierEvent::Resync(ResyncEvent::Committed(at_lsn)));
+                }
+                Some(Frame::Control(Control::VerifyResult { at_lsn, differ, skipped })) => {
+                    let _ = events.send(ApplierEvent::Verified { at_lsn, differ, skipped });
                 }
                 Some(Frame::Control(Control::ResyncRefused { reason })) => {
-                    let _ = events.send(ResyncEvent::Refused(reason));
+                    let _ = events.send(ApplierEvent::Resync(ResyncEvent::Refused(reason)));
                 }
                 None => return Ok(()),
                 other => return Err(LinkError::Protocol(format!("unexpected frame from the applier: {other:?}"))),
@@ -340,8 +370,8 @@ impl Sender {
         in_flight: &Arc<Mutex<Flight>>,
         acks: &mut tokio::task::JoinHandle<Result<(), LinkError>>,
         limiter: &mut RateLimiter,
-        resync: &mut Option<ResyncSource>,
-        mut events: tokio::sync::mpsc::UnboundedReceiver<ResyncEvent>,
+        (resync, verify): (&mut Option<ResyncSource>, &mut Option<VerifySource>),
+        mut events: tokio::sync::mpsc::UnboundedReceiver<ApplierEvent>,
     ) -> Result<Ended, LinkError> {
         let journal = self.volume.journal();
         let mut reader = JournalReader::new(journal.clone(), received + 1)?;
@@ -362,6 +392,13 @@ impl Sender {
                 };
             }
             while let Ok(event) = events.try_recv() {
+                let event = match event {
+                    ApplierEvent::Resync(event) => event,
+                    ApplierEvent::Verified { at_lsn, differ, skipped } => {
+                        verify_source::answer(&self.verify_peer(), verify, at_lsn, differ, skipped);
+                        continue;
+                    }
+                };
                 let Some(running) = resync.as_mut() else { continue };
                 if let Some(lsn) = running.handle(&self.peer(), event)? {
                     *resync = None;
@@ -371,19 +408,34 @@ impl Sender {
                     }
                     lock(&self.status).finish_resync().map_err(|error| LinkError::Protocol(error.to_string()))?;
                     tracing::info!(mirror = %self.config.name, lsn, "resync committed: the replica is consistent again; streaming from the journal");
+                    verify_source::resync_committed(&self.verify_peer());
                 }
             }
             if resync.is_none() && !matches!(self.hold.state(), HoldState::Streaming { .. }) {
                 lock(&self.status).track();
                 return Ok(Ended::Released);
             }
+            // A verify runs only while no resync does (the replica's image is then staged).
+            let verified = match resync {
+                Some(_) => Default::default(),
+                None => verify_source::step(&self.verify_peer(), verify, send, reader.next_lsn() - 1).await?,
+            };
+            if verified.repair {
+                return Ok(Ended::Repair);
+            }
+            // Nothing after a verify batch's LSN goes before its hashes.
+            let stop_at = verify.as_ref().and_then(VerifySource::stop_at).unwrap_or(u64::MAX);
             // Headers count too: a window of tiny records must stay bounded.
             let unacked = lock(in_flight).window_bytes() + resync.as_ref().map_or(0, ResyncSource::bytes_in_flight);
             let mut batch = Vec::new();
             let mut bytes = 0usize;
             let batch_bytes = limiter.batch_limit(BATCH_BYTES);
             // Only records durable at the source: a replica must never get ahead of it.
-            while unacked + (bytes as u64) < WINDOW_BYTES && bytes < batch_bytes && batch.len() < BATCH_RECORDS && reader.next_lsn() <= journal.synced_lsn() {
+            while unacked + (bytes as u64) < WINDOW_BYTES
+                && bytes < batch_bytes
+                && batch.len() < BATCH_RECORDS
+                && reader.next_lsn() <= journal.synced_lsn().min(stop_at)
+            {
                 match reader.next_record()? {
                     Some(record) => {
                         bytes += record.payload.len();
@@ -398,7 +450,7 @@ impl Sender {
                     Some(running) => running.step(&self.peer(), send, position, limiter).await?,
                     None => false,
                 };
-                if !stepped {
+                if !stepped && !verified.progress {
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
                 continue;
@@ -451,6 +503,8 @@ pub(super) enum Ended {
     Stopped,
     /// The journal released the mirror's hold: reconnect and resync.
     Released,
+    /// A verify found regions to repair: reconnect and resync them.
+    Repair,
 }
 
 /// What the applier's Welcome said.

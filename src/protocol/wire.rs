@@ -12,7 +12,9 @@ use crate::generation::{Generation, History};
 use crate::extent::Extent;
 use crate::journal::{RecordHeader, RecordKind};
 
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
+/// Chunks whose hashes travel in one `VerifyHashes` at most.
+pub const VERIFY_HASH_BATCH: usize = 64;
 /// Initial synchronisation compares and copies the device in chunks of this size.
 pub const SYNC_CHUNK: u64 = 1 << 20;
 /// Chunks whose hashes travel in one `SyncHashes`.
@@ -244,6 +246,24 @@ pub enum Control {
     /// The applier cannot resync now (e.g. no room to stage); the replica is unchanged.
     ResyncRefused {
         reason: String,
+    },
+    /// Online verify (`mirror verify`, version 5): BLAKE3 hashes of the source's chunks
+    /// `chunks` (`chunk_bytes` each, the last one of the device may be shorter) as they stand
+    /// after record `at_lsn`, placed in the stream right after that record. The applier hashes
+    /// its image when it has applied exactly `at_lsn` and answers `VerifyResult`.
+    VerifyHashes {
+        at_lsn: u64,
+        chunk_bytes: u64,
+        chunks: Vec<u64>,
+        hashes: Vec<[u8; 32]>,
+    },
+    /// The chunks of that `VerifyHashes` that differ. `skipped`: why the replica could not
+    /// compare them now (a resync is staged, the replica is not consistent); `differ` is
+    /// then empty.
+    VerifyResult {
+        at_lsn: u64,
+        differ: Vec<u64>,
+        skipped: Option<String>,
     },
 }
 

@@ -137,6 +137,9 @@ pub struct MirrorStatus {
     /// records (the running one included): markers inside them have no snapshot there.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub resynced_lsn_ranges: Vec<[u64; 2]>,
+    /// The online verify running, or the last one (`mirror verify`, `verify_every`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<super::VerifyReport>,
 }
 
 /// What became of a marker for one mirror (`marker list`).

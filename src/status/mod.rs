@@ -9,6 +9,7 @@
 mod applier;
 mod mirror;
 mod text;
+mod verify;
 
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 pub use applier::{ApplierStatus, ReplicaStatus, ResyncProgress};
 pub use mirror::{MarkerState, MirrorState, MirrorStatus, TransitionError};
 pub use text::{applier_one_line, applier_text, one_line, render_text};
+pub use verify::{VerifyReport, VerifyState, OFFSETS_LISTED};
 
 use crate::journal::{Journal, JournalUsage, RecoveryReport, SEGMENT_HEADER_SIZE};
 use crate::layout::VolumeDir;

@@ -17,6 +17,7 @@ mod state;
 mod sync_target;
 #[cfg(test)]
 mod tests;
+mod verify;
 
 use std::path::Path;
 use std::sync::Arc;
