@@ -137,6 +137,20 @@ pub struct MirrorStatus {
     /// records (the running one included): markers inside them have no snapshot there.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub resynced_lsn_ranges: Vec<[u64; 2]>,
+    /// The last online verify of the replica against the volume (absent until one ran).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verify: Option<VerifyResult>,
+}
+
+/// What the last verify of a mirror found (`mirrors[].last_verify`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VerifyResult {
+    /// When it finished (seconds since the Unix epoch).
+    pub timestamp_seconds: f64,
+    pub duration_seconds: f64,
+    /// Regions whose contents differ between the volume and the replica, and their bytes.
+    pub differing_regions: u64,
+    pub differing_bytes: u64,
 }
 
 /// What became of a marker for one mirror (`marker list`).
