@@ -6,7 +6,11 @@
 set -euo pipefail
 # qemu-system-x86, busybox-static, cpio, xz-utils: the VM harness (ublk/vm/run) for hosts whose
 # kernel lacks ublk. Recommends are skipped: qemu-system-x86 would pull in a desktop's worth.
-packages=(build-essential pkg-config libclang-dev busybox-static cpio xz-utils fio e2fsprogs xfsprogs util-linux procps python3 systemd)
+# prometheus: its promtool checks contrib/prometheus's alert rules and the dashboard's queries
+# (tests/contrib.rs). The package also enables a prometheus.service; where systemd runs, its
+# postinst starts it (a Prometheus server on :9090 scraping itself), which nothing here uses:
+# `systemctl disable --now prometheus` stops it.
+packages=(build-essential pkg-config libclang-dev busybox-static cpio xz-utils fio e2fsprogs xfsprogs util-linux procps python3 systemd prometheus)
 qemu_packages=(qemu-utils qemu-system-x86)
 if [ "$(id -u)" -ne 0 ]; then
     echo "setup.sh: run as root (it calls apt-get install)" >&2

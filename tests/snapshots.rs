@@ -462,6 +462,9 @@ fn a_full_snapshot_store_invalidates_the_snapshot_not_the_replica() {
     assert_eq!(s1["valid"], false, "{s1}");
     let reason = s1["invalid_reason"].as_str().unwrap();
     assert!(reason.contains("No space left") || reason.contains("space"), "the reason names the cause: {reason}");
+    // The applier's status counts it (the metric ublk_mirror_replica_snapshots_invalid).
+    let status = applier_status(&site.adir);
+    assert_eq!(status["replicas"][0]["snapshots_invalid"], 1, "{status}");
     let image = std::fs::read(site.replica(v).default_image()).unwrap();
     same(&image, &writer.reference, "the replica after the snapshot store filled");
     let output = cli(&[

@@ -86,7 +86,8 @@ fn verify_finds_exactly_the_corrupted_chunk_while_a_writer_runs_and_repairs_it()
     assert_eq!(output.status.code(), Some(1));
     assert!(stderr(&output).contains("is not running"), "{}", stderr(&output));
 
-    let mut served = Served::start(&vdir, &[]);
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+    let mut served = Served::start_with_args(&vdir, &["--metrics", &metrics.to_string()], &[]);
     // Data in the region the corruption will hit: the replica holds it after the sync.
     assert!(qemu_io(&served.uri("vol0"), &[format!("write -P 0x5a {} 1M", 48 * MIB)]).status.success());
     wait_caught_up(&vdir);
@@ -130,6 +131,11 @@ fn verify_finds_exactly_the_corrupted_chunk_while_a_writer_runs_and_repairs_it()
     assert_eq!(report["repaired"], false);
     let text = stdout(&cli(&["status", "--dir", v, "--json"]));
     assert!(text.contains("\"differing_regions\": 1"), "status shows the last verify: {text}");
+    let labels = [("volume", "vol0"), ("mirror", "mirror")];
+    let page = scrape(metrics);
+    assert_eq!(metric(&page, "ublk_mirror_mirror_verify_differing_regions", &labels), 1.0);
+    assert_eq!(metric(&page, "ublk_mirror_mirror_verify_differing_bytes", &labels), MIB as f64);
+    assert!(metric(&page, "ublk_mirror_mirror_verify_last_timestamp_seconds", &labels) > 1.7e9);
 
     // Repaired through a resync, then identical.
     let (code, report) = verify(&vdir, &["--repair"]);
@@ -138,6 +144,7 @@ fn verify_finds_exactly_the_corrupted_chunk_while_a_writer_runs_and_repairs_it()
     assert_eq!(report["repaired"], true, "{report}");
     let (code, report) = verify(&vdir, &[]);
     assert_eq!(code, Some(0), "after the repair: {report}");
+    assert_eq!(metric(&scrape(metrics), "ublk_mirror_mirror_verify_differing_regions", &labels), 0.0);
 
     stop.store(true, Ordering::SeqCst);
     assert!(busy.join().unwrap() > 0);

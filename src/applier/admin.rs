@@ -114,6 +114,7 @@ pub(super) fn offline_replica(dir: &ApplierDir, name: String, state: ReplicaStat
     ReplicaStatus {
         snapshots: snapshots.len() as u64,
         snapshot_bytes: snapshots.iter().map(|s| s.size_bytes).sum(),
+        snapshots_invalid: snapshots.iter().filter(|s| !s.valid).count() as u64,
         volume: name,
         image: state.image.display().to_string(),
         received_lsn: received,

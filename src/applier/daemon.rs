@@ -494,6 +494,7 @@ impl Applier {
                     connections: slot.connections,
                     snapshots: r.snapshot_count(),
                     snapshot_bytes: r.snapshot_bytes(),
+                    snapshots_invalid: r.invalid_snapshot_count(),
                     generation: Some(r.state().generation),
                     promoted_to: r.promoted_to().map(|p| p.display().to_string()),
                 }

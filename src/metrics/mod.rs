@@ -102,6 +102,23 @@ fn render_mirror(out: &mut Exposition, volume: &str, m: &MirrorStatus) {
     if let Some(eta) = m.resync_eta_seconds {
         out.gauge("ublk_mirror_mirror_resync_eta_seconds", "Seconds the running resync still needs at its pace so far.", &labels, eta);
     }
+    // Absent until a verify ran: a 0 would claim a clean verify that never happened.
+    if let Some(verify) = &m.last_verify {
+        out.gauge(
+            "ublk_mirror_mirror_verify_last_timestamp_seconds",
+            "When the last verify of the replica finished (Unix time).",
+            &labels,
+            verify.timestamp_seconds,
+        );
+        out.gauge("ublk_mirror_mirror_verify_last_duration_seconds", "How long the last verify took.", &labels, verify.duration_seconds);
+        out.gauge(
+            "ublk_mirror_mirror_verify_differing_regions",
+            "Regions the last verify found different between the volume and the replica.",
+            &labels,
+            verify.differing_regions as f64,
+        );
+        out.gauge("ublk_mirror_mirror_verify_differing_bytes", "Bytes of those regions.", &labels, verify.differing_bytes as f64);
+    }
 }
 
 /// The metrics page of a running applier.
@@ -145,6 +162,46 @@ pub fn render_applier(status: &ApplierStatus) -> String {
         out.counter("ublk_mirror_replica_connections_total", "Connections accepted from the source.", &labels, r.connections as f64);
         out.gauge("ublk_mirror_replica_snapshots", "Snapshots of the replica kept (taken at markers).", &labels, r.snapshots as f64);
         out.gauge("ublk_mirror_replica_snapshot_bytes", "Space the replica's snapshots hold.", &labels, r.snapshot_bytes as f64);
+        out.gauge(
+            "ublk_mirror_replica_snapshots_invalid",
+            "Snapshots kept that are invalid (taken while the replica was not consistent, or a chunk could not be preserved).",
+            &labels,
+            r.snapshots_invalid as f64,
+        );
     }
     out.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::{ReplicaStatus, VerifyResult};
+
+    #[test]
+    fn verify_metrics_are_absent_until_a_verify_ran() {
+        let mut mirror = MirrorStatus::new("m1", "addr", None, 0, 0);
+        let mut out = Exposition::default();
+        render_mirror(&mut out, "vol0", &mirror);
+        assert!(!out.finish().contains("verify"));
+        mirror.last_verify = Some(VerifyResult { timestamp_seconds: 1.5e9, duration_seconds: 2.5, differing_regions: 3, differing_bytes: 12288 });
+        let mut out = Exposition::default();
+        render_mirror(&mut out, "vol0", &mirror);
+        let text = out.finish();
+        for line in [
+            r#"ublk_mirror_mirror_verify_last_timestamp_seconds{volume="vol0",mirror="m1"} 1500000000"#,
+            r#"ublk_mirror_mirror_verify_last_duration_seconds{volume="vol0",mirror="m1"} 2.5"#,
+            r#"ublk_mirror_mirror_verify_differing_regions{volume="vol0",mirror="m1"} 3"#,
+            r#"ublk_mirror_mirror_verify_differing_bytes{volume="vol0",mirror="m1"} 12288"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn invalid_snapshots_of_a_replica_are_counted() {
+        let replica = ReplicaStatus { volume: "vol0".into(), snapshots: 3, snapshots_invalid: 2, ..ReplicaStatus::default() };
+        let text = render_applier(&ApplierStatus { replicas: vec![replica], ..ApplierStatus::default() });
+        assert!(text.lines().any(|l| l == r#"ublk_mirror_replica_snapshots_invalid{volume="vol0"} 2"#), "{text}");
+        assert!(text.contains("# TYPE ublk_mirror_replica_snapshots_invalid gauge"), "{text}");
+    }
 }

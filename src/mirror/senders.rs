@@ -58,6 +58,7 @@ pub fn offline_statuses(dir: &VolumeDir, journal: &Journal, device_size: u64) ->
             }
             status.last_error = problem;
             status.verify = checkpoints::load_verify(dir, &m.name);
+            status.last_verify = status.verify.as_ref().and_then(|report| report.result());
             measure_lag(&mut status, journal);
             status
         })
@@ -133,7 +134,11 @@ impl Senders {
         });
         lock(&status).last_error = problem;
         lock(&status).resynced_lsn_ranges = checkpoints::load_gaps(dir, &config.name);
-        lock(&status).verify = checkpoints::load_verify(dir, &config.name);
+        {
+            let mut status = lock(&status);
+            status.verify = checkpoints::load_verify(dir, &config.name);
+            status.last_verify = status.verify.as_ref().and_then(|report| report.result());
+        }
         let verify = Arc::new(Mutex::new(VerifyControl { requested: None, every: config.verify_interval() }));
         let rate = Arc::new(AtomicU64::new(config.max_rate.unwrap_or(0)));
         let removed = Arc::new(AtomicBool::new(false));

@@ -323,6 +323,11 @@ pub(super) fn resync_committed(peer: &VerifyPeer<'_>) {
 }
 
 fn publish(peer: &VerifyPeer<'_>, report: &VerifyReport) {
-    lock(peer.status).verify = Some(report.clone());
+    let mut status = lock(peer.status);
+    status.verify = Some(report.clone());
+    if let Some(result) = report.result() {
+        status.last_verify = Some(result);
+    }
+    drop(status);
     checkpoints::save_verify(peer.dir, peer.name, report);
 }

@@ -31,6 +31,10 @@ pub struct ReplicaStatus {
     pub snapshots: u64,
     #[serde(default)]
     pub snapshot_bytes: u64,
+    /// Of those, the invalid ones (the marker came while the replica was not consistent, or
+    /// a copy-on-write store could not preserve a chunk): they cannot be read or promoted.
+    #[serde(default)]
+    pub snapshots_invalid: u64,
     /// The generation the replica follows.
     #[serde(default)]
     pub generation: Option<uuid::Uuid>,

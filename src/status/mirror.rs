@@ -140,6 +140,21 @@ pub struct MirrorStatus {
     /// The online verify running, or the last one (`mirror verify`, `verify_every`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify: Option<super::VerifyReport>,
+    /// The last online verify that compared every chunk (absent until one did): what the
+    /// metrics show, also while the next one runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verify: Option<VerifyResult>,
+}
+
+/// What the last verify of a mirror found (`mirrors[].last_verify`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VerifyResult {
+    /// When it finished (seconds since the Unix epoch).
+    pub timestamp_seconds: f64,
+    pub duration_seconds: f64,
+    /// Regions whose contents differ between the volume and the replica, and their bytes.
+    pub differing_regions: u64,
+    pub differing_bytes: u64,
 }
 
 /// What became of a marker for one mirror (`marker list`).

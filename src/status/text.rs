@@ -130,7 +130,9 @@ pub fn applier_text(dir: &Path, status: &ApplierStatus) -> String {
     let listening = if status.running { format!("listening on {}", status.listen.as_deref().unwrap_or_default()) } else { "not running".into() };
     let mut out = format!("applier {} ({}), {listening}\n", dir.display(), status.fingerprint);
     for r in &status.replicas {
-        let snapshots = if r.snapshots > 0 { format!(" {} snapshots ({})", r.snapshots, crate::size::human_size(r.snapshot_bytes)) } else { String::new() };
+        let invalid = if r.snapshots_invalid > 0 { format!(", {} invalid", r.snapshots_invalid) } else { String::new() };
+        let snapshots =
+            if r.snapshots > 0 { format!(" {} snapshots ({}{invalid})", r.snapshots, crate::size::human_size(r.snapshot_bytes)) } else { String::new() };
         out.push_str(&format!(
             "  {:<20} received {:>10} applied {:>10} {} {}{snapshots}  {}\n",
             r.volume,

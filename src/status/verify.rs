@@ -124,6 +124,16 @@ impl VerifyReport {
         self.duration_seconds = now.saturating_sub(self.started_us) as f64 / 1e6;
     }
 
+    /// The summary the metrics show, for a verify that compared every chunk.
+    pub fn result(&self) -> Option<super::VerifyResult> {
+        (self.state == VerifyState::Done).then(|| super::VerifyResult {
+            timestamp_seconds: self.finished_us.unwrap_or(self.started_us) as f64 / 1e6,
+            duration_seconds: self.duration_seconds,
+            differing_regions: self.differing_regions,
+            differing_bytes: self.differing_bytes,
+        })
+    }
+
     /// Bytes compared per second so far.
     pub fn rate(&self) -> f64 {
         if self.duration_seconds > 0.0 {
@@ -152,6 +162,7 @@ mod tests {
         assert_eq!(report.differing_offsets[0], 5 << 20);
         assert_eq!(report.compared_bytes, 64 << 20);
         assert_eq!(report.state, VerifyState::Done);
+        assert_eq!(report.result().map(|r| r.differing_regions), Some(21));
         // A finished report does not turn into a failed one.
         report.fail("late".into());
         assert_eq!(report.state, VerifyState::Done);

@@ -160,10 +160,16 @@ impl Applier {
 
     /// Like `start`, with environment variables (e.g. UBLK_MIRROR_FAILPOINTS).
     pub fn start_with_env(dir: &Path, port: u16, env: &[(&str, &str)]) -> Applier {
+        Applier::start_with_args(dir, port, &[], env)
+    }
+
+    /// Like `start_with_env`, with more arguments for `applier run` (e.g. --metrics).
+    pub fn start_with_args(dir: &Path, port: u16, args: &[&str], env: &[(&str, &str)]) -> Applier {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.with_extension("log")).unwrap();
         let _ = std::fs::remove_file(dir.join("control.sock"));
         let child = Command::new(bin())
             .args(["applier", "run", "--dir", dir.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")])
+            .args(args)
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
@@ -234,6 +240,12 @@ pub fn free_tcp_port() -> u16 {
 
 /// GET /metrics, parsed by a real Prometheus text parser.
 pub fn scrape(address: SocketAddr) -> prometheus_parse::Scrape {
+    let text = scrape_text(address);
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("the metrics page parses")
+}
+
+/// GET /metrics: the page's text.
+pub fn scrape_text(address: SocketAddr) -> String {
     let mut stream = std::net::TcpStream::connect(address).expect("connect to the metrics endpoint");
     stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(stream, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
@@ -242,8 +254,7 @@ pub fn scrape(address: SocketAddr) -> prometheus_parse::Scrape {
     let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(head.contains("text/plain; version=0.0.4"), "{head}");
-    let lines = body.lines().map(|l| Ok(l.to_string()));
-    prometheus_parse::Scrape::parse(lines).expect("the metrics page parses")
+    body.to_string()
 }
 
 /// The value of `name` whose labels include all of `labels`.

@@ -72,6 +72,11 @@ impl Replica {
         self.snapshots.metas().count() as u64
     }
 
+    /// Snapshots kept that cannot be read (recorded invalid, or invalidated since).
+    pub fn invalid_snapshot_count(&self) -> u64 {
+        self.snapshots.metas().filter(|m| !m.is_valid()).count() as u64
+    }
+
     /// Space the snapshots hold (a copy-on-write store's size is known without a look at
     /// the disk; a clone's own extents are counted by FIEMAP).
     pub fn snapshot_bytes(&self) -> u64 {
