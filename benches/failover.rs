@@ -62,6 +62,15 @@ fn main() {
     wait_applied(&vdir, "mirror", Duration::from_secs(900));
     let full_copy = (started.elapsed(), mirror(&vdir, "mirror")["sent_bytes"].as_u64().unwrap_or(0));
 
+    // Online verify of the synchronised replica: both sides hash every chunk.
+    let cpu_before = (cpu_seconds(a_run.as_ref().unwrap()), cpu_seconds(applier.as_ref().unwrap()));
+    let output = Command::new(BIN).args(["mirror", "verify", "--dir", s(&vdir), "--json"]).output().unwrap();
+    assert!(output.status.success(), "verify: {}", String::from_utf8_lossy(&output.stderr));
+    let verified: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let verified = &verified["mirrors"][0];
+    let verify_cpu = (cpu_seconds(a_run.as_ref().unwrap()) - cpu_before.0, cpu_seconds(applier.as_ref().unwrap()) - cpu_before.1);
+    let verify = (verified["compared_bytes"].as_u64().unwrap(), verified["duration_seconds"].as_f64().unwrap());
+
     // The link dies; A writes 1% that B never gets, then dies; B is promoted and writes 1%.
     let percent = size / 100;
     drop(applier.take());
@@ -152,12 +161,34 @@ fn main() {
     row("dirty maps (volume demote, bitmap merge)", maps);
     println!("(both ends and the link share this machine's CPUs: the copy and the scan are bound by QUIC and BLAKE3 on them)");
     println!();
+    println!();
+    let gib_compared = verify.0 as f64 / (1u64 << 30) as f64;
+    println!(
+        "mirror verify of the synchronised replica: {:.0} MiB compared in {:.2} s = {:.0} MB/s hashed on each side (source and applier hash the same bytes at once); CPU {:.2} s/GiB at the source, {:.2} s/GiB at the applier",
+        verify.0 as f64 / MIB as f64,
+        verify.1,
+        verify.0 as f64 / verify.1.max(1e-9) / 1e6,
+        verify_cpu.0 / gib_compared.max(1e-9),
+        verify_cpu.1 / gib_compared.max(1e-9)
+    );
     println!(
         "switchover over a drained mirror: command {:.2} s (writes held {:.0} ms); the old source serving {:.2} s after the command began",
         command.as_secs_f64(),
         held.as_secs_f64() * 1000.0,
         serving.as_secs_f64()
     );
+}
+
+/// User plus system CPU seconds a process has used so far (`/proc/PID/stat`).
+fn cpu_seconds(daemon: &Daemon) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", daemon.0.id())).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) in parentheses: utime is the
+    // 12th, stime the 13th of them.
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    // SAFETY: sysconf only reads a system constant.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let field = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (field(11) + field(12)) / ticks
 }
 
 fn s(path: &Path) -> &str {

@@ -176,6 +176,8 @@ impl Sender {
                     continue;
                 }
                 Ok(Ended::Repair) => {
+                    // Not the journal letting go: no "switched to tracking" warning.
+                    was_tracking = true;
                     tracing::info!(mirror = %self.config.name, "reconnecting to resync the regions the verify found different");
                     continue;
                 }
