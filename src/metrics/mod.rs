@@ -109,7 +109,7 @@ pub fn render_applier(status: &ApplierStatus) -> String {
     let mut out = Exposition::default();
     out.gauge("ublk_mirror_applier_replicas", "Replicas this applier keeps.", &[], status.replicas.len() as f64);
     for r in &status.replicas {
-        let labels = [("volume", r.volume.as_str())];
+        let labels = [("volume", r.volume.as_str()), ("source", r.source.as_deref().unwrap_or(crate::layout::UNBOUND))];
         out.gauge("ublk_mirror_replica_received_lsn", "Newest LSN durable in the replica's journal.", &labels, r.received_lsn as f64);
         out.gauge("ublk_mirror_replica_applied_lsn", "Newest LSN applied to the replica image.", &labels, r.applied_lsn as f64);
         out.gauge("ublk_mirror_replica_consistent", "1 when the image is a consistent past state of the source.", &labels, r.consistent as u8 as f64);
@@ -147,4 +147,23 @@ pub fn render_applier(status: &ApplierStatus) -> String {
         out.gauge("ublk_mirror_replica_snapshot_bytes", "Space the replica's snapshots hold.", &labels, r.snapshot_bytes as f64);
     }
     out.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::status::{ApplierStatus, ReplicaStatus};
+
+    #[test]
+    fn replicas_of_one_name_are_told_apart_by_their_source() {
+        let replica = |source: Option<&str>, applied_lsn| ReplicaStatus {
+            volume: "vol0".into(),
+            source: source.map(String::from),
+            applied_lsn,
+            ..ReplicaStatus::default()
+        };
+        let status = ApplierStatus { replicas: vec![replica(Some("0123456789abcdef"), 5), replica(None, 7)], ..ApplierStatus::default() };
+        let page = super::render_applier(&status);
+        assert!(page.contains(r#"ublk_mirror_replica_applied_lsn{volume="vol0",source="0123456789abcdef"} 5"#), "{page}");
+        assert!(page.contains(r#"ublk_mirror_replica_applied_lsn{volume="vol0",source="unbound"} 7"#), "{page}");
+    }
 }
