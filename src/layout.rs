@@ -402,6 +402,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn replicas_are_kept_by_source_and_find_their_applier() {
+        let adir = ApplierDir::new("/srv/a");
+        let fingerprint = format!("sha256:0123456789abcdef{}", "f".repeat(48));
+        let id = source_id(&fingerprint);
+        assert!(is_source_id(&id) && !is_source_id("vol0"));
+        let keyed = adir.replica(&ReplicaKey::new(&id, "vol0"));
+        assert_eq!(keyed.root(), Path::new("/srv/a/replicas/0123456789abcdef/vol0"));
+        let flat = adir.replica(&ReplicaKey::unbound("replicas"));
+        assert_eq!(flat.root(), Path::new("/srv/a/replicas/replicas"));
+        for dir in [&keyed, &flat] {
+            assert_eq!(dir.applier_root(), Some(Path::new("/srv/a")), "{dir:?}");
+        }
+        assert_eq!(ReplicaKey::unbound("vol0").to_string(), "unbound/vol0");
+    }
+
+    #[test]
     fn a_lock_is_exclusive_and_names_its_holder() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("lock");
