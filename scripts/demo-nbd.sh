@@ -46,7 +46,8 @@ echo "== stopping (SIGTERM: drain, flush, checkpoint)"
 kill -TERM "$server"; wait "$server"; server=
 kill -TERM "$applier"; wait "$applier"; applier=
 "$bin" status --dir "$work/vol"
-if ! qemu-img compare -q -f raw -F raw "$work/vol/data.img" "$work/applier/replicas/demo/data.img"; then
+replica=$(echo "$work"/applier/replicas/*/demo/data.img)   # replicas/SOURCE/NAME
+if ! qemu-img compare -q -f raw -F raw "$work/vol/data.img" "$replica"; then
     echo "demo: FAILED (the replica differs from the source)"; exit 1
 fi
 echo "replica verified: byte for byte equal to the source"

@@ -57,7 +57,7 @@ kill -TERM "$server"; wait "$server" || fail "run did not stop cleanly"
 kill -TERM "$applier"; wait "$applier" || fail "the applier did not stop cleanly"
 
 step "verifying the replica"
-replica="$WORK/applier/replicas/demo/data.img"
+replica=$(echo "$WORK"/applier/replicas/*/demo/data.img)   # replicas/SOURCE/NAME
 e2fsck -fn "$replica" || fail "e2fsck found problems on the replica"
 mount -o loop,ro "$replica" "$WORK/mnt"
 (cd "$WORK/mnt" && find . -type f | sort | xargs sha256sum) > "$WORK/replica.sums"

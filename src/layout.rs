@@ -1,5 +1,5 @@
 //! The directory layouts: which file of a volume directory (`VDIR`), an applier directory
-//! (`ADIR`) and a replica directory (`ADIR/replicas/NAME`) holds what, and the lock that one
+//! (`ADIR`) and a replica directory (`ADIR/replicas/SOURCE/NAME`, see [`ReplicaKey`]) holds what, and the lock that one
 //! serving process holds on a directory. Every file name of those directories is defined here
 //! and nowhere else, so moving a directory from one role to another (a replica promoted to a
 //! volume) is one named step. See "Files" in docs/architecture.md.
@@ -171,12 +171,29 @@ impl ApplierDir {
         self.root.join("allowed")
     }
 
+    /// `replicas/`: one directory per source (`replicas/SOURCE/`), one per replica in it.
     pub fn replicas(&self) -> PathBuf {
         self.root.join("replicas")
     }
 
-    pub fn replica(&self, volume: &str) -> ReplicaDir {
-        ReplicaDir::new(self.replicas().join(volume))
+    /// The directory of the replica `key`: `replicas/SOURCE/NAME`, or `replicas/NAME` for one
+    /// not bound to a source yet. Every replica path is made here.
+    pub fn replica(&self, key: &ReplicaKey) -> ReplicaDir {
+        match &key.source {
+            Some(source) => ReplicaDir::new(self.source_dir(source).join(&key.volume)),
+            None => ReplicaDir::new(self.replicas().join(&key.volume)),
+        }
+    }
+
+    /// `replicas/SOURCE/`: the replicas fed by one source.
+    pub fn source_dir(&self, source: &str) -> PathBuf {
+        self.replicas().join(source)
+    }
+
+    /// `replicas/SOURCE/.fingerprint`: the source's whole certificate fingerprint (a volume
+    /// name cannot start with '.', so it never clashes with a replica).
+    pub fn source_fingerprint(&self, source: &str) -> PathBuf {
+        self.source_dir(source).join(".fingerprint")
     }
 
     pub fn lock(&self) -> PathBuf {
@@ -196,6 +213,55 @@ impl ApplierDir {
     pub fn holds_applier(&self) -> bool {
         self.identity().exists()
     }
+}
+
+/// Which replica of an applier: the source that feeds it and the volume's name. Two sources'
+/// volumes of one name are two replicas (`replicas/SOURCE/NAME`, docs/configuration.md).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ReplicaKey {
+    /// The source's id ([`source_id`]); `None`: a replica not bound to a source yet
+    /// (`replicas/NAME`: made before replicas were kept by source, by `applier replica add`
+    /// without `--source`, or by `volume demote`), bound at its source's first connection.
+    pub source: Option<String>,
+    pub volume: String,
+}
+
+impl ReplicaKey {
+    pub fn new(source: &str, volume: &str) -> ReplicaKey {
+        ReplicaKey { source: Some(source.to_string()), volume: volume.to_string() }
+    }
+
+    pub fn unbound(volume: &str) -> ReplicaKey {
+        ReplicaKey { source: None, volume: volume.to_string() }
+    }
+
+    /// The source's id, or `unbound`.
+    pub fn source_text(&self) -> &str {
+        self.source.as_deref().unwrap_or(UNBOUND)
+    }
+}
+
+impl std::fmt::Display for ReplicaKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.source_text(), self.volume)
+    }
+}
+
+/// How status and `--source` name the source of a replica not bound to one yet.
+pub const UNBOUND: &str = "unbound";
+
+/// Hex digits of a source's fingerprint that name its directory.
+pub const SOURCE_ID_DIGITS: usize = 16;
+
+/// A source's id: the first [`SOURCE_ID_DIGITS`] hex digits of its certificate's SHA-256
+/// fingerprint (`sha256:0123456789abcdef...` is `0123456789abcdef`).
+pub fn source_id(fingerprint: &str) -> String {
+    fingerprint.strip_prefix("sha256:").unwrap_or(fingerprint).chars().take(SOURCE_ID_DIGITS).collect()
+}
+
+/// True for a directory name that [`source_id`] makes.
+pub fn is_source_id(name: &str) -> bool {
+    name.len() == SOURCE_ID_DIGITS && name.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// One replica's directory inside an applier directory.
@@ -280,6 +346,11 @@ impl ReplicaDir {
     pub fn holds_replica(&self) -> bool {
         self.state().exists()
     }
+
+    /// The applier directory holding this replica (`ADIR` of `ADIR/replicas/[SOURCE/]NAME`).
+    pub fn applier_root(&self) -> Option<&Path> {
+        self.root.ancestors().find(|dir| dir.parent().is_some_and(|p| p.file_name() == Some("replicas".as_ref()))).and_then(Path::parent).and_then(Path::parent)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -334,6 +405,22 @@ impl DirLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replicas_are_kept_by_source_and_find_their_applier() {
+        let adir = ApplierDir::new("/srv/a");
+        let fingerprint = format!("sha256:0123456789abcdef{}", "f".repeat(48));
+        let id = source_id(&fingerprint);
+        assert!(is_source_id(&id) && !is_source_id("vol0"));
+        let keyed = adir.replica(&ReplicaKey::new(&id, "vol0"));
+        assert_eq!(keyed.root(), Path::new("/srv/a/replicas/0123456789abcdef/vol0"));
+        let flat = adir.replica(&ReplicaKey::unbound("replicas"));
+        assert_eq!(flat.root(), Path::new("/srv/a/replicas/replicas"));
+        for dir in [&keyed, &flat] {
+            assert_eq!(dir.applier_root(), Some(Path::new("/srv/a")), "{dir:?}");
+        }
+        assert_eq!(ReplicaKey::unbound("vol0").to_string(), "unbound/vol0");
+    }
 
     #[test]
     fn a_lock_is_exclusive_and_names_its_holder() {

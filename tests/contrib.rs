@@ -195,7 +195,7 @@ fn live_pages(tmp: &Path) -> (String, String, Status) {
     // Both pages parse (a real Prometheus parser), and the applier's has the replica.
     scrape(volume_metrics);
     let applier_page = scrape_text(applier_metrics);
-    assert!(applier_page.contains("ublk_mirror_replica_applied_lsn{volume=\"vol0\"}"), "{applier_page}");
+    assert!(applier_page.contains("ublk_mirror_replica_applied_lsn{volume=\"vol0\",source="), "{applier_page}");
     let status: Status = serde_json::from_value(status_json(&vdir)).expect("status --json is a Status");
     (scrape_text(volume_metrics), applier_page, status)
 }

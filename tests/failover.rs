@@ -402,7 +402,7 @@ fn failback_resyncs_only_what_either_side_changed_and_undoes_the_old_sources_unr
     let backing = status_json(&pair.vdir)["volume"]["backing"].as_str().unwrap().to_string();
     let image = std::fs::read(&backing).unwrap();
     assert!(image == b.reference, "A's image equals B byte for byte after the failback");
-    assert!(!a_adir.join("replicas").join("vol0").join("local-changes.dirty").exists(), "the local changes were replaced");
+    assert!(!replica_dir(&a_adir, "vol0").join("local-changes.dirty").exists(), "the local changes were replaced");
     // And it follows B from now on.
     b.pattern(13, 10, 64 << 10);
     wait_caught_up(&bdir);

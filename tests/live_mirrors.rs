@@ -46,20 +46,6 @@ fn applier_dir(adir: &Path, volume_fp: &str) -> String {
     fingerprint_line(&stdout(&output))
 }
 
-/// The replica image of volume `name` in an applier directory, wherever the layout keeps it.
-fn replica_image(adir: &Path, name: &str) -> PathBuf {
-    let flat = adir.join("replicas").join(name).join("data.img");
-    if flat.exists() {
-        return flat;
-    }
-    std::fs::read_dir(adir.join("replicas"))
-        .unwrap()
-        .flatten()
-        .map(|entry| entry.path().join(name).join("data.img"))
-        .find(|path| path.exists())
-        .unwrap_or_else(|| panic!("no replica image of {name} under {}", adir.display()))
-}
-
 fn mirror_names(vdir: &Path) -> Vec<String> {
     status_json(vdir)["mirrors"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap().to_string()).collect()
 }

@@ -133,7 +133,7 @@ fn wan_link_with_loss_runs_writes_at_local_speed_and_converges() {
     assert!(site.relay.stats.lost.load(std::sync::atomic::Ordering::Relaxed) > 0, "the relay dropped packets");
     let mut served = served;
     assert_eq!(served.terminate(), Some(0));
-    let replica = site.adir.join("replicas/vol0/data.img");
+    let replica = replica_image(&site.adir, "vol0");
     assert!(compare(site.vdir.join("data.img").to_str().unwrap(), replica.to_str().unwrap()), "replica differs after convergence: {status}");
     let applier_status = applier_status(&site.adir);
     assert_eq!(applier_status["replicas"][0]["applied_lsn"], status["volume"]["last_lsn"]);
@@ -235,7 +235,7 @@ fn partitions_lose_nothing_and_are_reported() {
     assert!(duplicated <= 256 * status["mirrors"][0]["reconnects"].as_u64().unwrap(), "{applier}");
     let mut served = served;
     assert_eq!(served.terminate(), Some(0));
-    assert!(compare(site.vdir.join("data.img").to_str().unwrap(), site.adir.join("replicas/vol0/data.img").to_str().unwrap()), "replica differs");
+    assert!(compare(site.vdir.join("data.img").to_str().unwrap(), replica_image(&site.adir, "vol0").to_str().unwrap()), "replica differs");
     drop(site.applier);
 }
 

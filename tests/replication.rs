@@ -69,7 +69,7 @@ fn replica_equals_source_and_survives_an_applier_kill() {
     let mut applier = Applier::start(&adir, port);
     let served = Served::start(&vdir, &[]);
     let uri = served.uri("vol0");
-    let replica = adir.join("replicas/vol0/data.img");
+    let replica = replica_image(&adir, "vol0");
 
     let mut commands = Vec::new();
     for i in 0..200u64 {
@@ -228,7 +228,7 @@ fn replica_is_always_a_prefix_of_the_source_after_applier_crashes() {
         assert!(load.join().unwrap() > 100);
         drop(served);
         // Recover the replica exactly as the applier would on its next start.
-        let replica = ublk_mirror::applier::replica::Replica::open(&adir.join("replicas/vol0")).unwrap();
+        let replica = ublk_mirror::applier::replica::Replica::open(&replica_dir(&adir, "vol0")).unwrap();
         assert!(replica.state().is_consistent(), "killed after the sync, the replica stays consistent");
         let k = replica.applied_lsn();
         assert_eq!(k, replica.received_lsn(), "recovery applies everything received");
@@ -247,7 +247,7 @@ fn replica_is_always_a_prefix_of_the_source_after_applier_crashes() {
             let at = record.header.offset as usize;
             expected[at..at + record.payload.len()].copy_from_slice(&record.payload);
         }
-        let image = std::fs::read(adir.join("replicas/vol0/data.img")).unwrap();
+        let image = std::fs::read(replica_image(&adir, "vol0")).unwrap();
         assert!(image == expected, "seed {seed}: the replica is not the source at LSN {k}");
         eprintln!("seed {seed}: replica recovered to LSN {k} of {}", report.last_lsn);
     }
@@ -267,7 +267,7 @@ fn source_kill_9_and_restart_resumes_to_an_equal_replica() {
     assert!(load.join().unwrap() > 100);
     let served = Served::start(&vdir, &[]);
     wait_caught_up(&vdir);
-    assert!(compare(&served.uri("vol0"), adir.join("replicas/vol0/data.img").to_str().unwrap()), "replica differs after the source restart");
+    assert!(compare(&served.uri("vol0"), replica_image(&adir, "vol0").to_str().unwrap()), "replica differs after the source restart");
 }
 
 #[test]
@@ -368,7 +368,7 @@ fn garbage_from_an_authenticated_client_leaves_the_replica_untouched() {
         assert_eq!(replica["received_lsn"], 0, "{what}: {replica}");
         assert_eq!(replica["applied_lsn"], 0, "{what}");
     }
-    let image = std::fs::read(adir.join("replicas/vol0/data.img")).unwrap();
+    let image = std::fs::read(replica_image(&adir, "vol0")).unwrap();
     assert!(image.iter().all(|&b| b == 0), "no byte of the replica changed");
 }
 
@@ -513,5 +513,5 @@ fn a_full_journal_held_by_a_mirror_drains_when_the_applier_returns() {
     }
     assert!(writer.join().unwrap().status.success());
     wait_caught_up(&vdir);
-    assert!(compare(&uri, adir.join("replicas/vol0/data.img").to_str().unwrap()), "replica differs after the drain");
+    assert!(compare(&uri, replica_image(&adir, "vol0").to_str().unwrap()), "replica differs after the drain");
 }

@@ -67,7 +67,7 @@ impl Site {
     }
 
     fn replica(&self, index: usize) -> ReplicaDir {
-        ReplicaDir::new(self.adir.join("replicas").join(&self.volumes[index].name))
+        ReplicaDir::new(replica_dir(&self.adir, &self.volumes[index].name))
     }
 
     fn restart_applier(&mut self, env: &[(&str, &str)]) {

@@ -127,10 +127,10 @@ fn sweep_state(image: &[u8], blocks: u64) -> Result<u64, String> {
 
 /// The replica image as the applier would recover it (its journal redone), then read.
 fn recovered_replica(adir: &Path) -> Vec<u8> {
-    let replica = ublk_mirror::applier::replica::Replica::open(&adir.join("replicas/vol0")).expect("open the replica as the applier would");
+    let replica = ublk_mirror::applier::replica::Replica::open(&replica_dir(adir, "vol0")).expect("open the replica as the applier would");
     assert!(replica.state().is_consistent(), "the replica is consistent after recovery");
     drop(replica);
-    std::fs::read(adir.join("replicas/vol0/data.img")).unwrap()
+    std::fs::read(replica_image(adir, "vol0")).unwrap()
 }
 
 #[test]
@@ -204,7 +204,7 @@ fn a_long_outage_never_blocks_writes_and_resyncs_to_an_equal_replica() {
     let state_of = |name: &str| list["markers"].as_array().unwrap().iter().find(|m| m["name"] == name).map(|m| m["mirrors"][0]["state"].clone());
     assert_eq!(state_of("during-outage"), Some(serde_json::json!("lost")), "{list}");
     assert_eq!(state_of("after-resync"), Some(serde_json::json!("applied")), "{list}");
-    let snapshots: Vec<String> = ublk_mirror::applier::snapshot::list_on_disk(&ublk_mirror::layout::ReplicaDir::new(site.adir.join("replicas/vol0")))
+    let snapshots: Vec<String> = ublk_mirror::applier::snapshot::list_on_disk(&ublk_mirror::layout::ReplicaDir::new(replica_dir(&site.adir, "vol0")))
         .into_iter()
         .map(|s| s.name)
         .collect();
@@ -212,10 +212,7 @@ fn a_long_outage_never_blocks_writes_and_resyncs_to_an_equal_replica() {
     assert_eq!(mirror_of(&site.vdir)["last_marker_applied"], "after-resync");
     let mut served = served;
     assert_eq!(served.terminate(), Some(0));
-    assert!(
-        compare(site.vdir.join("data.img").to_str().unwrap(), site.adir.join("replicas/vol0/data.img").to_str().unwrap()),
-        "replica differs after the resync"
-    );
+    assert!(compare(site.vdir.join("data.img").to_str().unwrap(), replica_image(&site.adir, "vol0").to_str().unwrap()), "replica differs after the resync");
     // The map went with the resync.
     assert!(!site.vdir.join("mirrors/mirror.dirty").exists());
 }
@@ -272,7 +269,7 @@ fn a_resync_converges_while_writes_go_on_below_the_link_rate() {
     wait_caught_up(&site.vdir);
     let mut served = served;
     assert_eq!(served.terminate(), Some(0));
-    assert!(compare(site.vdir.join("data.img").to_str().unwrap(), site.adir.join("replicas/vol0/data.img").to_str().unwrap()), "replica differs");
+    assert!(compare(site.vdir.join("data.img").to_str().unwrap(), replica_image(&site.adir, "vol0").to_str().unwrap()), "replica differs");
 }
 
 #[test]
@@ -315,10 +312,7 @@ fn the_replica_is_a_prefix_state_when_the_applier_dies_tracking_or_resyncing() {
         assert_eq!(served.terminate(), Some(0));
         let source = std::fs::read(site.vdir.join("data.img")).unwrap();
         assert_eq!(sweep_state(&source, blocks), Ok(written), "the source holds every write");
-        assert!(
-            compare(site.vdir.join("data.img").to_str().unwrap(), site.adir.join("replicas/vol0/data.img").to_str().unwrap()),
-            "seed {seed}: replica differs"
-        );
+        assert!(compare(site.vdir.join("data.img").to_str().unwrap(), replica_image(&site.adir, "vol0").to_str().unwrap()), "seed {seed}: replica differs");
     }
 }
 
@@ -374,7 +368,7 @@ fn the_source_crashing_while_tracking_or_resyncing_loses_no_region() {
         wait_caught_up(&site.vdir);
         let mut served = served;
         assert_eq!(served.terminate(), Some(0));
-        assert!(compare(site.vdir.join("data.img").to_str().unwrap(), site.adir.join("replicas/vol0/data.img").to_str().unwrap()), "{label}: replica differs");
+        assert!(compare(site.vdir.join("data.img").to_str().unwrap(), replica_image(&site.adir, "vol0").to_str().unwrap()), "{label}: replica differs");
         eprintln!("{label}: source at {state} writes ({durable} flushed); replica equal");
     }
 }
@@ -408,7 +402,7 @@ fn a_damaged_dirty_map_is_reported_and_falls_back_to_a_whole_device_resync() {
     assert_eq!(mirror["resync_total_bytes"].as_u64().unwrap(), 32 << 20, "the whole device was compared: {mirror}");
     let mut served = served;
     assert_eq!(served.terminate(), Some(0));
-    assert!(compare(site.vdir.join("data.img").to_str().unwrap(), site.adir.join("replicas/vol0/data.img").to_str().unwrap()), "replica differs");
+    assert!(compare(site.vdir.join("data.img").to_str().unwrap(), replica_image(&site.adir, "vol0").to_str().unwrap()), "replica differs");
 }
 
 #[test]

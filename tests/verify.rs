@@ -40,20 +40,6 @@ fn writer(socket: PathBuf, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64
     })
 }
 
-/// The replica image of `name` in an applier directory, wherever the layout keeps it.
-fn replica_image(adir: &Path, name: &str) -> PathBuf {
-    let flat = adir.join("replicas").join(name).join("data.img");
-    if flat.exists() {
-        return flat;
-    }
-    std::fs::read_dir(adir.join("replicas"))
-        .unwrap()
-        .flatten()
-        .map(|entry| entry.path().join(name).join("data.img"))
-        .find(|path| path.exists())
-        .unwrap_or_else(|| panic!("no replica image of {name} under {}", adir.display()))
-}
-
 /// `mirror verify` with `extra` flags and --json: its exit code and report.
 fn verify(vdir: &Path, extra: &[&str]) -> (Option<i32>, serde_json::Value) {
     let mut args = vec!["mirror", "verify", "--dir", vdir.to_str().unwrap(), "--json"];

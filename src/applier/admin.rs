@@ -4,9 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use super::replica::ReplicaState;
+use super::replicas::{self, Found};
 use super::ApplierError;
-use crate::layout::{ApplierDir, ReplicaDir};
+use crate::layout::{source_id, ApplierDir, ReplicaDir, ReplicaKey};
 use crate::status::{ApplierStatus, ReplicaStatus};
 
 fn io(context: String) -> impl FnOnce(std::io::Error) -> ApplierError {
@@ -53,18 +53,39 @@ pub fn allow(dir: &Path, fingerprint: &str) -> Result<bool, ApplierError> {
     if list.contains(&fingerprint) {
         return Ok(false);
     }
+    // Replicas are kept by the fingerprint's first digits: two sources must differ there.
+    if let Some(twin) = list.iter().find(|known| source_id(known) == source_id(&fingerprint)) {
+        return Err(ApplierError::Invalid(format!(
+            "{fingerprint} shares its first {} hex digits with the allowed {twin}: replicas are kept by them (ADIR/replicas/SOURCE/), so it is refused",
+            crate::layout::SOURCE_ID_DIGITS
+        )));
+    }
     list.push(fingerprint);
     crate::fsutil::write_atomic(&dir.allowed(), format!("{}\n", list.join("\n")).as_bytes()).map_err(io(format!("write {}", dir.allowed().display())))?;
     Ok(true)
 }
 
-/// `applier replica add`: records `image` as the replica of `volume`. Refuses an applier
-/// that already holds that replica, a bad name, and a missing or unusable image.
-pub fn attach_image(dir: &Path, volume: &str, image: &Path) -> Result<PathBuf, ApplierError> {
+/// `applier replica add`: records `image` as the replica of `volume` from `source` (an
+/// allowed fingerprint or a unique prefix of one; absent: the first source presenting that
+/// volume name gets it). Refuses an applier that already holds that replica, a bad name, and
+/// a missing or unusable image.
+pub fn attach_image(dir: &Path, volume: &str, source: Option<&str>, image: &Path) -> Result<PathBuf, ApplierError> {
     let dir = ApplierDir::new(dir);
     require_applier(&dir)?;
     crate::name::validate(volume).map_err(|e| ApplierError::Invalid(format!("--volume: {e}")))?;
-    let replica = dir.replica(volume);
+    let key = match source {
+        Some(given) => {
+            let hex = given.strip_prefix("sha256:").unwrap_or(given).to_ascii_lowercase();
+            let matching: Vec<String> = allowed(&dir).into_iter().filter(|f| f.strip_prefix("sha256:").unwrap_or(f).starts_with(&hex)).collect();
+            match matching.as_slice() {
+                [fingerprint] => ReplicaKey::new(&replicas::ensure_source(&dir, fingerprint)?, volume),
+                [] => return Err(ApplierError::Invalid(format!("--source {given}: no allowed fingerprint (`applier allow`) starts so"))),
+                _ => return Err(ApplierError::Invalid(format!("--source {given}: several allowed fingerprints start so: {}", matching.join(", ")))),
+            }
+        }
+        None => ReplicaKey::unbound(volume),
+    };
+    let replica = dir.replica(&key);
     if replica.holds_replica() {
         return Err(ApplierError::Invalid(format!(
             "{} already holds the replica of {volume}; it cannot be replaced while it exists",
@@ -93,29 +114,18 @@ pub(super) fn attached_image(replica: &ReplicaDir) -> Result<Option<PathBuf>, Ap
     }
 }
 
-/// The replicas an applier directory holds, by volume name.
-pub(super) fn replicas_on_disk(dir: &ApplierDir) -> Vec<(String, ReplicaState)> {
-    let mut found = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(dir.replicas()) {
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if let Ok(state) = ReplicaState::load(&dir.replica(&name)) {
-                found.push((name, state));
-            }
-        }
-    }
-    found
-}
-
 /// A replica no source is connected to, as its files show it.
-pub(super) fn offline_replica(dir: &ApplierDir, name: String, state: ReplicaState) -> ReplicaStatus {
-    let received = crate::journal::Journal::inspect(&dir.replica(&name).journal()).map(|r| r.last_lsn).unwrap_or(state.applied_lsn);
-    let snapshots = super::snapshot::list_on_disk(&dir.replica(&name));
+pub(super) fn offline_replica(dir: &ApplierDir, found: Found) -> ReplicaStatus {
+    let Found { key, dir: replica, state } = found;
+    let received = crate::journal::Journal::inspect(&replica.journal()).map(|r| r.last_lsn).unwrap_or(state.applied_lsn);
+    let snapshots = super::snapshot::list_on_disk(&replica);
     ReplicaStatus {
         snapshots: snapshots.len() as u64,
         snapshot_bytes: snapshots.iter().map(|s| s.size_bytes).sum(),
         snapshots_invalid: snapshots.iter().filter(|s| !s.valid).count() as u64,
-        volume: name,
+        source_fingerprint: key.source.as_deref().and_then(|id| replicas::source_fingerprint(dir, id)),
+        source: key.source,
+        volume: key.volume,
         image: state.image.display().to_string(),
         received_lsn: received,
         applied_lsn: state.applied_lsn,
@@ -131,7 +141,6 @@ pub(super) fn offline_replica(dir: &ApplierDir, name: String, state: ReplicaStat
 pub fn offline_status(dir: &Path) -> Result<ApplierStatus, ApplierError> {
     let dir = ApplierDir::new(dir);
     let fingerprint = crate::identity::fingerprint(&dir.identity())?;
-    let mut replicas: Vec<ReplicaStatus> = replicas_on_disk(&dir).into_iter().map(|(name, state)| offline_replica(&dir, name, state)).collect();
-    replicas.sort_by(|a, b| a.volume.cmp(&b.volume));
+    let replicas: Vec<ReplicaStatus> = replicas::list(&dir).into_iter().map(|found| offline_replica(&dir, found)).collect();
     Ok(ApplierStatus { running: false, fingerprint, listen: None, replicas })
 }

@@ -1,20 +1,22 @@
 //! The applier daemon: accepts mutually authenticated QUIC connections from volumes, keeps one
-//! [`Replica`] per volume under `ADIR/replicas/NAME`, and answers each batch with checkpoints.
+//! [`Replica`] per source and volume under `ADIR/replicas/SOURCE/NAME` (the source being the
+//! certificate it presents; `registry.rs` finds and opens them), and answers each batch with
+//! checkpoints.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use super::admin::{allowed, attached_image, offline_replica, replicas_on_disk};
-use super::replica::{Replica, ReplicaError, ReplicaState};
+use super::admin::allowed;
+use super::registry::Slot;
+use super::replica::{Replica, ReplicaError};
 use super::ApplierError;
-use crate::layout::ApplierDir;
+use crate::layout::{ApplierDir, ReplicaKey};
 use crate::lock;
 use crate::protocol::framing::{read_frame, write_control, LinkError};
-use crate::protocol::wire::{Control, Frame, Hello, Refusal};
+use crate::protocol::wire::{Control, Frame, Refusal};
 use crate::protocol::{tls, transport};
-use crate::status::{ApplierStatus, ReplicaStatus, ResyncProgress};
 
 /// The image is made durable (and `applied` acknowledged) after this many applied records
 /// or bytes...
@@ -23,20 +25,13 @@ const CHECKPOINT_BYTES: u64 = 64 << 20;
 /// ...or this long after the first record applied since the last checkpoint.
 const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(1000);
 
-struct Slot {
-    replica: Arc<Mutex<Replica>>,
-    connected: bool,
-    /// The connected source's address.
-    peer: Option<SocketAddr>,
-    connections: u64,
-}
-
 /// Shared state of a running applier.
 pub struct Applier {
-    dir: ApplierDir,
+    pub(super) dir: ApplierDir,
     extra_allowed: Vec<String>,
     idle_timeout: std::time::Duration,
-    replicas: Mutex<HashMap<String, Slot>>,
+    /// The replicas opened so far (`registry.rs`).
+    pub(super) replicas: Mutex<HashMap<ReplicaKey, Slot>>,
     listen: Mutex<Option<SocketAddr>>,
 }
 
@@ -61,6 +56,7 @@ impl Applier {
         let bound = endpoint.local_addr().map_err(|source| ApplierError::Io { context: "local address".into(), source })?;
         *lock(&self.listen) = Some(bound);
         tracing::info!(listen = %bound, fingerprint = %identity.fingerprint, "applier listening");
+        super::replicas::log_unbound(&self.dir);
         ready(bound);
         tokio::pin!(stop);
         loop {
@@ -90,11 +86,15 @@ impl Applier {
     async fn handle(self: Arc<Self>, incoming: quinn::Incoming) -> Result<(), ApplierError> {
         let connection = incoming.await.map_err(LinkError::from)?;
         let (mut send, mut recv) = connection.accept_bi().await.map_err(LinkError::from)?;
+        // The source is the certificate it presented: its replicas are kept under its id.
+        let Some(source) = transport::peer_fingerprint(&connection) else {
+            return Err(LinkError::Protocol("the source presented no certificate".into()).into());
+        };
         let hello = match read_frame(&mut recv).await? {
             Some(Frame::Control(Control::Hello(hello))) => hello,
             Some(Frame::Control(Control::Switchover { hello, to, mirror, applier_address, applier_fingerprint })) => {
                 let applier = self.clone();
-                let request = super::failover::SwitchoverAsk { hello, to, mirror, applier_address, applier_fingerprint };
+                let request = super::failover::SwitchoverAsk { hello, source, to, mirror, applier_address, applier_fingerprint };
                 let reply = tokio::task::spawn_blocking(move || applier.switchover(&request)).await.map_err(|e| LinkError::Protocol(e.to_string()))?;
                 let reply = match reply {
                     Ok(switched) => switched,
@@ -109,7 +109,7 @@ impl Applier {
                 return Ok(());
             }
             Some(Frame::Control(Control::RestoreStart { hello })) => {
-                let result = self.clone().restore(&hello, &mut send, &mut recv).await;
+                let result = self.clone().restore(&hello, &source, &mut send, &mut recv).await;
                 let _ = send.finish();
                 return result;
             }
@@ -121,12 +121,13 @@ impl Applier {
             write_control(&mut send, &Control::Refused(refusal.clone())).await?;
             return Err(LinkError::Refused(refusal).into());
         }
-        // One replica per volume name; opened on first use, created on the first connection.
-        let replica = {
+        // One replica per source and volume name; opened on first use, created on the first
+        // connection.
+        let (key, replica) = {
             let applier = self.clone();
             let hello = hello.clone();
-            match tokio::task::spawn_blocking(move || applier.replica_for(&hello)).await.map_err(|e| LinkError::Protocol(e.to_string()))? {
-                Ok(replica) => replica,
+            match tokio::task::spawn_blocking(move || applier.replica_for(&hello, &source, true)).await.map_err(|e| LinkError::Protocol(e.to_string()))? {
+                Ok(found) => found,
                 Err(error) => {
                     // Tell the source why (e.g. an attached image of the wrong size).
                     let refusal = Refusal::Other(format!("cannot open the replica of {name}: {error:#}"));
@@ -139,7 +140,7 @@ impl Applier {
         };
         let refusal = lock(&replica).check_hello(&hello).err().map(|refusal| self.with_promoted_position(refusal));
         if let Some(refusal) = refusal {
-            tracing::warn!(volume = %name, source_last_lsn = hello.last_lsn, reason = %refusal, "refused a source");
+            tracing::warn!(replica = %key, source_last_lsn = hello.last_lsn, reason = %refusal, "refused a source");
             write_control(&mut send, &Control::Refused(refusal.clone())).await?;
             let _ = send.finish();
             connection.closed().await;
@@ -147,7 +148,7 @@ impl Applier {
         }
         let already_connected = {
             let mut replicas = lock(&self.replicas);
-            let slot = replicas.get_mut(&name).expect("registered by replica_for");
+            let slot = replicas.get_mut(&key).expect("registered by replica_for");
             let already = std::mem::replace(&mut slot.connected, true);
             slot.connections += !already as u64;
             if !already {
@@ -160,103 +161,11 @@ impl Applier {
             write_control(&mut send, &Control::Refused(refusal.clone())).await?;
             return Err(LinkError::Refused(refusal).into());
         }
-        let result = self.stream(&name, &replica, &mut send, recv).await;
-        if let Some(slot) = lock(&self.replicas).get_mut(&name) {
+        let result = self.stream(&key.to_string(), &replica, &mut send, recv).await;
+        if let Some(slot) = lock(&self.replicas).get_mut(&key) {
             slot.connected = false;
         }
         result
-    }
-
-    fn replica_for(&self, hello: &Hello) -> Result<Arc<Mutex<Replica>>, ApplierError> {
-        let mut replicas = lock(&self.replicas);
-        let dir = self.dir.replica(&hello.volume_name);
-        if let Some(slot) = replicas.get(&hello.volume_name) {
-            // A promoted replica that `volume demote` made a replica again (a switchover
-            // back) is opened anew from its files.
-            let remade = lock(&slot.replica).state().promotion.is_some() && ReplicaState::load(&dir).is_ok_and(|state| state.promotion.is_none());
-            if !remade {
-                return Ok(slot.replica.clone());
-            }
-            tracing::info!(volume = %hello.volume_name, "the promoted replica was made a replica again: reopening it");
-        }
-        let replica = if dir.holds_replica() {
-            Replica::open(dir.root())?
-        } else if let Some(image) = attached_image(&dir)? {
-            tracing::info!(volume = %hello.volume_name, image = %image.display(), "creating replica on the attached image");
-            Replica::create(dir.root(), hello, Some(&image))?
-        } else {
-            tracing::info!(volume = %hello.volume_name, size = hello.size, "creating replica for a new source");
-            Replica::create(dir.root(), hello, None)?
-        };
-        Ok(self.register(&mut replicas, &hello.volume_name, replica))
-    }
-
-    /// Keeps an opened replica (with its snapshot retention from applier.toml).
-    fn register(&self, replicas: &mut HashMap<String, Slot>, name: &str, mut replica: Replica) -> Arc<Mutex<Replica>> {
-        match super::ApplierConfig::load(&self.dir) {
-            Ok(config) => replica.set_keep_snapshots(config.keep_snapshots(name)),
-            Err(error) => tracing::warn!(%error, "applier.toml unreadable: the default snapshot retention applies"),
-        }
-        let replica = Arc::new(Mutex::new(replica));
-        replicas.insert(name.to_string(), Slot { replica: replica.clone(), connected: false, peer: None, connections: 0 });
-        replica
-    }
-
-    /// The replica of `volume` that exists on disk, opened if no source has connected yet.
-    pub fn existing_replica(&self, volume: &str) -> Result<Arc<Mutex<Replica>>, ApplierError> {
-        crate::name::validate(volume).map_err(ApplierError::Invalid)?;
-        let mut replicas = lock(&self.replicas);
-        if let Some(slot) = replicas.get(volume) {
-            return Ok(slot.replica.clone());
-        }
-        let dir = self.dir.replica(volume);
-        if !dir.holds_replica() {
-            return Err(ApplierError::Invalid(format!("applier {} holds no replica of {volume}", self.dir.root().display())));
-        }
-        let replica = Replica::open(dir.root())?;
-        Ok(self.register(&mut replicas, volume, replica))
-    }
-
-    pub(super) fn applier_dir(&self) -> &ApplierDir {
-        &self.dir
-    }
-
-    /// The address of the source connected to `volume`'s replica, if one is.
-    pub(super) fn connected_source(&self, volume: &str) -> Option<SocketAddr> {
-        lock(&self.replicas).get(volume).filter(|slot| slot.connected).and_then(|slot| slot.peer)
-    }
-
-    /// A temporary snapshot of a replica's latest consistent state (`export --latest`).
-    pub fn snapshot_latest(&self, volume: &str) -> Result<(String, u64), ApplierError> {
-        let replica = self.existing_replica(volume)?;
-        let result = lock(&replica).snapshot_latest();
-        Ok(result?)
-    }
-
-    pub fn delete_snapshot(&self, volume: &str, name: &str) -> Result<(), ApplierError> {
-        let replica = self.existing_replica(volume)?;
-        let result = lock(&replica).delete_snapshot(name);
-        Ok(result?)
-    }
-
-    /// The control requests about snapshots: `snapshot-latest VOLUME` answers `{"name",
-    /// "lsn"}`, `snapshot-delete VOLUME NAME` answers `{"deleted": NAME}`.
-    pub fn snapshot_request(&self, request: &str) -> Option<serde_json::Value> {
-        let words: Vec<&str> = request.split_whitespace().collect();
-        let result = match words.as_slice() {
-            ["snapshot-latest", volume] => self.snapshot_latest(volume).map(|(name, lsn)| serde_json::json!({ "name": name, "lsn": lsn })),
-            ["snapshot-delete", volume, name] => self.delete_snapshot(volume, name).map(|()| serde_json::json!({ "deleted": name })),
-            [verb, ..] if verb.starts_with("snapshot-") => Err(ApplierError::Invalid(format!("bad request {request:?}"))),
-            _ => return None,
-        };
-        Some(result.unwrap_or_else(|error| serde_json::json!({ "error": format!("{error}") })))
-    }
-
-    /// Records the group snapshots that the snapshots just taken complete.
-    fn record_groups(&self, taken: &[super::snapshot::SnapshotMeta]) {
-        for meta in taken.iter().filter(|m| m.group.is_some() && m.is_valid()) {
-            super::snapshot::group::record_if_complete(&self.dir, meta, |member| super::snapshot::metas_on_disk(&self.dir.replica(member)));
-        }
     }
 
     async fn stream(&self, name: &str, replica: &Arc<Mutex<Replica>>, send: &mut quinn::SendStream, mut recv: quinn::RecvStream) -> Result<(), ApplierError> {
@@ -470,44 +379,6 @@ impl Applier {
             }
             other => Err(LinkError::Protocol(format!("unexpected {other:?} in a resync")).into()),
         }
-    }
-
-    pub fn status(&self) -> ApplierStatus {
-        let fingerprint = crate::identity::fingerprint(&self.dir.identity()).unwrap_or_default();
-        let mut replicas: Vec<ReplicaStatus> = lock(&self.replicas)
-            .iter()
-            .map(|(name, slot)| {
-                let r = lock(&slot.replica);
-                let counters = r.counters();
-                ReplicaStatus {
-                    volume: name.clone(),
-                    image: r.state().image.display().to_string(),
-                    received_lsn: r.received_lsn(),
-                    applied_lsn: r.applied_lsn(),
-                    consistent: r.state().is_consistent(),
-                    consistent_lsn: r.state().is_consistent().then(|| r.applied_lsn()),
-                    resync: r.resync_progress().map(|(base_lsn, staged_bytes)| ResyncProgress { base_lsn, staged_bytes }),
-                    connected: slot.connected,
-                    records_received: counters.records_received,
-                    records_duplicated: counters.records_duplicated,
-                    bytes_received: counters.bytes_received,
-                    connections: slot.connections,
-                    snapshots: r.snapshot_count(),
-                    snapshot_bytes: r.snapshot_bytes(),
-                    snapshots_invalid: r.invalid_snapshot_count(),
-                    generation: Some(r.state().generation),
-                    promoted_to: r.promoted_to().map(|p| p.display().to_string()),
-                }
-            })
-            .collect();
-        // Replicas on disk that no source has connected to since start.
-        for (name, state) in replicas_on_disk(&self.dir) {
-            if !replicas.iter().any(|r| r.volume == name) {
-                replicas.push(offline_replica(&self.dir, name, state));
-            }
-        }
-        replicas.sort_by(|a, b| a.volume.cmp(&b.volume));
-        ApplierStatus { running: true, fingerprint, listen: self.local_addr().map(|a| a.to_string()), replicas }
     }
 }
 

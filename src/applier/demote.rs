@@ -64,7 +64,12 @@ pub fn demote(vdir: &Path, adir: &Path, options: &DemoteOptions) -> Result<Demot
         return Err(invalid(format!("{} holds no applier: run `ublk-mirror applier init --dir {}` first", adir.display(), adir.display())));
     }
     let config = VolumeConfig::load(&layout).map_err(volume_error)?;
-    let replica_dir = applier.replica(&config.name);
+    // The replica this volume was promoted from, made a replica again (a switchover back),
+    // or a new one not bound to a source yet: its new primary's first connection binds it.
+    let replica_dir = super::replicas::named(&applier, &config.name)
+        .into_iter()
+        .find(|dir| promoted_into(dir, layout.root()) || demoted_into(dir, layout.root()))
+        .unwrap_or_else(|| applier.replica(&crate::layout::ReplicaKey::unbound(&config.name)));
     let (record, map) = match Demoted::load(&layout).map_err(volume_error)? {
         Some(record) if record.applier != applier.root() => {
             return Err(invalid(format!("volume {} was already demoted to the applier in {}", vdir.display(), record.applier.display())))
@@ -125,6 +130,12 @@ pub fn demote(vdir: &Path, adir: &Path, options: &DemoteOptions) -> Result<Demot
 /// its image is this volume's backing store, and it becomes this volume's replica again.
 fn promoted_into(dir: &crate::layout::ReplicaDir, volume: &Path) -> bool {
     crate::applier::replica::ReplicaState::load(dir).is_ok_and(|state| state.promotion.is_some_and(|p| p.done && p.to == volume))
+}
+
+/// The replica in `dir` was made by an earlier run of this demote (it may have been bound to
+/// its source since).
+fn demoted_into(dir: &crate::layout::ReplicaDir, volume: &Path) -> bool {
+    crate::applier::replica::ReplicaState::load(dir).is_ok_and(|state| state.promotion.is_none() && state.demoted_from.as_deref() == Some(volume))
 }
 
 /// Opens the volume (redo, lock), finds the point the replica holds and the regions written

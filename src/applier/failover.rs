@@ -20,6 +20,9 @@ use crate::protocol::wire::{Control, Frame, Hello, Refusal, SYNC_CHUNK};
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct PromoteRequest {
     pub volume: String,
+    /// The replica's source, when sources share the volume name (its id or a prefix of it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
     pub to: std::path::PathBuf,
     #[serde(default)]
     pub snapshot: Option<String>,
@@ -50,15 +53,15 @@ impl Applier {
     }
 
     fn promote(&self, request: &PromoteRequest) -> Result<Promoted, ApplierError> {
-        let replica = self.existing_replica(&request.volume)?;
-        if let Some(peer) = self.connected_source(&request.volume) {
+        let (key, replica) = self.existing_replica(&request.volume, request.source.as_deref())?;
+        if let Some(peer) = self.connected_source(&key) {
             if !request.force {
                 return Err(ApplierError::Invalid(format!(
                     "the source of {} is connected (from {peer}) and may still be writing: stop it first, or give --force to promote anyway (it is disconnected and refused from then on)",
                     request.volume
                 )));
             }
-            tracing::warn!(volume = %request.volume, %peer, "promoting while the source is connected (--force)");
+            tracing::warn!(replica = %key, %peer, "promoting while the source is connected (--force)");
         }
         // Under the replica's lock: a batch being applied finishes first, the next one is refused.
         let promoted = lock(&replica).promote(&request.options())?;
@@ -81,6 +84,8 @@ impl Applier {
 /// A source's `Switchover` (see `mirror::switchover`).
 pub(super) struct SwitchoverAsk {
     pub hello: crate::protocol::wire::Hello,
+    /// The certificate fingerprint the source presented.
+    pub source: String,
     pub to: String,
     pub mirror: String,
     pub applier_address: String,
@@ -104,7 +109,7 @@ impl Applier {
             verify_every: None,
         };
         back.validate().map_err(|e| other(format!("the mirror back to the source: {e}")))?;
-        let replica = self.existing_replica(&name).map_err(|e| other(e.to_string()))?;
+        let (_, replica) = self.replica_for(&ask.hello, &ask.source, false).map_err(|e| other(e.to_string()))?;
         let mut replica = lock(&replica);
         replica.check_hello(&ask.hello)?;
         let applied = replica.apply().map_err(|e| other(e.to_string()))?;
@@ -143,12 +148,19 @@ impl Applier {
     /// The applier half of `volume restore`: the replica's image, chunk by chunk where the
     /// volume's new backing store differs. The replica must be consistent, follow the
     /// volume's generation and not be promoted; everything received is applied first.
-    pub(super) async fn restore(self: Arc<Self>, hello: &Hello, send: &mut quinn::SendStream, recv: &mut quinn::RecvStream) -> Result<(), ApplierError> {
+    pub(super) async fn restore(
+        self: Arc<Self>,
+        hello: &Hello,
+        source: &str,
+        send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
+    ) -> Result<(), ApplierError> {
         let prepared = {
             let applier = self.clone();
             let hello = hello.clone();
+            let source = source.to_string();
             tokio::task::spawn_blocking(move || -> Result<(Arc<std::sync::Mutex<Replica>>, u64), Refusal> {
-                let replica = applier.existing_replica(&hello.volume_name).map_err(|e| Refusal::Other(e.to_string()))?;
+                let (_, replica) = applier.replica_for(&hello, &source, false).map_err(|e| Refusal::Other(e.to_string()))?;
                 let lsn = {
                     let mut r = lock(&replica);
                     r.check_hello(&hello)?;
@@ -209,16 +221,12 @@ fn volume_position(dir: &Path) -> Option<(u64, Option<u64>)> {
 
 /// `replica promote` on an applier directory no applier serves (its lock is taken meanwhile).
 pub fn promote_offline(dir: &Path, request: &PromoteRequest) -> Result<Promoted, ApplierError> {
-    crate::name::validate(&request.volume).map_err(ApplierError::Invalid)?;
     let layout = ApplierDir::new(dir);
     let _lock = DirLock::acquire(&layout.lock()).map_err(|error| match error {
         LockError::Held { holder } => ApplierError::Invalid(format!("applier {} is in use by another process ({holder}) that does not answer", dir.display())),
         LockError::Io { path, source } => ApplierError::Io { context: format!("lock {}", path.display()), source },
     })?;
-    let replica_dir = layout.replica(&request.volume);
-    if !replica_dir.holds_replica() {
-        return Err(ApplierError::Invalid(format!("applier {} holds no replica of {}", dir.display(), request.volume)));
-    }
-    let mut replica = Replica::open(replica_dir.root())?;
+    let found = super::replicas::resolve(&layout, &request.volume, request.source.as_deref())?;
+    let mut replica = Replica::open(found.dir.root())?;
     Ok(replica.promote(&request.options())?)
 }

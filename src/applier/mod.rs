@@ -1,14 +1,16 @@
 //! The target side of replication: the applier daemon (`daemon.rs`: accepts sources,
 //! journals and applies their records, acknowledges checkpoints), the administration of its
-//! directory (`admin.rs`), its configuration file (`config.rs`) and the replicas it keeps
-//! (`replica/`).
+//! directory (`admin.rs`), its configuration file (`config.rs`), the replicas it keeps
+//! (`replica/`), where they are by source (`replicas.rs`) and which are open (`registry.rs`).
 
 mod admin;
 pub mod config;
 mod daemon;
 mod demote;
 mod failover;
+mod registry;
 pub mod replica;
+pub mod replicas;
 pub mod snapshot;
 
 pub use admin::{allow, allowed, attach_image, init, offline_status};

@@ -46,7 +46,8 @@ pub enum ApplierCommand {
         #[arg(long, value_name = "ADDR")]
         metrics: Option<std::net::SocketAddr>,
     },
-    /// Show the replicas: LSNs received and applied, consistency, connection.
+    /// Show the replicas: their source (the id of the certificate that feeds them), LSNs
+    /// received and applied, consistency, connection.
     Status {
         #[arg(long)]
         dir: PathBuf,
@@ -67,6 +68,10 @@ pub enum ReplicaCommand {
         /// The source volume's name.
         #[arg(long)]
         volume: String,
+        /// The source that will feed it: an allowed fingerprint or a unique prefix of one.
+        /// Absent: the first source presenting that volume name gets it.
+        #[arg(long)]
+        source: Option<String>,
         /// The image file or block device.
         #[arg(long)]
         image: PathBuf,
@@ -81,6 +86,10 @@ pub enum ReplicaCommand {
         /// The source volume's name.
         #[arg(long)]
         volume: String,
+        /// The replica's source (its id in `applier status`, or a unique prefix), when
+        /// sources share the volume name.
+        #[arg(long)]
+        source: Option<String>,
         /// The volume directory to make (empty or absent).
         #[arg(long)]
         to: PathBuf,
@@ -107,12 +116,12 @@ pub fn execute(command: ApplierCommand) -> Result<()> {
             println!("certificate fingerprint:");
             println!("{fingerprint}");
         }
-        ApplierCommand::Replica(ReplicaCommand::Add { dir, volume, image }) => {
-            let path = applier::attach_image(&dir, &volume, &image)?;
+        ApplierCommand::Replica(ReplicaCommand::Add { dir, volume, source, image }) => {
+            let path = applier::attach_image(&dir, &volume, source.as_deref(), &image)?;
             println!("replica of {volume} will use {} (synchronised on the first connection)", path.display());
         }
-        ApplierCommand::Replica(ReplicaCommand::Promote { dir, volume, to, snapshot, force, journal_size, json }) => {
-            promote(&dir, applier::PromoteRequest { volume, to, snapshot, force, journal_size }, json)?
+        ApplierCommand::Replica(ReplicaCommand::Promote { dir, volume, source, to, snapshot, force, journal_size, json }) => {
+            promote(&dir, applier::PromoteRequest { volume, source, to, snapshot, force, journal_size }, json)?
         }
         ApplierCommand::Allow { dir, fingerprint } => {
             if applier::allow(&dir, &fingerprint)? {

@@ -120,7 +120,7 @@ pub fn create(dirs: &[PathBuf], name: &str, group: Option<&str>, freeze: &[PathB
     for dir in dirs {
         let config = VolumeConfig::load(&VolumeDir::new(dir)).with_context(|| format!("volume {}", dir.display()))?;
         if members.iter().any(|(_, name): &(PathBuf, String)| *name == config.name) {
-            bail!("two members are named {:?}: a group's volumes need distinct names (the applier keeps replicas by name)", config.name);
+            bail!("two members are named {:?}: a group's volumes need distinct names (an applier matches group members by volume name)", config.name);
         }
         if !volume::is_locked(dir) {
             bail!("volume {} ({}) is not running: markers are appended by its `ublk-mirror run`", config.name, dir.display());

@@ -9,6 +9,7 @@ use clap::Subcommand;
 
 use ublk_mirror::address::NbdAddress;
 use ublk_mirror::applier::replica::{Replica, ReplicaState};
+use ublk_mirror::applier::replicas::{self, Found};
 use ublk_mirror::applier::snapshot::{self, group, SnapshotReader, Snapshots};
 use ublk_mirror::control;
 use ublk_mirror::frontend::{nbd::NbdServer, Export};
@@ -24,6 +25,10 @@ pub enum SnapshotCommand {
         /// Only this volume's replica.
         #[arg(long)]
         volume: Option<String>,
+        /// With --volume, when sources share the name: the replica's source (its id in
+        /// `applier status`, or a unique prefix; `unbound` for one not bound yet).
+        #[arg(long, requires = "volume")]
+        source: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -33,6 +38,9 @@ pub enum SnapshotCommand {
         dir: PathBuf,
         #[arg(long)]
         volume: String,
+        /// The replica's source, when sources share the volume name.
+        #[arg(long)]
+        source: Option<String>,
         #[arg(long)]
         snapshot: String,
     },
@@ -44,6 +52,9 @@ pub enum SnapshotCommand {
         dir: PathBuf,
         #[arg(long)]
         volume: String,
+        /// The replica's source, when sources share the volume name.
+        #[arg(long)]
+        source: Option<String>,
         #[arg(long, required_unless_present = "latest", conflicts_with = "latest")]
         snapshot: Option<String>,
         /// Serve the replica's latest consistent state instead (a temporary snapshot, frozen
@@ -61,49 +72,43 @@ pub enum SnapshotCommand {
 
 pub fn execute(command: SnapshotCommand) -> Result<()> {
     match command {
-        SnapshotCommand::List { dir, volume, json } => list(&dir, volume.as_deref(), json),
-        SnapshotCommand::Delete { dir, volume, snapshot } => {
-            delete(&dir, &volume, &snapshot)?;
-            println!("deleted snapshot {snapshot} of {volume}");
+        SnapshotCommand::List { dir, volume, source, json } => list(&dir, volume.as_deref(), source.as_deref(), json),
+        SnapshotCommand::Delete { dir, volume, source, snapshot } => {
+            let replica = replica_dir(&dir, &volume, source.as_deref())?;
+            delete(&dir, &replica, &snapshot)?;
+            println!("deleted snapshot {snapshot} of {}", replica.key);
             Ok(())
         }
-        SnapshotCommand::Export { dir, volume, snapshot, latest, nbd, allow_remote } => export(&dir, &volume, snapshot.as_deref(), latest, &nbd, allow_remote),
+        SnapshotCommand::Export { dir, volume, source, snapshot, latest, nbd, allow_remote } => {
+            let replica = replica_dir(&dir, &volume, source.as_deref())?;
+            export(&dir, &replica, snapshot.as_deref(), latest, &nbd, allow_remote)
+        }
     }
 }
 
-fn replica_dir(dir: &Path, volume: &str) -> Result<ublk_mirror::layout::ReplicaDir> {
-    ublk_mirror::name::validate(volume).map_err(|e| anyhow::anyhow!("volume name {e}"))?;
+/// The replica a command names (by volume name, and source when sources share it).
+fn replica_dir(dir: &Path, volume: &str, source: Option<&str>) -> Result<Found> {
     let layout = ApplierDir::new(dir);
     if !layout.holds_applier() {
         bail!("{} holds no applier", dir.display());
     }
-    let replica = layout.replica(volume);
-    if !replica.holds_replica() {
-        bail!("applier {} holds no replica of {volume}", dir.display());
-    }
-    Ok(replica)
+    Ok(replicas::resolve(&layout, volume, source)?)
 }
 
-fn list(dir: &Path, volume: Option<&str>, json: bool) -> Result<()> {
+fn list(dir: &Path, volume: Option<&str>, source: Option<&str>, json: bool) -> Result<()> {
     let layout = ApplierDir::new(dir);
     if !layout.holds_applier() {
         bail!("{} holds no applier", dir.display());
     }
-    let volumes: Vec<String> = match volume {
-        Some(volume) => {
-            replica_dir(dir, volume)?;
-            vec![volume.to_string()]
-        }
-        None => {
-            let mut names: Vec<String> =
-                std::fs::read_dir(layout.replicas()).map(|l| l.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default();
-            names.retain(|n| layout.replica(n).holds_replica());
-            names.sort();
-            names
-        }
+    let chosen: Vec<Found> = match volume {
+        Some(volume) => vec![replica_dir(dir, volume, source)?],
+        None => replicas::list(&layout),
     };
-    let snapshots: Vec<_> = volumes.iter().flat_map(|v| snapshot::list_on_disk(&layout.replica(v))).collect();
-    let groups = group::list(&layout, &snapshots, |member| snapshot::metas_on_disk(&layout.replica(member)));
+    let snapshots: Vec<_> = chosen
+        .iter()
+        .flat_map(|found| snapshot::list_on_disk(&found.dir).into_iter().map(|info| snapshot::SnapshotInfo { source: found.key.source.clone(), ..info }))
+        .collect();
+    let groups = group::list(&layout, &snapshots, |member| replicas::named(&layout, member).iter().flat_map(snapshot::metas_on_disk).collect());
     if json {
         println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "snapshots": snapshots, "groups": groups }))?);
         return Ok(());
@@ -112,7 +117,7 @@ fn list(dir: &Path, volume: Option<&str>, json: bool) -> Result<()> {
         println!("no snapshots");
         return Ok(());
     }
-    println!("{:<16} {:<32} {:>10} {:<12} {:<20} {:>10} {:<8} STATE", "VOLUME", "SNAPSHOT", "LSN", "GROUP", "CREATED", "SIZE", "KIND");
+    println!("{:<16} {:<16} {:<32} {:>10} {:<12} {:<20} {:>10} {:<8} STATE", "VOLUME", "SOURCE", "SNAPSHOT", "LSN", "GROUP", "CREATED", "SIZE", "KIND");
     for s in &snapshots {
         let state = match (&s.invalid_reason, s.exported) {
             (Some(reason), _) => format!("invalid: {reason}"),
@@ -121,8 +126,9 @@ fn list(dir: &Path, volume: Option<&str>, json: bool) -> Result<()> {
         };
         let kind = serde_json::to_value(s.kind)?.as_str().unwrap_or("").to_string();
         println!(
-            "{:<16} {:<32} {:>10} {:<12} {:<20} {:>10} {:<8} {state}",
+            "{:<16} {:<16} {:<32} {:>10} {:<12} {:<20} {:>10} {:<8} {state}",
             s.volume,
+            s.source.as_deref().unwrap_or(ublk_mirror::layout::UNBOUND),
             s.name,
             s.lsn,
             s.group.as_deref().unwrap_or("-"),
@@ -160,21 +166,25 @@ fn lock_applier(dir: &Path) -> Result<DirLock> {
     })
 }
 
-fn delete(dir: &Path, volume: &str, name: &str) -> Result<()> {
-    let replica = replica_dir(dir, volume)?;
+/// How the running applier's control requests name the replica (`SOURCE/NAME`).
+fn reference(replica: &Found) -> String {
+    replicas::reference(&replica.key.volume, Some(replica.key.source_text()))
+}
+
+fn delete(dir: &Path, replica: &Found, name: &str) -> Result<()> {
     ublk_mirror::name::validate(name).map_err(|e| anyhow::anyhow!("snapshot name {e}"))?;
     if applier_running(dir) {
-        ask_applier(dir, &format!("snapshot-delete {volume} {name}"))?;
+        ask_applier(dir, &format!("snapshot-delete {} {name}", reference(replica)))?;
         return Ok(());
     }
     let _lock = lock_applier(dir)?;
-    let state = ReplicaState::load(&replica)?;
-    Snapshots::open(&replica, volume, state.size)?.delete(name)?;
+    let state = ReplicaState::load(&replica.dir)?;
+    Snapshots::open(&replica.dir, &replica.key.volume, state.size)?.delete(name)?;
     Ok(())
 }
 
-fn export(dir: &Path, volume: &str, name: Option<&str>, latest: bool, nbd: &str, allow_remote: bool) -> Result<()> {
-    let replica = replica_dir(dir, volume)?;
+fn export(dir: &Path, found: &Found, name: Option<&str>, latest: bool, nbd: &str, allow_remote: bool) -> Result<()> {
+    let (replica, volume) = (&found.dir, found.key.volume.as_str());
     let address: NbdAddress = nbd.parse()?;
     if !address.is_local() && !allow_remote {
         bail!("--nbd {address} is not a loopback address: the export is unauthenticated and unencrypted; give --allow-remote to serve it anyway");
@@ -186,7 +196,7 @@ fn export(dir: &Path, volume: &str, name: Option<&str>, latest: bool, nbd: &str,
             (name.to_string(), false)
         }
         None if applier_running(dir) => {
-            let reply = ask_applier(dir, &format!("snapshot-latest {volume}"))?;
+            let reply = ask_applier(dir, &format!("snapshot-latest {}", reference(found)))?;
             (reply["name"].as_str().unwrap_or_default().to_string(), true)
         }
         None => {
@@ -197,7 +207,7 @@ fn export(dir: &Path, volume: &str, name: Option<&str>, latest: bool, nbd: &str,
         }
     };
     debug_assert!(latest == temporary);
-    let reader = SnapshotReader::open(&replica, &name).with_context(|| format!("export snapshot {name} of {volume}"));
+    let reader = SnapshotReader::open(replica, &name).with_context(|| format!("export snapshot {name} of {volume}"));
     let result = reader.and_then(|reader| {
         let lsn = reader.meta().lsn;
         let server = NbdServer::start(std::slice::from_ref(&address), Export::ReadOnly(Arc::new(reader)), volume)?;
@@ -213,7 +223,8 @@ fn export(dir: &Path, volume: &str, name: Option<&str>, latest: bool, nbd: &str,
     });
     if temporary {
         // The reader is gone: the temporary snapshot can go too.
-        let removed = if applier_running(dir) { ask_applier(dir, &format!("snapshot-delete {volume} {name}")).map(drop) } else { delete(dir, volume, &name) };
+        let removed =
+            if applier_running(dir) { ask_applier(dir, &format!("snapshot-delete {} {name}", reference(found))).map(drop) } else { delete(dir, found, &name) };
         if let Err(error) = removed {
             tracing::warn!(error = %format!("{error:#}"), "the temporary snapshot stays until the applier's next cleanup");
         }

@@ -126,7 +126,7 @@ pub fn render_applier(status: &ApplierStatus) -> String {
     let mut out = Exposition::default();
     out.gauge("ublk_mirror_applier_replicas", "Replicas this applier keeps.", &[], status.replicas.len() as f64);
     for r in &status.replicas {
-        let labels = [("volume", r.volume.as_str())];
+        let labels = [("volume", r.volume.as_str()), ("source", r.source.as_deref().unwrap_or(crate::layout::UNBOUND))];
         out.gauge("ublk_mirror_replica_received_lsn", "Newest LSN durable in the replica's journal.", &labels, r.received_lsn as f64);
         out.gauge("ublk_mirror_replica_applied_lsn", "Newest LSN applied to the replica image.", &labels, r.applied_lsn as f64);
         out.gauge("ublk_mirror_replica_consistent", "1 when the image is a consistent past state of the source.", &labels, r.consistent as u8 as f64);
@@ -175,7 +175,7 @@ pub fn render_applier(status: &ApplierStatus) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::{ReplicaStatus, VerifyResult};
+    use crate::status::{ApplierStatus, ReplicaStatus, VerifyResult};
 
     #[test]
     fn verify_metrics_are_absent_until_a_verify_ran() {
@@ -201,7 +201,21 @@ mod tests {
     fn invalid_snapshots_of_a_replica_are_counted() {
         let replica = ReplicaStatus { volume: "vol0".into(), snapshots: 3, snapshots_invalid: 2, ..ReplicaStatus::default() };
         let text = render_applier(&ApplierStatus { replicas: vec![replica], ..ApplierStatus::default() });
-        assert!(text.lines().any(|l| l == r#"ublk_mirror_replica_snapshots_invalid{volume="vol0"} 2"#), "{text}");
+        assert!(text.lines().any(|l| l == r#"ublk_mirror_replica_snapshots_invalid{volume="vol0",source="unbound"} 2"#), "{text}");
         assert!(text.contains("# TYPE ublk_mirror_replica_snapshots_invalid gauge"), "{text}");
+    }
+
+    #[test]
+    fn replicas_of_one_name_are_told_apart_by_their_source() {
+        let replica = |source: Option<&str>, applied_lsn| ReplicaStatus {
+            volume: "vol0".into(),
+            source: source.map(String::from),
+            applied_lsn,
+            ..ReplicaStatus::default()
+        };
+        let status = ApplierStatus { replicas: vec![replica(Some("0123456789abcdef"), 5), replica(None, 7)], ..ApplierStatus::default() };
+        let page = super::render_applier(&status);
+        assert!(page.contains(r#"ublk_mirror_replica_applied_lsn{volume="vol0",source="0123456789abcdef"} 5"#), "{page}");
+        assert!(page.contains(r#"ublk_mirror_replica_applied_lsn{volume="vol0",source="unbound"} 7"#), "{page}");
     }
 }

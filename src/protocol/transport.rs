@@ -118,6 +118,14 @@ pub fn enlarge_socket_buffers(socket: &impl std::os::fd::AsRawFd, bytes: usize) 
     }
 }
 
+/// The fingerprint of the certificate the peer presented (mutual TLS: every accepted
+/// connection has one).
+pub fn peer_fingerprint(connection: &quinn::Connection) -> Option<String> {
+    let identity = connection.peer_identity()?;
+    let chain = identity.downcast_ref::<Vec<rustls::pki_types::CertificateDer<'static>>>()?;
+    chain.first().map(|der| crate::identity::fingerprint_of_der(der))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

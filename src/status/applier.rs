@@ -7,6 +7,14 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ReplicaStatus {
     pub volume: String,
+    /// The source feeding the replica: its id, the first 16 hex digits of the certificate
+    /// fingerprint it presents (`ADIR/replicas/SOURCE/NAME`); absent for a replica not bound
+    /// to a source yet (`ADIR/replicas/NAME`, bound at its source's first connection).
+    #[serde(default)]
+    pub source: Option<String>,
+    /// The source's whole certificate fingerprint.
+    #[serde(default)]
+    pub source_fingerprint: Option<String>,
     pub image: String,
     pub received_lsn: u64,
     pub applied_lsn: u64,

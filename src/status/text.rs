@@ -134,8 +134,9 @@ pub fn applier_text(dir: &Path, status: &ApplierStatus) -> String {
         let snapshots =
             if r.snapshots > 0 { format!(" {} snapshots ({}{invalid})", r.snapshots, crate::size::human_size(r.snapshot_bytes)) } else { String::new() };
         out.push_str(&format!(
-            "  {:<20} received {:>10} applied {:>10} {} {}{snapshots}  {}\n",
+            "  {:<20} source {:<16} received {:>10} applied {:>10} {} {}{snapshots}  {}\n",
             r.volume,
+            r.source.as_deref().unwrap_or(crate::layout::UNBOUND),
             r.received_lsn,
             r.applied_lsn,
             match &r.promoted_to {
@@ -163,8 +164,9 @@ pub fn applier_one_line(status: &ApplierStatus) -> String {
         .iter()
         .map(|r| {
             format!(
-                "{} applied {} {} {}",
+                "{} ({}) applied {} {} {}",
                 r.volume,
+                r.source.as_deref().unwrap_or(crate::layout::UNBOUND),
                 r.applied_lsn,
                 if r.consistent { "consistent" } else { "INCONSISTENT" },
                 if r.connected { "connected" } else { "disconnected" }

@@ -201,6 +201,41 @@ pub fn applier_status(dir: &Path) -> serde_json::Value {
     serde_json::from_slice(&output.stdout).unwrap()
 }
 
+/// The directory of the one replica of volume `name` in the applier directory `adir`:
+/// `replicas/SOURCE/NAME` (or `replicas/NAME` while it is not bound to a source yet). Waits
+/// (bounded) for the source's first connection to make it; panics if there is none then, or
+/// several (sources sharing the name: use `replica_dirs`).
+pub fn replica_dir(adir: &Path, name: &str) -> PathBuf {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut found = replica_dirs(adir, name);
+    while found.is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        found = replica_dirs(adir, name);
+    }
+    assert_eq!(found.len(), 1, "replicas of {name} in {}: {found:?}", adir.display());
+    found.remove(0)
+}
+
+/// Every replica directory of volume `name` in `adir` (any source).
+pub fn replica_dirs(adir: &Path, name: &str) -> Vec<PathBuf> {
+    let replicas = adir.join("replicas");
+    let flat = replicas.join(name);
+    let mut found: Vec<PathBuf> = if flat.join("replica.json").exists() { vec![flat] } else { Vec::new() };
+    for entry in std::fs::read_dir(&replicas).into_iter().flatten().flatten() {
+        let candidate = entry.path().join(name);
+        if candidate.join("replica.json").exists() {
+            found.push(candidate);
+        }
+    }
+    found.sort();
+    found
+}
+
+/// The image of the one replica of volume `name` (`replica_dir`/data.img).
+pub fn replica_image(adir: &Path, name: &str) -> PathBuf {
+    replica_dir(adir, name).join("data.img")
+}
+
 pub fn compare(a: &str, b: &str) -> bool {
     let output = Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", a, b]).output().unwrap();
     output.status.success()

@@ -160,7 +160,11 @@ impl Replica {
     /// Opens a replica: journal recovery, then redo of received records not yet applied.
     pub fn open(dir: &Path) -> Result<Replica, ReplicaError> {
         let dir = ReplicaDir::new(dir);
-        let state = ReplicaState::load(&dir)?;
+        let mut state = ReplicaState::load(&dir)?;
+        if state.follow_move(&dir) {
+            // A crash between the move of the directory and this update of the state.
+            state.save(&dir)?;
+        }
         let history = History::load_or_first(&dir.generations(), state.generation)
             .map_err(|e| ReplicaError::State { path: dir.generations(), message: e.to_string() })?;
         let image = Store::open(&state.image, IMAGE)?;

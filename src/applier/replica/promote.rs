@@ -200,7 +200,7 @@ impl Replica {
     /// `to` is the demoted volume this replica was made from, demoted to this applier: the
     /// promote makes it the primary again in place (a switchover back).
     fn reinstates(&self, to: &Path) -> bool {
-        let applier = self.dir.root().parent().and_then(Path::parent);
+        let applier = self.dir.applier_root();
         self.state.demoted_from.as_deref() == Some(to)
             && crate::volume::Demoted::load(&crate::layout::VolumeDir::new(to)).ok().flatten().is_some_and(|d| Some(d.applier.as_path()) == applier)
     }

@@ -1,4 +1,4 @@
-//! What the applier knows about one replica: `ADIR/replicas/NAME/replica.json`, replaced
+//! What the applier knows about one replica: `ADIR/replicas/SOURCE/NAME/replica.json`, replaced
 //! atomically at every checkpoint. Its consistency is typed ([`Consistency`]); the file
 //! keeps the format it always had (`consistent` and `consistent_lsn`).
 
@@ -96,6 +96,20 @@ impl ReplicaState {
         if self.consistent_lsn().is_some_and(|at| self.applied_lsn >= at) {
             self.consistency = Consistency::Consistent;
         }
+    }
+
+    /// After the replica's directory was moved (bound to its source, `applier/replicas.rs`):
+    /// an image that was the default one of the old directory is the new directory's. True
+    /// if the state changed (to be saved).
+    pub fn follow_move(&mut self, dir: &ReplicaDir) -> bool {
+        let new = dir.default_image();
+        let was_default = self.image.file_name() == new.file_name() && self.image.parent().and_then(|p| p.file_name()) == dir.root().file_name();
+        if self.image == new || !was_default || self.image.exists() || !new.exists() {
+            return false;
+        }
+        tracing::info!(from = %self.image.display(), to = %new.display(), "the replica's directory moved: its image is followed");
+        self.image = new;
+        true
     }
 
     pub fn load(dir: &ReplicaDir) -> Result<Self, ReplicaError> {

@@ -155,3 +155,24 @@ fn sync_compares_copies_and_continues_the_journal_after_the_base() {
     assert_eq!(&image[SYNC_CHUNK as usize..2 * SYNC_CHUNK as usize], &data[..]);
     assert_eq!(&image[..4096], &[1u8; 4096][..]);
 }
+
+#[test]
+fn a_replica_moved_before_its_state_followed_opens_with_its_own_image() {
+    // A crash of the bind to a source (`applier/replicas.rs`) between the rename of the
+    // directory and the update of the image path in its state.
+    let tmp = tempfile::tempdir().unwrap();
+    let old = tmp.path().join("replicas").join("vol0");
+    let mut replica = synced_replica(&old);
+    replica.receive(&[write(1, 0, 9, 4096)]).unwrap();
+    replica.apply().unwrap();
+    drop(replica);
+    let new = tmp.path().join("replicas").join("0123456789abcdef").join("vol0");
+    std::fs::create_dir_all(new.parent().unwrap()).unwrap();
+    std::fs::rename(&old, &new).unwrap();
+    let replica = Replica::open(&new).unwrap();
+    assert_eq!(replica.state().image, new.join("data.img"));
+    assert_eq!(replica.applied_lsn(), 1);
+    assert!(replica.state().is_consistent());
+    assert_eq!(ReplicaState::load(&ReplicaDir::new(&new)).unwrap().image, new.join("data.img"), "saved");
+    assert_eq!(&std::fs::read(new.join("data.img")).unwrap()[..4096], &[9u8; 4096][..]);
+}

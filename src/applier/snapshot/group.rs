@@ -24,7 +24,8 @@ pub struct GroupSnapshot {
 }
 
 /// Records the group snapshot `meta` belongs to if it is now complete. Members are the
-/// marker's volumes that have a replica in `dir`; `snapshots_of` gives a member's snapshots.
+/// marker's volumes that have a replica in `dir` (by name, from any source); `snapshots_of`
+/// gives a member's snapshots (of every replica of that name: the marker's id tells).
 pub fn record_if_complete(dir: &ApplierDir, meta: &SnapshotMeta, snapshots_of: impl Fn(&str) -> Vec<SnapshotMeta>) -> Option<GroupSnapshot> {
     let group = meta.group.clone()?;
     let snapshot = gather(dir, &group, &meta.name, meta.marker_id, &meta.members, snapshots_of);
@@ -47,7 +48,7 @@ pub fn record_if_complete(dir: &ApplierDir, meta: &SnapshotMeta, snapshots_of: i
 }
 
 fn gather(dir: &ApplierDir, group: &str, name: &str, id: uuid::Uuid, members: &[String], snapshots_of: impl Fn(&str) -> Vec<SnapshotMeta>) -> GroupSnapshot {
-    let held: Vec<&String> = members.iter().filter(|m| dir.replica(m).holds_replica()).collect();
+    let held: Vec<&String> = members.iter().filter(|m| !crate::applier::replicas::named(dir, m).is_empty()).collect();
     let members: BTreeMap<String, Option<u64>> = held
         .iter()
         .map(|member| {

@@ -134,6 +134,9 @@ impl SnapshotMeta {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SnapshotInfo {
     pub volume: String,
+    /// The replica's source (`applier status`'s `source`; absent: not bound to one yet).
+    #[serde(default)]
+    pub source: Option<String>,
     pub name: String,
     pub lsn: u64,
     pub group: Option<String>,
@@ -183,6 +186,7 @@ fn is_exported(snapshot_dir: &Path) -> bool {
 fn info_of(meta: &SnapshotMeta, dir: &Path, size_bytes: u64) -> SnapshotInfo {
     SnapshotInfo {
         volume: meta.volume.clone(),
+        source: None,
         name: meta.name.clone(),
         lsn: meta.lsn,
         group: meta.group.clone(),

@@ -1,0 +1,182 @@
+//! The replicas a running applier has opened, by [`ReplicaKey`] (source and volume name):
+//! found, bound to their source, created or opened for a connection; looked up by name (and
+//! source) for the control requests; and the applier's status.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use super::admin::{attached_image, offline_replica};
+use super::replica::{Replica, ReplicaState};
+use super::{replicas, Applier, ApplierError};
+use crate::layout::ReplicaKey;
+use crate::lock;
+use crate::protocol::wire::Hello;
+use crate::status::{ApplierStatus, ReplicaStatus, ResyncProgress};
+
+pub(super) struct Slot {
+    pub replica: Arc<Mutex<Replica>>,
+    pub connected: bool,
+    /// The connected source's address.
+    pub peer: Option<SocketAddr>,
+    pub connections: u64,
+}
+
+type Slots = HashMap<ReplicaKey, Slot>;
+
+impl Applier {
+    /// The replica that the source with certificate `fingerprint` feeds for `hello`'s volume:
+    /// an unbound one it proves to be its own is bound first (moved into its directory);
+    /// with `create`, a new one is made on its first connection.
+    pub(super) fn replica_for(&self, hello: &Hello, fingerprint: &str, create: bool) -> Result<(ReplicaKey, Arc<Mutex<Replica>>), ApplierError> {
+        let mut slots = lock(&self.replicas);
+        let unbound = ReplicaKey::unbound(&hello.volume_name);
+        // An unbound replica a command opened is left alone while it moves (no operation on
+        // it runs meanwhile), then reopened from its new place.
+        let held = slots.get(&unbound).map(|slot| slot.replica.clone());
+        let guard = held.as_ref().map(|replica| lock(replica));
+        let found = replicas::for_source(&self.dir, fingerprint, &hello.volume_name, uuid::Uuid::from_bytes(hello.volume_uuid));
+        drop(guard);
+        let key = found?;
+        if key != unbound && held.is_some() && !self.dir.replica(&unbound).holds_replica() {
+            slots.remove(&unbound);
+        }
+        let dir = self.dir.replica(&key);
+        if let Some(slot) = slots.get(&key) {
+            // A promoted replica that `volume demote` made a replica again (a switchover
+            // back) is opened anew from its files.
+            let remade = lock(&slot.replica).state().promotion.is_some() && ReplicaState::load(&dir).is_ok_and(|state| state.promotion.is_none());
+            if !remade {
+                return Ok((key, slot.replica.clone()));
+            }
+            tracing::info!(replica = %key, "the promoted replica was made a replica again: reopening it");
+        }
+        let replica = if dir.holds_replica() {
+            Replica::open(dir.root())?
+        } else if !create {
+            return Err(ApplierError::Invalid(format!("applier {} holds no replica of {} from this source", self.dir.root().display(), hello.volume_name)));
+        } else if let Some(image) = attached_image(&dir)? {
+            tracing::info!(replica = %key, image = %image.display(), "creating replica on the attached image");
+            Replica::create(dir.root(), hello, Some(&image))?
+        } else {
+            tracing::info!(replica = %key, size = hello.size, "creating replica for a new source");
+            Replica::create(dir.root(), hello, None)?
+        };
+        Ok((key.clone(), self.register(&mut slots, key, replica)))
+    }
+
+    /// Keeps an opened replica (with its snapshot retention from applier.toml).
+    fn register(&self, slots: &mut Slots, key: ReplicaKey, mut replica: Replica) -> Arc<Mutex<Replica>> {
+        match super::ApplierConfig::load(&self.dir) {
+            Ok(config) => replica.set_keep_snapshots(config.keep_snapshots(&key.volume)),
+            Err(error) => tracing::warn!(%error, "applier.toml unreadable: the default snapshot retention applies"),
+        }
+        let replica = Arc::new(Mutex::new(replica));
+        slots.insert(key, Slot { replica: replica.clone(), connected: false, peer: None, connections: 0 });
+        replica
+    }
+
+    /// The replica of `volume` (from `source`, when sources share the name) that exists on
+    /// disk, opened if no source has connected yet.
+    pub fn existing_replica(&self, volume: &str, source: Option<&str>) -> Result<(ReplicaKey, Arc<Mutex<Replica>>), ApplierError> {
+        let mut slots = lock(&self.replicas);
+        let found = replicas::resolve(&self.dir, volume, source)?;
+        if let Some(slot) = slots.get(&found.key) {
+            return Ok((found.key, slot.replica.clone()));
+        }
+        let replica = Replica::open(found.dir.root())?;
+        Ok((found.key.clone(), self.register(&mut slots, found.key, replica)))
+    }
+
+    pub(super) fn applier_dir(&self) -> &crate::layout::ApplierDir {
+        &self.dir
+    }
+
+    /// The address of the source connected to the replica `key`, if one is.
+    pub(super) fn connected_source(&self, key: &ReplicaKey) -> Option<SocketAddr> {
+        lock(&self.replicas).get(key).filter(|slot| slot.connected).and_then(|slot| slot.peer)
+    }
+
+    /// A temporary snapshot of a replica's latest consistent state (`export --latest`).
+    pub fn snapshot_latest(&self, volume: &str, source: Option<&str>) -> Result<(String, u64), ApplierError> {
+        let (_, replica) = self.existing_replica(volume, source)?;
+        let result = lock(&replica).snapshot_latest();
+        Ok(result?)
+    }
+
+    pub fn delete_snapshot(&self, volume: &str, source: Option<&str>, name: &str) -> Result<(), ApplierError> {
+        let (_, replica) = self.existing_replica(volume, source)?;
+        let result = lock(&replica).delete_snapshot(name);
+        Ok(result?)
+    }
+
+    /// The control requests about snapshots: `snapshot-latest REPLICA` answers `{"name",
+    /// "lsn"}`, `snapshot-delete REPLICA NAME` answers `{"deleted": NAME}`. REPLICA is the
+    /// volume name, or `SOURCE/NAME` ([`replicas::reference`]).
+    pub fn snapshot_request(&self, request: &str) -> Option<serde_json::Value> {
+        let words: Vec<&str> = request.split_whitespace().collect();
+        let result = match words.as_slice() {
+            ["snapshot-latest", replica] => {
+                let (volume, source) = replicas::parse_reference(replica);
+                self.snapshot_latest(volume, source).map(|(name, lsn)| serde_json::json!({ "name": name, "lsn": lsn }))
+            }
+            ["snapshot-delete", replica, name] => {
+                let (volume, source) = replicas::parse_reference(replica);
+                self.delete_snapshot(volume, source, name).map(|()| serde_json::json!({ "deleted": name }))
+            }
+            [verb, ..] if verb.starts_with("snapshot-") => Err(ApplierError::Invalid(format!("bad request {request:?}"))),
+            _ => return None,
+        };
+        Some(result.unwrap_or_else(|error| serde_json::json!({ "error": format!("{error}") })))
+    }
+
+    /// Records the group snapshots that the snapshots just taken complete. Members are
+    /// volume names: every replica of a name is looked at (the marker's id tells its snapshot).
+    pub(super) fn record_groups(&self, taken: &[super::snapshot::SnapshotMeta]) {
+        for meta in taken.iter().filter(|m| m.group.is_some() && m.is_valid()) {
+            super::snapshot::group::record_if_complete(&self.dir, meta, |member| {
+                replicas::named(&self.dir, member).iter().flat_map(super::snapshot::metas_on_disk).collect()
+            });
+        }
+    }
+
+    pub fn status(&self) -> ApplierStatus {
+        let fingerprint = crate::identity::fingerprint(&self.dir.identity()).unwrap_or_default();
+        let mut replicas: Vec<ReplicaStatus> = lock(&self.replicas)
+            .iter()
+            .map(|(key, slot)| {
+                let r = lock(&slot.replica);
+                let counters = r.counters();
+                ReplicaStatus {
+                    volume: key.volume.clone(),
+                    source: key.source.clone(),
+                    source_fingerprint: key.source.as_deref().and_then(|id| replicas::source_fingerprint(&self.dir, id)),
+                    image: r.state().image.display().to_string(),
+                    received_lsn: r.received_lsn(),
+                    applied_lsn: r.applied_lsn(),
+                    consistent: r.state().is_consistent(),
+                    consistent_lsn: r.state().is_consistent().then(|| r.applied_lsn()),
+                    resync: r.resync_progress().map(|(base_lsn, staged_bytes)| ResyncProgress { base_lsn, staged_bytes }),
+                    connected: slot.connected,
+                    records_received: counters.records_received,
+                    records_duplicated: counters.records_duplicated,
+                    bytes_received: counters.bytes_received,
+                    connections: slot.connections,
+                    snapshots: r.snapshot_count(),
+                    snapshot_bytes: r.snapshot_bytes(),
+                    snapshots_invalid: r.invalid_snapshot_count(),
+                    generation: Some(r.state().generation),
+                    promoted_to: r.promoted_to().map(|p| p.display().to_string()),
+                }
+            })
+            .collect();
+        // Replicas on disk that no source has connected to since start.
+        for found in replicas::list(&self.dir) {
+            if !replicas.iter().any(|r| r.volume == found.key.volume && r.source == found.key.source) {
+                replicas.push(offline_replica(&self.dir, found));
+            }
+        }
+        replicas.sort_by(|a, b| (&a.volume, &a.source).cmp(&(&b.volume, &b.source)));
+        ApplierStatus { running: true, fingerprint, listen: self.local_addr().map(|a| a.to_string()), replicas }
+    }
+}
