@@ -179,14 +179,15 @@ impl Applier {
             }
             tracing::info!(volume = %hello.volume_name, "the promoted replica was made a replica again: reopening it");
         }
+        let journal = || super::ApplierConfig::load(&self.dir).map(|config| config.replica_journal(&self.dir, &dir));
         let replica = if dir.holds_replica() {
             Replica::open(dir.root())?
         } else if let Some(image) = attached_image(&dir)? {
             tracing::info!(volume = %hello.volume_name, image = %image.display(), "creating replica on the attached image");
-            Replica::create(dir.root(), hello, Some(&image))?
+            Replica::create(dir.root(), hello, Some(&image), journal()?.as_ref())?
         } else {
             tracing::info!(volume = %hello.volume_name, size = hello.size, "creating replica for a new source");
-            Replica::create(dir.root(), hello, None)?
+            Replica::create(dir.root(), hello, None, journal()?.as_ref())?
         };
         Ok(self.register(&mut replicas, &hello.volume_name, replica))
     }
