@@ -174,7 +174,7 @@ pub fn check_new(target: &Path) -> Result<(), PlacementError> {
     }
     match std::fs::read_dir(target) {
         Ok(mut entries) => match entries.next() {
-            None => writable(target, "it"),
+            None => writable(target, "the new journal"),
             Some(_) => {
                 let holder = match Owner::load(target) {
                     Ok(Some(owner)) => format!(" (it holds the journal of {}, uuid {})", owner.describe(), owner.uuid),
@@ -184,7 +184,7 @@ pub fn check_new(target: &Path) -> Result<(), PlacementError> {
             }
         },
         Err(error) if error.kind() == io::ErrorKind::NotFound => match target.parent() {
-            Some(parent) if parent.is_dir() => writable(parent, "it"),
+            Some(parent) if parent.is_dir() => writable(parent, "the new journal"),
             _ => Err(PlacementError::NoParent { path: target.to_path_buf() }),
         },
         Err(error) if error.kind() == io::ErrorKind::NotADirectory => {

@@ -115,10 +115,9 @@ fn journal_options(uuid: uuid::Uuid) -> JournalOptions {
 
 const IMAGE: &str = "replica image";
 
-/// Suffixes of the directories a journal replacement makes beside the segments' directory
-/// (`journal.new`, `journal.resetting`; see `restart_journal`).
-const NEW: &str = "new";
-const RESETTING: &str = "resetting";
+/// The directories a journal replacement makes beside the segments' (see `restart_journal`).
+const NEW: &str = crate::layout::JOURNAL_NEW_SUFFIX;
+const RESETTING: &str = crate::layout::JOURNAL_RESETTING_SUFFIX;
 
 /// Whose journal a replica's is, for the owner file of a journal placed elsewhere.
 fn owner(dir: &ReplicaDir, volume_name: &str, volume_uuid: uuid::Uuid) -> Owner {

@@ -16,6 +16,7 @@ use crate::dirty_map::{DirtyMap, DEFAULT_REGION_SIZE};
 use crate::generation::History;
 use crate::journal::placement::{self, Owner, Role};
 use crate::journal::JournalError;
+use crate::layout::JOURNAL_NEW_SUFFIX;
 use crate::volume::{CreateOptions, Origin, Volume};
 
 #[derive(Debug, Clone, Default)]
@@ -222,8 +223,8 @@ impl Replica {
         // `volume create --journal-dir` placed it (the link stays). A crash after the old one
         // went leaves only the fresh one (`.new`), which the next run finds and replaces.
         let owner = Owner::new(Role::Volume, &config.name, config.uuid, dir.root());
-        let located = placement::check_or_interrupted(&dir.journal(), &owner, "new").map_err(JournalError::from)?;
-        let fresh = located.beside("new");
+        let located = placement::check_or_interrupted(&dir.journal(), &owner, JOURNAL_NEW_SUFFIX).map_err(JournalError::from)?;
+        let fresh = located.beside(JOURNAL_NEW_SUFFIX);
         let _ = std::fs::remove_dir_all(&fresh);
         crate::journal::Journal::create_at(&fresh, config.journal_options(), promotion.branch_lsn + 1)?;
         if located.placed {
