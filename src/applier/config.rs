@@ -194,6 +194,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn journal_dir_is_absolute_and_places_each_replica_below_it() {
+        let config: ApplierConfig = toml::from_str("format_version = 1\njournal_dir = \"journals\"").unwrap();
+        assert!(config.validate().unwrap_err().contains("journal_dir: journals must be an absolute path"));
+        let config: ApplierConfig = toml::from_str("format_version = 1\njournal_dir = \"/srv/j\"").unwrap();
+        let applier = ApplierDir::new("/var/lib/a");
+        let placed = config.replica_journal(&applier, &applier.replica("vol0")).unwrap();
+        assert_eq!(placed, ReplicaJournal { journal_dir: "/srv/j".into(), target: "/srv/j/vol0".into() });
+        assert_eq!(ApplierConfig::default().replica_journal(&applier, &applier.replica("vol0")), None);
+    }
+
+    #[test]
     fn template_parses_to_the_defaults() {
         let config: ApplierConfig = toml::from_str(TEMPLATE).unwrap();
         assert_eq!(config, ApplierConfig::default());

@@ -177,9 +177,12 @@ fn a_placed_journal_is_replaced_where_it_lives_and_an_interrupted_replacement_is
     assert_eq!(replica.applied_lsn(), 0);
     assert!(placed.target.join(crate::journal::placement::OWNER_FILE).exists() && !home.join("vol0.resetting").exists());
     drop(replica);
-    // Its filesystem gone: refused, not replaced.
+    // Its filesystem gone: refused, not replaced; and no new replica is made meanwhile.
     std::fs::remove_dir_all(&home).unwrap();
     let refused = Replica::open(&dir).err().expect("refused");
     assert!(refused.to_string().contains("is its filesystem mounted?"), "{refused}");
-    assert!(!home.exists());
+    let other = tmp.path().join("r2");
+    let refused = Replica::create(&other, &hello(1 << 20), None, Some(&placed)).err().expect("refused");
+    assert!(refused.to_string().contains("does not exist: is its filesystem mounted?"), "{refused}");
+    assert!(!home.exists() && !other.exists());
 }
