@@ -6,14 +6,23 @@
 //!    the same size: 4 KiB random writes at QD32 (a short burst and a run long enough to fill
 //!    the pending window) and 1 MiB sequential writes.
 //!
-//! BENCH_SECONDS scales the fio runs (default 15; the sustained run is 4x that).
+//! 3. Where the journal lives, all with the same durability (fio `end_fsync=1`: the job ends
+//!    with a flush both servers make durable): NBD 1 MiB sequential and 4 KiB random writes
+//!    with the journal in the volume directory (the disk that holds the backing store) and
+//!    placed on another filesystem (`volume create --journal-dir`; a tmpfs stands in for a
+//!    dedicated device on a single-disk machine: it measures what taking the journal off the
+//!    backing store's disk buys, not an SSD), against `qemu-nbd` (page cache) and
+//!    `qemu-nbd --cache=none` (O_DIRECT).
+//!
+//! BENCH_SECONDS scales the fio runs (default 15; the sustained run is 4x that, the placement
+//! rows a third of it, at least 5 s).
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 mod common;
 
-use common::{fio, Daemon, FioResult};
+use common::{fio, fio_with, Daemon, FioResult};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -53,47 +62,12 @@ fn main() {
         ("1M seq write QD4", "write", "1m", 4, seconds),
     ];
     for (label, rw, bs, depth, runtime) in jobs {
-        let ours = {
-            let dir = base.join("vol");
-            let _ = std::fs::remove_dir_all(&dir);
-            let created = Command::new(env!("CARGO_BIN_EXE_ublk-mirror"))
-                .args(["volume", "create", "--dir", dir.to_str().unwrap(), "--name", "bench", "--size", "1G"])
-                .output()
-                .unwrap();
-            assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
-            let socket = base.join("vol.sock");
-            let server = start_server(
-                Command::new(env!("CARGO_BIN_EXE_ublk-mirror")).args(["run", "--dir", dir.to_str().unwrap(), "--nbd", &format!("unix:{}", socket.display())]),
-                &socket,
-            );
-            let sampler = PendingSampler::start(&dir);
-            let result = fio(&base, &format!("nbd+unix:///bench?socket={}", socket.display()), rw, bs, depth, runtime);
-            let peak_pending = sampler.stop();
-            drop(server);
-            (result, peak_pending)
-        };
-        let theirs = {
-            let image = base.join("qemu.img");
-            let _ = std::fs::remove_file(&image);
-            OpenOptions::new().write(true).create(true).truncate(true).open(&image).unwrap().set_len(GIB).unwrap();
-            let socket = base.join("qemu.sock");
-            let server = start_server(
-                Command::new("qemu-nbd").args([
-                    "--socket",
-                    socket.to_str().unwrap(),
-                    "--format=raw",
-                    "--shared=8",
-                    "--persistent",
-                    "--export-name=bench",
-                    image.to_str().unwrap(),
-                ]),
-                &socket,
-            );
-            let result = fio(&base, &format!("nbd+unix:///bench?socket={}", socket.display()), rw, bs, depth, runtime);
-            drop(server);
-            result
-        };
-        let (ours, peak_pending) = ours;
+        let (ours, peak_pending) = with_ours(&base, &[], |uri, dir| {
+            let sampler = PendingSampler::start(dir);
+            let result = fio(&base, uri, rw, bs, depth, runtime);
+            (result, sampler.stop())
+        });
+        let theirs = with_qemu(&base, &[], |uri| fio(&base, uri, rw, bs, depth, runtime));
         let unit = |r: &FioResult| if bs == "4k" { format!("{:.0} IOPS", r.iops) } else { format!("{:.0} MB/s", r.bandwidth / 1e6) };
         rows.push((
             format!("NBD {label} {runtime}s (peak pending {})", human(peak_pending)),
@@ -102,10 +76,11 @@ fn main() {
             format!("{:.2}x", ours.iops / theirs.iops),
         ));
     }
+    rows.extend(placement_rows(&base, (seconds / 3).max(5)));
 
-    println!("{:<58} {:>14} {:>40} {:>7}", "measure", "ublk-mirror", "baseline", "ratio");
+    println!("{:<64} {:>14} {:>40} {:>7}", "measure", "ublk-mirror", "baseline", "ratio");
     for (what, ours, baseline, ratio) in rows {
-        println!("{what:<58} {ours:>14} {baseline:>40} {ratio:>7}");
+        println!("{what:<64} {ours:>14} {baseline:>40} {ratio:>7}");
     }
     println!();
     println!("targets: journal append >= 0.9x plain O_DIRECT; NBD 4K random-write IOPS >= 0.9x qemu-nbd");
@@ -160,6 +135,100 @@ fn journal_append(dir: &Path, total: u64, record_size: usize) -> f64 {
     drop(journal);
     let _ = std::fs::remove_dir_all(dir);
     rate
+}
+
+/// Serves a fresh 1 GiB volume (`volume create` with `create_args`) over NBD while `job`
+/// runs against its URI.
+fn with_ours<R>(base: &Path, create_args: &[&str], job: impl FnOnce(&str, &Path) -> R) -> R {
+    let dir = base.join("vol");
+    let _ = std::fs::remove_dir_all(&dir);
+    let created = Command::new(env!("CARGO_BIN_EXE_ublk-mirror"))
+        .args(["volume", "create", "--dir", dir.to_str().unwrap(), "--name", "bench", "--size", "1G"])
+        .args(create_args)
+        .output()
+        .unwrap();
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let socket = base.join("vol.sock");
+    let server = start_server(
+        Command::new(env!("CARGO_BIN_EXE_ublk-mirror")).args(["run", "--dir", dir.to_str().unwrap(), "--nbd", &format!("unix:{}", socket.display())]),
+        &socket,
+    );
+    let result = job(&format!("nbd+unix:///bench?socket={}", socket.display()), &dir);
+    drop(server);
+    result
+}
+
+/// Serves a fresh 1 GiB raw file with `qemu-nbd ARGS` while `job` runs against its URI.
+fn with_qemu<R>(base: &Path, args: &[&str], job: impl FnOnce(&str) -> R) -> R {
+    let image = base.join("qemu.img");
+    let _ = std::fs::remove_file(&image);
+    OpenOptions::new().write(true).create(true).truncate(true).open(&image).unwrap().set_len(GIB).unwrap();
+    let socket = base.join("qemu.sock");
+    let server = start_server(
+        Command::new("qemu-nbd")
+            .args(["--socket", socket.to_str().unwrap(), "--format=raw", "--shared=8", "--persistent", "--export-name=bench"])
+            .args(args)
+            .arg(image.to_str().unwrap()),
+        &socket,
+    );
+    let result = job(&format!("nbd+unix:///bench?socket={}", socket.display()));
+    drop(server);
+    result
+}
+
+/// A tmpfs mounted for the placement rows; unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: PathBuf, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(&at).unwrap();
+        let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", at.to_str().unwrap()]).status();
+        mounted.is_ok_and(|s| s.success()).then_some(Tmpfs(at))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Section 3 (see the module's description): per job, each of the two journal placements
+/// against qemu-nbd and qemu-nbd --cache=none, and the two placements against each other.
+fn placement_rows(base: &Path, runtime: u64) -> Vec<(String, String, String, String)> {
+    // Both placements get the same journal (512 MiB), which the tmpfs must hold.
+    let journal = ["--journal-size", "512M"];
+    let Some(tmpfs) = Tmpfs::mount(base.join("tmpfs"), "640M") else {
+        println!("placement rows skipped: mounting a tmpfs needs root");
+        return Vec::new();
+    };
+    let placed_dir = tmpfs.0.join("journal");
+    let placed = [&journal[..], &["--journal-dir", placed_dir.to_str().unwrap()]].concat();
+    let fsync = ["--end_fsync=1"];
+    let mut rows = Vec::new();
+    for (label, rw, bs, depth) in [("1M seq write QD4", "write", "1m", 4), ("4K randwrite QD32", "randwrite", "4k", 32)] {
+        let run = |uri: &str| fio_with(base, uri, rw, bs, depth, runtime, &fsync);
+        let home = with_ours(base, &journal, |uri, _| run(uri));
+        let _ = std::fs::remove_dir_all(&placed_dir);
+        let other = with_ours(base, &placed, |uri, _| run(uri));
+        let _ = std::fs::remove_dir_all(&placed_dir);
+        let qemu = with_qemu(base, &[], run);
+        let direct = with_qemu(base, &["--cache=none"], run);
+        let unit = |r: &FioResult| if bs == "4k" { format!("{:.0} IOPS", r.iops) } else { format!("{:.0} MB/s", r.bandwidth / 1e6) };
+        let ratio = |a: &FioResult, b: &FioResult| format!("{:.2}x", a.iops / b.iops);
+        for (where_, ours) in [("journal in VDIR", &home), ("journal on tmpfs", &other)] {
+            for (baseline, theirs) in [("qemu-nbd", &qemu), ("qemu-nbd --cache=none", &direct)] {
+                rows.push((format!("NBD {label} {runtime}s end_fsync, {where_}"), unit(ours), format!("{} ({baseline})", unit(theirs)), ratio(ours, theirs)));
+            }
+        }
+        rows.push((
+            format!("NBD {label} {runtime}s end_fsync, journal on tmpfs"),
+            unit(&other),
+            format!("{} (journal in VDIR)", unit(&home)),
+            ratio(&other, &home),
+        ));
+    }
+    rows
 }
 
 /// Starts a server and waits until its socket accepts connections.

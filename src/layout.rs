@@ -8,6 +8,12 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 
+/// Suffixes of the directories a journal replacement makes beside the journal's directory
+/// (`journal.new`, `journal.resetting`; beside the link's target when the journal is placed
+/// on another filesystem).
+pub const JOURNAL_NEW_SUFFIX: &str = "new";
+pub const JOURNAL_RESETTING_SUFFIX: &str = "resetting";
+
 /// A volume's state directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeDir {
@@ -34,7 +40,8 @@ impl VolumeDir {
         self.root.join("state.json")
     }
 
-    /// `journal/`: the segment files.
+    /// `journal/`: the segment files, or a symlink to the directory holding them on another
+    /// filesystem (`volume create --journal-dir`; see `journal::placement`).
     pub fn journal(&self) -> PathBuf {
         self.root.join("journal")
     }
@@ -284,12 +291,12 @@ impl ReplicaDir {
         self.root.join("replica.json")
     }
 
-    /// `journal/`: the applier's journal of received records.
+    /// `journal/`: the applier's journal of received records (a symlink to it when
+    /// `applier.toml` places replicas' journals elsewhere).
     pub fn journal(&self) -> PathBuf {
         self.root.join("journal")
     }
 
-    /// `journal.new`: a new, empty journal being made before it replaces the old one.
     /// `generations.json`: the history of the volume as this replica follows it.
     pub fn generations(&self) -> PathBuf {
         self.root.join("generations.json")
@@ -301,6 +308,8 @@ impl ReplicaDir {
         self.root.join("local-changes.dirty")
     }
 
+    /// `journal.new`: a new, empty journal being made before it replaces the old one (beside
+    /// the link's target instead when the journal is placed elsewhere: `Located::beside`).
     pub fn journal_new(&self) -> PathBuf {
         self.root.join("journal.new")
     }

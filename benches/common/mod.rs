@@ -45,8 +45,14 @@ pub struct FioResult {
 
 /// Runs fio's nbd engine against `uri` for `runtime` seconds over a 1 GiB range.
 pub fn fio(base: &Path, uri: &str, rw: &str, bs: &str, depth: u32, runtime: u64) -> FioResult {
+    fio_with(base, uri, rw, bs, depth, runtime, &[])
+}
+
+/// [`fio`] with more fio options (e.g. `--end_fsync=1`).
+pub fn fio_with(base: &Path, uri: &str, rw: &str, bs: &str, depth: u32, runtime: u64, extra: &[&str]) -> FioResult {
     let output = base.join("fio.json");
     let status = Command::new("fio")
+        .args(extra)
         .args([
             "--name=bench",
             "--ioengine=nbd",

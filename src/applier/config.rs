@@ -3,12 +3,12 @@
 //! Validated on load; errors name the file and the key.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::address::parse_listen_address;
-use crate::layout::ApplierDir;
+use crate::layout::{ApplierDir, ReplicaDir};
 use crate::protocol::transport::DEFAULT_IDLE_TIMEOUT_SECONDS;
 
 pub const CONFIG_FORMAT: u32 = 1;
@@ -30,6 +30,18 @@ pub struct ApplierConfig {
     /// `[snapshots]`: how many marker snapshots each replica keeps.
     #[serde(default, skip_serializing_if = "SnapshotSettings::is_default")]
     pub snapshots: SnapshotSettings,
+    /// Keep the journals of replicas made from now on in `journal_dir/<replica>/` (another
+    /// filesystem) instead of inside their replica directories.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub journal_dir: Option<PathBuf>,
+}
+
+/// Where a new replica's journal goes when `journal_dir` is set: `target`, below `journal_dir`
+/// by the replica directory's path below `ADIR/replicas`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaJournal {
+    pub journal_dir: PathBuf,
+    pub target: PathBuf,
 }
 
 /// `[snapshots]` with `keep` for every volume and `[snapshots.volumes.NAME]` for one.
@@ -82,11 +94,22 @@ format_version = 1
 # keep = 16
 # [snapshots.volumes.db]
 # keep = 48
+
+# Keep each new replica's journal in JOURNAL_DIR/<replica>/ (e.g. a dedicated SSD) instead of
+# inside its replica directory. An absolute path to an existing directory.
+# journal_dir = \"/srv/ublk-mirror-journals\"
 ";
 
 impl Default for ApplierConfig {
     fn default() -> Self {
-        ApplierConfig { format_version: CONFIG_FORMAT, listen: None, metrics: None, idle_timeout: None, snapshots: SnapshotSettings::default() }
+        ApplierConfig {
+            format_version: CONFIG_FORMAT,
+            listen: None,
+            metrics: None,
+            idle_timeout: None,
+            snapshots: SnapshotSettings::default(),
+            journal_dir: None,
+        }
     }
 }
 
@@ -128,6 +151,9 @@ impl ApplierConfig {
         if self.snapshots.keep == Some(0) {
             return Err("snapshots.keep: must be at least 1".into());
         }
+        if let Some(dir) = self.journal_dir.as_ref().filter(|dir| !dir.is_absolute()) {
+            return Err(format!("journal_dir: {} must be an absolute path", dir.display()));
+        }
         for (volume, settings) in &self.snapshots.volumes {
             crate::name::validate(volume).map_err(|e| format!("snapshots.volumes: {e}"))?;
             if settings.keep == Some(0) {
@@ -140,6 +166,14 @@ impl ApplierConfig {
     /// Snapshots the replica of `volume` keeps.
     pub fn keep_snapshots(&self, volume: &str) -> usize {
         self.snapshots.volumes.get(volume).and_then(|v| v.keep).or(self.snapshots.keep).unwrap_or(crate::applier::snapshot::DEFAULT_KEEP)
+    }
+
+    /// Where the journal of a replica made in `replica` goes (`None`: inside it).
+    pub fn replica_journal(&self, applier: &ApplierDir, replica: &ReplicaDir) -> Option<ReplicaJournal> {
+        let journal_dir = self.journal_dir.clone()?;
+        let key = replica.root().strip_prefix(applier.replicas()).ok().filter(|key| !key.as_os_str().is_empty());
+        let key = key.map(Path::to_path_buf).or_else(|| replica.root().file_name().map(PathBuf::from))?;
+        Some(ReplicaJournal { target: journal_dir.join(key), journal_dir })
     }
 
     pub fn listen_address(&self) -> Option<SocketAddr> {
@@ -158,6 +192,20 @@ impl ApplierConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn journal_dir_is_absolute_and_places_each_replica_below_it() {
+        let config: ApplierConfig = toml::from_str("format_version = 1\njournal_dir = \"journals\"").unwrap();
+        assert!(config.validate().unwrap_err().contains("journal_dir: journals must be an absolute path"));
+        let config: ApplierConfig = toml::from_str("format_version = 1\njournal_dir = \"/srv/j\"").unwrap();
+        let applier = ApplierDir::new("/var/lib/a");
+        let key = crate::layout::ReplicaKey::new("0123456789abcdef", "vol0");
+        let placed = config.replica_journal(&applier, &applier.replica(&key)).unwrap();
+        assert_eq!(placed, ReplicaJournal { journal_dir: "/srv/j".into(), target: "/srv/j/0123456789abcdef/vol0".into() });
+        let unbound = config.replica_journal(&applier, &applier.replica(&crate::layout::ReplicaKey::unbound("vol0"))).unwrap();
+        assert_eq!(unbound.target, std::path::PathBuf::from("/srv/j/vol0"));
+        assert_eq!(ApplierConfig::default().replica_journal(&applier, &applier.replica(&key)), None);
+    }
 
     #[test]
     fn template_parses_to_the_defaults() {

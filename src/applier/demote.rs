@@ -109,6 +109,7 @@ pub fn demote(vdir: &Path, adir: &Path, options: &DemoteOptions) -> Result<Demot
                 common_lsn: record.common_lsn,
                 local_changes: map.clone(),
                 from: layout.root().to_path_buf(),
+                journal: crate::applier::ApplierConfig::load(&applier).map_err(|e| invalid(e.to_string()))?.replica_journal(&applier, &replica_dir),
             },
         )?;
     }

@@ -198,6 +198,11 @@ fn bind(dir: &ApplierDir, old: &ReplicaDir, new: &ReplicaDir) -> Result<(), Appl
     for folder in [dir.replicas().as_path(), parent] {
         crate::fsutil::sync_dir(folder).map_err(io(format!("sync {}", folder.display())))?;
     }
+    // A journal on another filesystem (`journal_dir`) stays where it is (its link moved
+    // with the directory); its owner file names the new directory.
+    if let Err(error) = crate::journal::placement::follow_move(&new.journal(), new.root()) {
+        tracing::warn!(replica = %new.root().display(), %error, "the placed journal's owner file still names the old directory (accepted: that directory is gone)");
+    }
     if let Ok(mut state) = ReplicaState::load(new) {
         if state.follow_move(new) {
             state.save(new)?;

@@ -41,7 +41,9 @@ fn dump(args: DumpArgs) -> Result<()> {
     if !volume_dir.holds_volume() {
         bail!("{} holds no volume", args.dir.display());
     }
-    let dir = &volume_dir.journal();
+    let config = ublk_mirror::volume::VolumeConfig::load(&volume_dir)?;
+    // Reading needs no write access: a journal on a filesystem remounted read-only can be dumped.
+    let dir = &ublk_mirror::volume::check_journal(&volume_dir, &config, false)?.segments;
     let (journal, report) = Journal::open_read_only(dir).with_context(|| format!("read journal {}", dir.display()))?;
     let mut reader = JournalReader::new(journal, args.from.unwrap_or(report.first_lsn))?;
     let mut printed = 0;

@@ -173,6 +173,14 @@ pub struct CreateArgs {
     /// resync later; writes never wait; the default) or block (writes wait for them).
     #[arg(long, value_enum)]
     on_full: Option<OnFullArg>,
+    /// Keep the journal's segments in this directory, e.g. on a dedicated SSD or a mirrored
+    /// md device, instead of DIR/journal (which becomes a symlink to it). An absolute path
+    /// that does not exist (its parent does; it is made, mode 0700) or is an empty directory,
+    /// given to this volume only: an owner file there names the volume, and every command
+    /// that opens the journal refuses a directory that is missing (not mounted), not
+    /// writable, or another volume's.
+    #[arg(long, value_name = "PATH")]
+    journal_dir: Option<PathBuf>,
 }
 
 pub fn execute(command: VolumeCommand) -> Result<()> {
@@ -193,6 +201,7 @@ fn create(args: CreateArgs) -> Result<()> {
         segment_size: args.segment_size,
         pending_window: args.pending_window,
         on_full: args.on_full.map(Into::into),
+        journal_dir: args.journal_dir,
         origin: None,
     };
     let created = Volume::create(&args.dir, &options).with_context(|| format!("create volume in {}", args.dir.display()))?;
@@ -201,6 +210,9 @@ fn create(args: CreateArgs) -> Result<()> {
     println!("  size     {} bytes", config.size);
     println!("  backing  {}", config.backing.display());
     println!("  journal  {} bytes in segments of {} bytes, on full: {}", config.journal.capacity, config.journal.segment_size, config.journal.on_full.as_str());
+    if let Some(dir) = &options.journal_dir {
+        println!("  journal  in {} (DIR/journal links to it)", dir.display());
+    }
     println!("certificate fingerprint:");
     println!("{}", created.fingerprint);
     Ok(())

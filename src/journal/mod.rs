@@ -6,10 +6,12 @@
 //! no one needs their records (`retention.rs`). The segment table (`table.rs`) is what the
 //! [`Journal`] handle shares between them; `preparer.rs` keeps a spare segment ready.
 //! Opening a journal runs recovery (`recovery.rs`). Format: `format.rs` and
-//! `docs/journal-format.md`.
+//! `docs/journal-format.md`. A journal kept on another filesystem (a symlink to it, and an
+//! owner file there) is checked by `placement.rs` before it is opened.
 
 pub mod format;
 mod ledger;
+pub mod placement;
 mod preparer;
 mod reader;
 mod recovery;
@@ -57,6 +59,9 @@ pub enum JournalError {
     RecordTooLarge { size: u64, segment_size: u64 },
     #[error("LSN {lsn} is not retained in the journal (retained: {first}..={last})")]
     NotRetained { lsn: u64, first: u64, last: u64 },
+    /// A journal placed on another filesystem that is missing, unwritable or not its own.
+    #[error(transparent)]
+    Placement(#[from] placement::PlacementError),
 }
 
 pub(crate) fn io_error(context: impl Into<String>) -> impl FnOnce(io::Error) -> JournalError {

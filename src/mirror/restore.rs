@@ -51,6 +51,8 @@ pub fn restore(dir: &Path, from: &str, fingerprint: &str, backing: Option<&Path>
     if crate::volume::is_locked(layout.root()) {
         return Err(invalid(format!("volume {} is being served: stop `run` first", dir.display())));
     }
+    // The journal is redone over the fetched chunks: it must be there before anything changes.
+    crate::volume::check_journal(&layout, &config, true).map_err(volume_error)?;
     crate::identity::parse_fingerprint(fingerprint).map_err(|e| invalid(e.to_string()))?;
     let target = match backing {
         Some(path) => std::path::absolute(path).map_err(|source| MirrorError::Io { context: format!("resolve {}", path.display()), source })?,

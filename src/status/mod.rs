@@ -77,10 +77,18 @@ pub struct JournalStatus {
     pub capacity_bytes: u64,
     pub segments: usize,
     pub segment_size: u64,
+    /// The directory holding the segments, resolved (`VDIR/journal`, or where
+    /// `volume create --journal-dir` placed them).
+    #[serde(default)]
+    pub dir: String,
+    /// The segments are on another filesystem than the volume directory.
+    #[serde(default)]
+    pub separate_filesystem: bool,
 }
 
 impl JournalStatus {
-    fn of(usage: JournalUsage, segment_size: u64) -> JournalStatus {
+    fn of(usage: JournalUsage, segment_size: u64, dir: &VolumeDir) -> JournalStatus {
+        let (segments_dir, separate_filesystem) = crate::journal::placement::describe(&dir.journal());
         JournalStatus {
             first_lsn: usage.first_lsn,
             last_lsn: usage.last_lsn,
@@ -88,6 +96,8 @@ impl JournalStatus {
             capacity_bytes: usage.capacity_bytes,
             segments: usage.segments,
             segment_size,
+            dir: segments_dir.display().to_string(),
+            separate_filesystem,
         }
     }
 
@@ -133,7 +143,7 @@ pub fn live(volume: &Volume, exports: &[String], device: Option<String>, mut mir
             clean_shutdown: None,
             numbers: volume.numbers(),
         },
-        journal: JournalStatus::of(volume.journal().usage(), config.journal.segment_size),
+        journal: JournalStatus::of(volume.journal().usage(), config.journal.segment_size, volume.dir()),
         mirrors,
     }
 }
@@ -143,8 +153,16 @@ pub fn live(volume: &Volume, exports: &[String], device: Option<String>, mut mir
 pub fn offline(dir: &VolumeDir, mirrors: impl FnOnce(&Arc<Journal>, u64) -> Vec<MirrorStatus>) -> Result<Status, VolumeError> {
     let config = VolumeConfig::load(dir)?;
     let state = VolumeState::load(dir)?;
+    crate::volume::check_journal(dir, &config, true)?;
     let (journal, report): (Arc<Journal>, RecoveryReport) = Journal::open_read_only(&dir.journal())?;
     let options = config.journal_options();
+    let usage = JournalUsage {
+        first_lsn: report.first_lsn,
+        last_lsn: report.last_lsn,
+        used_bytes: report.used_bytes,
+        capacity_bytes: options.max_segments() as u64 * (options.segment_size - SEGMENT_HEADER_SIZE),
+        segments: report.segments,
+    };
     Ok(Status {
         volume: VolumeStatus {
             name: config.name.clone(),
@@ -176,14 +194,7 @@ pub fn offline(dir: &VolumeDir, mirrors: impl FnOnce(&Arc<Journal>, u64) -> Vec<
                 ..VolumeNumbers::default()
             },
         },
-        journal: JournalStatus {
-            first_lsn: report.first_lsn,
-            last_lsn: report.last_lsn,
-            used_bytes: report.used_bytes,
-            capacity_bytes: options.max_segments() as u64 * (options.segment_size - SEGMENT_HEADER_SIZE),
-            segments: report.segments,
-            segment_size: options.segment_size,
-        },
+        journal: JournalStatus::of(usage, options.segment_size, dir),
         mirrors: {
             let markers = crate::volume::marker_history(dir.root())?;
             let mut mirrors = mirrors(&journal, config.size);

@@ -39,6 +39,9 @@ pub fn render_text(status: &Status) -> String {
         "  journal  {} of {} used ({fill:.1}%), {} segment(s), LSN {}..={}\n",
         j.used_bytes, j.capacity_bytes, j.segments, j.first_lsn, j.last_lsn
     ));
+    if !j.dir.is_empty() {
+        out.push_str(&format!("  journal  in {}{}\n", j.dir, if j.separate_filesystem { " (separate filesystem)" } else { "" }));
+    }
     if v.running {
         out.push_str(&format!(
             "  io       {} writes ({} bytes), {} flushes, {} reads ({} bytes), {} bytes pending apply\n",

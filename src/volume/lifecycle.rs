@@ -13,6 +13,7 @@ use super::state::VolumeState;
 use super::writer::WriterLoop;
 use super::{io_context, syncer, writeback, Volume, VolumeError};
 use crate::generation::History;
+use crate::journal::placement::{self, Located, Owner, Role};
 use crate::journal::{HoldSpec, Journal, JournalError, JournalReader, OnFull, Retention};
 use crate::layout::{DirLock, LockError, VolumeDir};
 use crate::store::Store;
@@ -34,6 +35,9 @@ pub struct CreateOptions {
     pub segment_size: Option<u64>,
     pub pending_window: Option<u64>,
     pub on_full: Option<OnFull>,
+    /// Keep the journal's segments in this directory (absolute; absent or empty) instead of
+    /// `VDIR/journal`, which becomes a symlink to it (see `journal::placement`).
+    pub journal_dir: Option<PathBuf>,
     /// A volume that continues another's history (a promoted replica): its identity, and
     /// its generation history ending with the new generation (whose branch LSN is the last
     /// record the backing store already holds).
@@ -82,9 +86,18 @@ impl Volume {
         config.journal.pending_window = options.pending_window.unwrap_or(DEFAULT_PENDING_WINDOW.min(journal_size / 2));
         config.validate().map_err(|message| VolumeError::Invalid(format!("invalid volume settings: {message}")))?;
 
-        // Check the backing store before touching the disk.
+        // Check the backing store and the journal's directory before touching the disk.
         if let Some(path) = &options.backing {
             Store::open_sized(path, "backing store", options.size)?;
+        }
+        if let Some(target) = &options.journal_dir {
+            placement::check_new(target).map_err(JournalError::from)?;
+            if target.starts_with(layout.root()) {
+                return Err(VolumeError::Invalid(format!(
+                    "journal directory {} is inside the volume directory: give a directory on another filesystem",
+                    target.display()
+                )));
+            }
         }
         let created_dir = match std::fs::read_dir(dir) {
             Ok(mut entries) => {
@@ -99,7 +112,12 @@ impl Volume {
             }
             Err(error) => return Err(io_context(format!("read {}", dir.display()))(error)),
         };
+        let mut placed = None;
         let result = (|| {
+            if let Some(target) = &options.journal_dir {
+                let owner = Owner::new(Role::Volume, &config.name, config.uuid, layout.root());
+                placed = Some((target, placement::place(&layout.journal(), target, &owner).map_err(JournalError::from)?));
+            }
             if options.backing.is_none() {
                 Store::create_sparse(&backing, options.size)?;
             }
@@ -122,6 +140,9 @@ impl Volume {
             Ok(fingerprint) => Ok(Created { config, fingerprint }),
             Err(error) => {
                 // Leave nothing half-made behind.
+                if let Some((target, made)) = placed {
+                    placement::unplace(&layout.journal(), target, made);
+                }
                 if created_dir {
                     let _ = std::fs::remove_dir_all(dir);
                 } else {
@@ -154,6 +175,8 @@ impl Volume {
                 layout.restoring().display()
             )));
         }
+        // Before the lock file or anything else is touched: a placed journal must be there.
+        check_journal(&layout, &config, true)?;
         let lock = DirLock::acquire(&layout.lock()).map_err(|error| match error {
             LockError::Held { holder } => VolumeError::InUse { dir: dir.to_path_buf(), holder },
             LockError::Io { path, source } => VolumeError::Io { context: format!("open {}", path.display()), source },
@@ -222,6 +245,14 @@ impl Volume {
             _lock: lock,
         })
     }
+}
+
+/// Where the volume's journal keeps its segments; a journal placed on another filesystem
+/// (`volume create --journal-dir`) is checked first: there, a directory, writable (when
+/// `write`), and this volume's. Every command that opens the journal calls this first.
+pub fn check_journal(dir: &VolumeDir, config: &VolumeConfig, write: bool) -> Result<Located, VolumeError> {
+    let owner = Owner::new(Role::Volume, &config.name, config.uuid, dir.root());
+    Ok(placement::check(&dir.journal(), &owner, write).map_err(JournalError::from)?)
 }
 
 /// Re-applies records after `applied_lsn` to the backing store and makes them durable.

@@ -36,7 +36,7 @@ use std::thread::JoinHandle;
 
 pub use config::VolumeConfig;
 pub use demoted::Demoted;
-pub use lifecycle::{CreateOptions, Created, Origin, DEFAULT_JOURNAL_SIZE, DEFAULT_PENDING_WINDOW, DEFAULT_SEGMENT_SIZE};
+pub use lifecycle::{check_journal, CreateOptions, Created, Origin, DEFAULT_JOURNAL_SIZE, DEFAULT_PENDING_WINDOW, DEFAULT_SEGMENT_SIZE};
 pub use markers::{marker_history, Marked, MarkerEntry, WriteHold, MAX_HOLD};
 pub use state::VolumeState;
 

@@ -7,10 +7,9 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{journal_options, Consistency, Replica, ReplicaError, ReplicaState};
+use super::{new_journal, owner, Consistency, Replica, ReplicaError, ReplicaJournal, ReplicaState};
 use crate::dirty_map::DirtyMap;
 use crate::generation::History;
-use crate::journal::Journal;
 use crate::layout::ReplicaDir;
 use crate::store::Store;
 
@@ -29,6 +28,8 @@ pub struct DemotedImage {
     pub local_changes: DirtyMap,
     /// The volume directory demoted.
     pub from: PathBuf,
+    /// Where the replica's journal goes (`applier.toml` `journal_dir`; `None`: inside it).
+    pub journal: Option<ReplicaJournal>,
 }
 
 impl Replica {
@@ -41,10 +42,9 @@ impl Replica {
         if size != demoted.size {
             return Err(ReplicaError::Rejected(format!("{} is {size} bytes, the volume {}", demoted.image.display(), demoted.size)));
         }
-        for leftover in [layout.journal(), layout.journal_new(), layout.journal_resetting()] {
-            let _ = std::fs::remove_dir_all(leftover);
-        }
-        Journal::create_at(&layout.journal(), journal_options(demoted.volume_uuid), demoted.common_lsn + 1)?;
+        // A journal already there (a promoted replica's, or this create's own that a crash
+        // interrupted) is replaced where it lives.
+        new_journal(&layout, &owner(&layout, &demoted.volume_name, demoted.volume_uuid), demoted.journal.as_ref(), demoted.common_lsn + 1)?;
         demoted.history.save(&layout.generations()).map_err(|e| ReplicaError::State { path: layout.generations(), message: e.to_string() })?;
         // No local changes (a switchover, or nothing written after the branch): the new
         // primary streams its journal, nothing is resynced.

@@ -28,9 +28,11 @@ pub use demoted::DemotedImage;
 pub use promote::{PromoteOptions, Promoted};
 pub use state::{Consistency, Promotion, ReplicaState, ResyncState};
 
+use super::config::ReplicaJournal;
 use super::snapshot::{SnapshotError, SnapshotMeta, Snapshots};
 use crate::extent::Extent;
 use crate::generation::{History, Relation};
+use crate::journal::placement::{self, Owner, PlacementError, Role};
 use crate::journal::{AppendError, Journal, JournalError, JournalOptions, JournalReader, JournalWriter, RecordKind, Retention};
 use crate::layout::ReplicaDir;
 use crate::protocol::wire::{history_from_wire, wire_history, Hello, ReceivedRecord, Refusal};
@@ -114,11 +116,24 @@ fn journal_options(uuid: uuid::Uuid) -> JournalOptions {
 
 const IMAGE: &str = "replica image";
 
+/// The directories a journal replacement makes beside the segments' (see `restart_journal`).
+const NEW: &str = crate::layout::JOURNAL_NEW_SUFFIX;
+const RESETTING: &str = crate::layout::JOURNAL_RESETTING_SUFFIX;
+
+/// Whose journal a replica's is, for the owner file of a journal placed elsewhere.
+fn owner(dir: &ReplicaDir, volume_name: &str, volume_uuid: uuid::Uuid) -> Owner {
+    Owner::new(Role::Replica, volume_name, volume_uuid, dir.root())
+}
+
 impl Replica {
     /// Creates a replica for the volume described by `hello`: a sparse image (or `image`, an
     /// existing file or device of the right size) and an empty journal that continues at the
-    /// source's next LSN after `applied_lsn`.
-    pub fn create(dir: &Path, hello: &Hello, image: Option<&Path>) -> Result<Replica, ReplicaError> {
+    /// source's next LSN after `applied_lsn`; in `journal` when the applier keeps replicas'
+    /// journals on another filesystem (`applier.toml` `journal_dir`).
+    pub fn create(dir: &Path, hello: &Hello, image: Option<&Path>, journal: Option<&ReplicaJournal>) -> Result<Replica, ReplicaError> {
+        if let Some(journal) = journal {
+            journal_home(journal)?;
+        }
         std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
         let dir = ReplicaDir::new(std::path::absolute(dir).map_err(io(format!("resolve {}", dir.display())))?);
         let image = match image {
@@ -152,7 +167,7 @@ impl Replica {
             demoted_from: None,
         };
         hello_history(hello).save(&dir.generations()).map_err(|error| ReplicaError::State { path: dir.generations(), message: error.to_string() })?;
-        Journal::create_at(&dir.journal(), journal_options(state.volume_uuid), 1)?;
+        new_journal(&dir, &owner(&dir, &state.volume_name, state.volume_uuid), journal, 1)?;
         state.save(&dir)?;
         Self::open(dir.root())
     }
@@ -167,11 +182,17 @@ impl Replica {
         }
         let history = History::load_or_first(&dir.generations(), state.generation)
             .map_err(|e| ReplicaError::State { path: dir.generations(), message: e.to_string() })?;
+        // A journal placed elsewhere must be there and this replica's before anything changes.
+        let located =
+            placement::check_or_interrupted(&dir.journal(), &owner(&dir, &state.volume_name, state.volume_uuid), RESETTING).map_err(JournalError::from)?;
         let image = Store::open(&state.image, IMAGE)?;
-        // Leftovers of a journal replacement a crash interrupted (see `restart_journal`).
-        let _ = std::fs::remove_dir_all(dir.journal_new());
-        let _ = std::fs::remove_dir_all(dir.journal_resetting());
-        let (journal, writer) = if !dir.journal().exists() {
+        // Leftovers of a journal replacement a crash interrupted (see `restart_journal`); the
+        // old journal moved aside goes only once a journal is in place.
+        let _ = std::fs::remove_dir_all(located.beside(NEW));
+        if located.segments.exists() {
+            let _ = std::fs::remove_dir_all(located.beside(RESETTING));
+        }
+        let (journal, writer) = if !located.segments.exists() {
             // A crash inside a journal replacement, between moving the old journal aside and
             // moving the new one in. The state was saved first and says where to continue.
             restart_journal(&dir, state.volume_uuid, state.applied_lsn + 1)?
@@ -507,21 +528,60 @@ impl PendingCheckpoint {
 /// new journal is made whole beside the old one (`journal.new`), then the old one is moved
 /// aside and the new one into place, so a crash leaves the old journal, or none (which `open`
 /// replaces by an empty one at the saved state's LSN), never a half-made one. Callers save
-/// the replica's state first.
+/// the replica's state first. A journal placed on another filesystem is replaced beside its
+/// directory there (rename(2) does not cross filesystems, and the link must stay a link), and
+/// whenever that directory is missing the old one is still aside, so `open` tells an
+/// interrupted replacement from an unmounted filesystem.
 fn restart_journal(dir: &ReplicaDir, volume_uuid: uuid::Uuid, first_lsn: u64) -> Result<(Arc<Journal>, JournalWriter), ReplicaError> {
-    let (journal_dir, fresh, aside) = (dir.journal(), dir.journal_new(), dir.journal_resetting());
+    let located = placement::locate(&dir.journal()).map_err(JournalError::from)?;
+    let (live, fresh, aside) = (located.segments.clone(), located.beside(NEW), located.beside(RESETTING));
     let _ = std::fs::remove_dir_all(&fresh);
-    let _ = std::fs::remove_dir_all(&aside);
     Journal::create_at(&fresh, journal_options(volume_uuid), first_lsn)?;
-    if journal_dir.exists() {
-        std::fs::rename(&journal_dir, &aside).map_err(io(format!("move aside {}", journal_dir.display())))?;
+    if located.placed {
+        placement::carry_owner(if live.exists() { &live } else { &aside }, &fresh).map_err(JournalError::from)?;
+    }
+    if live.exists() {
+        let _ = std::fs::remove_dir_all(&aside);
+        std::fs::rename(&live, &aside).map_err(io(format!("move aside {}", live.display())))?;
     }
     if crate::failpoint::hit("replica-journal-swap") {
         std::process::abort();
     }
-    std::fs::rename(&fresh, &journal_dir).map_err(io(format!("move {} into place", fresh.display())))?;
-    crate::fsutil::sync_dir(dir.root()).map_err(io(format!("sync {}", dir.root().display())))?;
-    let (journal, writer, _) = Journal::open(&journal_dir, journal_options(volume_uuid))?;
+    std::fs::rename(&fresh, &live).map_err(io(format!("move {} into place", fresh.display())))?;
+    crate::fsutil::sync_dir(located.parent()).map_err(io(format!("sync {}", located.parent().display())))?;
+    let (journal, writer, _) = Journal::open(&dir.journal(), journal_options(volume_uuid))?;
     let _ = std::fs::remove_dir_all(&aside);
     Ok((journal, writer))
+}
+
+/// Gives the replica in `dir` an empty journal whose first record will be `first_lsn`: in
+/// place of the one it has (a create a crash interrupted, a demoted volume's replica made
+/// where a promoted one was), kept where that one lives; else a new one, placed in `journal`
+/// when the applier keeps replicas' journals elsewhere.
+fn new_journal(dir: &ReplicaDir, owner: &Owner, journal: Option<&ReplicaJournal>, first_lsn: u64) -> Result<(), ReplicaError> {
+    let link = dir.journal();
+    if std::fs::symlink_metadata(&link).is_ok() {
+        placement::check_or_interrupted(&link, owner, RESETTING).map_err(JournalError::from)?;
+        restart_journal(dir, owner.uuid, first_lsn)?;
+        return Ok(());
+    }
+    if let Some(journal) = journal {
+        journal_home(journal)?;
+        if let Some(parent) = journal.target.parent() {
+            std::fs::create_dir_all(parent).map_err(io(format!("create {}", parent.display())))?;
+        }
+        placement::place(&link, &journal.target, owner).map_err(JournalError::from)?;
+    }
+    Journal::create_at(&link, journal_options(owner.uuid), first_lsn)?;
+    Ok(())
+}
+
+/// `journal_dir` itself must exist (the levels below it are made): a directory that is not
+/// there is a filesystem not mounted, not one to make.
+fn journal_home(journal: &ReplicaJournal) -> Result<(), ReplicaError> {
+    if journal.journal_dir.is_dir() {
+        return Ok(());
+    }
+    let owner = "the applier's replica journals (applier.toml journal_dir)".to_string();
+    Err(JournalError::from(PlacementError::Missing { path: journal.journal_dir.clone(), owner }).into())
 }

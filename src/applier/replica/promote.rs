@@ -14,6 +14,9 @@ use std::path::{Path, PathBuf};
 use super::{Promotion, Replica, ReplicaError};
 use crate::dirty_map::{DirtyMap, DEFAULT_REGION_SIZE};
 use crate::generation::History;
+use crate::journal::placement::{self, Owner, Role};
+use crate::journal::JournalError;
+use crate::layout::JOURNAL_NEW_SUFFIX;
 use crate::volume::{CreateOptions, Origin, Volume};
 
 #[derive(Debug, Clone, Default)]
@@ -216,11 +219,20 @@ impl Replica {
         }
         let history = self.history.branch(promotion.generation, promotion.branch_lsn, promotion.created_us);
         history.save(&dir.generations()).map_err(|e| ReplicaError::State { path: dir.generations(), message: e.to_string() })?;
-        let fresh = dir.root().join("journal.new");
+        // The fresh journal is made beside the segments' directory: on its own filesystem when
+        // `volume create --journal-dir` placed it (the link stays). A crash after the old one
+        // went leaves only the fresh one (`.new`), which the next run finds and replaces.
+        let owner = Owner::new(Role::Volume, &config.name, config.uuid, dir.root());
+        let located = placement::check_or_interrupted(&dir.journal(), &owner, JOURNAL_NEW_SUFFIX).map_err(JournalError::from)?;
+        let fresh = located.beside(JOURNAL_NEW_SUFFIX);
         let _ = std::fs::remove_dir_all(&fresh);
         crate::journal::Journal::create_at(&fresh, config.journal_options(), promotion.branch_lsn + 1)?;
-        let _ = std::fs::remove_dir_all(dir.journal());
-        std::fs::rename(&fresh, dir.journal()).map_err(super::io(format!("move {} into place", fresh.display())))?;
+        if located.placed {
+            owner.claim(&fresh).map_err(JournalError::from)?;
+        }
+        let _ = std::fs::remove_dir_all(&located.segments);
+        std::fs::rename(&fresh, &located.segments).map_err(super::io(format!("move {} into place", fresh.display())))?;
+        crate::fsutil::sync_dir(located.parent()).map_err(super::io(format!("sync {}", located.parent().display())))?;
         let mut state = crate::volume::VolumeState::load(dir).map_err(failed)?;
         state.applied_lsn = promotion.branch_lsn;
         state.generation = promotion.generation;

@@ -24,7 +24,7 @@ fn write(lsn: u64, offset: u64, byte: u8, len: usize) -> ReceivedRecord {
 
 /// A new 1 MiB replica past its (empty) initial synchronisation: it takes records.
 fn synced_replica(dir: &Path) -> Replica {
-    let mut replica = Replica::create(dir, &hello(1 << 20), None).unwrap();
+    let mut replica = Replica::create(dir, &hello(1 << 20), None, None).unwrap();
     replica.sync_start().unwrap();
     replica.sync_done(0, 0).unwrap();
     replica
@@ -34,7 +34,7 @@ fn synced_replica(dir: &Path) -> Replica {
 fn receive_apply_and_recover() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("r");
-    let mut replica = Replica::create(&dir, &hello(1 << 20), None).unwrap();
+    let mut replica = Replica::create(&dir, &hello(1 << 20), None, None).unwrap();
     let refused = replica.receive(&[write(1, 0, 1, 4096)]).unwrap_err();
     assert!(refused.to_string().contains("initial synchronisation"), "{refused}");
     replica.sync_start().unwrap();
@@ -125,7 +125,7 @@ fn sync_compares_copies_and_continues_the_journal_after_the_base() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("r");
     let size = 3 * SYNC_CHUNK + 4096;
-    let mut replica = Replica::create(&dir, &hello(size), None).unwrap();
+    let mut replica = Replica::create(&dir, &hello(size), None, None).unwrap();
     assert!(replica.state().needs_sync());
     replica.sync_start().unwrap();
     let zero_hash = *blake3::hash(&vec![0u8; SYNC_CHUNK as usize]).as_bytes();
@@ -175,4 +175,35 @@ fn a_replica_moved_before_its_state_followed_opens_with_its_own_image() {
     assert!(replica.state().is_consistent());
     assert_eq!(ReplicaState::load(&ReplicaDir::new(&new)).unwrap().image, new.join("data.img"), "saved");
     assert_eq!(&std::fs::read(new.join("data.img")).unwrap()[..4096], &[9u8; 4096][..]);
+}
+
+#[test]
+fn a_placed_journal_is_replaced_where_it_lives_and_an_interrupted_replacement_is_finished() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("r");
+    let home = tmp.path().join("journals");
+    std::fs::create_dir(&home).unwrap();
+    let placed = ReplicaJournal { journal_dir: home.clone(), target: home.join("vol0") };
+    let mut replica = Replica::create(&dir, &hello(1 << 20), None, Some(&placed)).unwrap();
+    // The synchronisation's end replaces the journal: beside its directory, the link kept.
+    replica.sync_start().unwrap();
+    replica.sync_done(0, 0).unwrap();
+    replica.receive(&[write(1, 0, 1, 4096)]).unwrap();
+    drop(replica);
+    assert_eq!(std::fs::read_link(dir.join("journal")).unwrap(), placed.target);
+    assert!(placed.target.join(crate::journal::placement::OWNER_FILE).exists());
+    // A crash between moving the old journal aside and the new one into place.
+    std::fs::rename(&placed.target, home.join("vol0.resetting")).unwrap();
+    let replica = Replica::open(&dir).unwrap();
+    assert_eq!(replica.applied_lsn(), 0);
+    assert!(placed.target.join(crate::journal::placement::OWNER_FILE).exists() && !home.join("vol0.resetting").exists());
+    drop(replica);
+    // Its filesystem gone: refused, not replaced; and no new replica is made meanwhile.
+    std::fs::remove_dir_all(&home).unwrap();
+    let refused = Replica::open(&dir).err().expect("refused");
+    assert!(refused.to_string().contains("is its filesystem mounted?"), "{refused}");
+    let other = tmp.path().join("r2");
+    let refused = Replica::create(&other, &hello(1 << 20), None, Some(&placed)).err().expect("refused");
+    assert!(refused.to_string().contains("does not exist: is its filesystem mounted?"), "{refused}");
+    assert!(!home.exists() && !other.exists());
 }
