@@ -241,10 +241,13 @@ fn replicas_journals_on_another_filesystem_follow_a_switchover_and_back() {
     write_pattern(&mut client, &mut reference, 10, 100, 64 << 10);
     wait_caught_up(&a_vdir);
     // B's replica journal is on the tmpfs (the initial synchronisation restarted it there).
-    let b_replica = b_adir.join("replicas").join("vol0");
-    assert_eq!(std::fs::read_link(b_replica.join("journal")).unwrap(), b_replicas.join("vol0"));
-    assert!(segments_in(&b_replicas.join("vol0")) >= 1);
-    assert!(!b_replica.join("journal.new").exists() && !b_replicas.join("vol0.new").exists() && !b_replicas.join("vol0.resetting").exists());
+    // (kept by source: `journal_dir/SOURCE/NAME`, as the replica is `replicas/SOURCE/NAME`).
+    let b_replica = replica_dir(&b_adir, "vol0");
+    let b_journal = b_replicas.join(b_replica.strip_prefix(b_adir.join("replicas")).unwrap());
+    assert_eq!(std::fs::read_link(b_replica.join("journal")).unwrap(), b_journal);
+    assert!(segments_in(&b_journal) >= 1);
+    let beside = |suffix: &str| b_journal.with_file_name(format!("vol0.{suffix}"));
+    assert!(!b_replica.join("journal.new").exists() && !beside("new").exists() && !beside("resetting").exists());
     drop(client);
 
     // Switchover to B: A becomes a replica of applier A, its journal on the tmpfs too.
