@@ -7,12 +7,13 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 
-use ublk_mirror::control;
 use ublk_mirror::layout::VolumeDir;
 use ublk_mirror::mirror::{self, MirrorConfig};
 use ublk_mirror::protocol::transport::Congestion;
 use ublk_mirror::size::parse_size;
 use ublk_mirror::status::MirrorStatus;
+
+use super::status::running_volume;
 
 #[derive(Subcommand)]
 pub enum MirrorCommand {
@@ -205,15 +206,6 @@ fn remove(args: MirrorRemoveArgs) -> Result<()> {
         println!("removed mirror {}", args.name);
     }
     Ok(())
-}
-
-/// Sends `request` to the running volume's control socket; an error reply is an error.
-pub(super) fn running_volume(dir: &VolumeDir, request: &str) -> Result<serde_json::Value> {
-    let reply = control::request(&dir.control_socket(), request).with_context(|| format!("tell the running volume at {}", dir.root().display()))?;
-    if let Some(error) = reply["error"].as_str() {
-        bail!("the running volume refused: {error}");
-    }
-    Ok(reply)
 }
 
 fn set(args: MirrorSetArgs) -> Result<()> {

@@ -81,3 +81,12 @@ pub fn live_status(dir: &Path) -> Result<Status> {
     let value = control::request(&socket, "status").with_context(|| format!("volume {} is not running (no answer on {})", dir.display(), socket.display()))?;
     serde_json::from_value(value).context("parse status")
 }
+
+/// Sends `request` to the running volume's control socket; an error reply is an error.
+pub fn running_volume(dir: &VolumeDir, request: &str) -> Result<serde_json::Value> {
+    let reply = control::request(&dir.control_socket(), request).with_context(|| format!("tell the running volume at {}", dir.root().display()))?;
+    if let Some(error) = reply["error"].as_str() {
+        bail!("the running volume refused: {error}");
+    }
+    Ok(reply)
+}

@@ -57,7 +57,7 @@ pub fn verify(args: MirrorVerifyArgs) -> Result<()> {
     let mut started = Vec::new();
     for name in &names {
         let request = format!("verify-mirror {name}{}", if args.repair { " repair" } else { "" });
-        let reply = super::mirror::running_volume(&dir, &request).with_context(|| format!("start the verify of mirror {name}"))?;
+        let reply = super::status::running_volume(&dir, &request).with_context(|| format!("start the verify of mirror {name}"))?;
         let id = reply["verify"].as_u64().with_context(|| format!("the running volume's answer has no verify id: {reply}"))?;
         started.push((name.clone(), id));
     }

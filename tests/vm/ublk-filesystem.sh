@@ -58,7 +58,7 @@ stop_run
 kill -TERM "$APPLIER"; wait "$APPLIER" || fail "applier exit status"
 
 step "replica checks"
-replica="$WORK/a/replicas/vol/data.img"
+replica=$(echo "$WORK"/a/replicas/*/vol/data.img)   # replicas/SOURCE/NAME
 cmp "$WORK/v/data.img" "$replica" || fail "replica differs from the source"
 e2fsck -fn "$WORK/v/data.img" || fail "e2fsck on the source backing file"
 e2fsck -fn "$replica" || fail "e2fsck on the replica"

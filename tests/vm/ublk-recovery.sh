@@ -51,7 +51,7 @@ for combo in $MATRIX; do
     stop_run
     e2fsck -fn "$WORK/v/data.img" > "$WORK/fsck.out" 2>&1 || { cat "$WORK/fsck.out"; fail "e2fsck found problems (queues $queues, depth $depth)"; }
     kill -TERM "$APPLIER"; wait "$APPLIER" || fail "the applier did not stop cleanly"
-    cmp "$WORK/v/data.img" "$WORK/a/replicas/vol/data.img" || fail "the replica differs from the source (queues $queues, depth $depth)"
+    cmp "$WORK/v/data.img" "$(echo "$WORK"/a/replicas/*/vol/data.img)" || fail "the replica differs from the source (queues $queues, depth $depth)"
     echo "ok: queues $queues depth $depth recovered, workload verified, fsck clean, replica byte-equal"
     seed=$((seed + 1)); port=$((port + 1))
 done
