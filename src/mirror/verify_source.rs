@@ -95,6 +95,11 @@ impl VerifySource {
     /// Returns whether it read anything.
     pub fn prepare(&mut self, volume: &Volume) -> Result<bool, String> {
         let mut read = false;
+        // A full journal waits for this very sender to send: a hold would only wait for the
+        // writer (up to a second each time) and slow the draining. Read once it has room.
+        if volume.journal().is_full() {
+            return Ok(false);
+        }
         for _ in 0..CHUNKS_PER_STEP {
             if self.next_chunk >= self.chunks || self.in_flight() >= CHUNKS_IN_FLIGHT {
                 break;
