@@ -72,7 +72,7 @@ impl Store {
             let context = format!("{context} {}", path.display());
             move |source| StoreError::Io { context, source }
         };
-        let file = std::fs::OpenOptions::new().write(true).create_new(true).open(path).map_err(io_error("create"))?;
+        let file = crate::permissions::private_options().write(true).create_new(true).open(path).map_err(io_error("create"))?;
         file.set_len(size).map_err(io_error("size"))?;
         file.sync_all().map_err(io_error("sync"))
     }
