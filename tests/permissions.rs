@@ -153,9 +153,12 @@ fn a_loose_volume_directory_is_tightened_by_run_and_the_log_says_so() {
 }
 
 #[test]
-fn a_loose_applier_directory_is_tightened_by_applier_run() {
+fn applier_init_and_applier_run_make_a_loose_applier_directory_private() {
     let tmp = tempfile::tempdir().unwrap();
     let adir = tmp.path().join("applier");
+    // `applier init` in a directory made beforehand (mkdir's 0755) makes it private.
+    std::fs::create_dir(&adir).unwrap();
+    chmod(&adir, 0o755);
     assert!(cli(&["applier", "init", "--dir", adir.to_str().unwrap()]).status.success());
     assert_private(&adir);
     chmod(&adir, 0o755);
