@@ -47,6 +47,9 @@ impl ControlServer {
     pub fn start(path: &Path, handler: Handler) -> std::io::Result<ControlServer> {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)?;
+        // Whoever can connect can drive the volume (markers, switchover): root only. The
+        // directory (0700) already keeps others out between bind and this.
+        crate::permissions::make_private(path)?;
         let accepting = listener.try_clone()?;
         let stopping = Arc::new(AtomicBool::new(false));
         let stop = stopping.clone();

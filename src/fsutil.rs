@@ -68,13 +68,18 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Replaces `path` atomically: write a temporary file, fsync it, rename it over, fsync the directory.
+/// Replaces `path` atomically: write a temporary file, fsync it, rename it over, fsync the
+/// directory. The file is private (0600, `permissions`): state, configs and maps are read by
+/// root's processes only.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
     use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = path.with_extension("tmp");
     {
-        let mut file = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+        let mut file = OpenOptions::new().write(true).create(true).truncate(true).mode(crate::permissions::FILE_MODE).open(&tmp)?;
+        // A temporary file left by a crash keeps the mode it was made with.
+        file.set_permissions(std::fs::Permissions::from_mode(crate::permissions::FILE_MODE))?;
         file.write_all(contents)?;
         file.sync_all()?;
     }
@@ -109,7 +114,8 @@ pub fn is_block_device(file: &File) -> io::Result<bool> {
 /// O_DIRECT overwrites need no extent conversion (and so no metadata journal commit) per flush.
 pub fn create_zero_filled(path: &Path, size: u64) -> io::Result<()> {
     use std::io::Write;
-    let mut file = OpenOptions::new().write(true).create_new(true).open(path)?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = OpenOptions::new().write(true).create_new(true).mode(crate::permissions::FILE_MODE).open(path)?;
     let chunk = vec![0u8; 1 << 20];
     let mut left = size;
     while left > 0 {

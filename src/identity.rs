@@ -25,7 +25,7 @@ pub fn create(dir: &Path, subject: &str) -> Result<String, IdentityError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let io = |context: String| move |source| IdentityError::Io { context, source };
-    std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+    crate::permissions::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
     let certified = rcgen::generate_simple_self_signed(vec![subject.to_string()])?;
     let key_path = dir.join(KEY_FILE);
     let mut key = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&key_path).map_err(io(format!("create {}", key_path.display())))?;

@@ -51,10 +51,27 @@ fn io(context: String) -> impl FnOnce(std::io::Error) -> InstallError {
 fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), InstallError> {
     use std::os::unix::fs::PermissionsExt;
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(io(format!("create {}", parent.display())))?;
+        create_public_dirs(parent)?;
     }
     crate::fsutil::write_atomic(path, contents).map_err(io(format!("write {}", path.display())))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io(format!("chmod {}", path.display())))
+}
+
+/// Creates `dir` and its missing parents 0755 whatever the umask (the binary runs under 0077):
+/// systemd, udev and users read what is installed there.
+fn create_public_dirs(dir: &Path) -> Result<(), InstallError> {
+    use std::os::unix::fs::PermissionsExt;
+    if dir.as_os_str().is_empty() || dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        create_public_dirs(parent)?;
+    }
+    match std::fs::create_dir(dir) {
+        Ok(()) => std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(io(format!("chmod {}", dir.display()))),
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(error) => Err(io(format!("create {}", dir.display()))(error)),
+    }
 }
 
 /// Installs under `root` ("/" for the running system); returns one line per action.
@@ -80,7 +97,10 @@ pub fn install(root: &Path, binary: &Path) -> Result<Vec<String>, InstallError> 
         use std::os::unix::fs::DirBuilderExt;
         let path = root.join(dir);
         if !path.exists() {
-            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&path).map_err(io(format!("create {}", path.display())))?;
+            if let Some(parent) = path.parent() {
+                create_public_dirs(parent)?;
+            }
+            std::fs::DirBuilder::new().mode(0o700).create(&path).map_err(io(format!("create {}", path.display())))?;
             done.push(format!("created {}", path.display()));
         }
     }

@@ -381,7 +381,7 @@ pub struct DirLock {
 impl DirLock {
     pub fn acquire(path: &Path) -> Result<DirLock, LockError> {
         use std::io::{Read, Seek, Write};
-        let mut file = std::fs::OpenOptions::new()
+        let mut file = crate::permissions::private_options()
             .read(true)
             .write(true)
             .create(true)

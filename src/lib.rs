@@ -11,7 +11,7 @@
 //! - the volume and the replication protocol: `volume`, `protocol`
 //! - storage: `journal`, `store`, `dirty_map`
 //! - foundation: `extent`, `layout`, `name`, `address`, `size`, `clock`, `fsutil`,
-//!   `latency`, `priority`, `identity`, `control`, `daemon`, `failpoint`
+//!   `latency`, `priority`, `identity`, `control`, `daemon`, `failpoint`, `permissions`
 
 pub mod address;
 pub mod clock;
@@ -27,6 +27,7 @@ pub mod latency;
 pub mod layout;
 pub mod marker;
 pub mod name;
+pub mod permissions;
 pub mod priority;
 pub mod reflink;
 pub mod size;

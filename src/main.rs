@@ -12,6 +12,10 @@ use clap::Parser;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
+    // Anything this process makes without naming a mode is its owner's only (the modes that
+    // matter are set explicitly by `permissions`; this catches what is not: docs/security.md).
+    // `install-units` sets the modes of what it installs itself.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let cli = cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))

@@ -72,7 +72,7 @@ impl Store {
             let context = format!("{context} {}", path.display());
             move |source| StoreError::Io { context, source }
         };
-        let file = std::fs::OpenOptions::new().write(true).create_new(true).open(path).map_err(io_error("create"))?;
+        let file = crate::permissions::private_options().write(true).create_new(true).open(path).map_err(io_error("create"))?;
         file.set_len(size).map_err(io_error("size"))?;
         file.sync_all().map_err(io_error("sync"))
     }
@@ -173,6 +173,8 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("s.img");
         Store::create_sparse(&path, 1 << 20).unwrap();
+        // A disk's contents: the owner's only (docs/security.md), whatever the umask.
+        assert_eq!(crate::permissions::mode_of(&path).unwrap(), crate::permissions::FILE_MODE);
         assert!(matches!(Store::open_sized(&path, "image", 4096), Err(StoreError::SizeMismatch { .. })));
         assert!(matches!(Store::open(&tmp.path().join("none"), "image"), Err(StoreError::Missing { .. })));
         let store = Store::open_sized(&path, "image", 1 << 20).unwrap();

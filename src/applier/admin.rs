@@ -27,7 +27,9 @@ pub fn init(dir: &Path) -> Result<String, ApplierError> {
     if dir.holds_applier() {
         return Err(ApplierError::Invalid(format!("{} already holds an applier; refusing to overwrite its identity", dir.root().display())));
     }
-    std::fs::create_dir_all(dir.replicas()).map_err(io(format!("create {}", dir.replicas().display())))?;
+    crate::permissions::create_dir_all(dir.replicas()).map_err(io(format!("create {}", dir.replicas().display())))?;
+    // A directory that existed already (mkdir's 0755) becomes private too.
+    crate::permissions::tighten_tree(dir.root())?;
     crate::fsutil::write_atomic(&dir.allowed(), b"").map_err(io(format!("write {}", dir.allowed().display())))?;
     super::config::ApplierConfig::write_template(&dir)?;
     Ok(crate::identity::create(&dir.identity(), "applier")?)
@@ -98,7 +100,7 @@ pub fn attach_image(dir: &Path, volume: &str, source: Option<&str>, image: &Path
     if size == 0 {
         return Err(ApplierError::Invalid(format!("image {} is empty; it must be exactly the volume's size", image.display())));
     }
-    std::fs::create_dir_all(replica.root()).map_err(io(format!("create {}", replica.root().display())))?;
+    crate::permissions::create_dir_all(replica.root()).map_err(io(format!("create {}", replica.root().display())))?;
     let record = serde_json::json!({ "image": image, "size": size });
     crate::fsutil::write_atomic(&replica.attach(), record.to_string().as_bytes()).map_err(io(format!("write {}", replica.attach().display())))?;
     Ok(image)

@@ -31,6 +31,8 @@ pub enum ApplierError {
     #[error(transparent)]
     Identity(#[from] crate::identity::IdentityError),
     #[error(transparent)]
+    Permissions(#[from] crate::permissions::PermissionsError),
+    #[error(transparent)]
     Config(#[from] ApplierConfigError),
     #[error(transparent)]
     Link(#[from] LinkError),

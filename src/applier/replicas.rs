@@ -144,7 +144,7 @@ pub fn ensure_source(dir: &ApplierDir, fingerprint: &str) -> Result<String, Appl
         }
         None => {}
     }
-    std::fs::create_dir_all(&folder).map_err(io(format!("create {}", folder.display())))?;
+    crate::permissions::create_dir_all(&folder).map_err(io(format!("create {}", folder.display())))?;
     let path = dir.source_fingerprint(&id);
     crate::fsutil::write_atomic(&path, format!("{fingerprint}\n").as_bytes()).map_err(io(format!("write {}", path.display())))?;
     crate::fsutil::sync_dir(&dir.replicas()).map_err(io(format!("sync {}", dir.replicas().display())))?;

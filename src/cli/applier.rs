@@ -204,6 +204,12 @@ fn serve(dir: &Path, listen: Option<std::net::SocketAddr>, allow: Vec<String>, m
         LockError::Held { holder } => anyhow::anyhow!("applier {} is in use by another process ({holder})", dir.display()),
         other => anyhow::Error::from(other),
     })?;
+    // Before serving: replicas' images, journals and snapshots are disks' contents
+    // (docs/security.md); placed journals are reached through links, so their directory too.
+    ublk_mirror::permissions::tighten_tree(dir)?;
+    if let Some(journals) = config.journal_dir.as_deref().filter(|journals| journals.is_dir()) {
+        ublk_mirror::permissions::tighten_tree(journals)?;
+    }
     let state = applier::Applier::new(dir, allow, config.idle_timeout());
     let status_state = state.clone();
     let _metrics = match metrics_address {

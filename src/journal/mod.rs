@@ -154,7 +154,7 @@ impl Journal {
         if first_lsn == 0 {
             return Err(JournalError::Invalid("LSNs start at 1".into()));
         }
-        std::fs::create_dir_all(dir).map_err(io_error(format!("create journal directory {}", dir.display())))?;
+        crate::permissions::create_dir_all(dir).map_err(io_error(format!("create journal directory {}", dir.display())))?;
         let first = dir.join(segment_file_name(first_lsn));
         initialise_segment_file(&first, None, first_lsn, &options)?;
         fsutil::sync_dir(dir).map_err(io_error(format!("sync {}", dir.display())))?;

@@ -212,14 +212,22 @@ pub fn check_new(target: &Path) -> Result<(), PlacementError> {
     }
 }
 
-/// Places the journal at `link` in `target` (see [`check_new`]): makes `target` (mode 0700)
-/// unless it is an existing empty directory, writes the owner file, and makes `link` a
+/// Places the journal at `link` in `target` (see [`check_new`]): makes `target` (mode 0700;
+/// an existing empty directory is set to 0700), writes the owner file, and makes `link` a
 /// symlink to it, each durable. Returns whether `target` was made, for [`unplace`].
 pub fn place(link: &Path, target: &Path, owner: &Owner) -> Result<bool, PlacementError> {
     check_new(target)?;
     let made = !target.exists();
     if made {
-        std::fs::DirBuilder::new().mode(0o700).create(target).map_err(io_error(format!("create journal directory {}", target.display())))?;
+        std::fs::DirBuilder::new()
+            .mode(crate::permissions::DIR_MODE)
+            .create(target)
+            .map_err(io_error(format!("create journal directory {}", target.display())))?;
+    } else {
+        // An empty directory given to us (a mount point) holds the disk's writes from now on.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(target, std::fs::Permissions::from_mode(crate::permissions::DIR_MODE))
+            .map_err(io_error(format!("chmod 0700 {}", target.display())))?;
     }
     let result = (|| {
         owner.claim(target)?;

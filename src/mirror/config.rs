@@ -87,7 +87,7 @@ pub fn add(dir: &VolumeDir, config: &MirrorConfig) -> Result<(), MirrorError> {
         return Err(MirrorError::Invalid(format!("mirror {} already exists (remove it first)", config.name)));
     }
     let io = |context: String| move |source| MirrorError::Io { context, source };
-    std::fs::create_dir_all(dir.mirrors()).map_err(io(format!("create {}", dir.mirrors().display())))?;
+    crate::permissions::create_dir_all(dir.mirrors()).map_err(io(format!("create {}", dir.mirrors().display())))?;
     checkpoints::save(dir, &config.name, Checkpoints::default())?;
     save(dir, config)
 }

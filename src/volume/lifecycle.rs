@@ -107,11 +107,13 @@ impl Volume {
                 false
             }
             Err(error) if error.kind() == io::ErrorKind::NotFound => {
-                std::fs::create_dir_all(dir).map_err(io_context(format!("create {}", dir.display())))?;
+                crate::permissions::create_dir_all(dir).map_err(io_context(format!("create {}", dir.display())))?;
                 true
             }
             Err(error) => return Err(io_context(format!("read {}", dir.display()))(error)),
         };
+        // An empty directory given to us (a mount point, mkdir's 0755) becomes private too.
+        crate::permissions::tighten_tree(dir)?;
         let mut placed = None;
         let result = (|| {
             if let Some(target) = &options.journal_dir {
@@ -176,12 +178,18 @@ impl Volume {
             )));
         }
         // Before the lock file or anything else is touched: a placed journal must be there.
-        check_journal(&layout, &config, true)?;
+        let located = check_journal(&layout, &config, true)?;
+        // Before serving: the directory holds the disk's contents (docs/security.md).
+        crate::permissions::tighten_tree(layout.root())?;
+        if located.placed {
+            crate::permissions::tighten_tree(&located.segments)?;
+        }
         let lock = DirLock::acquire(&layout.lock()).map_err(|error| match error {
             LockError::Held { holder } => VolumeError::InUse { dir: dir.to_path_buf(), holder },
             LockError::Io { path, source } => VolumeError::Io { context: format!("open {}", path.display()), source },
         })?;
         let backing = Store::open_sized(&config.backing, "backing store", config.size)?;
+        warn_if_world_accessible(&config.backing, layout.root());
         let mut state = VolumeState::load(&layout)?;
         let (journal, writer, report) = Journal::open(&layout.journal(), config.journal_options())?;
         if let Some(tail) = &report.torn_tail {
@@ -253,6 +261,19 @@ impl Volume {
 pub fn check_journal(dir: &VolumeDir, config: &VolumeConfig, write: bool) -> Result<Located, VolumeError> {
     let owner = Owner::new(Role::Volume, &config.name, config.uuid, dir.root());
     Ok(placement::check(&dir.journal(), &owner, write).map_err(JournalError::from)?)
+}
+
+/// A backing store named by `volume create --backing` keeps the mode its administrator gave
+/// it (a block device's is udev's), but one every local user can read is worth a word.
+fn warn_if_world_accessible(backing: &Path, root: &Path) {
+    if backing.starts_with(root) {
+        return;
+    }
+    if let Ok(mode) = crate::permissions::mode_of(backing) {
+        if mode & 0o007 != 0 {
+            tracing::warn!(path = %backing.display(), mode = %format!("{mode:04o}"), "the backing store is accessible by every local user (its mode is left as it is: chmod o-rwx it)");
+        }
+    }
 }
 
 /// Re-applies records after `applied_lsn` to the backing store and makes them durable.

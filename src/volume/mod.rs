@@ -65,6 +65,8 @@ pub enum VolumeError {
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
     Identity(#[from] crate::identity::IdentityError),
+    #[error(transparent)]
+    Permissions(#[from] crate::permissions::PermissionsError),
     #[error("volume {dir} is in use by another process ({holder})")]
     InUse { dir: PathBuf, holder: String },
     #[error("{0}")]

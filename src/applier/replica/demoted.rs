@@ -36,7 +36,7 @@ impl Replica {
     /// Makes the replica in `dir` (files first, `replica.json` last: its presence marks a
     /// complete replica, so a crash midway is redone from the start).
     pub fn create_demoted(dir: &Path, demoted: &DemotedImage) -> Result<Replica, ReplicaError> {
-        std::fs::create_dir_all(dir).map_err(super::io(format!("create {}", dir.display())))?;
+        crate::permissions::create_dir_all(dir).map_err(super::io(format!("create {}", dir.display())))?;
         let layout = ReplicaDir::new(dir);
         let size = Store::open(&demoted.image, super::IMAGE)?.size();
         if size != demoted.size {

@@ -134,7 +134,7 @@ impl Replica {
         if let Some(journal) = journal {
             journal_home(journal)?;
         }
-        std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+        crate::permissions::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
         let dir = ReplicaDir::new(std::path::absolute(dir).map_err(io(format!("resolve {}", dir.display())))?);
         let image = match image {
             Some(path) => {
@@ -568,7 +568,7 @@ fn new_journal(dir: &ReplicaDir, owner: &Owner, journal: Option<&ReplicaJournal>
     if let Some(journal) = journal {
         journal_home(journal)?;
         if let Some(parent) = journal.target.parent() {
-            std::fs::create_dir_all(parent).map_err(io(format!("create {}", parent.display())))?;
+            crate::permissions::create_dir_all(parent).map_err(io(format!("create {}", parent.display())))?;
         }
         placement::place(&link, &journal.target, owner).map_err(JournalError::from)?;
     }

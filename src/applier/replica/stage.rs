@@ -24,7 +24,7 @@ impl Stage {
     /// A new, empty stage for a device of `size` bytes in regions of `region_size`.
     pub fn create(dir: &ReplicaDir, size: u64, region_size: u64) -> Result<Stage, ReplicaError> {
         let _ = std::fs::remove_dir_all(dir.resync());
-        std::fs::create_dir_all(dir.resync()).map_err(io(format!("create {}", dir.resync().display())))?;
+        crate::permissions::create_dir_all(dir.resync()).map_err(io(format!("create {}", dir.resync().display())))?;
         Store::create_sparse(&dir.stage_image(), size)?;
         Ok(Stage { store: Store::open_sized(&dir.stage_image(), "resync stage", size)?, map: DirtyMap::new(size, region_size, 0) })
     }

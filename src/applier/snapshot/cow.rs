@@ -133,10 +133,10 @@ impl CowStore {
         let header = MapHeader { chunk_bytes, device_size, salt: rand::random() };
         let map_path = dir.join(MAP_FILE);
         let data_path = dir.join(DATA_FILE);
-        let map = OpenOptions::new().read(true).write(true).create_new(true).open(&map_path).map_err(io_at(&map_path, "create"))?;
+        let map = crate::permissions::private_options().read(true).write(true).create_new(true).open(&map_path).map_err(io_at(&map_path, "create"))?;
         map.write_all_at(&header.encode(), 0).map_err(io_at(&map_path, "write"))?;
         map.sync_all().map_err(io_at(&map_path, "sync"))?;
-        let data = OpenOptions::new().read(true).write(true).create_new(true).open(&data_path).map_err(io_at(&data_path, "create"))?;
+        let data = crate::permissions::private_options().read(true).write(true).create_new(true).open(&data_path).map_err(io_at(&data_path, "create"))?;
         data.sync_all().map_err(io_at(&data_path, "sync"))?;
         crate::fsutil::sync_dir(dir).map_err(io_at(dir, "sync"))?;
         Ok(CowStore { dir: dir.to_path_buf(), header, map, data, slots: HashMap::new(), entries: 0 })

@@ -37,7 +37,7 @@ pub fn record_if_complete(dir: &ApplierDir, meta: &SnapshotMeta, snapshots_of: i
     if path.exists() {
         return Some(snapshot);
     }
-    let written = std::fs::create_dir_all(&folder)
+    let written = crate::permissions::create_dir_all(&folder)
         .and_then(|_| crate::fsutil::write_atomic(&path, &serde_json::to_vec_pretty(&snapshot).expect("serialises")))
         .and_then(|_| crate::fsutil::sync_dir(&folder));
     match written {

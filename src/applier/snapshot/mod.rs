@@ -158,7 +158,7 @@ pub struct SnapshotInfo {
 /// Takes the shared lock a reader holds on a snapshot.
 fn lock_for_export(snapshot_dir: &Path) -> Result<File, SnapshotError> {
     let path = snapshot_dir.join(EXPORT_LOCK);
-    let file = std::fs::OpenOptions::new()
+    let file = crate::permissions::private_options()
         .read(true)
         .write(true)
         .create(true)
@@ -173,7 +173,7 @@ fn lock_for_export(snapshot_dir: &Path) -> Result<File, SnapshotError> {
 /// The export lock taken exclusively (`None`: a reader holds it).
 fn exclusive_lock(snapshot_dir: &Path) -> Option<File> {
     let path = snapshot_dir.join(EXPORT_LOCK);
-    let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).ok()?;
+    let file = crate::permissions::private_options().read(true).write(true).create(true).truncate(false).open(path).ok()?;
     rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).ok()?;
     Some(file)
 }
@@ -311,7 +311,7 @@ impl Snapshots {
         }
         let path = self.dir.snapshot(&name);
         let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).map_err(|source| SnapshotError::io(format!("create {}", path.display()), source))?;
+        crate::permissions::create_dir_all(&path).map_err(|source| SnapshotError::io(format!("create {}", path.display()), source))?;
         let mut meta = SnapshotMeta {
             format_version: 1,
             name: name.clone(),
@@ -454,7 +454,7 @@ enum Taken {
 fn take(image: &Store, dir: &Path) -> std::io::Result<Taken> {
     if !image.is_device() {
         let clone_path = dir.join(IMAGE_FILE);
-        let clone = std::fs::OpenOptions::new().write(true).create_new(true).open(&clone_path)?;
+        let clone = crate::permissions::private_options().write(true).create_new(true).open(&clone_path)?;
         let source = File::open(image.path())?;
         match crate::reflink::clone_file(&clone, &source) {
             Ok(()) => {

@@ -110,6 +110,8 @@ impl NbdServer {
                         }
                     }
                     let listener = UnixListener::bind(path).map_err(|source| NbdError::Io { context: format!("listen on {address}"), source })?;
+                    // NBD is unauthenticated: whoever can connect reads and writes the disk.
+                    crate::permissions::make_private(path).map_err(|source| NbdError::Io { context: format!("chmod 0600 {address}"), source })?;
                     Listener::Unix(listener, path.clone())
                 }
                 NbdAddress::Tcp(text) => {
