@@ -196,6 +196,24 @@ proptest! {
     }
 }
 
+proptest! {
+    /// The values inside config files and command lines: sizes, addresses, fingerprints.
+    #[test]
+    fn config_values_parse_or_refuse(text in "\\PC{0,30}", digits in "[0-9]{1,25} ?[kKmMgGtT]?(i?[bB])?", n in any::<u64>()) {
+        if let Ok(size) = crate::size::parse_size(&digits) {
+            prop_assert_eq!(crate::size::parse_size(&crate::size::format_size(size)), Ok(size));
+        }
+        prop_assert_eq!(crate::size::parse_size(&crate::size::format_size(n)), Ok(n));
+        let _ = crate::size::parse_size(&text);
+        let _ = crate::address::parse_listen_address(&text);
+        let _ = crate::address::check_host_port(&text);
+        let _ = text.parse::<crate::address::NbdAddress>();
+        if let Ok(fingerprint) = crate::identity::parse_fingerprint(&text) {
+            prop_assert_eq!(fingerprint.len(), "sha256:".len() + 64);
+        }
+    }
+}
+
 /// Found writing the properties above: intervals too long for a deadline were accepted (the
 /// marker scheduler panicked on `Instant::now() + interval`; a verify interval wrapped in
 /// microseconds).

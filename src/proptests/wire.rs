@@ -117,6 +117,29 @@ proptest! {
         check(&body, &cuts)?;
     }
 
+    /// Control messages whose strings and lists claim huge lengths (bincode varints of up to
+    /// u64) are refused within the 2 MiB limit, never allocated.
+    #[test]
+    fn control_messages_claiming_huge_lengths_are_refused(variant in 0u8..40, fields in proptest::collection::vec((0u8..4, any::<u64>()), 1..6), tail in proptest::collection::vec(any::<u8>(), 0..40), cuts in proptest::collection::vec(any::<usize>(), 0..3)) {
+        let mut body = vec![1u8, variant];
+        for (width, value) in fields {
+            match width {
+                0 => body.push(value as u8 % 251),
+                1 => body.extend_from_slice(&[0xfb, value as u8, (value >> 8) as u8]),
+                2 => {
+                    body.push(0xfc);
+                    body.extend_from_slice(&(value as u32).to_le_bytes());
+                }
+                _ => {
+                    body.push(0xfd);
+                    body.extend_from_slice(&value.to_le_bytes());
+                }
+            }
+        }
+        body.extend_from_slice(&tail);
+        check(&body, &cuts)?;
+    }
+
     #[test]
     fn encoded_batches_decode_in_range_even_damaged(body in batch(), damage in proptest::collection::vec((any::<usize>(), 1u8..=255), 0..3), cut in any::<usize>(), cuts in proptest::collection::vec(any::<usize>(), 0..4)) {
         check(&body, &cuts)?;
