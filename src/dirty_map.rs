@@ -286,3 +286,78 @@ mod tests {
         assert!(DirtyMap::decode(&bytes, path, size + 4096).is_err(), "a map of another size");
     }
 }
+
+/// Decoding maps of arbitrary bytes (issue 20 item 4; see `src/proptests/mod.rs`).
+#[cfg(test)]
+mod proptests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// What every map, decoded or built, must satisfy.
+    fn assert_in_range(map: &DirtyMap) {
+        assert!(map.dirty_regions() <= map.regions());
+        assert!(map.iter().all(|region| region < map.regions()), "a region past the last one is dirty");
+        assert_eq!(map.iter().count() as u64, map.dirty_regions());
+        assert!(map.dirty_bytes() <= map.device_size());
+        assert!(map.tracked_from() <= map.covered_lsn());
+        for region in map.iter() {
+            assert!(map.region_extent(region).fits(map.device_size()));
+        }
+    }
+
+    /// A header with arbitrary fields and a correct checksum, so decoding checks the fields.
+    fn plausible() -> impl Strategy<Value = (Vec<u8>, u64)> {
+        let region_size = prop_oneof![Just(DEFAULT_REGION_SIZE as u32), Just(4096), any::<u32>(), (0u32..32).prop_map(|n| 1 << n)];
+        let size = prop_oneof![0u64..1 << 24, Just(0), any::<u64>()];
+        (region_size, size, any::<u64>(), any::<u64>(), proptest::option::of(any::<u64>()), proptest::collection::vec(any::<u8>(), 0..80)).prop_map(
+            |(region_size, size, covered, tracked, regions, bits)| {
+                let regions = regions.unwrap_or_else(|| size.div_ceil((region_size as u64).max(1)));
+                let mut out = vec![0u8; HEADER_SIZE];
+                out[0..8].copy_from_slice(&MAGIC);
+                out[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+                out[12..16].copy_from_slice(&region_size.to_le_bytes());
+                out[16..24].copy_from_slice(&size.to_le_bytes());
+                out[24..32].copy_from_slice(&covered.to_le_bytes());
+                out[32..40].copy_from_slice(&regions.to_le_bytes());
+                out[44..52].copy_from_slice(&tracked.to_le_bytes());
+                out.extend_from_slice(&bits);
+                let crc = checksum(&out);
+                out[40..44].copy_from_slice(&crc.to_le_bytes());
+                (out, size)
+            },
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_decode_to_a_map_in_range_or_an_error(bytes in proptest::collection::vec(any::<u8>(), 0..200), size in any::<u64>()) {
+            if let Ok(map) = DirtyMap::decode(&bytes, Path::new("/m.dirty"), size) {
+                assert_in_range(&map);
+            }
+        }
+
+        #[test]
+        fn plausible_headers_decode_to_a_map_in_range_or_an_error((bytes, size) in plausible()) {
+            if let Ok(map) = DirtyMap::decode(&bytes, Path::new("/m.dirty"), size) {
+                assert_in_range(&map);
+                // The same bytes again, but for a tracked-from LSN past the covered one, which
+                // decodes as the covered one.
+                let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap());
+                if u64_at(44) <= u64_at(24) {
+                    prop_assert_eq!(map.encode(), bytes);
+                }
+            }
+        }
+
+        #[test]
+        fn marked_maps_stay_in_range_and_round_trip(size in 0u64..1 << 24, shift in 12u32..20, extents in proptest::collection::vec((any::<u64>(), any::<u64>()), 0..6), near in proptest::collection::vec((0u64..1 << 24, 0u64..1 << 22), 0..6)) {
+            let mut map = DirtyMap::new(size, 1 << shift, 5);
+            for (offset, length) in extents.into_iter().chain(near) {
+                map.mark(Extent::new(offset, length));
+            }
+            assert_in_range(&map);
+            prop_assert_eq!(DirtyMap::decode(&map.encode(), Path::new("/m.dirty"), size).unwrap(), map);
+        }
+    }
+}

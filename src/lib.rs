@@ -48,6 +48,9 @@ pub mod mirror;
 pub mod install;
 pub mod metrics;
 
+#[cfg(test)]
+mod proptests;
+
 /// Locks a mutex, taking over one that a panicked thread left poisoned: every holder leaves
 /// the guarded data consistent before anything that can panic, and refusing service after
 /// one failed thread would lose more than it protects.

@@ -125,6 +125,10 @@ pub struct Schedule {
 
 /// The shortest interval a schedule may have.
 pub const MIN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// The longest interval a schedule (or a mirror's `verify_every`) may have: a century. Past
+/// it a deadline `Instant::now() + interval` overflows (the scheduler thread panicked on
+/// `every = "400000000000y"`) and the interval no longer fits in microseconds.
+pub const MAX_INTERVAL: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 24 * 3600);
 
 impl Schedule {
     pub fn is_default(&self) -> bool {
@@ -137,6 +141,9 @@ impl Schedule {
             let interval = humantime::parse_duration(every).map_err(|e| format!("{table}.every: {every:?}: {e} (e.g. \"15m\", \"1h\")"))?;
             if interval < MIN_INTERVAL {
                 return Err(format!("{table}.every: {every:?} is shorter than {} s", MIN_INTERVAL.as_secs()));
+            }
+            if interval > MAX_INTERVAL {
+                return Err(format!("{table}.every: {every:?} is longer than a century"));
             }
         }
         crate::name::validate(self.prefix()).map_err(|e| format!("{table}.prefix: {e}"))?;

@@ -86,9 +86,11 @@ pub(super) fn recover(dir: &Path, options: Option<&JournalOptions>, mode: Recove
         let is_last = index + 1 == count;
         let bytes = std::fs::read(&path).map_err(io_error(format!("read segment {}", path.display())))?;
         let header = match SegmentHeader::decode(&bytes) {
-            Ok(header) if header.first_lsn == name_lsn => header,
+            // LSNs start at 1: a journal from LSN 0 would report its last LSN as -1.
+            Ok(header) if header.first_lsn == name_lsn && header.first_lsn != 0 => header,
             other => {
                 let problem = match other {
+                    Ok(header) if header.first_lsn == 0 => "header says first LSN 0 (LSNs start at 1)".to_string(),
                     Ok(header) => format!("header says first LSN {} but the file name says {name_lsn}", header.first_lsn),
                     Err(problem) => problem.to_string(),
                 };
@@ -216,7 +218,8 @@ fn scan_segment(bytes: &[u8], header: &SegmentHeader, records: &mut Vec<LedgerEn
     let mut lsn = header.first_lsn;
     loop {
         match record_at(bytes, header, position) {
-            Ok(record) if record.lsn == lsn => {
+            // No record has LSN u64::MAX (the next one would have none): it ends the scan.
+            Ok(record) if record.lsn == lsn && lsn != u64::MAX => {
                 records.push(LedgerEntry::of(&record));
                 position += align_up(record.encoded_len() as u64, RECORD_ALIGN);
                 lsn += 1;

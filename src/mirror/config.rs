@@ -60,6 +60,10 @@ impl MirrorConfig {
             if interval < MIN_VERIFY_INTERVAL {
                 return Err(format!("verify_every: {every:?} is shorter than a minute"));
             }
+            // Longer ones wrapped when counted in microseconds (a verify every few seconds).
+            if interval > crate::marker::MAX_INTERVAL {
+                return Err(format!("verify_every: {every:?} is longer than a century"));
+            }
         }
         Ok(())
     }

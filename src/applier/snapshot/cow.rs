@@ -101,6 +101,11 @@ impl MapHeader {
         (crc == self.entry_crc(index, chunk, data_crc)).then_some((chunk, data_crc))
     }
 
+    /// Chunks of the device (the last one may be short): every mapped chunk is below this.
+    pub fn chunks(&self) -> u64 {
+        self.device_size.div_ceil(self.chunk_bytes)
+    }
+
     /// Bytes of chunk `chunk` (the device's last chunk may be short).
     pub fn chunk_length(&self, chunk: u64) -> u64 {
         self.chunk_bytes.min(self.device_size.saturating_sub(chunk * self.chunk_bytes))
@@ -157,6 +162,11 @@ impl CowStore {
             let Some((chunk, _)) = (raw.len() == ENTRY_BYTES).then(|| header.decode_entry(entries, raw)).flatten() else { break };
             if chunk == TOMBSTONE {
                 return Err("it was invalidated (a chunk could not be preserved)".into());
+            }
+            // A verified entry past the device is damage, not a torn tail: a restore would
+            // write it outside the image (or overflow computing where).
+            if chunk >= header.chunks() {
+                return Err(format!("its chunk map is damaged: entry {entries} maps chunk {chunk} of a {}-chunk device", header.chunks()));
             }
             slots.insert(chunk, entries);
             entries += 1;

@@ -21,7 +21,7 @@
 //! snapshot), `chunks.map` + `chunks.data` or `image`, and `export.lock` (held shared by
 //! readers; deleting needs it exclusively).
 
-mod cow;
+pub(crate) mod cow;
 pub mod group;
 mod reader;
 

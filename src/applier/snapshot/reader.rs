@@ -153,6 +153,10 @@ impl CowView {
                     known.invalid = Some("a chunk could not be preserved".into());
                     return;
                 }
+                if chunk >= self.header.chunks() {
+                    known.invalid = Some(format!("its chunk map is damaged: entry {} maps chunk {chunk}, past the device", known.entries));
+                    return;
+                }
                 let index = known.entries;
                 known.slots.insert(chunk, (index, data_crc));
                 known.entries += 1;

@@ -153,3 +153,7 @@ fn read_requests(reader: &mut impl Read, volume: &Export, replies: &mpsc::Sender
         }
     }
 }
+
+#[cfg(test)]
+#[path = "transmission_proptests.rs"]
+mod proptests;
