@@ -77,6 +77,9 @@ fn switchover(volume: &Volume, senders: &Senders, body: &str) -> serde_json::Val
 }
 
 pub fn execute(args: RunArgs) -> Result<()> {
+    if args.ublk {
+        ublk::require_root()?;
+    }
     // The volume's file first: a bad [run] table must be reported before anything starts.
     let layout = VolumeDir::new(&args.dir);
     let config = VolumeConfig::load(&layout).with_context(|| format!("open volume {}", args.dir.display()))?;

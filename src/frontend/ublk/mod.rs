@@ -83,15 +83,23 @@ pub struct UblkOptions {
     pub recover: bool,
 }
 
+/// A ublk device needs root: said first, before the volume's files (root's, mode 0600) are
+/// read, so another user gets this message rather than a permission error.
+pub fn require_root() -> Result<(), FrontendError> {
+    if rustix::process::geteuid().is_root() {
+        Ok(())
+    } else {
+        Err(FrontendError::NotRoot)
+    }
+}
+
 /// Checks what can be checked before touching the volume, so a missing driver is one clear
 /// message rather than a half-started server.
 pub fn preflight(options: &UblkOptions) -> Result<(), FrontendError> {
     if !Path::new(CONTROL_DEVICE).exists() {
         return Err(FrontendError::NoControlDevice);
     }
-    if !rustix::process::geteuid().is_root() {
-        return Err(FrontendError::NotRoot);
-    }
+    require_root()?;
     if let Some(queues) = options.queues.filter(|q| !(1..=MAX_QUEUES).contains(q)) {
         return Err(FrontendError::Invalid(format!("--queues {queues} must be between 1 and {MAX_QUEUES}")));
     }
