@@ -57,8 +57,9 @@ pub fn offline_statuses(dir: &VolumeDir, journal: &Journal, device_size: u64) ->
                 status.track();
             }
             status.last_error = problem;
-            status.verify = checkpoints::load_verify(dir, &m.name);
-            status.last_verify = status.verify.as_ref().and_then(|report| report.result());
+            if let Some(report) = checkpoints::load_verify(dir, &m.name) {
+                status.show_verify(report);
+            }
             measure_lag(&mut status, journal);
             status
         })
@@ -132,12 +133,13 @@ impl Senders {
             map_path: dir.mirror_dirty_map(&config.name),
             map,
         });
-        lock(&status).last_error = problem;
-        lock(&status).resynced_lsn_ranges = checkpoints::load_gaps(dir, &config.name);
         {
             let mut status = lock(&status);
-            status.verify = checkpoints::load_verify(dir, &config.name);
-            status.last_verify = status.verify.as_ref().and_then(|report| report.result());
+            status.last_error = problem;
+            status.resynced_lsn_ranges = checkpoints::load_gaps(dir, &config.name);
+            if let Some(report) = checkpoints::load_verify(dir, &config.name) {
+                status.show_verify(report);
+            }
         }
         let verify = Arc::new(Mutex::new(VerifyControl { requested: None, every: config.verify_interval() }));
         let rate = Arc::new(AtomicU64::new(config.max_rate.unwrap_or(0)));
@@ -263,7 +265,7 @@ impl Senders {
         let id = crate::clock::now_micros();
         control.requested = Some(VerifyRequest { id, repair, scheduled: false });
         // Shown as running at once, so a caller that polls never sees the previous report.
-        status.verify = Some(crate::status::VerifyReport::start(id, false, repair, super::verify_source::VERIFY_CHUNK, self.volume.size()));
+        status.show_verify(crate::status::VerifyReport::start(id, false, repair, super::verify_source::VERIFY_CHUNK, self.volume.size()));
         Ok(id)
     }
 

@@ -269,7 +269,8 @@ impl Sender {
         let why = match &result {
             Err(error) => format!("the connection to the applier ended: {error:#}"),
             Ok(Ended::Stopped) => "the volume is stopping".to_string(),
-            Ok(Ended::Released | Ended::Repair) => "the mirror fell out of the journal (it tracks now)".to_string(),
+            Ok(Ended::Released) => "the mirror fell out of the journal (it tracks now)".to_string(),
+            Ok(Ended::Repair) => "the mirror reconnects to resync the regions a verify found different".to_string(),
         };
         verify_source::abandon(&self.verify_peer(), &mut verify, why);
         if resync.is_some() {

@@ -226,7 +226,7 @@ pub(super) async fn step(peer: &VerifyPeer<'_>, verify: &mut Option<VerifySource
         let Some(request) = due(peer) else { return Ok(Stepped::default()) };
         let source = VerifySource::new(request, peer.volume.size());
         tracing::info!(mirror = %peer.name, id = request.id, repair = request.repair, scheduled = request.scheduled, bytes = peer.volume.size(), "online verify started");
-        lock(peer.status).verify = Some(source.report.clone());
+        lock(peer.status).show_verify(source.report.clone());
         *verify = Some(source);
     }
     let running = verify.as_mut().expect("just set");
@@ -291,7 +291,7 @@ fn due(peer: &VerifyPeer<'_>) -> Option<VerifyRequest> {
 pub(super) fn answer(peer: &VerifyPeer<'_>, verify: &mut Option<VerifySource>, at_lsn: u64, differ: Vec<u64>, skipped: Option<String>) {
     let Some(running) = verify.as_mut() else { return };
     match running.answer(at_lsn, differ, skipped) {
-        Ok(()) => lock(peer.status).verify = Some(running.report.clone()),
+        Ok(()) => lock(peer.status).show_verify(running.report.clone()),
         Err(reason) => abandon(peer, verify, reason),
     }
 }
@@ -328,11 +328,6 @@ pub(super) fn resync_committed(peer: &VerifyPeer<'_>) {
 }
 
 fn publish(peer: &VerifyPeer<'_>, report: &VerifyReport) {
-    let mut status = lock(peer.status);
-    status.verify = Some(report.clone());
-    if let Some(result) = report.result() {
-        status.last_verify = Some(result);
-    }
-    drop(status);
+    lock(peer.status).show_verify(report.clone());
     checkpoints::save_verify(peer.dir, peer.name, report);
 }

@@ -180,6 +180,15 @@ impl MirrorStatus {
         self.state
     }
 
+    /// Shows a verify report (running, or finished): as `verify`, and, once it compared every
+    /// chunk, as `last_verify` too (what the metrics show, kept while the next one runs).
+    pub fn show_verify(&mut self, report: super::VerifyReport) {
+        if let Some(result) = report.result() {
+            self.last_verify = Some(result);
+        }
+        self.verify = Some(report);
+    }
+
     /// What became of the marker at `lsn` for this mirror (`journal_first_lsn`: the oldest
     /// record the volume's journal still holds).
     pub fn marker_state(&self, lsn: u64, journal_first_lsn: u64) -> MarkerState {

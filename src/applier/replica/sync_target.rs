@@ -20,6 +20,14 @@ impl Replica {
         Ok((offset, (self.state.size - offset).min(SYNC_CHUNK) as usize))
     }
 
+    /// BLAKE3 of the image's `buffer.len()` bytes at `offset` (read into `buffer`), as the
+    /// source hashes its chunks. A hole is zeros: hashed without reading (nor filling the
+    /// page cache with it).
+    pub(super) fn image_hash(&self, offset: u64, buffer: &mut [u8]) -> Result<[u8; 32], ReplicaError> {
+        let hole = self.image.read_for_scan(buffer, offset, true).map_err(io(format!("read {}", self.state.image.display())))?;
+        Ok(crate::store::chunk_hash(buffer, hole))
+    }
+
     /// A synchronisation begins: the image stops being a consistent state of the source.
     pub fn sync_start(&mut self) -> Result<(), ReplicaError> {
         self.writable()?;
@@ -38,10 +46,7 @@ impl Replica {
         for (index, hash) in hashes.iter().enumerate() {
             let chunk = first_chunk.checked_add(index as u64).ok_or_else(|| ReplicaError::Rejected("chunk index overflows".into()))?;
             let (offset, length) = self.chunk_range(chunk)?;
-            // A hole is zeros: hashed without reading (nor filling the page cache with it).
-            let hole = self.image.read_for_scan(&mut buffer[..length], offset, true).map_err(io(format!("read {}", self.state.image.display())))?;
-            let ours = crate::store::chunk_hash(&buffer[..length], hole);
-            if &ours != hash {
+            if &self.image_hash(offset, &mut buffer[..length])? != hash {
                 differ.push(chunk);
             }
         }

@@ -3,7 +3,7 @@
 //! are applied in LSN order as they arrive, so when the message is handled the image is the
 //! source's state at exactly n, and the same chunks are hashed here.
 
-use super::{io, Replica, ReplicaError};
+use super::{Replica, ReplicaError};
 use crate::protocol::wire::VERIFY_HASH_BATCH;
 
 /// Verify chunk sizes accepted: from one dirty-map region to 16 MiB.
@@ -42,8 +42,7 @@ impl Replica {
         for (&chunk, hash) in chunks.iter().zip(hashes) {
             let offset = chunk * chunk_bytes;
             let length = (size - offset).min(chunk_bytes) as usize;
-            let hole = self.image.read_for_scan(&mut buffer[..length], offset, true).map_err(io(format!("read {}", self.state.image.display())))?;
-            if &crate::store::chunk_hash(&buffer[..length], hole) != hash {
+            if &self.image_hash(offset, &mut buffer[..length])? != hash {
                 differ.push(chunk);
             }
         }
