@@ -105,11 +105,13 @@ fn wait(args: &MirrorVerifyArgs, started: &[(String, u64)]) -> Result<Vec<(Strin
         if reports.iter().all(|(_, report, _)| !pending(report)) {
             return Ok(reports.into_iter().map(|(name, report, _)| (name, report)).collect());
         }
-        if let Some((name, _, _)) = reports.iter().find(|(_, report, connected)| !report.is_running() && pending(report) && !connected) {
-            eprintln!("mirror {name}: waiting for its applier to resync the differing regions (the mirror is disconnected; it reconnects by itself)");
-        }
-        if !args.json && last_progress.elapsed() >= PROGRESS_EVERY {
-            for (name, report, _) in reports.iter().filter(|(_, report, _)| report.is_running()) {
+        // Every PROGRESS_EVERY, on stderr: a repair waiting for a mirror that is away, and
+        // (unless --json) how far each running verify is.
+        if last_progress.elapsed() >= PROGRESS_EVERY {
+            if let Some((name, _, _)) = reports.iter().find(|(_, report, connected)| !report.is_running() && pending(report) && !connected) {
+                eprintln!("mirror {name}: waiting for its applier to resync the differing regions (the mirror is disconnected; it reconnects by itself)");
+            }
+            for (name, report, _) in reports.iter().filter(|(_, report, _)| !args.json && report.is_running()) {
                 eprintln!(
                     "mirror {name}: {} of {} compared ({})",
                     ublk_mirror::size::human_size(report.compared_bytes),
