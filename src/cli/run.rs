@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use ublk_mirror::address::{parse_listen_address, NbdAddress};
-use ublk_mirror::frontend::nbd::NbdServer;
+use ublk_mirror::frontend::nbd::{NbdServer, NbdTls, TlsMode};
 use ublk_mirror::frontend::ublk::{self, UblkOptions, UblkServer};
 use ublk_mirror::journal::OnFull;
 use ublk_mirror::layout::VolumeDir;
@@ -51,6 +51,20 @@ pub struct RunArgs {
     /// the error says where the device stands (`ublk-mirror ublk delete --id N` gives it up).
     #[arg(long, requires = "ublk")]
     recover: bool,
+    /// NBD over TLS (NBD_OPT_STARTTLS, TLS 1.3) on the TCP exports, with the credentials in
+    /// DIR laid out as QEMU's tls-creds-x509: server-cert.pem, server-key.pem and, to require
+    /// client certificates signed by it, ca-cert.pem (default: run.nbd_tls_creds). Unix socket
+    /// exports stay plaintext (they are private to the volume's owner).
+    #[arg(long, value_name = "DIR")]
+    nbd_tls_creds: Option<PathBuf>,
+    /// require (the default with --nbd-tls-creds: every option before STARTTLS is refused
+    /// with NBD_REP_ERR_TLS_REQD) or off (no TLS, e.g. to override run.nbd_tls_creds).
+    #[arg(long, value_name = "MODE")]
+    nbd_tls: Option<TlsMode>,
+    /// Allow a TCP export on a non-loopback address without TLS: anyone who can reach the
+    /// port then reads and writes the whole disk, unencrypted (default: run.nbd_insecure).
+    #[arg(long)]
+    nbd_insecure: bool,
     /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9420 (default:
     /// run.metrics in DIR/volume.toml).
     #[arg(long, value_name = "ADDR")]
@@ -76,6 +90,31 @@ fn switchover(volume: &Volume, senders: &Senders, body: &str) -> serde_json::Val
     }
 }
 
+/// The NBD TLS credentials to serve with (loaded and checked now, before anything starts), and
+/// the refusal of a non-loopback TCP export without TLS unless told it is wanted.
+fn nbd_tls(args: &RunArgs, settings: &ublk_mirror::volume::config::RunConfig, addresses: &[NbdAddress]) -> Result<Option<NbdTls>> {
+    let mode = match (args.nbd_tls, settings.nbd_tls.as_deref()) {
+        (Some(mode), _) => mode,
+        (None, Some(text)) => text.parse::<TlsMode>().map_err(anyhow::Error::msg)?,
+        (None, None) => TlsMode::Require,
+    };
+    let creds = args.nbd_tls_creds.clone().or_else(|| settings.nbd_tls_creds.clone());
+    let tls = match (mode, creds) {
+        (TlsMode::Off, _) => None,
+        (TlsMode::Require, None) if args.nbd_tls == Some(TlsMode::Require) => bail!("--nbd-tls require needs --nbd-tls-creds DIR (or run.nbd_tls_creds)"),
+        (TlsMode::Require, None) => None,
+        (TlsMode::Require, Some(dir)) => Some(NbdTls::load(&dir).with_context(|| format!("NBD TLS credentials in {}", dir.display()))?),
+    };
+    if tls.is_none() && !(args.nbd_insecure || settings.nbd_insecure) {
+        if let Some(open) = addresses.iter().find(|a| matches!(a, NbdAddress::Tcp(_)) && !a.is_local()) {
+            bail!(
+                "refusing to serve {open} without TLS: it is not a loopback address, and anyone who can reach the port would read and write the whole disk, unencrypted. Give --nbd-tls-creds DIR, listen on 127.0.0.1 or a unix: socket, or pass --nbd-insecure if the network is trusted"
+            );
+        }
+    }
+    Ok(tls)
+}
+
 pub fn execute(args: RunArgs) -> Result<()> {
     if args.ublk {
         ublk::require_root()?;
@@ -96,6 +135,7 @@ pub fn execute(args: RunArgs) -> Result<()> {
         );
     }
     let addresses = nbd.iter().map(|a| a.parse::<NbdAddress>()).collect::<Result<Vec<_>, _>>()?;
+    let tls = nbd_tls(&args, &settings, &addresses)?;
     let from_file = !args.ublk;
     let ublk_options = UblkOptions {
         id: args.ublk_id.or(if from_file { settings.ublk_id } else { None }),
@@ -114,7 +154,7 @@ pub fn execute(args: RunArgs) -> Result<()> {
     let signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT]).context("install signal handlers")?;
     let volume = Arc::new(Volume::open(&args.dir, holds).with_context(|| format!("open volume {}", args.dir.display()))?);
     let name = volume.config().name.clone();
-    let server = NbdServer::start(&addresses, volume.clone(), &name)?;
+    let server = NbdServer::start(&addresses, volume.clone(), &name, tls)?;
     let mut exports: Vec<String> = server.bound_addresses().iter().map(|a| a.to_string()).collect();
     let ublk_server = if use_ublk {
         let started = UblkServer::start(volume.clone(), &ublk_options).context("start ublk device")?;

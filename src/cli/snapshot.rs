@@ -210,7 +210,7 @@ fn export(dir: &Path, found: &Found, name: Option<&str>, latest: bool, nbd: &str
     let reader = SnapshotReader::open(replica, &name).with_context(|| format!("export snapshot {name} of {volume}"));
     let result = reader.and_then(|reader| {
         let lsn = reader.meta().lsn;
-        let server = NbdServer::start(std::slice::from_ref(&address), Export::ReadOnly(Arc::new(reader)), volume)?;
+        let server = NbdServer::start(std::slice::from_ref(&address), Export::ReadOnly(Arc::new(reader)), volume, None)?;
         let bound: Vec<String> = server.bound_addresses().iter().map(|a| a.to_string()).collect();
         println!("exporting snapshot {name} of {volume} (LSN {lsn}) read-only at {}", bound.join(", "));
         use std::io::Write;

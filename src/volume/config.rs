@@ -52,6 +52,15 @@ pub struct RunConfig {
     pub queues: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub depth: Option<u16>,
+    /// Directory of the NBD TLS credentials (QEMU's tls-creds-x509 layout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd_tls_creds: Option<PathBuf>,
+    /// `require` (the default with creds) or `off`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd_tls: Option<String>,
+    /// Allow a TCP export on a non-loopback address without TLS.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub nbd_insecure: bool,
     /// Address of the Prometheus metrics endpoint, HOST:PORT.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<String>,
@@ -66,6 +75,11 @@ impl RunConfig {
     pub fn validate(&self) -> Result<(), String> {
         for (index, address) in self.nbd.iter().enumerate() {
             address.parse::<NbdAddress>().map_err(|e| format!("run.nbd[{index}]: {e}"))?;
+        }
+        if let Some(mode) = &self.nbd_tls {
+            if mode != "require" && mode != "off" {
+                return Err(format!("run.nbd_tls: {mode:?} is not an NBD TLS mode: use require or off"));
+            }
         }
         // The ublk frontend's limits (frontend::ublk::MAX_QUEUES, MAX_DEPTH).
         if let Some(queues) = self.queues.filter(|q| !(1..=64).contains(q)) {

@@ -3,11 +3,13 @@
 //!
 //! Per connection: one thread reads requests and serves reads; writes go to the volume and
 //! complete on its writer thread; one thread sends replies (out of order, as the protocol
-//! allows), batching them into few socket writes. Malformed input closes the connection
+//! allows), batching them into few socket writes. With TLS (`tls`), STARTTLS is required
+//! before any other option and a pump thread carries the TLS stream. Malformed input closes the connection
 //! with a logged reason; it never reaches the volume.
 
 mod negotiation;
 pub mod protocol;
+pub mod tls;
 mod transmission;
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
@@ -20,6 +22,8 @@ use std::thread::JoinHandle;
 
 use super::Export;
 pub use crate::address::NbdAddress;
+use negotiation::{Outcome, TlsState};
+pub use tls::{NbdTls, TlsCredsError, TlsMode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NbdError {
@@ -93,7 +97,8 @@ pub struct NbdServer {
 
 impl NbdServer {
     /// Binds every address and starts accepting clients for `volume`, exported under `export_name`.
-    pub fn start(addresses: &[NbdAddress], export: impl Into<Export>, export_name: &str) -> Result<NbdServer, NbdError> {
+    /// With `tls`, every connection (TCP or Unix) must STARTTLS before anything else.
+    pub fn start(addresses: &[NbdAddress], export: impl Into<Export>, export_name: &str, tls: Option<NbdTls>) -> Result<NbdServer, NbdError> {
         let volume: Export = export.into();
         let stopping = Arc::new(AtomicBool::new(false));
         let connections: Arc<Mutex<Connections>> = Arc::new(Mutex::new(Vec::new()));
@@ -129,10 +134,11 @@ impl NbdServer {
             let export_name = export_name.to_string();
             let stopping = stopping.clone();
             let connections = connections.clone();
+            let tls = tls.clone();
             accept_threads.push(
                 std::thread::Builder::new()
                     .name("nbd-accept".into())
-                    .spawn(move || accept_loop(listener, volume, export_name, stopping, connections))
+                    .spawn(move || accept_loop(listener, volume, export_name, tls, stopping, connections))
                     .map_err(|source| NbdError::Io { context: "start NBD accept thread".into(), source })?,
             );
         }
@@ -176,20 +182,20 @@ impl NbdServer {
     }
 }
 
-fn accept_loop(listener: Listener, volume: Export, export_name: String, stopping: Arc<AtomicBool>, connections: Arc<Mutex<Connections>>) {
+fn accept_loop(listener: Listener, volume: Export, export_name: String, tls: Option<NbdTls>, stopping: Arc<AtomicBool>, connections: Arc<Mutex<Connections>>) {
     loop {
         let accepted = match &listener {
-            Listener::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
-            Listener::Tcp(l) => l.accept().map(|(s, _)| {
+            Listener::Unix(l, _) => l.accept().map(|(s, _)| (Stream::Unix(s), "unix".to_string())),
+            Listener::Tcp(l) => l.accept().map(|(s, peer)| {
                 let _ = s.set_nodelay(true);
-                Stream::Tcp(s)
+                (Stream::Tcp(s), peer.to_string())
             }),
         };
         if stopping.load(Ordering::SeqCst) {
             return;
         }
-        let stream = match accepted {
-            Ok(stream) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(error) => {
                 tracing::warn!(%error, "NBD accept failed");
                 std::thread::sleep(std::time::Duration::from_millis(50));
@@ -199,9 +205,10 @@ fn accept_loop(listener: Listener, volume: Export, export_name: String, stopping
         let Ok(control) = stream.try_clone() else { continue };
         let volume = volume.clone();
         let export_name = export_name.clone();
+        let tls = tls.clone();
         let thread = std::thread::Builder::new().name("nbd-conn".into()).spawn(move || {
-            if let Err(error) = serve_connection(stream, &volume, &export_name) {
-                tracing::warn!(error = %format!("{error:#}"), "NBD connection closed");
+            if let Err(error) = serve_connection(stream, &volume, &export_name, tls.as_ref()) {
+                tracing::warn!(%peer, error = %format!("{error:#}"), "NBD connection closed");
             }
         });
         if let Ok(thread) = thread {
@@ -216,19 +223,54 @@ pub(super) fn io_error(context: &str) -> impl FnOnce(io::Error) -> NbdError + '_
     move |source| NbdError::Io { context: context.to_string(), source }
 }
 
-fn serve_connection(stream: Stream, volume: &Export, export_name: &str) -> Result<(), NbdError> {
+fn serve_connection(stream: Stream, volume: &Export, export_name: &str, tls: Option<&NbdTls>) -> Result<(), NbdError> {
     let closer = stream.try_clone().map_err(io_error("clone socket"))?;
-    let result = serve_stream(stream, volume, export_name);
+    let result = serve_stream(stream, volume, export_name, tls);
     // Other handles on the socket exist (for shutdown): make the client see the close now.
     closer.shutdown(std::net::Shutdown::Both);
     result
 }
 
-fn serve_stream(stream: Stream, volume: &Export, export_name: &str) -> Result<(), NbdError> {
+fn serve_stream(stream: Stream, volume: &Export, export_name: &str, tls: Option<&NbdTls>) -> Result<(), NbdError> {
+    // Unix sockets are private to the volume's owner (0600): TLS is for TCP.
+    let tls = if matches!(stream, Stream::Tcp(_)) { tls } else { None };
     let mut reader = BufReader::with_capacity(256 << 10, stream.try_clone().map_err(io_error("clone socket"))?);
     let mut writer = BufWriter::with_capacity(256 << 10, stream);
-    if !negotiation::negotiate(&mut reader, &mut writer, volume, export_name)? {
-        return Ok(());
+    let no_zeroes = negotiation::greet(&mut reader, &mut writer)?;
+    let state = if tls.is_some() { TlsState::Required } else { TlsState::Plain };
+    match negotiation::options(&mut reader, &mut writer, volume, export_name, no_zeroes, state)? {
+        Outcome::Abort => Ok(()),
+        Outcome::Transmission => transmission::transmission(reader, writer, volume),
+        Outcome::StartTls => {
+            let Some(tls) = tls else { return Err(NbdError::Protocol("STARTTLS without TLS".into())) };
+            // The client waits for STARTTLS's reply before its ClientHello: nothing is buffered.
+            if !reader.buffer().is_empty() {
+                return Err(NbdError::Protocol("client sent data after NBD_OPT_STARTTLS before its reply".into()));
+            }
+            let stream = writer.into_inner().map_err(|e| NbdError::Io { context: "send option reply".into(), source: e.into_error() })?;
+            drop(reader);
+            let (plain, pump) = match stream {
+                Stream::Tcp(tcp) => tls::start(tls, tcp).map_err(io_error("TLS"))?,
+                Stream::Unix(_) => return Err(NbdError::Protocol("TLS is served on TCP exports only".into())),
+            };
+            let result = serve_plaintext(Stream::Unix(plain), volume, export_name, no_zeroes);
+            let _ = pump.join();
+            result
+        }
     }
-    transmission::transmission(reader, writer, volume)
+}
+
+/// Option haggling restarted inside TLS, then the transmission phase, on the pump's plaintext end.
+fn serve_plaintext(stream: Stream, volume: &Export, export_name: &str, no_zeroes: bool) -> Result<(), NbdError> {
+    let closer = stream.try_clone().map_err(io_error("clone socket"))?;
+    let mut reader = BufReader::with_capacity(256 << 10, stream.try_clone().map_err(io_error("clone socket"))?);
+    let mut writer = BufWriter::with_capacity(256 << 10, stream);
+    let result = match negotiation::options(&mut reader, &mut writer, volume, export_name, no_zeroes, TlsState::Active) {
+        Ok(Outcome::Transmission) => transmission::transmission(reader, writer, volume),
+        Ok(_) => Ok(()),
+        Err(error) => Err(error),
+    };
+    // The pump sees EOF, sends close_notify and ends.
+    closer.shutdown(std::net::Shutdown::Both);
+    result
 }

@@ -1,4 +1,4 @@
-//! The handshake: fixed newstyle negotiation with NBD_OPT_GO/INFO, LIST and ABORT.
+//! The handshake: fixed newstyle negotiation with NBD_OPT_GO/INFO, LIST, ABORT and STARTTLS.
 
 use std::io::{self, Read, Write};
 
@@ -32,8 +32,31 @@ fn is_our_export(name: &str, export_name: &str) -> bool {
     name.is_empty() || name == export_name
 }
 
-/// Runs option haggling; true when the client entered the transmission phase.
-pub(super) fn negotiate(reader: &mut impl Read, writer: &mut impl Write, volume: &Export, export_name: &str) -> Result<bool, NbdError> {
+/// Where a connection stands with TLS during option haggling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum TlsState {
+    /// The export has no TLS: STARTTLS is unsupported.
+    Plain,
+    /// TLS is required and not yet started: every option but STARTTLS and ABORT is refused
+    /// with NBD_REP_ERR_TLS_REQD (doc/proto.md, "TLS support").
+    Required,
+    /// Haggling restarted inside TLS.
+    Active,
+}
+
+/// How option haggling ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Outcome {
+    /// The client aborted (or went away politely).
+    Abort,
+    /// The client entered the transmission phase.
+    Transmission,
+    /// STARTTLS was acknowledged: the TLS handshake follows, then haggling restarts inside it.
+    StartTls,
+}
+
+/// Sends the greeting and reads the client's flags; true when the client asked for no zeroes.
+pub(super) fn greet(reader: &mut impl Read, writer: &mut impl Write) -> Result<bool, NbdError> {
     writer.write_all(&NBD_MAGIC.to_be_bytes()).map_err(io_error("send greeting"))?;
     writer.write_all(&IHAVEOPT.to_be_bytes()).map_err(io_error("send greeting"))?;
     writer.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes()).map_err(io_error("send greeting"))?;
@@ -42,7 +65,18 @@ pub(super) fn negotiate(reader: &mut impl Read, writer: &mut impl Write, volume:
     if client_flags & !(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES) != 0 {
         return Err(NbdError::Protocol(format!("unknown client flags {client_flags:#x}")));
     }
-    let no_zeroes = client_flags & CLIENT_FLAG_NO_ZEROES != 0;
+    Ok(client_flags & CLIENT_FLAG_NO_ZEROES != 0)
+}
+
+/// Runs option haggling (after the greeting, or again inside TLS after STARTTLS).
+pub(super) fn options(
+    reader: &mut impl Read,
+    writer: &mut impl Write,
+    volume: &Export,
+    export_name: &str,
+    no_zeroes: bool,
+    tls: TlsState,
+) -> Result<Outcome, NbdError> {
     let size = volume.size();
     let max_io = volume.max_io() as u32;
     loop {
@@ -60,7 +94,27 @@ pub(super) fn negotiate(reader: &mut impl Read, writer: &mut impl Write, volume:
         let reply = |writer: &mut dyn Write, kind: u32, payload: &[u8]| -> Result<(), NbdError> {
             writer.write_all(&option_reply(option, kind, payload)).map_err(io_error("send option reply"))
         };
+        if tls == TlsState::Required && option != OPT_STARTTLS && option != OPT_ABORT {
+            if option == OPT_EXPORT_NAME {
+                // The old-style option cannot carry an error: closing is the answer.
+                return Err(NbdError::Protocol("client sent NBD_OPT_EXPORT_NAME before STARTTLS; this export requires TLS".into()));
+            }
+            reply(writer, REP_ERR_TLS_REQD, b"this export requires TLS: send NBD_OPT_STARTTLS first")?;
+            writer.flush().map_err(io_error("send option reply"))?;
+            continue;
+        }
         match option {
+            OPT_STARTTLS if tls != TlsState::Plain => {
+                if tls == TlsState::Active {
+                    reply(writer, REP_ERR_INVALID, b"TLS is already active")?;
+                } else if !data.is_empty() {
+                    reply(writer, REP_ERR_INVALID, b"NBD_OPT_STARTTLS takes no data")?;
+                } else {
+                    reply(writer, REP_ACK, &[])?;
+                    writer.flush().map_err(io_error("send option reply"))?;
+                    return Ok(Outcome::StartTls);
+                }
+            }
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data).into_owned();
                 if !is_our_export(&name, export_name) {
@@ -73,12 +127,12 @@ pub(super) fn negotiate(reader: &mut impl Read, writer: &mut impl Write, volume:
                     writer.write_all(&[0u8; 124]).map_err(io_error("send export"))?;
                 }
                 writer.flush().map_err(io_error("send export"))?;
-                return Ok(true);
+                return Ok(Outcome::Transmission);
             }
             OPT_ABORT => {
                 reply(writer, REP_ACK, &[])?;
                 writer.flush().map_err(io_error("send option reply"))?;
-                return Ok(false);
+                return Ok(Outcome::Abort);
             }
             OPT_LIST => {
                 if !data.is_empty() {
@@ -119,7 +173,7 @@ pub(super) fn negotiate(reader: &mut impl Read, writer: &mut impl Write, volume:
                 reply(writer, REP_ACK, &[])?;
                 writer.flush().map_err(io_error("send option reply"))?;
                 if option == OPT_GO {
-                    return Ok(true);
+                    return Ok(Outcome::Transmission);
                 }
             }
             _ => {
@@ -128,4 +182,11 @@ pub(super) fn negotiate(reader: &mut impl Read, writer: &mut impl Write, volume:
         }
         writer.flush().map_err(io_error("send option reply"))?;
     }
+}
+
+/// The whole plaintext handshake (what the property tests drive); true on transmission.
+#[cfg(test)]
+pub(super) fn negotiate(reader: &mut impl Read, writer: &mut impl Write, volume: &Export, export_name: &str) -> Result<bool, NbdError> {
+    let no_zeroes = greet(reader, writer)?;
+    Ok(options(reader, writer, volume, export_name, no_zeroes, TlsState::Plain)? == Outcome::Transmission)
 }
