@@ -164,6 +164,7 @@ fn would_block(error: &io::Error) -> bool {
 fn pump(mut connection: ServerConnection, mut tcp: TcpStream, mut unix: UnixStream) -> io::Result<()> {
     tcp.set_nonblocking(true)?;
     unix.set_nonblocking(true)?;
+    connection.set_buffer_limit(None);
     let mut to_unix: Vec<u8> = Vec::new();
     let mut from_unix: Vec<u8> = Vec::new();
     let mut buffer = vec![0u8; 64 << 10];
@@ -183,8 +184,10 @@ fn pump(mut connection: ServerConnection, mut tcp: TcpStream, mut unix: UnixStre
             unix_shut = true;
         }
         if !from_unix.is_empty() {
-            let n = connection.writer().write(&from_unix)?;
-            from_unix.drain(..n);
+            // Unlimited buffer (set below): the connection takes it all; unix is read again
+            // only once the TLS records are out, which bounds what is held.
+            connection.writer().write_all(&from_unix)?;
+            from_unix.clear();
         }
         if unix_eof && from_unix.is_empty() && !close_sent {
             connection.send_close_notify();
@@ -210,7 +213,7 @@ fn pump(mut connection: ServerConnection, mut tcp: TcpStream, mut unix: UnixStre
             tcp_flags |= PollFlags::OUT;
         }
         let mut unix_flags = PollFlags::empty();
-        if !unix_eof && from_unix.is_empty() {
+        if !unix_eof && !connection.wants_write() {
             unix_flags |= PollFlags::IN;
         }
         if !to_unix.is_empty() {
