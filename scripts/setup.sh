@@ -10,7 +10,8 @@ set -euo pipefail
 # (tests/contrib.rs). The package also enables a prometheus.service; where systemd runs, its
 # postinst starts it (a Prometheus server on :9090 scraping itself), which nothing here uses:
 # `systemctl disable --now prometheus` stops it.
-packages=(build-essential pkg-config libclang-dev busybox-static cpio xz-utils fio e2fsprogs xfsprogs util-linux procps python3 systemd prometheus)
+# libnbd-bin: nbdinfo and nbdcopy, the libnbd clients of NBD over TLS (tests/nbd_tls.rs).
+packages=(build-essential pkg-config libclang-dev busybox-static cpio xz-utils fio e2fsprogs xfsprogs util-linux procps python3 systemd prometheus libnbd-bin)
 qemu_packages=(qemu-utils qemu-system-x86)
 if [ "$(id -u)" -ne 0 ]; then
     echo "setup.sh: run as root (it calls apt-get install)" >&2

@@ -221,4 +221,18 @@ fn start_time_checks() {
     let mut served = Served::start_with_args(&dir, &["--nbd", &open, "--nbd-insecure"], &[]);
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(), "--nbd-insecure serves 0.0.0.0");
     assert_eq!(served.terminate(), Some(0));
+    drop(served);
+    // The same settings from the volume's [run] table.
+    let config = dir.join("volume.toml");
+    let original = std::fs::read_to_string(&config).unwrap();
+    let wrong = base.join("wrong-key");
+    std::fs::write(&config, format!("{original}\n[run]\nnbd = [\"{open}\"]\nnbd_tls_creds = \"{}\"\n", wrong.display())).unwrap();
+    let output = cli(&["run", "--dir", vdir]);
+    assert!(!output.status.success() && stderr(&output).contains("does not match"), "{}", stderr(&output));
+    std::fs::write(&config, format!("{original}\n[run]\nnbd = [\"{open}\"]\nnbd_tls = \"sometimes\"\n")).unwrap();
+    let output = cli(&["run", "--dir", vdir]);
+    assert!(!output.status.success() && stderr(&output).contains("run.nbd_tls"), "{}", stderr(&output));
+    std::fs::write(&config, format!("{original}\n[run]\nnbd = [\"{open}\"]\n")).unwrap();
+    let output = cli(&["run", "--dir", vdir]);
+    assert!(!output.status.success() && stderr(&output).contains("not a loopback address"), "{}", stderr(&output));
 }
