@@ -36,6 +36,17 @@ pub struct Store {
     path: PathBuf,
     size: u64,
     is_device: bool,
+    /// Failpoint prefixes for injected disk errors: (writes and syncs, reads).
+    faults: Option<(&'static str, &'static str)>,
+}
+
+/// Which failpoints inject disk errors into a store, by what it is.
+fn fault_ops(what: &str) -> Option<(&'static str, &'static str)> {
+    match what {
+        "backing store" => Some(("backing-write", "backing-read")),
+        "replica image" => Some(("replica-image", "replica-image-read")),
+        _ => None,
+    }
 }
 
 impl Store {
@@ -54,7 +65,7 @@ impl Store {
             return Err(StoreError::NotStorage { what, path: path.to_path_buf() });
         }
         let size = fsutil::storage_size(&file).map_err(io_error)?;
-        Ok(Store { file, path: path.to_path_buf(), size, is_device })
+        Ok(Store { file, path: path.to_path_buf(), size, is_device, faults: fault_ops(what) })
     }
 
     /// [`Store::open`], refusing a store that is not exactly `expected` bytes.
@@ -89,7 +100,23 @@ impl Store {
         self.is_device
     }
 
+    /// An injected write (or sync) error, if a failpoint says so.
+    fn write_fault(&self) -> io::Result<()> {
+        match self.faults.and_then(|(write, _)| crate::failpoint::disk_error(write)) {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+
+    fn read_fault(&self) -> io::Result<()> {
+        match self.faults.and_then(|(_, read)| crate::failpoint::disk_error(read)) {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_fault()?;
         self.file.read_exact_at(buf, offset)
     }
 
@@ -99,6 +126,7 @@ impl Store {
     /// afterwards. (Reading holes would fill the page cache with zero pages that make later
     /// small writes to them expensive.)
     pub fn read_for_scan(&self, buf: &mut [u8], offset: u64, hole_allowed: bool) -> io::Result<bool> {
+        self.read_fault()?;
         let length = buf.len() as u64;
         if hole_allowed && !self.is_device && fsutil::is_hole(&self.file, offset, length) {
             buf.fill(0);
@@ -113,6 +141,7 @@ impl Store {
     /// from the network), zeros, or a discard (reads as zeros afterwards); a marker changes
     /// nothing.
     pub fn apply(&self, kind: RecordKind, extent: Extent, payload: &[impl AsRef<[u8]>]) -> io::Result<()> {
+        self.write_fault()?;
         match kind {
             RecordKind::Write => match payload {
                 [single] => self.file.write_all_at(single.as_ref(), extent.offset),
@@ -125,6 +154,7 @@ impl Store {
     }
 
     pub fn write_all_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        self.write_fault()?;
         self.file.write_all_at(data, offset)
     }
 
@@ -135,11 +165,13 @@ impl Store {
 
     /// Makes every write so far durable (fdatasync).
     pub fn sync_data(&self) -> io::Result<()> {
+        self.write_fault()?;
         self.file.sync_data()
     }
 
     /// Makes every write and the file's metadata durable (fsync).
     pub fn sync_all(&self) -> io::Result<()> {
+        self.write_fault()?;
         self.file.sync_all()
     }
 }

@@ -18,9 +18,17 @@ const DASHBOARD: &str = "contrib/grafana/ublk-mirror.json";
 const RULES: &str = "contrib/prometheus/ublk-mirror-rules.yml";
 const RULES_TEST: &str = "contrib/prometheus/ublk-mirror-rules.test.yml";
 
-/// The alerts issue 19 asks for (and VolumeFailed).
-const ALERTS: [&str; 7] =
-    ["MirrorDisconnected", "MirrorLagAboveRpo", "MirrorTracking", "MirrorVerifyDifferences", "JournalFillHigh", "ReplicaSnapshotInvalid", "VolumeFailed"];
+/// The alerts issue 19 asks for (and VolumeFailed, ReplicaDiskFailed).
+const ALERTS: [&str; 8] = [
+    "MirrorDisconnected",
+    "MirrorLagAboveRpo",
+    "MirrorTracking",
+    "MirrorVerifyDifferences",
+    "JournalFillHigh",
+    "ReplicaSnapshotInvalid",
+    "VolumeFailed",
+    "ReplicaDiskFailed",
+];
 
 fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)

@@ -33,11 +33,20 @@ pub struct Applier {
     /// The replicas opened so far (`registry.rs`).
     pub(super) replicas: Mutex<HashMap<ReplicaKey, Slot>>,
     listen: Mutex<Option<SocketAddr>>,
+    /// The last disk error of each replica that hit one, by replica (`registry.rs`).
+    pub(super) disk_failures: Mutex<HashMap<String, String>>,
 }
 
 impl Applier {
     pub fn new(dir: &Path, extra_allowed: Vec<String>, idle_timeout: std::time::Duration) -> Arc<Applier> {
-        Arc::new(Applier { dir: ApplierDir::new(dir), extra_allowed, idle_timeout, replicas: Mutex::new(HashMap::new()), listen: Mutex::new(None) })
+        Arc::new(Applier {
+            dir: ApplierDir::new(dir),
+            extra_allowed,
+            idle_timeout,
+            replicas: Mutex::new(HashMap::new()),
+            listen: Mutex::new(None),
+            disk_failures: Mutex::new(HashMap::new()),
+        })
     }
 
     /// Binds `listen`, calls `ready` with the bound address, and serves until `stop` resolves.
@@ -162,8 +171,22 @@ impl Applier {
             return Err(LinkError::Refused(refusal).into());
         }
         let result = self.stream(&key.to_string(), &replica, &mut send, recv).await;
+        let mut failed = None;
         if let Some(slot) = lock(&self.replicas).get_mut(&key) {
             slot.connected = false;
+            if let Err(ApplierError::Replica(error)) = &result {
+                if error.is_disk_error() {
+                    // What the replica holds in memory may not be what its disk holds after a
+                    // failed write or sync: the next connection opens it again from its files
+                    // (journal recovery, redo from `applied`), and fails again while the disk does.
+                    tracing::error!(replica = %key, error = %error, "replica disk error: it is reopened at the next connection");
+                    slot.reopen = true;
+                    failed = Some(error.to_string());
+                }
+            }
+        }
+        if let Some(error) = failed {
+            self.set_disk_failure(&key, error);
         }
         result
     }
@@ -189,6 +212,14 @@ impl Applier {
         });
         let result = self.process(name, replica, send, &mut frames).await;
         drop(frames);
+        if let Err(ApplierError::Replica(error)) = &result {
+            if error.is_disk_error() {
+                // Nothing of the failed batch was acknowledged; tell the source why it stops
+                // being acknowledged (its mirror status shows it), then reconnect later.
+                let refusal = Refusal::Other(format!("the applier's disk failed, nothing more is acknowledged until it is fixed: {error}"));
+                let _ = write_control(send, &Control::Refused(refusal)).await;
+            }
+        }
         // A resync that did not commit is discarded whole: the replica stays at its state.
         let abandoned = blocking(replica, |r| r.abandon_resync()).await;
         // Whatever was applied is made durable (and acknowledged, if the source still listens).
@@ -297,6 +328,7 @@ impl Applier {
             if !taken.is_empty() {
                 self.record_groups(&taken);
             }
+            self.clear_disk_failure(name);
             write_control(send, &Control::Ack { received_lsn: received, applied_lsn: applied }).await?;
             let (unsynced_records, unsynced_bytes) = unsynced;
             if unsynced_records >= CHECKPOINT_RECORDS || unsynced_bytes >= CHECKPOINT_BYTES {

@@ -20,6 +20,8 @@ pub(super) struct Slot {
     /// The connected source's address.
     pub peer: Option<SocketAddr>,
     pub connections: u64,
+    /// Set after a disk error: the replica is opened anew from its files before it is used.
+    pub reopen: bool,
 }
 
 type Slots = HashMap<ReplicaKey, Slot>;
@@ -46,8 +48,20 @@ impl Applier {
             // A promoted replica that `volume demote` made a replica again (a switchover
             // back) is opened anew from its files.
             let remade = lock(&slot.replica).state().promotion.is_some() && ReplicaState::load(&dir).is_ok_and(|state| state.promotion.is_none());
-            if !remade {
+            if !remade && !slot.reopen {
                 return Ok((key, slot.replica.clone()));
+            }
+            if slot.reopen {
+                tracing::info!(replica = %key, "reopening the replica after a disk error");
+                // The old instance goes before the new one opens the same files. If opening
+                // fails (the disk still does), the source is refused and retries; status
+                // keeps showing the disk error meanwhile.
+                slots.remove(&key);
+                let replica = Replica::open(dir.root()).inspect_err(|error| {
+                    tracing::error!(replica = %key, error = %error, "the replica cannot be reopened");
+                    self.set_disk_failure(&key, error.to_string());
+                })?;
+                return Ok((key.clone(), self.register(&mut slots, key, replica)));
             }
             tracing::info!(replica = %key, "the promoted replica was made a replica again: reopening it");
         }
@@ -73,7 +87,7 @@ impl Applier {
             Err(error) => tracing::warn!(%error, "applier.toml unreadable: the default snapshot retention applies"),
         }
         let replica = Arc::new(Mutex::new(replica));
-        slots.insert(key, Slot { replica: replica.clone(), connected: false, peer: None, connections: 0 });
+        slots.insert(key, Slot { replica: replica.clone(), connected: false, peer: None, connections: 0, reopen: false });
         replica
     }
 
@@ -87,6 +101,20 @@ impl Applier {
         }
         let replica = Replica::open(found.dir.root())?;
         Ok((found.key.clone(), self.register(&mut slots, found.key, replica)))
+    }
+
+    /// Records the disk error that stopped `key`'s replica (status shows it until a batch is
+    /// stored and acknowledged again).
+    pub(super) fn set_disk_failure(&self, key: &ReplicaKey, error: String) {
+        lock(&self.disk_failures).insert(key.to_string(), error);
+    }
+
+    /// A batch of `key`'s replica was stored: its disk works again.
+    pub(super) fn clear_disk_failure(&self, key: &str) {
+        let mut failures = lock(&self.disk_failures);
+        if !failures.is_empty() && failures.remove(key).is_some() {
+            tracing::info!(replica = key, "the replica stores records again");
+        }
     }
 
     pub(super) fn applier_dir(&self) -> &crate::layout::ApplierDir {
@@ -143,6 +171,7 @@ impl Applier {
 
     pub fn status(&self) -> ApplierStatus {
         let fingerprint = crate::identity::fingerprint(&self.dir.identity()).unwrap_or_default();
+        let disk_failures = lock(&self.disk_failures).clone();
         let mut replicas: Vec<ReplicaStatus> = lock(&self.replicas)
             .iter()
             .map(|(key, slot)| {
@@ -168,13 +197,16 @@ impl Applier {
                     snapshots_invalid: r.invalid_snapshot_count(),
                     generation: Some(r.state().generation),
                     promoted_to: r.promoted_to().map(|p| p.display().to_string()),
+                    disk_error: disk_failures.get(&key.to_string()).cloned(),
                 }
             })
             .collect();
         // Replicas on disk that no source has connected to since start.
         for found in replicas::list(&self.dir) {
             if !replicas.iter().any(|r| r.volume == found.key.volume && r.source == found.key.source) {
-                replicas.push(offline_replica(&self.dir, found));
+                // A replica that failed to reopen after a disk error is closed, not healthy.
+                let disk_error = disk_failures.get(&found.key.to_string()).cloned();
+                replicas.push(ReplicaStatus { disk_error, ..offline_replica(&self.dir, found) });
             }
         }
         replicas.sort_by(|a, b| (&a.volume, &a.source).cmp(&(&b.volume, &b.source)));

@@ -192,7 +192,7 @@ impl Journal {
         Arc::new(Journal {
             dir: dir.to_path_buf(),
             options,
-            table: Mutex::new(SegmentTable { retained: recovered.retained, spare: recovered.spare, preparing: false, rolling: false }),
+            table: Mutex::new(SegmentTable { retained: recovered.retained, spare: recovered.spare, preparing: false, rolling: false, prepare_failure: None }),
             space_freed: Condvar::new(),
             spare_wanted: Condvar::new(),
             written_lsn: AtomicU64::new(last_lsn),
@@ -236,7 +236,16 @@ impl Journal {
         }
         let file = self.active_file.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if let Some(file) = file {
-            file.sync_data().map_err(io_error("sync journal segment"))?;
+            let synced = match crate::failpoint::disk_error("journal-sync") {
+                Some(injected) => Err(injected),
+                None => file.sync_data(),
+            };
+            if let Err(error) = synced {
+                // As after a failed commit (writer.rs): never trust cached pages a failed
+                // fdatasync may have marked clean without writing.
+                fsutil::drop_from_cache(&file, 0, 0);
+                return Err(io_error("sync journal segment")(error));
+            }
         }
         // Published under the table lock: the power-cut failpoint holds it while it decides
         // what was durable, so no sync can complete (and acknowledge a FLUSH) meanwhile.

@@ -9,6 +9,9 @@ use std::time::Duration;
 use super::Journal;
 use crate::fsutil;
 
+/// How long the preparer waits before it tries again after creating a spare failed.
+const PREPARE_RETRY: Duration = Duration::from_millis(500);
+
 /// Keeps one zero-filled spare segment ready in the background while the cap allows, so a
 /// growing journal never stalls writes on creating a segment. Owned by the writer, which stops
 /// and joins it when dropped.
@@ -40,7 +43,13 @@ impl SegmentPreparer {
                         }
                     };
                     if let Some(path) = path {
-                        journal.prepare_spare(path);
+                        if !journal.prepare_spare(path) {
+                            // A full or failing disk: retry, but not in a tight loop.
+                            let table = journal.lock_table();
+                            if !stopping.load(Ordering::Acquire) {
+                                let _ = journal.spare_wanted.wait_timeout(table, PREPARE_RETRY);
+                            }
+                        }
                     }
                 }
             })
@@ -65,22 +74,32 @@ impl Drop for SegmentPreparer {
 }
 
 impl Journal {
-    /// Creates one zero-filled spare file and adds it to the pool (the caller set `preparing`).
-    fn prepare_spare(&self, path: PathBuf) {
-        let created = fsutil::create_zero_filled(&path, self.options.segment_size);
-        if created.is_ok() {
-            let _ = fsutil::sync_dir(&self.dir);
-        }
+    /// Creates one zero-filled spare file and adds it to the pool (the caller set `preparing`);
+    /// false if that failed (the failure is kept for the writer, see `prepare_failure`).
+    fn prepare_spare(&self, path: PathBuf) -> bool {
+        let created = match crate::failpoint::disk_error("journal-segment") {
+            Some(injected) => Err(injected),
+            None => fsutil::create_zero_filled(&path, self.options.segment_size),
+        };
+        let created = created.and_then(|()| fsutil::sync_dir(&self.dir));
         let mut table = self.lock_table();
         table.preparing = false;
-        match created {
-            Ok(()) => table.spare.push(path),
+        let ok = match created {
+            Ok(()) => {
+                table.spare.push(path);
+                table.prepare_failure = None;
+                true
+            }
             Err(error) => {
                 tracing::warn!(%error, "preparing a spare journal segment failed; will retry");
                 let _ = std::fs::remove_file(&path);
+                let errno = error.raw_os_error().unwrap_or(libc::EIO);
+                table.prepare_failure = Some((format!("create a journal segment in {}: {error}", self.dir.display()), errno));
+                false
             }
-        }
+        };
         drop(table);
         self.space_freed.notify_all();
+        ok
     }
 }

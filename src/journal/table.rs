@@ -29,6 +29,10 @@ pub(super) struct SegmentTable {
     pub(super) preparing: bool,
     /// The writer took a spare and is turning it into the next segment (counts toward the cap).
     pub(super) rolling: bool,
+    /// Why the last attempt to create a spare failed (a full or failing disk) and its errno;
+    /// cleared when one is created. A writer that needs a new segment fails with it rather
+    /// than waiting for a disk that may never have room.
+    pub(super) prepare_failure: Option<(String, i32)>,
 }
 
 impl SegmentTable {

@@ -49,6 +49,8 @@ pub struct JournalWriter {
     committed_len: usize,
     next_lsn: u64,
     last_written_lsn: u64,
+    /// The failpoint prefix of this journal's writes (`journal-write`, `applier-journal`).
+    fault_op: &'static str,
     /// Stopped and joined when the writer is dropped.
     _preparer: SegmentPreparer,
 }
@@ -68,6 +70,7 @@ impl JournalWriter {
             committed_len: 0,
             next_lsn,
             last_written_lsn: next_lsn - 1,
+            fault_op: "journal-write",
             _preparer: SegmentPreparer::start(&journal),
             journal,
         };
@@ -93,6 +96,12 @@ impl JournalWriter {
 
     pub fn journal(&self) -> &Arc<Journal> {
         &self.journal
+    }
+
+    /// Names the failpoints that inject disk errors into this journal's writes
+    /// (`OP-eio`, `OP-enospc`; see `failpoint::disk_error`).
+    pub fn set_fault_op(&mut self, op: &'static str) {
+        self.fault_op = op;
     }
 
     /// The LSN the next append will get.
@@ -173,7 +182,17 @@ impl JournalWriter {
         let padded = align_up(self.buffer_len as u64, BLOCK_SIZE as u64) as usize;
         self.buffer[self.buffer_len..padded].fill(0);
         let (data, offset) = if staged { (&self.buffer[..padded], self.buffer_file_offset) } else { (&self.buffer[..0], 0) };
-        self.ring.write_and_maybe_sync(&self.file, data, offset, sync).map_err(io_error(format!("write journal segment {}", self.segment_path.display())))?;
+        let written = match crate::failpoint::disk_error(self.fault_op) {
+            Some(injected) => Err(injected),
+            None => self.ring.write_and_maybe_sync(&self.file, data, offset, sync),
+        };
+        if let Err(error) = written {
+            // After a failed write or fdatasync the kernel may keep pages it will never write
+            // (marked clean): drop them, so whatever reads the journal next (recovery after a
+            // restart, a reader) sees what the disk holds, not what the cache pretends.
+            fsutil::drop_from_cache(&self.file, 0, 0);
+            return Err(io_error(format!("write journal segment {}", self.segment_path.display()))(error));
+        }
         self.last_written_lsn = self.next_lsn - 1;
         self.journal.written_lsn.store(self.last_written_lsn, Ordering::Release);
         if sync {
@@ -245,6 +264,12 @@ impl JournalWriter {
             // few milliseconds; if creating files keeps failing (disk full), status shows the
             // journal as full while writes wait.
             while table.spare.is_empty() && (table.preparing || table.files() < self.journal.options.max_segments()) {
+                if let (false, Some((context, errno))) = (table.preparing, &table.prepare_failure) {
+                    // The journal must grow and the disk cannot give it a segment: the record
+                    // fails (ENOSPC when the disk is full) rather than waiting for room.
+                    let source = std::io::Error::from_raw_os_error(*errno);
+                    return Err(AppendError::Failed(JournalError::Io { context: context.clone(), source }));
+                }
                 self.journal.full.store(true, Ordering::Release);
                 self.journal.spare_wanted.notify_all();
                 table = self.journal.space_freed.wait_timeout(table, Duration::from_millis(100)).unwrap_or_else(|p| p.into_inner()).0;

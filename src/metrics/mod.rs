@@ -31,6 +31,14 @@ pub fn render_volume(status: &Status, latency: &RequestLatency) -> String {
             (candidate == n.mode) as u8 as f64,
         );
     }
+    if let Some(failure) = &n.failure {
+        out.gauge(
+            "ublk_mirror_volume_failure_info",
+            "1 while the volume is failed; the reason label says why (the first I/O error).",
+            &[("volume", volume), ("reason", failure.as_str())],
+            1.0,
+        );
+    }
     out.gauge("ublk_mirror_volume_size_bytes", "Size of the volume.", &labels, v.size as f64);
     out.gauge("ublk_mirror_volume_last_lsn", "Newest LSN assigned to a write.", &labels, n.last_lsn as f64);
     out.gauge("ublk_mirror_volume_synced_lsn", "Newest LSN durable in the journal.", &labels, n.synced_lsn as f64);
@@ -131,6 +139,20 @@ pub fn render_applier(status: &ApplierStatus) -> String {
         out.gauge("ublk_mirror_replica_applied_lsn", "Newest LSN applied to the replica image.", &labels, r.applied_lsn as f64);
         out.gauge("ublk_mirror_replica_consistent", "1 when the image is a consistent past state of the source.", &labels, r.consistent as u8 as f64);
         out.gauge("ublk_mirror_replica_connected", "1 while the source is connected.", &labels, r.connected as u8 as f64);
+        out.gauge(
+            "ublk_mirror_replica_disk_failed",
+            "1 while the replica's disk fails (it acknowledges nothing until it stores records again).",
+            &labels,
+            r.disk_error.is_some() as u8 as f64,
+        );
+        if let Some(error) = &r.disk_error {
+            out.gauge(
+                "ublk_mirror_replica_disk_error_info",
+                "1 while the replica's disk fails; the error label is the last disk error.",
+                &[labels[0], labels[1], ("error", error.as_str())],
+                1.0,
+            );
+        }
         if let Some(lsn) = r.consistent_lsn {
             out.gauge("ublk_mirror_replica_consistent_lsn", "The source LSN the replica image equals.", &labels, lsn as f64);
         }

@@ -356,6 +356,9 @@ impl Sender {
                 Some(Frame::Control(Control::ResyncRefused { reason })) => {
                     let _ = events.send(ApplierEvent::Resync(ResyncEvent::Refused(reason)));
                 }
+                // The applier stops acknowledging (its disk failed): the mirror shows why,
+                // reconnects later and resends what was not acknowledged.
+                Some(Frame::Control(Control::Refused(refusal))) => return Err(LinkError::Refused(refusal)),
                 None => return Ok(()),
                 other => return Err(LinkError::Protocol(format!("unexpected frame from the applier: {other:?}"))),
             }

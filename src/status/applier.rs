@@ -50,6 +50,11 @@ pub struct ReplicaStatus {
     /// records).
     #[serde(default)]
     pub promoted_to: Option<String>,
+    /// The last disk error of the replica's journal, image or state while the applier ran
+    /// (EIO, ENOSPC): it stores and acknowledges nothing until the disk works again, when
+    /// this clears. Absent when the disk is fine.
+    #[serde(default)]
+    pub disk_error: Option<String>,
 }
 
 /// A replica's running resync.

@@ -153,6 +153,9 @@ pub fn applier_text(dir: &Path, status: &ApplierStatus) -> String {
                 None => r.image.clone(),
             }
         ));
+        if let Some(error) = &r.disk_error {
+            out.push_str(&format!("  {:<20} DISK ERROR {error}\n", ""));
+        }
     }
     out
 }
@@ -172,7 +175,13 @@ pub fn applier_one_line(status: &ApplierStatus) -> String {
                 r.source.as_deref().unwrap_or(crate::layout::UNBOUND),
                 r.applied_lsn,
                 if r.consistent { "consistent" } else { "INCONSISTENT" },
-                if r.connected { "connected" } else { "disconnected" }
+                if r.disk_error.is_some() {
+                    "DISK ERROR"
+                } else if r.connected {
+                    "connected"
+                } else {
+                    "disconnected"
+                }
             )
         })
         .collect();

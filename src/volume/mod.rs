@@ -75,6 +75,10 @@ pub enum VolumeError {
     OutOfRange { offset: u64, length: u64, size: u64 },
     #[error("volume stopped after an I/O error: {0}")]
     Failed(String),
+    /// The disk error that stopped the volume, as the request that hit it sees it (the
+    /// errno it had: ENOSPC for a full disk, EIO otherwise); later requests get `Failed`.
+    #[error("{message}")]
+    Disk { message: String, errno: i32 },
     #[error("volume is shutting down")]
     ShuttingDown,
     /// A request that could not be served now; it changed nothing.
@@ -98,8 +102,31 @@ impl VolumeError {
             VolumeError::ReadOnly => libc::EPERM,
             VolumeError::Fenced => libc::EIO,
             VolumeError::Busy(_) => libc::EBUSY,
+            VolumeError::Disk { errno, .. } => *errno,
+            VolumeError::Io { source, .. } => disk_errno(source),
+            VolumeError::Journal(JournalError::Io { source, .. }) => disk_errno(source),
+            VolumeError::Store(crate::store::StoreError::Io { source, .. }) => disk_errno(source),
             _ => libc::EIO,
         }
+    }
+
+    /// The error the request that hit a disk error gets: its message, and ENOSPC when the
+    /// disk was full (EIO otherwise).
+    pub(crate) fn disk(message: String, error: &JournalError) -> VolumeError {
+        let errno = match error {
+            JournalError::Io { source, .. } => disk_errno(source),
+            _ => libc::EIO,
+        };
+        VolumeError::Disk { message, errno }
+    }
+}
+
+/// ENOSPC stays ENOSPC (a full disk, the client may free space); every other I/O error is
+/// EIO to a block device's client.
+fn disk_errno(error: &io::Error) -> i32 {
+    match error.raw_os_error() {
+        Some(libc::ENOSPC) => libc::ENOSPC,
+        _ => libc::EIO,
     }
 }
 
@@ -229,7 +256,13 @@ impl Volume {
         // Take the overlays before reading the backing store: a record removed from the
         // index in between has already been written to the backing store.
         let overlays = lock(&self.shared.index).overlays(extent);
-        self.shared.backing.read_exact_at(buf, offset).map_err(io_context("read backing store"))?;
+        if let Err(error) = self.shared.backing.read_exact_at(buf, offset) {
+            // A disk that fails reads is failing: stop taking writes (reads go on being tried,
+            // so what is still readable can be copied off), and say why in status.
+            let message = format!("read backing store {} at offset {offset}: {error}", self.shared.backing.path().display());
+            self.shared.fail(message.clone());
+            return Err(VolumeError::Disk { message, errno: disk_errno(&error) });
+        }
         apply_overlays(buf, offset, &overlays);
         self.shared.counters.reads.fetch_add(1, Ordering::Relaxed);
         self.shared.counters.read_bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);

@@ -45,8 +45,9 @@ pub(super) fn run(shared: Arc<Shared>, waiters: Receiver<DurabilityWaiter>) {
             Err(error) => {
                 let message = format!("journal sync: {error}");
                 shared.fail(message.clone());
+                // The FLUSH/FUA requests that waited for this sync get the disk's errno.
                 for waiter in waiting.drain(..) {
-                    (waiter.completion)(Err(VolumeError::Failed(message.clone())));
+                    (waiter.completion)(Err(VolumeError::disk(message.clone(), &error)));
                 }
                 // Keep answering (with the failure) until the writer stops.
                 for waiter in waiters.iter() {

@@ -198,8 +198,9 @@ impl WriterLoop {
                     }
                 }
                 Err(AppendError::Failed(error)) => {
-                    self.shared.fail(format!("journal append: {error}"));
-                    return Err(VolumeError::Journal(error));
+                    let message = format!("journal append: {error}");
+                    self.shared.fail(message.clone());
+                    return Err(VolumeError::disk(message, &error));
                 }
             }
         };
@@ -231,6 +232,15 @@ impl WriterLoop {
         if self.completions.is_empty() && self.durable_completions.is_empty() && self.to_apply.is_empty() && !sync {
             return;
         }
+        if let Some(failure) = self.shared.failure() {
+            // After a disk error nothing more is written (not even at shutdown): what is
+            // staged was never acknowledged, and its requests fail.
+            self.to_apply.clear();
+            for completion in self.completions.drain(..).chain(self.durable_completions.drain(..)) {
+                completion(Err(VolumeError::Failed(failure.clone())));
+            }
+            return;
+        }
         match self.writer.commit(sync) {
             Ok(()) => {
                 if sync {
@@ -255,8 +265,10 @@ impl WriterLoop {
                 let message = format!("journal commit: {error}");
                 self.shared.fail(message.clone());
                 self.to_apply.clear();
+                // Not journaled, so not acknowledged: each of these requests gets the disk's
+                // errno (ENOSPC when it was full); every later one gets EIO.
                 for completion in self.completions.drain(..).chain(self.durable_completions.drain(..)) {
-                    completion(Err(VolumeError::Failed(message.clone())));
+                    completion(Err(VolumeError::disk(message.clone(), &error)));
                 }
             }
         }

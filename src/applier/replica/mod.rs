@@ -59,6 +59,14 @@ pub enum ReplicaError {
     Snapshot(#[from] SnapshotError),
 }
 
+impl ReplicaError {
+    /// An error of the disk under the replica (its journal, image or state files), as
+    /// opposed to bad input: the replica's files must be read again before it is trusted.
+    pub fn is_disk_error(&self) -> bool {
+        matches!(self, ReplicaError::Io { .. } | ReplicaError::Journal(JournalError::Io { .. }) | ReplicaError::Store(StoreError::Io { .. }))
+    }
+}
+
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ReplicaError {
     let context = context.into();
     move |source| ReplicaError::Io { context, source }
@@ -115,6 +123,9 @@ fn journal_options(uuid: uuid::Uuid) -> JournalOptions {
 }
 
 const IMAGE: &str = "replica image";
+/// The failpoints that inject disk errors into the applier's journal (`applier-journal-eio`,
+/// `applier-journal-enospc`).
+const JOURNAL_FAULTS: &str = "applier-journal";
 
 /// The directories a journal replacement makes beside the segments' (see `restart_journal`).
 const NEW: &str = crate::layout::JOURNAL_NEW_SUFFIX;
@@ -207,6 +218,8 @@ impl Replica {
                 (journal, writer)
             }
         };
+        let mut writer = writer;
+        writer.set_fault_op(JOURNAL_FAULTS);
         let applied_unsynced = state.applied_lsn;
         let snapshots = Snapshots::open(&dir, &state.volume_name, state.size)?;
         let promoted = state.promotion.is_some();
@@ -549,7 +562,8 @@ fn restart_journal(dir: &ReplicaDir, volume_uuid: uuid::Uuid, first_lsn: u64) ->
     }
     std::fs::rename(&fresh, &live).map_err(io(format!("move {} into place", fresh.display())))?;
     crate::fsutil::sync_dir(located.parent()).map_err(io(format!("sync {}", located.parent().display())))?;
-    let (journal, writer, _) = Journal::open(&dir.journal(), journal_options(volume_uuid))?;
+    let (journal, mut writer, _) = Journal::open(&dir.journal(), journal_options(volume_uuid))?;
+    writer.set_fault_op(JOURNAL_FAULTS);
     let _ = std::fs::remove_dir_all(&aside);
     Ok((journal, writer))
 }
