@@ -72,6 +72,13 @@ fn ublk_prerequisite_and_conflict_errors() {
     assert_passes("ublk-errors.sh", "");
 }
 
+/// A disk error under the device reaches the guest's writer as ENOSPC, then EIO; a restart
+/// after the fault serves everything fsync'd.
+#[test]
+fn disk_errors_reach_the_guest_with_their_errno() {
+    assert_passes("ublk-disk-errors.sh", "");
+}
+
 /// The data-checking workload the recovery tests run in the guest (an example of this
 /// package: `cargo test` builds it beside the binary).
 fn fs_workload() -> String {
