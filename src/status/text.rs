@@ -63,6 +63,10 @@ pub fn one_line(status: &Status) -> String {
     let n = &status.volume.numbers;
     let mode = n.mode.as_str();
     let mut line = format!("{} {mode}, last LSN {}", status.volume.name, n.last_lsn);
+    if let Some(failure) = &n.failure {
+        // systemctl status shows why the volume takes no writes.
+        line.push_str(&format!(" ({failure})"));
+    }
     for mirror in &status.mirrors {
         line.push_str(&format!(
             "; mirror {} {} lag {} records / {}B / {:.1}s",
