@@ -176,6 +176,7 @@ proptest! {
             idle_timeout,
             congestion: None,
             verify_every,
+            compression: None,
         };
         if config.validate().is_ok() {
             prop_assert!(config.max_rate.is_none_or(|rate| rate >= crate::mirror::config::MIN_RATE));
@@ -232,6 +233,7 @@ fn regression_intervals_beyond_a_century_are_refused() {
         idle_timeout: None,
         congestion: None,
         verify_every: Some("400000000000y".into()),
+        compression: None,
     };
     assert!(mirror.validate().unwrap_err().contains("longer than a century"));
 }

@@ -1,0 +1,185 @@
+//! Compression of record batches on the wire (protocol 6), end to end through the binaries:
+//! applier + `run` on loopback, real QUIC. Compressible data travels compressed and the
+//! replica converges byte-equal; random data goes raw; `mirror set --compression` applies to
+//! the running volume; bad settings are refused and change nothing.
+
+mod common;
+use common::*;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const MIB: usize = 1 << 20;
+
+/// A volume with a mirror to a fresh applier, `mirror add` given `mirror_args`.
+fn site(tmp: &Path, mirror_args: &[&str]) -> (std::path::PathBuf, std::path::PathBuf, u16) {
+    let adir = tmp.join("applier");
+    let vdir = tmp.join("vol");
+    let volume_fp = fingerprint_line(&create_volume(&vdir, "vol0", "64M", &["--journal-size", "64M", "--segment-size", "8M"]));
+    let output = cli(&["applier", "init", "--dir", adir.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let applier_fp = fingerprint_line(&stdout(&output));
+    assert!(cli(&["applier", "allow", "--dir", adir.to_str().unwrap(), &volume_fp]).status.success());
+    let port = free_udp_port();
+    let address = format!("127.0.0.1:{port}");
+    let mut args = vec!["mirror", "add", "--dir", vdir.to_str().unwrap(), "--to", &address, "--fingerprint", &applier_fp];
+    args.extend_from_slice(mirror_args);
+    let output = cli(&args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    (adir, vdir, port)
+}
+
+/// Text-like data: compresses several times over, like logs or source files.
+fn compressible(len: usize, seed: u64) -> Vec<u8> {
+    let words = ["replica ", "journal ", "batch ", "record ", "volume ", "mirror ", "applier ", "checkpoint\n"];
+    let mut out = Vec::with_capacity(len + 16);
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+    while out.len() < len {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        out.extend_from_slice(words[(state >> 60) as usize % words.len()].as_bytes());
+        out.extend_from_slice(format!("{} ", (state >> 40) % 1000).as_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn random(len: usize, seed: u64) -> Vec<u8> {
+    use rand::{RngCore, SeedableRng};
+    let mut out = vec![0u8; len];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut out);
+    out
+}
+
+/// Writes `data` at `offset` in 256 KiB requests, then flushes.
+fn write(served: &Served, offset: u64, data: &[u8]) {
+    let mut client = nbd_client::NbdClient::connect(&served.socket, "vol0").expect("connect");
+    for (i, piece) in data.chunks(256 << 10).enumerate() {
+        assert_eq!(client.write(offset + (i * (256 << 10)) as u64, piece), 0);
+    }
+    assert_eq!(client.flush(), 0);
+    client.disconnect();
+}
+
+/// The mirror's wire and payload counters and its compressed batches.
+fn counters(status: &serde_json::Value) -> (u64, u64, u64) {
+    let m = &status["mirrors"][0];
+    (m["sent_bytes"].as_u64().unwrap(), m["payload_bytes"].as_u64().unwrap(), m["compressed_batches"].as_u64().unwrap())
+}
+
+#[test]
+fn zstd_compresses_text_sends_random_data_raw_and_can_be_switched_off_live() {
+    require_tool("qemu-img", "qemu-utils");
+    let tmp = tempfile::tempdir().unwrap();
+    let (adir, vdir, port) = site(tmp.path(), &["--compression", "zstd:3"]);
+    let _applier = Applier::start(&adir, port);
+    let served = Served::start(&vdir, &[]);
+    wait_consistent(&vdir);
+    let start = counters(&status_json(&vdir));
+    assert_eq!(status_json(&vdir)["mirrors"][0]["compression"], "zstd:3");
+
+    // Compressible: 16 MiB of text.
+    write(&served, 0, &compressible(16 * MIB, 1));
+    let status = wait_caught_up(&vdir);
+    let text = counters(&status);
+    let (sent, payload, batches) = (text.0 - start.0, text.1 - start.1, text.2 - start.2);
+    eprintln!("zstd:3 on text: {payload} payload bytes as {sent} on the wire ({:.2}x) in {batches} compressed batches", payload as f64 / sent as f64);
+    assert_eq!(payload, 16 * MIB as u64, "{status}");
+    assert!(sent * 2 < payload, "text must at least halve: {sent} of {payload}");
+    assert!(batches > 0);
+    assert!(compare(&served.uri("vol0"), replica_image(&adir, "vol0").to_str().unwrap()), "replica differs from the source");
+    let table = stdout(&cli(&["status", "--dir", vdir.to_str().unwrap()]));
+    assert!(table.contains("COMPRESSION") && table.contains("zstd:3 "), "{table}");
+
+    // Incompressible: 8 MiB of random bytes go raw, plus only the frame headers.
+    write(&served, 16 * MIB as u64, &random(8 * MIB, 2));
+    let status = wait_caught_up(&vdir);
+    let after = counters(&status);
+    let (sent, payload, batches) = (after.0 - text.0, after.1 - text.1, after.2 - text.2);
+    eprintln!("zstd:3 on random data: {payload} payload bytes as {sent} on the wire, {batches} compressed batches");
+    assert_eq!(payload, 8 * MIB as u64);
+    assert!(sent >= payload && sent <= payload + payload / 100, "raw batches cost only their headers: {sent} for {payload}");
+    assert_eq!(batches, 0, "no random batch shrinks by 5%");
+    assert!(compare(&served.uri("vol0"), replica_image(&adir, "vol0").to_str().unwrap()), "replica differs from the source");
+
+    // Off, on the running volume: text goes raw from now on.
+    let output = cli(&["mirror", "set", "--dir", vdir.to_str().unwrap(), "--compression", "off"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stdout(&output).contains("compression off") && stdout(&output).contains("applied to the running volume"), "{}", stdout(&output));
+    assert_eq!(status_json(&vdir)["mirrors"][0]["compression"], "off");
+    write(&served, 24 * MIB as u64, &compressible(8 * MIB, 3));
+    let status = wait_caught_up(&vdir);
+    let off = counters(&status);
+    let (sent, payload, batches) = (off.0 - after.0, off.1 - after.1, off.2 - after.2);
+    assert_eq!(payload, 8 * MIB as u64);
+    assert_eq!(batches, 0, "nothing compressed once off");
+    assert!(sent >= payload && sent <= payload + payload / 100, "{sent} for {payload}");
+    assert!(compare(&served.uri("vol0"), replica_image(&adir, "vol0").to_str().unwrap()), "replica differs from the source");
+    let config = std::fs::read_to_string(vdir.join("mirrors/mirror.toml")).unwrap();
+    assert!(config.contains("compression = \"off\""), "{config}");
+}
+
+/// `auto` (the default) compresses once the link is the bottleneck: under a rate limit.
+#[test]
+fn auto_compresses_under_a_rate_limit() {
+    require_tool("qemu-img", "qemu-utils");
+    let tmp = tempfile::tempdir().unwrap();
+    let (adir, vdir, port) = site(tmp.path(), &["--max-rate", "4M"]);
+    let _applier = Applier::start(&adir, port);
+    let served = Served::start(&vdir, &[]);
+    wait_consistent(&vdir);
+    assert_eq!(status_json(&vdir)["mirrors"][0]["compression"], "auto");
+    let started = Instant::now();
+    write(&served, 0, &compressible(16 * MIB, 4));
+    let status = wait_caught_up(&vdir);
+    let elapsed = started.elapsed();
+    let (sent, payload, batches) = counters(&status);
+    eprintln!("auto at 4 MiB/s: {payload} bytes as {sent} ({:.2}x) in {elapsed:?}, {batches} compressed batches", payload as f64 / sent as f64);
+    assert!(batches > 0 && sent * 2 < payload, "{status}");
+    // 16 MiB raw at 4 MiB/s would take 4 s.
+    assert!(elapsed < Duration::from_secs(4), "compressed data passes the limit faster: {elapsed:?}");
+    assert!(compare(&served.uri("vol0"), replica_image(&adir, "vol0").to_str().unwrap()), "replica differs from the source");
+}
+
+#[test]
+fn bad_compression_settings_are_refused_and_change_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_adir, vdir, _port) = site(tmp.path(), &[]);
+    let file = vdir.join("mirrors/mirror.toml");
+    let before = std::fs::read(&file).unwrap();
+    for bad in ["zstd:99", "zstd:0", "lz4", "zstd:fast", ""] {
+        let output = cli(&["mirror", "set", "--dir", vdir.to_str().unwrap(), "--compression", bad]);
+        assert!(!output.status.success(), "{bad:?} accepted");
+        let message = stderr(&output);
+        assert!(message.contains("not a compression setting") && message.contains("zstd:LEVEL"), "{bad:?}: {message}");
+        assert_eq!(std::fs::read(&file).unwrap(), before, "{bad:?} changed the file");
+    }
+    let output = cli(&[
+        "mirror",
+        "add",
+        "--dir",
+        vdir.to_str().unwrap(),
+        "--to",
+        "127.0.0.1:9",
+        "--fingerprint",
+        &format!("sha256:{}", "ab".repeat(32)),
+        "--name",
+        "other",
+        "--compression",
+        "gzip",
+    ]);
+    assert!(!output.status.success() && stderr(&output).contains("not a compression setting"), "{}", stderr(&output));
+    assert!(!vdir.join("mirrors/other.toml").exists());
+    // A hand-edited file: the error names the file and the key.
+    let text = String::from_utf8(before.clone()).unwrap() + "compression = \"zstd:23\"\n";
+    std::fs::write(&file, text).unwrap();
+    let output = cli(&["mirror", "set", "--dir", vdir.to_str().unwrap(), "--idle-timeout", "20"]);
+    let message = stderr(&output);
+    assert!(!output.status.success() && message.contains("mirror.toml") && message.contains("compression") && message.contains("zstd:23"), "{message}");
+    std::fs::write(&file, &before).unwrap();
+    // Good ones are kept as given.
+    for good in ["zstd", "zstd:19", "zstd:-3", "auto", "off"] {
+        let output = cli(&["mirror", "set", "--dir", vdir.to_str().unwrap(), "--compression", good]);
+        assert!(output.status.success(), "{good}: {}", stderr(&output));
+    }
+    assert_eq!(status_json(&vdir)["mirrors"][0]["compression"], "off");
+}
