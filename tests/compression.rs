@@ -183,3 +183,45 @@ fn bad_compression_settings_are_refused_and_change_nothing() {
     }
     assert_eq!(status_json(&vdir)["mirrors"][0]["compression"], "off");
 }
+
+/// A source of another protocol version (here: 5, the one before compression) is refused
+/// over real QUIC before the applier makes a replica, with a message naming both versions.
+#[test]
+fn a_sender_of_another_protocol_version_is_refused_naming_both() {
+    use ublk_mirror::protocol::{framing, tls, transport, wire};
+    let tmp = tempfile::tempdir().unwrap();
+    let (adir, vdir, port) = site(tmp.path(), &[]);
+    let _applier = Applier::start(&adir, port);
+    let identity = tls::Identity::load(&vdir.join("identity")).unwrap();
+    let applier_fp = applier_status(&adir)["fingerprint"].as_str().unwrap().to_string();
+    let volume = status_json(&vdir);
+    let uuid = uuid::Uuid::parse_str(volume["volume"]["uuid"].as_str().unwrap()).unwrap();
+    let generation = uuid::Uuid::parse_str(volume["volume"]["generation"].as_str().unwrap()).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    for theirs in [wire::PROTOCOL_VERSION - 1, wire::PROTOCOL_VERSION + 1] {
+        let hello = wire::Hello {
+            protocol: theirs,
+            volume_uuid: *uuid.as_bytes(),
+            volume_name: "vol0".into(),
+            size: 64 << 20,
+            generation: *generation.as_bytes(),
+            first_lsn: 1,
+            last_lsn: 0,
+            history: vec![wire::WireGeneration { id: *generation.as_bytes(), parent: None, branch_lsn: 0, created_us: 0 }],
+        };
+        let answer = runtime.block_on(async {
+            let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+            endpoint.set_default_client_config(
+                transport::client_config(&identity, &applier_fp, Duration::from_secs(15), transport::Congestion::default()).unwrap(),
+            );
+            let connection = endpoint.connect(format!("127.0.0.1:{port}").parse().unwrap(), "applier").unwrap().await.unwrap();
+            let (mut send, mut recv) = connection.open_bi().await.unwrap();
+            framing::write_control(&mut send, &wire::Control::Hello(hello)).await.unwrap();
+            framing::read_frame(&mut recv).await.unwrap()
+        });
+        let Some(wire::Frame::Control(wire::Control::Refused(refusal))) = answer else { panic!("protocol {theirs}: {answer:?}") };
+        let text = refusal.to_string();
+        assert!(text.contains(&format!("protocol {theirs} ")) && text.contains(&format!("protocol {}:", wire::PROTOCOL_VERSION)), "{text}");
+        assert!(applier_status(&adir)["replicas"].as_array().is_none_or(|r| r.is_empty()), "no replica made for protocol {theirs}");
+    }
+}
