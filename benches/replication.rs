@@ -442,7 +442,10 @@ fn backlog_drain(base: &Path, applier_base: &Path, bs: &str, total: u64, link: O
     }
     // The backlog: written while no applier listens.
     let rw = if bs == "1m" { "write" } else { "randwrite" };
-    fio(&format!("nbd+unix:///bench?socket={}", socket.display()), rw, bs, &["--size=2g", &format!("--io_size={total}")]);
+    // New random bytes for every write: fio's default reuses a few barely changed buffers,
+    // which zstd (the default `auto` compression, engaged when the link limits) would shrink
+    // to nothing; these rows measure incompressible data (row 6 measures compressible data).
+    fio(&format!("nbd+unix:///bench?socket={}", socket.display()), rw, bs, &["--size=2g", &format!("--io_size={total}"), "--refill_buffers"]);
     let last = status(&vdir)["volume"]["last_lsn"].as_u64().unwrap();
     let applier = spawn(&["applier", "run", "--dir", adir.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")], &adir.join("control.sock"));
     // The clock starts when the sender is connected (its reconnect backoff, up to 5 s while
