@@ -13,6 +13,11 @@ const MIB: usize = 1 << 20;
 
 /// A volume with a mirror to a fresh applier, `mirror add` given `mirror_args`.
 fn site(tmp: &Path, mirror_args: &[&str]) -> (std::path::PathBuf, std::path::PathBuf, u16) {
+    site_through(tmp, mirror_args, |port| format!("127.0.0.1:{port}"))
+}
+
+/// [`site`] with the mirror sent to `to(applier port)` (a relay in front of the applier).
+fn site_through(tmp: &Path, mirror_args: &[&str], to: impl FnOnce(u16) -> String) -> (std::path::PathBuf, std::path::PathBuf, u16) {
     let adir = tmp.join("applier");
     let vdir = tmp.join("vol");
     let volume_fp = fingerprint_line(&create_volume(&vdir, "vol0", "64M", &["--journal-size", "64M", "--segment-size", "8M"]));
@@ -21,7 +26,7 @@ fn site(tmp: &Path, mirror_args: &[&str]) -> (std::path::PathBuf, std::path::Pat
     let applier_fp = fingerprint_line(&stdout(&output));
     assert!(cli(&["applier", "allow", "--dir", adir.to_str().unwrap(), &volume_fp]).status.success());
     let port = free_udp_port();
-    let address = format!("127.0.0.1:{port}");
+    let address = to(port);
     let mut args = vec!["mirror", "add", "--dir", vdir.to_str().unwrap(), "--to", &address, "--fingerprint", &applier_fp];
     args.extend_from_slice(mirror_args);
     let output = cli(&args);
@@ -116,6 +121,18 @@ fn zstd_compresses_text_sends_random_data_raw_and_can_be_switched_off_live() {
     assert!(compare(&served.uri("vol0"), replica_image(&adir, "vol0").to_str().unwrap()), "replica differs from the source");
     let config = std::fs::read_to_string(vdir.join("mirrors/mirror.toml")).unwrap();
     assert!(config.contains("compression = \"off\""), "{config}");
+
+    // And on again, on the same connection: compressed from the next batch.
+    let output = cli(&["mirror", "set", "--dir", vdir.to_str().unwrap(), "--compression", "zstd:1"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    write(&served, 32 * MIB as u64, &compressible(8 * MIB, 6));
+    let status = wait_caught_up(&vdir);
+    let on = counters(&status);
+    let (sent, payload, batches) = (on.0 - off.0, on.1 - off.1, on.2 - off.2);
+    assert_eq!(payload, 8 * MIB as u64);
+    assert!(batches > 0 && sent * 2 < payload, "compressed again: {sent} for {payload} in {batches} batches");
+    assert_eq!(status["mirrors"][0]["reconnects"], 0, "{status}");
+    assert!(compare(&served.uri("vol0"), replica_image(&adir, "vol0").to_str().unwrap()), "replica differs from the source");
 }
 
 /// `auto` (the default) compresses once the link is the bottleneck: under a rate limit.
@@ -129,15 +146,48 @@ fn auto_compresses_under_a_rate_limit() {
     wait_consistent(&vdir);
     assert_eq!(status_json(&vdir)["mirrors"][0]["compression"], "auto");
     let started = Instant::now();
-    write(&served, 0, &compressible(16 * MIB, 4));
+    write(&served, 0, &compressible(32 * MIB, 4));
     let status = wait_caught_up(&vdir);
     let elapsed = started.elapsed();
     let (sent, payload, batches) = counters(&status);
     eprintln!("auto at 4 MiB/s: {payload} bytes as {sent} ({:.2}x) in {elapsed:?}, {batches} compressed batches", payload as f64 / sent as f64);
     assert!(batches > 0 && sent * 2 < payload, "{status}");
-    // 16 MiB raw at 4 MiB/s would take 4 s.
-    assert!(elapsed < Duration::from_secs(4), "compressed data passes the limit faster: {elapsed:?}");
+    // 32 MiB raw at 4 MiB/s would take 8 s; compressed about 2 s (slack for a busy machine).
+    assert!(elapsed < Duration::from_secs(6), "compressed data passes the limit faster: {elapsed:?}");
     assert!(compare(&served.uri("vol0"), replica_image(&adir, "vol0").to_str().unwrap()), "replica differs from the source");
+}
+
+/// `auto` also compresses without a limit once the sender waits on the link: here a relay
+/// at 20 ms RTT and 10 MB/s.
+#[test]
+fn auto_compresses_when_the_link_is_slower_than_the_sender() {
+    require_tool("qemu-img", "qemu-utils");
+    use common::relay::{Impairment, Relay};
+    let tmp = tempfile::tempdir().unwrap();
+    let link = Impairment::wan(Duration::from_millis(20), 0.0, Some(10_000_000));
+    let mut relay = None;
+    let (adir, vdir, port) = site_through(tmp.path(), &[], |port| {
+        let started = Relay::start(format!("127.0.0.1:{port}").parse().unwrap(), link, Impairment { rate: None, ..link }, 9);
+        let address = started.address().to_string();
+        relay = Some(started);
+        address
+    });
+    let _applier = Applier::start(&adir, port);
+    let served = Served::start(&vdir, &[]);
+    wait_consistent(&vdir);
+    let started = Instant::now();
+    write(&served, 0, &compressible(48 * MIB, 5));
+    let status = wait_caught_up(&vdir);
+    let (sent, payload, batches) = counters(&status);
+    eprintln!(
+        "auto through a 10 MB/s link: {payload} bytes as {sent} ({:.2}x) in {:?}, {batches} compressed batches",
+        payload as f64 / sent as f64,
+        started.elapsed()
+    );
+    // The first second goes raw: then the sender has shown it waits on the link.
+    assert!(batches > 0 && sent * 4 < payload * 3, "{status}");
+    assert!(compare(&served.uri("vol0"), replica_image(&adir, "vol0").to_str().unwrap()), "replica differs from the source");
+    drop(relay);
 }
 
 #[test]

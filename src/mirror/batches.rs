@@ -48,7 +48,8 @@ impl BatchEncoder {
         let setting = *lock(&self.setting);
         let level = if self.peer_zstd { self.policy.level(setting, rate_limited, Instant::now()) } else { None };
         let pairs: Vec<_> = batch.iter().map(|r| (r.header, &r.payload[..])).collect();
-        if let (Some(level), Some(mut compressor)) = (level, self.compressor.take()) {
+        // The context is taken only when used (a `take()` beside a `None` level lost it).
+        if let Some((level, mut compressor)) = level.and_then(|level| Some((level, self.compressor.take()?))) {
             let payloads: Vec<bytes::Bytes> = batch.iter().map(|r| r.payload.clone()).collect();
             let work = tokio::task::spawn_blocking(move || {
                 let block = compressor.compress(level, payloads.iter().map(|p| &p[..]));
