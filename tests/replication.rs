@@ -329,6 +329,43 @@ fn garbage_from_an_authenticated_client_leaves_the_replica_untouched() {
             frame.extend_from_slice(&payload);
             frame
         }),
+        // Compressed batches (protocol 6): a bomb (8 MiB of zeros where the header claims one
+        // 4 KiB write) and a damaged zstd frame; the applier must refuse both unapplied.
+        ("compression bomb", {
+            let header = ublk_mirror::journal::RecordHeader {
+                kind: ublk_mirror::journal::RecordKind::Write,
+                flags: 0,
+                lsn: 1,
+                offset: 0,
+                length: 4096,
+                payload_len: 4096,
+                synced_lsn: 0,
+                timestamp_us: 0,
+            };
+            let block = zstd::bulk::compress(&vec![0u8; 8 << 20], 3).unwrap();
+            let mut frame = wire::encode_compressed_batch_header(&[(header, &[0u8; 4096][..])], block.len());
+            frame.extend_from_slice(&block);
+            frame
+        }),
+        ("corrupt zstd frame", {
+            let header = ublk_mirror::journal::RecordHeader {
+                kind: ublk_mirror::journal::RecordKind::Write,
+                flags: 0,
+                lsn: 1,
+                offset: 0,
+                length: 4096,
+                payload_len: 4096,
+                synced_lsn: 0,
+                timestamp_us: 0,
+            };
+            let mut block = zstd::bulk::compress(&vec![0xab; 4096], 3).unwrap();
+            let middle = block.len() / 2;
+            block[middle] ^= 0x5a;
+            block.truncate(block.len() - 2);
+            let mut frame = wire::encode_compressed_batch_header(&[(header, &[0u8; 4096][..])], block.len());
+            frame.extend_from_slice(&block);
+            frame
+        }),
         ("LSN gap", {
             let header = ublk_mirror::journal::RecordHeader {
                 kind: ublk_mirror::journal::RecordKind::Write,

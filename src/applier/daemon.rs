@@ -124,6 +124,14 @@ impl Applier {
             }
             other => return Err(LinkError::Protocol(format!("expected Hello, got {other:?}")).into()),
         };
+        // Before any replica is opened or made: a sender of another version changes nothing.
+        if let Err(refusal) = crate::protocol::wire::check_protocol(&hello) {
+            tracing::warn!(volume = %hello.volume_name, reason = %refusal, "refused a source");
+            write_control(&mut send, &Control::Refused(refusal.clone())).await?;
+            let _ = send.finish();
+            connection.closed().await;
+            return Err(LinkError::Refused(refusal).into());
+        }
         let name = hello.volume_name.clone();
         if crate::name::validate(&name).is_err() {
             let refusal = Refusal::Other(format!("invalid volume name {name:?}"));
@@ -196,7 +204,8 @@ impl Applier {
             let r = lock(replica);
             (r.received_lsn(), r.applied_lsn(), r.state().is_consistent(), r.state().needs_sync(), r.state().consistent_lsn(), r.local_changes()?)
         };
-        write_control(send, &Control::Welcome { received_lsn, applied_lsn, consistent, needs_sync, consistent_lsn, local_changes }).await?;
+        let codecs = crate::protocol::compression::CODECS.iter().map(|c| c.to_string()).collect();
+        write_control(send, &Control::Welcome { received_lsn, applied_lsn, consistent, needs_sync, consistent_lsn, local_changes, codecs }).await?;
         tracing::info!(volume = %name, received_lsn, applied_lsn, consistent, needs_sync, "source connected");
         // Frames are read by their own task, so the next batch crosses the network while this
         // one is made durable and applied. A frame that fails to decode ends the reader, and

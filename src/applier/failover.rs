@@ -107,6 +107,7 @@ impl Applier {
             idle_timeout: None,
             congestion: None,
             verify_every: None,
+            compression: None,
         };
         back.validate().map_err(|e| other(format!("the mirror back to the source: {e}")))?;
         let (_, replica) = self.replica_for(&ask.hello, &ask.source, false).map_err(|e| other(e.to_string()))?;

@@ -9,6 +9,7 @@ use clap::{Args, Subcommand};
 
 use ublk_mirror::layout::VolumeDir;
 use ublk_mirror::mirror::{self, MirrorConfig};
+use ublk_mirror::protocol::compression::Compression;
 use ublk_mirror::protocol::transport::Congestion;
 use ublk_mirror::size::parse_size;
 use ublk_mirror::status::MirrorStatus;
@@ -23,8 +24,9 @@ pub enum MirrorCommand {
     /// Stop mirroring to the named applier: a running volume stops its sender at once and
     /// releases its journal retention and dirty map. The replica on the applier stays.
     Remove(MirrorRemoveArgs),
-    /// Change a mirror's bandwidth limit or idle timeout. A running volume applies a new rate
-    /// at once; the idle timeout at the next connection.
+    /// Change a mirror's bandwidth limit, idle timeout, verify schedule or compression. A
+    /// running volume applies a new rate and compression at once; the idle timeout at the
+    /// next connection.
     Set(MirrorSetArgs),
     /// Wait until the mirrors have applied every write the running volume had journaled when
     /// the command started (e.g. before a planned failover, or in scripts). Exits 1 on timeout.
@@ -70,6 +72,15 @@ pub struct MirrorSetArgs {
     /// "none" to stop them.
     #[arg(long, value_name = "INTERVAL|none")]
     verify_every: Option<String>,
+    /// Compression of record batches on the wire: off, zstd:LEVEL (always; LEVEL 1..=22, or
+    /// negative for zstd's fast modes) or auto (only while the link is the bottleneck).
+    #[arg(long, value_name = "off|zstd:LEVEL|auto", value_parser = parse_compression)]
+    compression: Option<Compression>,
+}
+
+/// clap's parser of `--compression`: the message says what is accepted.
+fn parse_compression(text: &str) -> Result<Compression, String> {
+    text.parse().map_err(|e: ublk_mirror::protocol::compression::CompressionError| e.to_string())
 }
 
 #[derive(Args)]
@@ -100,6 +111,11 @@ pub struct MirrorAddArgs {
     /// Run an online verify (no repair) this often, e.g. 7d (default: only on request).
     #[arg(long, value_name = "INTERVAL")]
     verify_every: Option<String>,
+    /// Compression of record batches on the wire: off, zstd:LEVEL (always; "zstd" alone is
+    /// level 1) or auto (default: only while the link is the bottleneck: a max rate is set or
+    /// the sender waits on the network). A batch that shrinks by less than 5% goes raw.
+    #[arg(long, value_name = "off|zstd:LEVEL|auto", value_parser = parse_compression)]
+    compression: Option<Compression>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -168,6 +184,7 @@ fn add(args: MirrorAddArgs) -> Result<()> {
         idle_timeout: args.idle_timeout,
         congestion: args.congestion.map(Into::into),
         verify_every: args.verify_every,
+        compression: args.compression,
     };
     let dir = VolumeDir::new(&args.dir);
     mirror::add(&dir, &config).with_context(|| format!("add mirror to {}", args.dir.display()))?;
@@ -215,17 +232,18 @@ fn set(args: MirrorSetArgs) -> Result<()> {
         Some(text) => Some(Some(parse_size(text).context("--max-rate")?)),
     };
     let verify_every = args.verify_every.map(|every| if every == "none" { None } else { Some(every) });
-    let changes = mirror::MirrorChanges { max_rate, idle_timeout: args.idle_timeout, verify_every };
+    let changes = mirror::MirrorChanges { max_rate, idle_timeout: args.idle_timeout, verify_every, compression: args.compression };
     if changes.is_empty() {
-        bail!("nothing to change: give --max-rate RATE|none, --idle-timeout SECONDS and/or --verify-every INTERVAL|none");
+        bail!("nothing to change: give --max-rate RATE|none, --idle-timeout SECONDS, --verify-every INTERVAL|none and/or --compression off|zstd:LEVEL|auto");
     }
     let config = mirror::set(&VolumeDir::new(&args.dir), &args.name, &changes)?;
     let rate = config.max_rate.map_or("none".to_string(), |r| format!("{}/s", ublk_mirror::size::format_size(r)));
     println!(
-        "mirror {}: max rate {rate}, idle timeout {} s, verify every {}",
+        "mirror {}: max rate {rate}, idle timeout {} s, verify every {}, compression {}",
         config.name,
         config.idle_timeout().as_secs(),
-        config.verify_every.as_deref().unwrap_or("(never)")
+        config.verify_every.as_deref().unwrap_or("(never)"),
+        config.compression()
     );
     if ublk_mirror::volume::is_locked(&args.dir) {
         running_volume(&VolumeDir::new(&args.dir), "reload-mirrors")?;

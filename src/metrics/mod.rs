@@ -96,7 +96,26 @@ fn render_mirror(out: &mut Exposition, volume: &str, m: &MirrorStatus) {
     if let Some(rate) = m.max_rate {
         out.gauge("ublk_mirror_mirror_max_rate_bytes_per_second", "The mirror's bandwidth limit.", &labels, rate as f64);
     }
-    out.counter("ublk_mirror_mirror_sent_bytes_total", "Payload bytes sent (records and synchronisation chunks).", &labels, m.sent_bytes as f64);
+    out.counter(
+        "ublk_mirror_mirror_sent_bytes_total",
+        "Bytes sent on the wire for the mirror's data (record batch frames, compressed or raw, and synchronisation chunks).",
+        &labels,
+        m.sent_bytes as f64,
+    );
+    out.counter(
+        "ublk_mirror_mirror_payload_bytes_total",
+        "The same data uncompressed (payload_bytes / sent_bytes is the compression ratio).",
+        &labels,
+        m.payload_bytes as f64,
+    );
+    out.counter("ublk_mirror_mirror_compressed_batches_total", "Record batches sent compressed (the others went raw).", &labels, m.compressed_batches as f64);
+    let setting = if m.compression.is_empty() { "auto" } else { m.compression.as_str() };
+    out.gauge(
+        "ublk_mirror_mirror_compression",
+        "1, labelled with the mirror's compression setting (off, zstd:LEVEL or auto).",
+        &[("volume", volume), ("mirror", &m.name), ("setting", setting)],
+        1.0,
+    );
     out.counter("ublk_mirror_mirror_sent_records_total", "Journal records sent.", &labels, m.sent_records as f64);
     out.counter("ublk_mirror_mirror_reconnects_total", "Connections lost or refused (each followed by a retry).", &labels, m.reconnects as f64);
     out.gauge("ublk_mirror_mirror_sync_chunks", "Chunks of the current or last initial synchronisation.", &labels, m.sync_chunks_total as f64);
@@ -214,6 +233,24 @@ mod tests {
             r#"ublk_mirror_mirror_verify_last_duration_seconds{volume="vol0",mirror="m1"} 2.5"#,
             r#"ublk_mirror_mirror_verify_differing_regions{volume="vol0",mirror="m1"} 3"#,
             r#"ublk_mirror_mirror_verify_differing_bytes{volume="vol0",mirror="m1"} 12288"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn wire_and_payload_bytes_and_the_compression_setting_are_exported() {
+        let mut mirror = MirrorStatus::new("m1", "addr", None, 0, 0);
+        (mirror.sent_bytes, mirror.payload_bytes, mirror.compressed_batches) = (1000, 4000, 3);
+        mirror.compression = "zstd:3".into();
+        let mut out = Exposition::default();
+        render_mirror(&mut out, "vol0", &mirror);
+        let text = out.finish();
+        for line in [
+            r#"ublk_mirror_mirror_sent_bytes_total{volume="vol0",mirror="m1"} 1000"#,
+            r#"ublk_mirror_mirror_payload_bytes_total{volume="vol0",mirror="m1"} 4000"#,
+            r#"ublk_mirror_mirror_compressed_batches_total{volume="vol0",mirror="m1"} 3"#,
+            r#"ublk_mirror_mirror_compression{volume="vol0",mirror="m1",setting="zstd:3"} 1"#,
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }

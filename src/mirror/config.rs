@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::checkpoints::{self, Checkpoints};
 use super::MirrorError;
 use crate::layout::VolumeDir;
+use crate::protocol::compression::Compression;
 use crate::protocol::transport::{Congestion, DEFAULT_IDLE_TIMEOUT_SECONDS};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,9 +35,19 @@ pub struct MirrorConfig {
     /// absent: none. At least a minute.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify_every: Option<String>,
+    /// Compression of record batches on the wire: "off", "zstd:LEVEL" or "auto" (the
+    /// default: compress only while the link is the bottleneck). Parsed, so a bad value is
+    /// an error naming this key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<Compression>,
 }
 
 impl MirrorConfig {
+    /// The compression setting in force (absent: `auto`).
+    pub fn compression(&self) -> Compression {
+        self.compression.unwrap_or_default()
+    }
+
     pub fn idle_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT_SECONDS))
     }
@@ -102,14 +113,16 @@ fn save(dir: &VolumeDir, config: &MirrorConfig) -> Result<(), MirrorError> {
     let text = format!(
         "# ublk-mirror mirror of this volume; written by `ublk-mirror mirror add`/`mirror set`.\n\
          # Keys: name, address (HOST:PORT), fingerprint (sha256:...), max_rate (bytes/s, e.g. \"50M\"),\n\
-         # idle_timeout (seconds), congestion (\"bbr\" or \"cubic\"), verify_every (e.g. \"7d\"). See docs/configuration.md.\n{}",
+         # idle_timeout (seconds), congestion (\"bbr\" or \"cubic\"), verify_every (e.g. \"7d\"),\n\
+         # compression (\"off\", \"zstd:LEVEL\" or \"auto\", the default). See docs/configuration.md.\n{}",
         toml::to_string_pretty(config).expect("mirror config serialises")
     );
     crate::fsutil::write_atomic(&path, text.as_bytes()).map_err(|source| MirrorError::Io { context: format!("write {}", path.display()), source })
 }
 
-/// Changes a mirror's rate limit and idle timeout (`None`: leave as is). A running volume
-/// picks the rate up at once (see `reload`), the idle timeout at the next connection.
+/// Changes a mirror's rate limit, idle timeout, verify schedule or compression (`None`: leave
+/// as is). A running volume picks the rate and the compression up at once (see `reload`),
+/// the idle timeout at the next connection.
 pub fn set(dir: &VolumeDir, name: &str, changes: &MirrorChanges) -> Result<MirrorConfig, MirrorError> {
     let mut config = load(dir, name)?;
     if let Some(rate) = changes.max_rate {
@@ -120,6 +133,9 @@ pub fn set(dir: &VolumeDir, name: &str, changes: &MirrorChanges) -> Result<Mirro
     }
     if let Some(every) = &changes.verify_every {
         config.verify_every = every.clone();
+    }
+    if let Some(compression) = changes.compression {
+        config.compression = Some(compression);
     }
     config.validate().map_err(|e| MirrorError::Invalid(format!("mirror {e}")))?;
     save(dir, &config)?;
@@ -132,11 +148,12 @@ pub struct MirrorChanges {
     pub max_rate: Option<Option<u64>>,
     pub idle_timeout: Option<u64>,
     pub verify_every: Option<Option<String>>,
+    pub compression: Option<Compression>,
 }
 
 impl MirrorChanges {
     pub fn is_empty(&self) -> bool {
-        self.max_rate.is_none() && self.idle_timeout.is_none() && self.verify_every.is_none()
+        self.max_rate.is_none() && self.idle_timeout.is_none() && self.verify_every.is_none() && self.compression.is_none()
     }
 }
 

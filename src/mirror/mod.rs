@@ -4,9 +4,10 @@
 //! applier's `received` checkpoint; `link.rs` the connection, its Hello and its
 //! frames, `sync_source.rs` the source half of an initial
 //! synchronisation, `resync_source.rs` of a resync from the dirty map,
-//! `verify_source.rs` of an online verify), and the bandwidth
-//! limit (`rate.rs`).
+//! `verify_source.rs` of an online verify, `batches.rs` record batches as frames, compressed
+//! or raw), and the bandwidth limit (`rate.rs`).
 
+mod batches;
 pub mod checkpoints;
 pub mod config;
 pub mod generations;

@@ -30,6 +30,11 @@ impl RateLimiter {
         }
     }
 
+    /// A limit is set (compression's `auto` then compresses: the link is the bottleneck).
+    pub fn limited(&self) -> bool {
+        self.rate.load(Ordering::Relaxed) != 0
+    }
+
     /// How long to wait before sending `bytes` (and books them).
     pub fn book(&mut self, bytes: u64, now: Instant) -> Duration {
         let rate = self.rate.load(Ordering::Relaxed);

@@ -168,6 +168,7 @@ impl ResyncSource {
             status.resync_done_bytes += extent.length;
             status.resync_sent_bytes += if zero { 0 } else { extent.length };
             status.sent_bytes += if zero { 0 } else { extent.length };
+            status.payload_bytes += if zero { 0 } else { extent.length };
             sent = true;
         }
         if self.awaiting.len() < HASH_BATCHES_IN_FLIGHT && self.cursor < self.map.regions() {

@@ -57,6 +57,7 @@ pub fn offline_statuses(dir: &VolumeDir, journal: &Journal, device_size: u64) ->
                 status.track();
             }
             status.last_error = problem;
+            status.compression = m.compression().to_string();
             if let Some(report) = checkpoints::load_verify(dir, &m.name) {
                 status.show_verify(report);
             }
@@ -86,6 +87,8 @@ struct Running {
     removed: Arc<AtomicBool>,
     /// Verifies asked for, and the schedule, shared with its sender.
     verify: Arc<Mutex<VerifyControl>>,
+    /// Its compression setting, shared with its sender.
+    compression: Arc<Mutex<crate::protocol::compression::Compression>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -136,6 +139,7 @@ impl Senders {
         {
             let mut status = lock(&status);
             status.last_error = problem;
+            status.compression = config.compression().to_string();
             status.resynced_lsn_ranges = checkpoints::load_gaps(dir, &config.name);
             if let Some(report) = checkpoints::load_verify(dir, &config.name) {
                 status.show_verify(report);
@@ -144,6 +148,7 @@ impl Senders {
         let verify = Arc::new(Mutex::new(VerifyControl { requested: None, every: config.verify_interval() }));
         let rate = Arc::new(AtomicU64::new(config.max_rate.unwrap_or(0)));
         let removed = Arc::new(AtomicBool::new(false));
+        let compression = Arc::new(Mutex::new(config.compression()));
         let name = config.name.clone();
         let sender = Sender::new(
             dir.clone(),
@@ -151,13 +156,13 @@ impl Senders {
             self.volume.clone(),
             status.clone(),
             hold.clone(),
-            SenderControls { stop: self.stop.clone(), removed: removed.clone(), rate: rate.clone(), verify: verify.clone() },
+            SenderControls { stop: self.stop.clone(), removed: removed.clone(), rate: rate.clone(), verify: verify.clone(), compression: compression.clone() },
         );
         let thread = std::thread::Builder::new()
             .name(format!("sender-{name}"))
             .spawn(move || sender.run())
             .map_err(|source| MirrorError::Io { context: "start sender thread".into(), source })?;
-        Ok(Running { name, status, hold, rate, removed, verify, thread: Some(thread) })
+        Ok(Running { name, status, hold, rate, removed, verify, compression, thread: Some(thread) })
     }
 
     /// How many mirrors the volume streams to.
@@ -191,8 +196,8 @@ impl Senders {
 
     /// Re-reads the mirrors' files (after `mirror add` or `mirror set`): a mirror added since
     /// the volume started gets its sender now (its initial synchronisation runs while the
-    /// volume serves); a running one takes its new rate limit at once, its idle timeout at
-    /// the next connection.
+    /// volume serves); a running one takes its new rate limit and compression at once (the
+    /// next batch), its idle timeout at the next connection.
     pub fn reload(&self) -> Result<Reloaded, MirrorError> {
         let mut reloaded = Reloaded::default();
         let mut running = lock(&self.running);
@@ -200,7 +205,12 @@ impl Senders {
             match running.iter().find(|r| r.name == config.name) {
                 Some(mirror) => {
                     mirror.rate.store(config.max_rate.unwrap_or(0), Ordering::Relaxed);
-                    lock(&mirror.status).max_rate = config.max_rate;
+                    *lock(&mirror.compression) = config.compression();
+                    {
+                        let mut status = lock(&mirror.status);
+                        status.max_rate = config.max_rate;
+                        status.compression = config.compression().to_string();
+                    }
                     lock(&mirror.verify).every = config.verify_interval();
                     reloaded.updated.push(config.name);
                 }

@@ -8,9 +8,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::batches::BatchEncoder;
 use super::checkpoints::{self, Checkpoints};
 use super::config::MirrorConfig;
-use super::link::{connect, frame_chunks, hello_of};
+use super::link::{connect, hello_of};
 use super::rate::RateLimiter;
 use super::resync_source::{ResyncEvent, ResyncPeer, ResyncSource};
 use super::verify_source::{self, VerifyControl, VerifyPeer, VerifySource};
@@ -18,6 +19,7 @@ use crate::dirty_map::DirtyMap;
 use crate::journal::{Hold, HoldState, JournalReader};
 use crate::layout::VolumeDir;
 use crate::lock;
+use crate::protocol::compression::Compression;
 use crate::protocol::framing::{read_frame, write_control, LinkError};
 use crate::protocol::tls;
 use crate::protocol::wire::{self, Control, Frame};
@@ -61,6 +63,8 @@ pub(super) struct Sender {
     rate: Arc<AtomicU64>,
     /// Online verifies asked for, and the schedule.
     verify: Arc<Mutex<VerifyControl>>,
+    /// The compression setting, shared with `Senders::reload`.
+    compression: Arc<Mutex<Compression>>,
 }
 
 /// What the volume's side shares with a running sender to steer it.
@@ -73,6 +77,8 @@ pub(super) struct SenderControls {
     pub rate: Arc<AtomicU64>,
     /// Online verifies asked for (`mirror verify`) and the schedule (`verify_every`).
     pub verify: Arc<Mutex<VerifyControl>>,
+    /// The compression of record batches (`compression`).
+    pub compression: Arc<Mutex<Compression>>,
 }
 
 /// What the applier says besides checkpoints (read by the acknowledgement task).
@@ -117,8 +123,8 @@ impl Flight {
 
 impl Sender {
     pub fn new(dir: VolumeDir, config: MirrorConfig, volume: Arc<Volume>, status: Arc<Mutex<MirrorStatus>>, hold: Hold, controls: SenderControls) -> Sender {
-        let SenderControls { stop, removed, rate, verify } = controls;
-        Sender { dir, config, volume, status, hold, stop, removed, synced_here: Arc::new(AtomicBool::new(false)), rate, verify }
+        let SenderControls { stop, removed, rate, verify, compression } = controls;
+        Sender { dir, config, volume, status, hold, stop, removed, synced_here: Arc::new(AtomicBool::new(false)), rate, verify, compression }
     }
 
     pub fn run(self) {
@@ -265,7 +271,8 @@ impl Sender {
             None => None,
         };
         let mut verify = None;
-        let result = self.stream(&mut send, received, &in_flight, &mut acks, &mut limiter, (&mut resync, &mut verify), events).await;
+        let mut encoder = BatchEncoder::new(self.compression.clone(), &welcome.codecs);
+        let result = self.stream(&mut send, received, &in_flight, &mut acks, (&mut limiter, &mut encoder), (&mut resync, &mut verify), events).await;
         let why = match &result {
             Err(error) => format!("the connection to the applier ended: {error:#}"),
             Ok(Ended::Stopped) => "the volume is stopping".to_string(),
@@ -290,7 +297,7 @@ impl Sender {
         let hello = hello_of(&self.volume);
         write_control(send, &Control::Hello(hello)).await?;
         let welcome = match read_frame(recv).await? {
-            Some(Frame::Control(Control::Welcome { received_lsn, applied_lsn, consistent, needs_sync, consistent_lsn, local_changes })) => {
+            Some(Frame::Control(Control::Welcome { received_lsn, applied_lsn, consistent, needs_sync, consistent_lsn, local_changes, codecs })) => {
                 let local_changes = match local_changes {
                     Some(bytes) => Some(
                         DirtyMap::decode(&bytes, std::path::Path::new("the applier's Welcome"), self.volume.config().size)
@@ -298,7 +305,7 @@ impl Sender {
                     ),
                     None => None,
                 };
-                Welcome { received: received_lsn, applied: applied_lsn, consistent, needs_sync, consistent_lsn, local_changes }
+                Welcome { received: received_lsn, applied: applied_lsn, consistent, needs_sync, consistent_lsn, local_changes, codecs }
             }
             Some(Frame::Control(Control::Refused(refusal))) => return Err(super::generations::explain(&self.volume, &self.config.name, refusal)),
             other => return Err(LinkError::Protocol(format!("expected Welcome, got {other:?}"))),
@@ -375,7 +382,7 @@ impl Sender {
         received: u64,
         in_flight: &Arc<Mutex<Flight>>,
         acks: &mut tokio::task::JoinHandle<Result<(), LinkError>>,
-        limiter: &mut RateLimiter,
+        (limiter, encoder): (&mut RateLimiter, &mut BatchEncoder),
         (resync, verify): (&mut Option<ResyncSource>, &mut Option<VerifySource>),
         mut events: tokio::sync::mpsc::UnboundedReceiver<ApplierEvent>,
     ) -> Result<Ended, LinkError> {
@@ -457,13 +464,19 @@ impl Sender {
                     None => false,
                 };
                 if !stepped && !verified.progress {
+                    // Records ready but no room in the window: the link is the bottleneck.
+                    let blocked = unacked >= WINDOW_BYTES && reader.next_lsn() <= journal.synced_lsn().min(stop_at);
+                    let waited = Instant::now();
                     tokio::time::sleep(Duration::from_millis(2)).await;
+                    if blocked {
+                        encoder.stalled(waited.elapsed());
+                    }
                 }
                 continue;
             }
-            let pairs: Vec<_> = batch.iter().map(|r| (r.header, &r.payload[..])).collect();
-            let header = wire::encode_batch_header(&pairs);
-            limiter.pace((header.len() + bytes) as u64).await;
+            let encoded = encoder.encode(&batch, limiter.limited()).await;
+            // The limit is on bytes on the wire: compression lets more records through it.
+            limiter.pace(encoded.wire_bytes).await;
             {
                 let mut flight = lock(in_flight);
                 for record in &batch {
@@ -471,10 +484,13 @@ impl Sender {
                 }
             }
             let records = batch.len() as u64;
-            send.write_all_chunks(&mut frame_chunks(header, &batch)).await?;
+            let mut chunks = encoded.chunks;
+            send.write_all_chunks(&mut chunks).await?;
             {
                 let mut status = lock(&self.status);
-                status.sent_bytes += bytes as u64;
+                status.sent_bytes += encoded.wire_bytes;
+                status.payload_bytes += bytes as u64;
+                status.compressed_batches += encoded.compressed as u64;
                 status.sent_records += records;
             }
             if let Some(running) = resync.as_mut() {
@@ -522,4 +538,6 @@ struct Welcome {
     consistent_lsn: Option<u64>,
     /// A demoted volume's replica: regions it may hold that this volume's history lacks.
     local_changes: Option<DirtyMap>,
+    /// The codecs the applier decodes.
+    codecs: Vec<String>,
 }

@@ -68,6 +68,7 @@ impl Sender {
                 status.sync_chunks_sent += 1;
                 status.sync_chunks_zeroed += zero as u64;
                 status.sent_bytes += bytes;
+                status.payload_bytes += bytes;
             }
             first += count;
             lock(&self.status).sync_chunks_compared = first;

@@ -176,6 +176,7 @@ proptest! {
             idle_timeout,
             congestion: None,
             verify_every,
+            compression: None,
         };
         if config.validate().is_ok() {
             prop_assert!(config.max_rate.is_none_or(|rate| rate >= crate::mirror::config::MIN_RATE));
@@ -212,6 +213,21 @@ proptest! {
             prop_assert_eq!(fingerprint.len(), "sha256:".len() + 64);
         }
     }
+
+    /// A mirror's `compression`: accepted only with a level zstd takes, and printed back to
+    /// the same setting (the file keeps what `mirror set` was given).
+    #[test]
+    fn compression_settings_parse_in_range_or_refuse(text in "\\PC{0,12}", level in any::<i64>(), prefix in prop_oneof![Just("zstd:"), Just("zstd"), Just("zstd: "), Just("")]) {
+        use crate::protocol::compression::{level_range, Compression};
+        for candidate in [text.clone(), format!("{prefix}{level}")] {
+            if let Ok(setting) = candidate.parse::<Compression>() {
+                prop_assert_eq!(setting.to_string().parse::<Compression>(), Ok(setting));
+                if let Compression::Zstd(level) = setting {
+                    prop_assert!(level != 0 && level_range().contains(&level));
+                }
+            }
+        }
+    }
 }
 
 /// Found writing the properties above: intervals too long for a deadline were accepted (the
@@ -232,6 +248,7 @@ fn regression_intervals_beyond_a_century_are_refused() {
         idle_timeout: None,
         congestion: None,
         verify_every: Some("400000000000y".into()),
+        compression: None,
     };
     assert!(mirror.validate().unwrap_err().contains("longer than a century"));
 }

@@ -19,8 +19,10 @@ fn chunked(body: &[u8], cuts: &[usize]) -> Vec<bytes::Bytes> {
 }
 
 /// What every accepted batch must satisfy.
-fn assert_batch_in_range(frame: &Frame, body_len: usize) {
+fn assert_batch_in_range(frame: &Frame, body: &[u8]) {
+    let body_len = body.len();
     let Frame::Records(records) = frame else { return };
+    let compressed = body_len > 0 && body[0] == 3;
     let mut payload_total = 0;
     for pair in records.windows(2) {
         assert_eq!(pair[0].lsn.checked_add(1), Some(pair[1].lsn), "LSNs of one batch follow on");
@@ -34,7 +36,12 @@ fn assert_batch_in_range(frame: &Frame, body_len: usize) {
         }
         payload_total += record.payload.len();
     }
-    assert!(payload_total <= body_len);
+    // A raw batch's payloads are its bytes; a compressed one's never more than the bound.
+    if compressed {
+        assert!(payload_total <= crate::protocol::compression::MAX_DECOMPRESSED);
+    } else {
+        assert!(payload_total <= body_len);
+    }
 }
 
 fn kind() -> impl Strategy<Value = RecordKind> {
@@ -44,10 +51,34 @@ fn kind() -> impl Strategy<Value = RecordKind> {
 /// A batch as a sender encodes it, with arbitrary fields (LSNs may wrap, extents overflow),
 /// most of them consistent so decoding goes on to the next record.
 fn batch() -> impl Strategy<Value = Vec<u8>> {
+    records().prop_map(|headers| {
+        let borrowed: Vec<(RecordHeader, &[u8])> = headers.iter().map(|(h, p)| (*h, &p[..])).collect();
+        let mut frame = wire::encode_batch_header(&borrowed);
+        for (_, payload) in &headers {
+            frame.extend_from_slice(payload);
+        }
+        frame.split_off(4)
+    })
+}
+
+/// The same batches compressed (frame kind 3), the block made by zstd at any level whether
+/// or not it saves anything, so the decoder meets real zstd frames to damage.
+fn compressed_batch() -> impl Strategy<Value = Vec<u8>> {
+    (records(), -5i32..=19).prop_map(|(headers, level)| {
+        let borrowed: Vec<(RecordHeader, &[u8])> = headers.iter().map(|(h, p)| (*h, &p[..])).collect();
+        let payloads: Vec<u8> = headers.iter().flat_map(|(_, p)| p.iter().copied()).collect();
+        let block = zstd::bulk::compress(&payloads, level).expect("zstd compresses");
+        let mut frame = wire::encode_compressed_batch_header(&borrowed, block.len());
+        frame.extend_from_slice(&block);
+        frame.split_off(4)
+    })
+}
+
+fn records() -> impl Strategy<Value = Vec<(RecordHeader, Vec<u8>)>> {
     let offset = prop_oneof![0u64..1 << 40, any::<u64>()];
     let record = (kind(), offset, prop_oneof![Just(None), any::<u64>().prop_map(Some)], proptest::collection::vec(any::<u8>(), 0..40));
     (prop_oneof![any::<u64>(), (u64::MAX - 3..=u64::MAX)], proptest::collection::vec(record, 0..6)).prop_map(|(first, records)| {
-        let headers: Vec<(RecordHeader, Vec<u8>)> = records
+        records
             .into_iter()
             .enumerate()
             .map(|(i, (kind, offset, length, mut payload))| {
@@ -71,13 +102,7 @@ fn batch() -> impl Strategy<Value = Vec<u8>> {
                 };
                 (header, payload)
             })
-            .collect();
-        let borrowed: Vec<(RecordHeader, &[u8])> = headers.iter().map(|(h, p)| (*h, &p[..])).collect();
-        let mut frame = wire::encode_batch_header(&borrowed);
-        for (_, payload) in &headers {
-            frame.extend_from_slice(payload);
-        }
-        frame.split_off(4)
+            .collect()
     })
 }
 
@@ -97,7 +122,7 @@ fn check(body: &[u8], cuts: &[usize]) -> Result<(), TestCaseError> {
     let pieces = wire::decode_frame(chunked(body, cuts));
     prop_assert_eq!(flat(&whole), flat(&pieces));
     if let Ok(frame) = &whole {
-        assert_batch_in_range(frame, body.len());
+        assert_batch_in_range(frame, body);
     }
     Ok(())
 }
@@ -150,6 +175,29 @@ proptest! {
         }
         check(&damaged, &cuts)?;
         check(&body[..cut % (body.len() + 1)], &cuts)?;
+    }
+
+    /// Compressed batches, whole, damaged anywhere (header or zstd frame) and truncated:
+    /// decoded to the records they were made of, or refused; never a panic.
+    #[test]
+    fn compressed_batches_decode_in_range_even_damaged(body in compressed_batch(), damage in proptest::collection::vec((any::<usize>(), 1u8..=255), 0..3), cut in any::<usize>(), cuts in proptest::collection::vec(any::<usize>(), 0..4)) {
+        check(&body, &cuts)?;
+        let mut damaged = body.clone();
+        for (at, value) in damage {
+            let at = at % damaged.len();
+            damaged[at] ^= value;
+        }
+        check(&damaged, &cuts)?;
+        check(&body[..cut % (body.len() + 1)], &cuts)?;
+    }
+
+    /// Arbitrary bytes after a valid compressed batch's header, as the zstd block.
+    #[test]
+    fn arbitrary_zstd_blocks_are_refused_or_decoded_in_range(body in compressed_batch(), block in proptest::collection::vec(any::<u8>(), 0..200), cuts in proptest::collection::vec(any::<usize>(), 0..4)) {
+        let header_len = u32::from_le_bytes(body[1..5].try_into().expect("4")) as usize;
+        let mut forged = body[..5 + header_len].to_vec();
+        forged.extend_from_slice(&block);
+        check(&forged, &cuts)?;
     }
 }
 

@@ -3,16 +3,19 @@
 //!
 //! Every frame: `u32` body length (little-endian), then the body. The body's first byte is the
 //! frame kind: `1` control message (bincode 2 of [`Control`]), `2` record batch: a `u32`
-//! header length, the bincode 2 [`BatchHeader`], then the records' payload bytes as they are.
+//! header length, the bincode 2 [`BatchHeader`], then the records' payload bytes as they are;
+//! `3` the same batch with the payloads as one zstd frame (`compression`).
 
 use serde::{Deserialize, Serialize};
 
+use super::compression::{self, CompressionError};
 use crate::generation::{Generation, History};
 
 use crate::extent::Extent;
 use crate::journal::{RecordHeader, RecordKind};
 
-pub const PROTOCOL_VERSION: u32 = 5;
+/// Version 6: compressed record batches (frame kind 3) and the codecs in `Welcome`.
+pub const PROTOCOL_VERSION: u32 = 6;
 /// Chunks whose hashes travel in one `VerifyHashes` at most.
 pub const VERIFY_HASH_BATCH: usize = 64;
 /// Initial synchronisation compares and copies the device in chunks of this size.
@@ -25,6 +28,7 @@ pub const MAX_FRAME: u32 = 40 << 20;
 pub const RECORD_HEADER_BYTES: u64 = 64;
 const KIND_CONTROL: u8 = 1;
 const KIND_RECORDS: u8 = 2;
+const KIND_COMPRESSED_RECORDS: u8 = 3;
 
 /// Control messages decode within 2 MiB: the largest is a `SyncChunk` (one 1 MiB chunk).
 fn config() -> impl bincode::config::Config {
@@ -98,7 +102,9 @@ pub struct PromotedReplica {
 /// Why an applier refused a sender (also sent back so both sides log the same reason).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum Refusal {
-    #[error("protocol version {0} is not supported (applier speaks {PROTOCOL_VERSION})")]
+    /// Sent by appliers of protocol 5 and older, which name only the sender's version; newer
+    /// ones refuse with [`protocol_mismatch`] (text every version prints as it is).
+    #[error("the applier does not speak replication protocol {0}: it is an older release (protocol {older} or earlier); upgrade both hosts to the same release", older = PROTOCOL_VERSION - 1)]
     Protocol(u32),
     #[error("replica {name} belongs to volume {expected}, not {got}")]
     WrongVolume { name: String, expected: String, got: String },
@@ -137,6 +143,9 @@ pub enum Control {
         /// the source's history lacks (an encoded dirty map); the source resyncs them with
         /// what it wrote since the branch. Absent otherwise.
         local_changes: Option<Vec<u8>>,
+        /// The codecs this applier decodes in record batches (`compression::CODECS`);
+        /// names unknown to the sender are ignored.
+        codecs: Vec<String>,
     },
     Refused(Refusal),
     /// A planned swap (`mirror switchover`), on a connection of its own, first message: the
@@ -404,6 +413,27 @@ pub enum WireError {
     Decode { what: &'static str, message: String },
     #[error("record batch: {0}")]
     BadBatch(String),
+    #[error("record batch: {0}")]
+    Compressed(#[from] CompressionError),
+}
+
+/// The refusal of a sender speaking another protocol version, naming both. Sent as
+/// `Refusal::Other` on purpose: that variant has kept its place since protocol 1, so a sender
+/// of any version decodes it and prints the text (an older sender would print a
+/// `Refusal::Protocol` with its own version as the applier's).
+pub fn protocol_mismatch(sender: u32) -> Refusal {
+    Refusal::Other(format!(
+        "the source speaks replication protocol {sender} and this applier protocol {PROTOCOL_VERSION}: the versions do not interoperate; upgrade both hosts to the same release"
+    ))
+}
+
+/// Checks a `Hello`'s protocol version (before the applier touches any replica).
+pub fn check_protocol(hello: &Hello) -> Result<(), Refusal> {
+    if hello.protocol == PROTOCOL_VERSION {
+        Ok(())
+    } else {
+        Err(protocol_mismatch(hello.protocol))
+    }
 }
 
 /// Encodes a control message as a whole frame (length prefix included).
@@ -419,6 +449,18 @@ pub fn encode_control(message: &Control) -> Vec<u8> {
 /// Encodes the frame prefix and header for a batch of journal records; the caller sends the
 /// payloads right after it, in order, untouched (no copy into the frame).
 pub fn encode_batch_header(records: &[(RecordHeader, &[u8])]) -> Vec<u8> {
+    let payload_total: usize = records.iter().map(|(_, p)| p.len()).sum();
+    batch_prefix(KIND_RECORDS, records, payload_total)
+}
+
+/// Encodes the frame prefix and header for a batch whose payloads travel as `block_len`
+/// bytes of one zstd frame (sent right after it); the header keeps every record's
+/// uncompressed `payload_len`, which bounds the decompression.
+pub fn encode_compressed_batch_header(records: &[(RecordHeader, &[u8])], block_len: usize) -> Vec<u8> {
+    batch_prefix(KIND_COMPRESSED_RECORDS, records, block_len)
+}
+
+fn batch_prefix(kind: u8, records: &[(RecordHeader, &[u8])], payload_bytes: usize) -> Vec<u8> {
     let header = BatchHeader {
         records: records
             .iter()
@@ -434,11 +476,10 @@ pub fn encode_batch_header(records: &[(RecordHeader, &[u8])]) -> Vec<u8> {
             .collect(),
     };
     let encoded = bincode::serde::encode_to_vec(&header, bincode::config::standard().with_little_endian()).expect("batch headers encode");
-    let payload_total: usize = records.iter().map(|(_, p)| p.len()).sum();
-    let body_len = 1 + 4 + encoded.len() + payload_total;
+    let body_len = 1 + 4 + encoded.len() + payload_bytes;
     let mut prefix = Vec::with_capacity(9 + encoded.len());
     prefix.extend_from_slice(&(body_len as u32).to_le_bytes());
-    prefix.push(KIND_RECORDS);
+    prefix.push(kind);
     prefix.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
     prefix.extend_from_slice(&encoded);
     prefix
@@ -476,12 +517,15 @@ pub fn decode_frame(chunks: Vec<bytes::Bytes>) -> Result<Frame, WireError> {
             }
             Ok(Frame::Control(message))
         }
-        KIND_RECORDS => decode_batch(body).map(Frame::Records),
+        KIND_RECORDS => decode_batch(body, false).map(Frame::Records),
+        KIND_COMPRESSED_RECORDS => decode_batch(body, true).map(Frame::Records),
         other => Err(WireError::UnknownKind(other)),
     }
 }
 
-fn decode_batch(mut body: ChunkCursor) -> Result<Vec<ReceivedRecord>, WireError> {
+/// A batch's records; `compressed`: the payloads follow as one zstd frame, decompressed to
+/// exactly the sum of the header's `payload_len`s.
+fn decode_batch(mut body: ChunkCursor, compressed: bool) -> Result<Vec<ReceivedRecord>, WireError> {
     let bad = |m: String| WireError::BadBatch(m);
     let length_bytes = body.take_contiguous(4).ok_or_else(|| bad("truncated header length".into()))?;
     let header_len = u32::from_le_bytes(length_bytes[..].try_into().expect("4")) as usize;
@@ -491,6 +535,11 @@ fn decode_batch(mut body: ChunkCursor) -> Result<Vec<ReceivedRecord>, WireError>
             .map_err(|e| WireError::Decode { what: "batch header", message: e.to_string() })?;
     if used != header_len {
         return Err(bad("batch header has trailing bytes".into()));
+    }
+    if compressed {
+        let expected: u64 = header.records.iter().map(|r| r.payload_len as u64).sum();
+        let block = body.rest();
+        body = ChunkCursor::new(vec![compression::decompress(&block, expected)?.into()]);
     }
     let mut records = Vec::with_capacity(header.records.len());
     let mut previous: Option<u64> = None;

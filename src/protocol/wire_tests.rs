@@ -1,4 +1,5 @@
 //! Round trips and refusals of the wire format (`wire.rs`).
+use super::compression::CompressionError;
 use super::*;
 use crate::journal::{RecordHeader, RecordKind};
 
@@ -100,4 +101,73 @@ fn garbage_and_truncation_are_errors_not_panics() {
     // A gap in LSNs inside a batch is refused.
     let gap = [(header(1, RecordKind::Discard, 1, 0), &[][..]), (header(3, RecordKind::Discard, 1, 0), &[][..])];
     assert!(matches!(decode_body(&encode_batch_header(&gap)[4..]), Err(WireError::BadBatch(_))));
+}
+
+#[test]
+fn compressed_batches_round_trip_and_bound_what_they_decompress_to() {
+    let text: Vec<u8> = b"ublk-mirror compresses record batches. ".iter().copied().cycle().take(12288).collect();
+    let records = [
+        (header(7, RecordKind::Write, 4096, 4096), &text[..4096]),
+        (header(8, RecordKind::WriteZeroes, 4096, 0), &[][..]),
+        (header(9, RecordKind::Write, 8192, 8192), &text[4096..]),
+    ];
+    let block = super::compression::BatchCompressor::new().compress(1, records.iter().map(|(_, p)| *p)).unwrap();
+    let frame = frame_of(encode_compressed_batch_header(&records, block.len()), &[&block]);
+    assert!(frame.len() < text.len() / 4, "{} bytes on the wire for {}", frame.len(), text.len());
+    assert_eq!(check_length(frame[0..4].try_into().unwrap()).unwrap(), frame.len() - 4);
+    let raw = frame_of(encode_batch_header(&records), &[&text]);
+    // The same records as the raw frame gives, whatever chunks the frame arrives in.
+    let body = bytes::Bytes::copy_from_slice(&frame[4..]);
+    for cut in 0..=body.len() {
+        assert_eq!(decode_frame(vec![body.slice(..cut), body.slice(cut..)]).unwrap(), decode_body(&raw[4..]).unwrap(), "cut at {cut}");
+    }
+    // A header claiming fewer payload bytes than the block holds (a bomb), or more, or a
+    // damaged block: errors, never more allocated than the header claims.
+    let short = [(header(7, RecordKind::Write, 4096, 4096), &text[..4096])];
+    let bomb = frame_of(encode_compressed_batch_header(&short, block.len()), &[&block]);
+    assert!(matches!(decode_body(&bomb[4..]), Err(WireError::Compressed(CompressionError::Corrupt(_)))), "{:?}", decode_body(&bomb[4..]));
+    let long = [(header(7, RecordKind::Write, 4096, 4096), &text[..4096]), (header(8, RecordKind::Write, 16384, 16384), &text[..])];
+    let claim = frame_of(encode_compressed_batch_header(&long, block.len()), &[&block]);
+    assert!(matches!(decode_body(&claim[4..]), Err(WireError::Compressed(CompressionError::WrongLength { .. }))));
+    for cut in 0..body.len() {
+        assert!(decode_body(&body[..cut]).is_err(), "truncated at {cut}");
+    }
+    let mut damaged = body.to_vec();
+    let at = damaged.len() - 5;
+    damaged[at] ^= 0x55;
+    assert!(decode_body(&damaged).is_err());
+}
+
+/// Both directions of a version mismatch name both versions. An applier of this version
+/// refuses with `Refusal::Other`, whose place in the enums (Control 2, Refusal 7) protocol 5
+/// senders decode; an applier of protocol 5 answers `Refusal::Protocol(ours)`, which this
+/// sender explains as an older applier.
+#[test]
+fn protocol_mismatches_are_refused_naming_both_versions() {
+    let hello = |protocol| Hello {
+        protocol,
+        volume_uuid: [1; 16],
+        volume_name: "vol0".into(),
+        size: 1 << 30,
+        generation: [2; 16],
+        first_lsn: 1,
+        last_lsn: 9,
+        history: vec![WireGeneration { id: [2; 16], parent: None, branch_lsn: 0, created_us: 0 }],
+    };
+    assert_eq!(check_protocol(&hello(PROTOCOL_VERSION)), Ok(()));
+    for theirs in [5, 7, 0] {
+        let refusal = check_protocol(&hello(theirs)).unwrap_err();
+        let text = refusal.to_string();
+        assert!(text.contains(&format!("protocol {theirs} ")) && text.contains(&format!("protocol {PROTOCOL_VERSION}:")), "{text}");
+        let frame = encode_control(&Control::Refused(refusal.clone()));
+        assert_eq!(&frame[5..7], &[2, 7], "Control::Refused(Refusal::Other) as every version encodes it");
+        assert_eq!(decode_body(&frame[4..]).unwrap(), Frame::Control(Control::Refused(refusal)));
+    }
+    // What a protocol 5 applier sends this sender, and how it reads.
+    let old = Refusal::Protocol(PROTOCOL_VERSION).to_string();
+    assert!(old.contains("protocol 6") && old.contains("protocol 5 or earlier"), "{old}");
+    // The Hello keeps protocol 5's layout (the version first): an older applier reads our
+    // version and refuses it instead of failing to decode.
+    let frame = encode_control(&Control::Hello(hello(PROTOCOL_VERSION)));
+    assert_eq!(&frame[5..7], &[0, PROTOCOL_VERSION as u8]);
 }

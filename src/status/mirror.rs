@@ -79,8 +79,20 @@ pub struct MirrorStatus {
     /// Age of the oldest record not yet applied (0 when caught up).
     #[serde(default)]
     pub lag_seconds: f64,
+    /// Bytes put on the wire for the mirror's data: record batch frames whole (length,
+    /// header, payloads raw or compressed) and the data of synchronisation and resync chunks.
     #[serde(default)]
     pub sent_bytes: u64,
+    /// The same data uncompressed: record payloads and chunk data (`payload_bytes /
+    /// sent_bytes` is the compression ratio, a little under 1 when nothing compresses).
+    #[serde(default)]
+    pub payload_bytes: u64,
+    /// Record batches sent compressed (the others went raw).
+    #[serde(default)]
+    pub compressed_batches: u64,
+    /// The mirror's compression setting: "off", "zstd:LEVEL" or "auto".
+    #[serde(default)]
+    pub compression: String,
     #[serde(default)]
     pub sent_records: u64,
     /// Payload bytes the replica acknowledged as applied since `run` started.

@@ -80,10 +80,19 @@ pub fn one_line(status: &Status) -> String {
     line
 }
 
+/// The setting and, once data went out, the ratio of payload to wire bytes (`auto 3.10x`).
+fn compression_cell(m: &MirrorStatus) -> String {
+    let setting = if m.compression.is_empty() { "auto" } else { m.compression.as_str() };
+    match m.sent_bytes {
+        0 => setting.to_string(),
+        sent => format!("{setting} {:.2}x", m.payload_bytes as f64 / sent as f64),
+    }
+}
+
 /// One line per mirror, columns aligned (like `drbdadm status`).
 fn mirror_table(mirrors: &[MirrorStatus]) -> String {
     use crate::size::human_size;
-    let header = ["MIRROR", "TO", "STATE", "CONSISTENT", "LAG", "LAG-BYTES", "LAG-AGE", "RATE", "SENT", "LIMIT", "RECONNECTS", "MARKERS"];
+    let header = ["MIRROR", "TO", "STATE", "CONSISTENT", "LAG", "LAG-BYTES", "LAG-AGE", "RATE", "SENT", "COMPRESSION", "LIMIT", "RECONNECTS", "MARKERS"];
     let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
     let mut errors = Vec::new();
     for m in mirrors {
@@ -109,6 +118,7 @@ fn mirror_table(mirrors: &[MirrorStatus]) -> String {
             format!("{:.1}s", m.lag_seconds),
             format!("{}/s", human_size(m.throughput_bytes_per_second as u64)),
             human_size(m.sent_bytes),
+            compression_cell(m),
             m.max_rate.map_or("-".to_string(), |r| format!("{}/s", human_size(r))),
             m.reconnects.to_string(),
             match (&m.last_marker_applied, m.markers_pending) {

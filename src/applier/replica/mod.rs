@@ -296,9 +296,7 @@ impl Replica {
     /// replica takes its history, and what it lacks comes as records or a resync.
     pub fn check_hello(&mut self, hello: &Hello) -> Result<(), Refusal> {
         let name = self.state.volume_name.clone();
-        if hello.protocol != crate::protocol::wire::PROTOCOL_VERSION {
-            return Err(Refusal::Protocol(hello.protocol));
-        }
+        crate::protocol::wire::check_protocol(hello)?;
         if uuid::Uuid::from_bytes(hello.volume_uuid) != self.state.volume_uuid {
             return Err(Refusal::WrongVolume {
                 name,

@@ -1,0 +1,82 @@
+//! A sender's record batches as frames: raw, or with the payloads as one zstd frame when the
+//! mirror's `compression` setting (and, for `auto`, the link) says so and the batch shrinks
+//! enough (`protocol::compression`).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::link::frame_chunks;
+use crate::journal::Record;
+use crate::lock;
+use crate::protocol::compression::{self, AutoPolicy, BatchCompressor, Compression};
+use crate::protocol::wire;
+
+/// A batch ready to send.
+pub(super) struct Encoded {
+    pub chunks: Vec<bytes::Bytes>,
+    /// Bytes of the whole frame.
+    pub wire_bytes: u64,
+    pub compressed: bool,
+}
+
+pub(super) struct BatchEncoder {
+    /// The mirror's setting, shared with `Senders::reload` (`mirror set` applies at once).
+    setting: Arc<Mutex<Compression>>,
+    /// The applier decodes zstd batches (it listed the codec in its `Welcome`).
+    peer_zstd: bool,
+    /// Taken while a batch is compressed on a blocking thread.
+    compressor: Option<BatchCompressor>,
+    policy: AutoPolicy,
+}
+
+impl BatchEncoder {
+    pub fn new(setting: Arc<Mutex<Compression>>, peer_codecs: &[String]) -> BatchEncoder {
+        let peer_zstd = peer_codecs.iter().any(|c| c == compression::ZSTD);
+        BatchEncoder { setting, peer_zstd, compressor: Some(BatchCompressor::new()), policy: AutoPolicy::default() }
+    }
+
+    /// The sender waited on a full window while records were ready (the link is slower
+    /// than the sender: evidence for `auto`).
+    pub fn stalled(&mut self, waited: Duration) {
+        self.policy.stalled(waited, Instant::now());
+    }
+
+    /// The frame of `batch`. Compression runs on a blocking thread: the sender's runtime
+    /// also drives the QUIC connection, which must keep sending what is in the window
+    /// meanwhile (a 4 MiB batch takes about 10 ms at level 1).
+    pub async fn encode(&mut self, batch: &[Record], rate_limited: bool) -> Encoded {
+        let setting = *lock(&self.setting);
+        let level = if self.peer_zstd { self.policy.level(setting, rate_limited, Instant::now()) } else { None };
+        let pairs: Vec<_> = batch.iter().map(|r| (r.header, &r.payload[..])).collect();
+        // The context is taken only when used (a `take()` beside a `None` level lost it).
+        if let Some((level, mut compressor)) = level.and_then(|level| Some((level, self.compressor.take()?))) {
+            let payloads: Vec<bytes::Bytes> = batch.iter().map(|r| r.payload.clone()).collect();
+            let work = tokio::task::spawn_blocking(move || {
+                let block = compressor.compress(level, payloads.iter().map(|p| &p[..]));
+                (compressor, block)
+            });
+            let block = match work.await {
+                Ok((compressor, block)) => {
+                    self.compressor = Some(compressor);
+                    block
+                }
+                // Only a panic in zstd gets here: send raw, with a fresh context.
+                Err(_) => {
+                    self.compressor = Some(BatchCompressor::new());
+                    None
+                }
+            };
+            if matches!(setting, Compression::Auto) {
+                self.policy.outcome(block.is_some(), Instant::now());
+            }
+            if let Some(block) = block {
+                let header = wire::encode_compressed_batch_header(&pairs, block.len());
+                let wire_bytes = (header.len() + block.len()) as u64;
+                return Encoded { chunks: vec![bytes::Bytes::from(header), bytes::Bytes::from(block)], wire_bytes, compressed: true };
+            }
+        }
+        let header = wire::encode_batch_header(&pairs);
+        let wire_bytes = (header.len() + batch.iter().map(|r| r.payload.len()).sum::<usize>()) as u64;
+        Encoded { chunks: frame_chunks(header, batch), wire_bytes, compressed: false }
+    }
+}
