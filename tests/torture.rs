@@ -124,7 +124,9 @@ fn run_one(seed: u64, kinds: &[Kind], keep: bool) -> (TrialStats, Result<(), Str
         }
     }
     let stats = stats.lock().unwrap().clone();
-    let dir = (result.is_err() && keep).then(|| tmp.keep());
+    // TORTURE_KEEP=1 keeps every trial's directory (logs, images) for a close look.
+    let keep_all = std::env::var("TORTURE_KEEP").is_ok_and(|v| v == "1");
+    let dir = ((result.is_err() && keep) || keep_all).then(|| tmp.keep());
     (stats, result, dir)
 }
 
@@ -144,6 +146,8 @@ fn print_summary(trials: u64, base: u64, faults_arg: &str, total: &TrialStats, f
         "writes            {} ({} flushes; {} acknowledged unflushed writes lost to crashes, as allowed)\n",
         total.writes, total.flushes, total.lost_acked
     ));
+    let phases: Vec<String> = total.phases.iter().map(|(k, v)| format!("{k} {:.2} s", v / trials.max(1) as f64)).collect();
+    out.push_str(&format!("per trial         {}\n", phases.join(", ")));
     out.push_str("fault injected                            count\n");
     for (kind, count) in &total.faults {
         out.push_str(&format!("  {kind:<40}{count:>5}\n"));

@@ -84,6 +84,8 @@ pub struct TrialStats {
     pub lost_acked: u64,
     /// What the trial was doing last (for the report of a hang).
     pub step: String,
+    /// Seconds spent per phase (setup, workload, convergence, ...), to see where time goes.
+    pub phases: BTreeMap<String, f64>,
 }
 
 impl TrialStats {
@@ -95,7 +97,14 @@ impl TrialStats {
         *self.checks.entry(label.to_string()).or_default() += 1;
     }
 
+    pub fn phase(&mut self, label: &str, since: std::time::Instant) {
+        *self.phases.entry(label.to_string()).or_default() += since.elapsed().as_secs_f64();
+    }
+
     pub fn add(&mut self, other: &TrialStats) {
+        for (k, v) in &other.phases {
+            *self.phases.entry(k.clone()).or_default() += v;
+        }
         for (k, v) in &other.faults {
             *self.faults.entry(k.clone()).or_default() += v;
         }

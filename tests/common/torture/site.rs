@@ -46,8 +46,9 @@ fn env_refs(env: &Env) -> Vec<(&str, &str)> {
 }
 
 impl Site {
-    /// Makes the volume, the applier and the mirror, starts both ends and waits until the
-    /// (empty) replica is consistent: from then on it must be a prefix state.
+    /// Makes the volume, the applier and the mirror and starts both ends. The initial
+    /// synchronisation runs while the trial's first writes go on (the caller waits for it
+    /// before the first fault: only a consistent replica must be a prefix state).
     pub fn new(root: &Path, impairment: Impairment, seed: u64, source_env: Env, applier_env: Env) -> Result<Site, String> {
         let vdir = root.join("vol");
         let adir = root.join("applier");
@@ -67,7 +68,7 @@ impl Site {
         // a short idle timeout keeps that wait short.
         let toml = adir.join("applier.toml");
         let config = std::fs::read_to_string(&toml).map_err(|e| e.to_string())?;
-        std::fs::write(&toml, config.replace("# idle_timeout = 15", "idle_timeout = 2")).map_err(|e| e.to_string())?;
+        std::fs::write(&toml, config.replace("# idle_timeout = 15", "idle_timeout = 1")).map_err(|e| e.to_string())?;
         if !cli(&["applier", "allow", "--dir", adir.to_str().unwrap(), &volume_fp]).status.success() {
             return Err("applier allow failed".into());
         }
@@ -81,7 +82,6 @@ impl Site {
         let mut site = Site { root: root.to_path_buf(), vdir, adir, port, source: None, applier: None, relay, source_env, applier_env };
         site.start_applier();
         site.start_source();
-        site.wait_mirror(Duration::from_secs(30), "the new mirror to become consistent", |m| m["consistent"] == true)?;
         Ok(site)
     }
 
@@ -173,23 +173,31 @@ impl Site {
         }
     }
 
-    /// Waits until the mirror applied everything the volume journaled, connected and
-    /// consistent (everything else healed first by the caller).
+    /// Waits until the replica holds everything the volume journaled: the source's mirror
+    /// connected, consistent, replicating, with everything received, and the applier's own
+    /// status applied through the last LSN (the source hears of `applied` only at the next
+    /// checkpoint, up to a second later; the image holds the records as soon as they are
+    /// applied).
     pub fn wait_converged(&self, within: Duration) -> Result<serde_json::Value, String> {
         let deadline = Instant::now() + within;
         loop {
             let status = self.status()?;
             let last = status["volume"]["last_lsn"].as_u64().unwrap_or(0);
             let m = &status["mirrors"][0];
-            if m["applied_lsn"].as_u64() == Some(last) && m["connected"] == true && m["consistent"] == true && m["state"] == "replicating" {
-                return Ok(status);
+            if m["received_lsn"].as_u64() == Some(last) && m["connected"] == true && m["consistent"] == true && m["state"] == "replicating" {
+                let output = cli(&["applier", "status", "--dir", self.adir.to_str().unwrap(), "--json"]);
+                let applier: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+                let replica = &applier["replicas"][0];
+                if replica["applied_lsn"].as_u64() == Some(last) && replica["consistent"] == true {
+                    return Ok(status);
+                }
             }
             if Instant::now() > deadline {
                 let log = self.applier_log();
                 let tail: Vec<&str> = log.lines().rev().take(3).collect();
                 return Err(format!("no convergence within {within:?}: last_lsn {last}, mirror {}; applier log tail: {}", compact(m), tail.join(" | ")));
             }
-            std::thread::sleep(Duration::from_millis(25));
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

@@ -53,6 +53,8 @@ struct Trial<'a> {
     client: Option<NbdClient>,
     stats: &'a Mutex<TrialStats>,
     ongoing: Vec<Ongoing>,
+    /// The initial synchronisation finished (the replica is consistent from then on).
+    synced: bool,
 }
 
 /// Runs trial `seed` in `root` (an empty directory); Err is the one-line reason it failed.
@@ -81,11 +83,19 @@ pub fn run(seed: u64, kinds: &[Kind], root: &Path, stats: &Mutex<TrialStats>) ->
         stats.lock().unwrap().fault(&format!("{} ({:.0}%)", Kind::Loss.name(), loss * 100.0));
     }
     stats.lock().unwrap().step = "setting up".into();
+    let started = Instant::now();
     let site = Site::new(root, impairment, seed, source_env, applier_env)?;
-    let mut trial = Trial { rng, site, history: History::new(seed, BLOCKS), client: None, stats, ongoing: Vec::new() };
+    stats.lock().unwrap().phase("setup", started);
+    let started = Instant::now();
+    let mut trial = Trial { rng, site, history: History::new(seed, BLOCKS), client: None, stats, ongoing: Vec::new(), synced: false };
     let mut events = plan.events.iter().peekable();
     for i in 0..plan.writes {
         while let Some(&(_, kind)) = events.next_if(|&&(at, _)| at <= i) {
+            if !trial.synced {
+                trial.step("waiting for the initial synchronisation");
+                trial.site.wait_mirror(Duration::from_secs(30), "the initial synchronisation", |m| m["consistent"] == true)?;
+                trial.synced = true;
+            }
             trial.step(&format!("{} before write {i}", kind.name()));
             trial.inject(kind, i)?;
         }
@@ -94,6 +104,7 @@ pub fn run(seed: u64, kinds: &[Kind], root: &Path, stats: &Mutex<TrialStats>) ->
         trial.maybe_flush_or_read()?;
     }
     trial.end_due(u64::MAX, true)?;
+    stats.lock().unwrap().phase("workload and faults", started);
     trial.finish()
 }
 
@@ -469,7 +480,10 @@ impl Trial<'_> {
         self.history.recover_source(&source, last).map_err(|e| format!("final source check: {e}"))?;
         self.count_check("source-final");
         self.step("waiting for convergence");
+        let started = Instant::now();
         self.site.wait_converged(Duration::from_secs(60))?;
+        self.stats.lock().unwrap().phase("convergence", started);
+        let started = Instant::now();
         self.count_check("converged");
         let replica = self.site.replica_bytes()?;
         if replica != source {
@@ -483,6 +497,7 @@ impl Trial<'_> {
         }
         self.site.stop_source()?;
         self.count_check("clean-stop");
+        self.stats.lock().unwrap().phase("final compare and stop", started);
         for (what, log) in [("source", self.site.source_log()), ("applier", self.site.applier_log())] {
             if let Some(line) = log.lines().find(|l| l.contains("panicked")) {
                 return Err(format!("the {what} log holds a panic: {line}"));
