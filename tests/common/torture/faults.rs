@@ -30,8 +30,18 @@ pub const ALL: [Kind; 8] =
 /// failpoints with `while:` triggers, which are not on main yet (TORTURE_FAULTS=...,disk).
 pub const DEFAULT: &str = "kill-source,kill-applier,power-cut,partition,loss,overflow";
 
-/// Source failpoints of the disk kind: (name, the errno the request hitting it must get).
-pub const SOURCE_DISK: [(&str, u32); 4] = [("journal-write-eio", 5), ("journal-write-enospc", 28), ("backing-write-eio", 5), ("backing-write-enospc", 28)];
+/// Source failpoints of the disk kind (docs/disk-errors.md): (name, the errno of the first
+/// request that fails). A journal write or sync error fails the requests waiting for it with
+/// its errno; a backing store error fails no acknowledged request, the volume enters failed
+/// and the next request gets EIO.
+pub const SOURCE_DISK: [(&str, u32); 6] = [
+    ("journal-write-eio", 5),
+    ("journal-write-enospc", 28),
+    ("journal-sync-eio", 5),
+    ("journal-sync-enospc", 28),
+    ("backing-write-eio", 5),
+    ("backing-write-enospc", 5),
+];
 pub const APPLIER_DISK: [&str; 4] = ["applier-journal-eio", "applier-journal-enospc", "replica-image-eio", "replica-image-enospc"];
 
 impl Kind {

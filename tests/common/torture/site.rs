@@ -15,19 +15,29 @@ pub const BLOCKS: u64 = 4096;
 /// The journal is small so that an outage of a few megabytes of writes overflows it.
 pub const JOURNAL_BYTES: u64 = 4 << 20;
 
-/// Pids of every process the running trials started, so a trial that hangs can have exactly
-/// its own processes killed by the watchdog.
-pub static PIDS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+/// (trial seed, pid) of every process the running trials started, so a trial that hangs can
+/// have exactly its own processes killed by the watchdog.
+static PIDS: Mutex<Vec<(u64, u32)>> = Mutex::new(Vec::new());
 
-fn register(pid: u32) {
-    PIDS.lock().unwrap().push(pid);
+fn register(seed: u64, pid: u32) {
+    PIDS.lock().unwrap().push((seed, pid));
 }
 
 fn unregister(pid: u32) {
-    PIDS.lock().unwrap().retain(|&p| p != pid);
+    PIDS.lock().unwrap().retain(|&(_, p)| p != pid);
+}
+
+/// SIGKILLs the processes trial `seed` started and still runs (by pid, nothing else).
+pub fn kill_processes_of(seed: u64) {
+    let pids: Vec<u32> = PIDS.lock().unwrap().iter().filter(|(s, _)| *s == seed).map(|(_, p)| *p).collect();
+    for pid in pids {
+        let _ = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status();
+        unregister(pid);
+    }
 }
 
 pub struct Site {
+    pub seed: u64,
     pub root: PathBuf,
     pub vdir: PathBuf,
     pub adir: PathBuf,
@@ -79,7 +89,7 @@ impl Site {
         if !output.status.success() {
             return Err(format!("mirror add: {}", stderr(&output)));
         }
-        let mut site = Site { root: root.to_path_buf(), vdir, adir, port, source: None, applier: None, relay, source_env, applier_env };
+        let mut site = Site { seed, root: root.to_path_buf(), vdir, adir, port, source: None, applier: None, relay, source_env, applier_env };
         site.start_applier();
         site.start_source();
         Ok(site)
@@ -87,13 +97,13 @@ impl Site {
 
     pub fn start_source(&mut self) {
         let served = Served::start(&self.vdir, &env_refs(&self.source_env));
-        register(served.child.id());
+        register(self.seed, served.child.id());
         self.source = Some(served);
     }
 
     pub fn start_applier(&mut self) {
         let applier = Applier::start_with_env(&self.adir, self.port, &env_refs(&self.applier_env));
-        register(applier.child.id());
+        register(self.seed, applier.child.id());
         self.applier = Some(applier);
     }
 
