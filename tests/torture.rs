@@ -211,10 +211,13 @@ fn print_summary(trials: u64, base: u64, faults_arg: &str, total: &TrialStats, f
         }
     }
     let seed = failures.first().map_or(base, |f| f.seed);
-    out.push_str(&format!("replay one seed   scripts/torture.sh --trials 1 --seed {seed} --faults {faults_arg}\n"));
-    out.push_str(&format!(
-        "                  (= TORTURE_TRIALS=1 TORTURE_SEED={seed} TORTURE_FAULTS={faults_arg} cargo test --test torture fault_campaign -- --nocapture)\n"
-    ));
+    let (flag, var) = if faults_arg == faults::DEFAULT {
+        (String::new(), String::new())
+    } else {
+        (format!(" --faults {faults_arg}"), format!(" TORTURE_FAULTS={faults_arg}"))
+    };
+    out.push_str(&format!("replay one seed   scripts/torture.sh --trials 1 --seed {seed}{flag}\n"));
+    out.push_str(&format!("                  (= TORTURE_TRIALS=1 TORTURE_SEED={seed}{var} cargo test --test torture fault_campaign -- --nocapture)\n"));
     out.push_str("================================================================\n");
     // One write, so parallel test output does not interleave with the table.
     eprint!("{out}");

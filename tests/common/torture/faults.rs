@@ -26,9 +26,8 @@ pub enum Kind {
 pub const ALL: [Kind; 8] =
     [Kind::KillSource, Kind::KillApplier, Kind::PowerCut, Kind::Partition, Kind::Loss, Kind::Overflow, Kind::DiskSource, Kind::DiskApplier];
 
-/// The default: every kind that works on main. The disk-error kinds need the EIO/ENOSPC
-/// failpoints with `while:` triggers, which are not on main yet (TORTURE_FAULTS=...,disk).
-pub const DEFAULT: &str = "kill-source,kill-applier,power-cut,partition,loss,overflow";
+/// The default: every kind.
+pub const DEFAULT: &str = "kill-source,kill-applier,power-cut,partition,loss,overflow,disk-source,disk-applier";
 
 /// Source failpoints of the disk kind (docs/disk-errors.md): (name, the errno of the first
 /// request that fails). A journal write or sync error fails the requests waiting for it with
