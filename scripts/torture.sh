@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The fault campaign: seeded end-to-end trials with crashes, power cuts, partitions, packet
-# loss, journal overflow (and disk errors with --faults ...,disk) against real processes.
+# loss, journal overflow and disk errors against real processes (README: "Fault campaign").
 #
-#   scripts/torture.sh --trials 1000 --seed 20000          # about 45 min
+#   scripts/torture.sh --trials 1000 --seed 20000          # about 35 min on 2 CPUs
 #   scripts/torture.sh --trials 1 --seed 20417              # replay one seed
 #   scripts/torture.sh --trials 50 --faults power-cut,overflow
 #
@@ -12,9 +12,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 usage() {
-    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
     echo "options: --trials N (default 20), --seed S (default: the test's), --faults LIST"
-    echo "fault kinds: kill-source kill-applier power-cut partition loss overflow disk-source disk-applier (disk = both; all)"
+    echo "fault kinds: kill-source kill-applier power-cut partition loss overflow disk-source disk-applier"
+    echo "             (disk = both disk kinds; default: all of them)"
+    echo "environment: TORTURE_JOBS (trials at a time, default 2), TORTURE_DIR (default /dev/shm), TORTURE_KEEP=1"
 }
 
 while [ $# -gt 0 ]; do
