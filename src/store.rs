@@ -49,6 +49,14 @@ fn fault_ops(what: &str) -> Option<(&'static str, &'static str)> {
     }
 }
 
+/// The disk error the failpoints of `op` inject now, if any.
+fn injected(op: Option<&'static str>) -> io::Result<()> {
+    match op.and_then(crate::failpoint::disk_error) {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
+}
+
 impl Store {
     /// Opens an existing file or block device for reading and writing. `what` names it in
     /// errors ("backing store", "replica image").
@@ -102,17 +110,11 @@ impl Store {
 
     /// An injected write (or sync) error, if a failpoint says so.
     fn write_fault(&self) -> io::Result<()> {
-        match self.faults.and_then(|(write, _)| crate::failpoint::disk_error(write)) {
-            Some(error) => Err(error),
-            None => Ok(()),
-        }
+        injected(self.faults.map(|(write, _)| write))
     }
 
     fn read_fault(&self) -> io::Result<()> {
-        match self.faults.and_then(|(_, read)| crate::failpoint::disk_error(read)) {
-            Some(error) => Err(error),
-            None => Ok(()),
-        }
+        injected(self.faults.map(|(_, read)| read))
     }
 
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

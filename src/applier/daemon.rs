@@ -182,15 +182,13 @@ impl Applier {
         let mut failed = None;
         if let Some(slot) = lock(&self.replicas).get_mut(&key) {
             slot.connected = false;
-            if let Err(ApplierError::Replica(error)) = &result {
-                if error.is_disk_error() {
-                    // What the replica holds in memory may not be what its disk holds after a
-                    // failed write or sync: the next connection opens it again from its files
-                    // (journal recovery, redo from `applied`), and fails again while the disk does.
-                    tracing::error!(replica = %key, error = %error, "replica disk error: it is reopened at the next connection");
-                    slot.reopen = true;
-                    failed = Some(error.to_string());
-                }
+            if let Some(error) = disk_error(&result) {
+                // What the replica holds in memory may not be what its disk holds after a
+                // failed write or sync: the next connection opens it again from its files
+                // (journal recovery, redo from `applied`), and fails again while the disk does.
+                tracing::error!(replica = %key, error = %error, "replica disk error: it is reopened at the next connection");
+                slot.reopen = true;
+                failed = Some(error.to_string());
             }
         }
         if let Some(error) = failed {
@@ -221,13 +219,11 @@ impl Applier {
         });
         let result = self.process(name, replica, send, &mut frames).await;
         drop(frames);
-        if let Err(ApplierError::Replica(error)) = &result {
-            if error.is_disk_error() {
-                // Nothing of the failed batch was acknowledged; tell the source why it stops
-                // being acknowledged (its mirror status shows it), then reconnect later.
-                let refusal = Refusal::Other(format!("the applier's disk failed, nothing more is acknowledged until it is fixed: {error}"));
-                let _ = write_control(send, &Control::Refused(refusal)).await;
-            }
+        if let Some(error) = disk_error(&result) {
+            // Nothing of the failed batch was acknowledged; tell the source why it stops
+            // being acknowledged (its mirror status shows it), then reconnect later.
+            let refusal = Refusal::Other(format!("the applier's disk failed, nothing more is acknowledged until it is fixed: {error}"));
+            let _ = write_control(send, &Control::Refused(refusal)).await;
         }
         // A resync that did not commit is discarded whole: the replica stays at its state.
         let abandoned = blocking(replica, |r| r.abandon_resync()).await;
@@ -449,6 +445,14 @@ async fn acknowledge(replica: &Arc<Mutex<Replica>>, send: &mut quinn::SendStream
 }
 
 /// Runs one replica operation off the async runtime (they do file I/O and fsync).
+/// The replica's disk error that ended a session, if that is what ended it.
+fn disk_error<T>(result: &Result<T, ApplierError>) -> Option<&ReplicaError> {
+    match result {
+        Err(ApplierError::Replica(error)) if error.is_disk_error() => Some(error),
+        _ => None,
+    }
+}
+
 async fn blocking<T: Send + 'static>(
     replica: &Arc<Mutex<Replica>>,
     operation: impl FnOnce(&mut Replica) -> Result<T, ReplicaError> + Send + 'static,

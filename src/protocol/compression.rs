@@ -22,7 +22,7 @@ pub const MIN_COMPRESS_BYTES: usize = 512;
 pub const DEFAULT_LEVEL: i32 = 1;
 /// Most bytes a compressed batch may decompress to: the frame limit, the same bound a raw
 /// batch has (and a header claiming more is refused before anything is allocated).
-pub const MAX_DECOMPRESSED: usize = super::wire::MAX_FRAME as usize;
+pub const MAX_DECOMPRESSED: usize = super::MAX_FRAME as usize;
 
 /// A mirror's `compression` setting: `off`, `zstd:LEVEL` (always tried) or `auto` (tried
 /// only while the link, not the CPU, is the bottleneck). Default `auto`.

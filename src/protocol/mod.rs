@@ -7,3 +7,8 @@ pub mod framing;
 pub mod tls;
 pub mod transport;
 pub mod wire;
+
+/// Largest frame body accepted: one batch of up to 32 MiB of payload plus headers. Here, not
+/// in `wire`, because `compression` bounds a decompressed batch by it and `wire` decodes
+/// through `compression`.
+pub const MAX_FRAME: u32 = 40 << 20;

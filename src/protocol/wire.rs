@@ -22,8 +22,7 @@ pub const VERIFY_HASH_BATCH: usize = 64;
 pub const SYNC_CHUNK: u64 = 1 << 20;
 /// Chunks whose hashes travel in one `SyncHashes`.
 pub const SYNC_HASH_BATCH: usize = 64;
-/// Largest frame body accepted: one batch of up to 32 MiB of payload plus headers.
-pub const MAX_FRAME: u32 = 40 << 20;
+pub use super::MAX_FRAME;
 /// What one record's header costs on the wire at most (bincode varints; for the window).
 pub const RECORD_HEADER_BYTES: u64 = 64;
 const KIND_CONTROL: u8 = 1;
