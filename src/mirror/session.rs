@@ -230,6 +230,7 @@ impl Sender {
         let (_endpoint, connection) =
             connect(&identity, &self.config.address, &self.config.fingerprint, self.config.idle_timeout(), self.config.congestion.unwrap_or_default()).await?;
         let (mut send, mut recv) = connection.open_bi().await?;
+        let _link_stats = LinkStatsTask::start(&connection, self.status.clone());
         let mut welcome = self.handshake(&mut send, &mut recv).await?;
         let journal = self.volume.journal();
         let mut limiter = RateLimiter::new(self.rate.clone());
@@ -540,4 +541,43 @@ struct Welcome {
     local_changes: Option<DirtyMap>,
     /// The codecs the applier decodes.
     codecs: Vec<String>,
+}
+
+/// Copies the connection's transport statistics into the mirror's status every second, for as
+/// long as it lives (dropped with the session).
+struct LinkStatsTask(tokio::task::JoinHandle<()>);
+
+impl LinkStatsTask {
+    fn start(connection: &quinn::Connection, status: Arc<Mutex<MirrorStatus>>) -> LinkStatsTask {
+        let connection = connection.clone();
+        LinkStatsTask(tokio::spawn(async move {
+            while connection.close_reason().is_none() {
+                let stats = connection.stats();
+                let link = crate::status::LinkStats {
+                    rtt_ms: stats.path.rtt.as_secs_f64() * 1e3,
+                    congestion_window_bytes: stats.path.cwnd,
+                    sent_datagrams: stats.udp_tx.datagrams,
+                    sent_udp_bytes: stats.udp_tx.bytes,
+                    lost_packets: stats.path.lost_packets,
+                    lost_bytes: stats.path.lost_bytes,
+                    congestion_events: stats.path.congestion_events,
+                    mtu_bytes: u64::from(stats.path.current_mtu),
+                };
+                {
+                    // Only while the mirror counts as connected: `disconnect` clears it.
+                    let mut shown = lock(&status);
+                    if shown.connected() {
+                        shown.link = Some(link);
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }))
+    }
+}
+
+impl Drop for LinkStatsTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

@@ -1,8 +1,9 @@
 //! The replication protocol both ends speak: the wire format (`wire`, pure encoding), frames
-//! on QUIC streams (`framing`), mutual TLS by pinned fingerprints (`tls`) and the QUIC
-//! transport settings (`transport`). See `docs/replication-protocol.md`.
+//! on QUIC streams (`framing`), mutual TLS by pinned fingerprints (`tls`), the QUIC
+//! transport settings (`transport`) and its congestion control (`congestion`). See `docs/replication-protocol.md`.
 
 pub mod compression;
+pub mod congestion;
 pub mod framing;
 pub mod tls;
 pub mod transport;

@@ -37,7 +37,8 @@ fn transport(idle_timeout: Duration, congestion: Congestion) -> Arc<quinn::Trans
     // path with 1% random loss keeps most of its capacity (Cubic's rate falls to about
     // MSS/RTT * 1.2/sqrt(loss), a few hundred KB/s at 80 ms RTT).
     match congestion {
-        Congestion::Bbr => transport.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default())),
+        // quinn's BBR, its window held to two bandwidth-delay products (`congestion.rs`).
+        Congestion::Bbr => transport.congestion_controller_factory(Arc::new(super::congestion::BoundedBbrConfig::default())),
         Congestion::Cubic => transport.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default())),
     };
     // Path MTU discovery up to jumbo frames (common on storage networks): on such a path

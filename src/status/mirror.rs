@@ -156,6 +156,29 @@ pub struct MirrorStatus {
     /// metrics show, also while the next one runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_verify: Option<VerifyResult>,
+    /// The QUIC connection to the applier while there is one, refreshed every second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<LinkStats>,
+}
+
+/// What the transport sees of the path to the applier (`mirrors[].link`): where a WAN mirror
+/// is slower than its link, this tells loss (a bottleneck queue overflowing, random loss)
+/// from a long round trip or a small window. Counters are for the current connection.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LinkStats {
+    /// Smoothed round-trip time.
+    pub rtt_ms: f64,
+    /// Bytes the congestion controller lets be in flight.
+    pub congestion_window_bytes: u64,
+    /// UDP datagrams and bytes sent, and packets the sender declared lost (and resent).
+    pub sent_datagrams: u64,
+    pub sent_udp_bytes: u64,
+    pub lost_packets: u64,
+    pub lost_bytes: u64,
+    /// Times the congestion controller reacted to loss.
+    pub congestion_events: u64,
+    /// The path's largest datagram found so far (path MTU discovery).
+    pub mtu_bytes: u64,
 }
 
 /// What the last verify of a mirror found (`mirrors[].last_verify`).
@@ -345,6 +368,7 @@ impl MirrorStatus {
         };
         self.resync_eta_seconds = None;
         self.throughput_bytes_per_second = 0.0;
+        self.link = None;
         if let Some(error) = error {
             self.last_error = Some(error);
             self.reconnects += 1;

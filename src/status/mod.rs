@@ -16,7 +16,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 pub use applier::{ApplierStatus, ReplicaStatus, ResyncProgress};
-pub use mirror::{MarkerState, MirrorState, MirrorStatus, TransitionError, VerifyResult};
+pub use mirror::{LinkStats, MarkerState, MirrorState, MirrorStatus, TransitionError, VerifyResult};
 pub use text::{applier_one_line, applier_text, one_line, render_text};
 pub use verify::{VerifyReport, VerifyState, OFFSETS_LISTED};
 
