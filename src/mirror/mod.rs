@@ -8,6 +8,7 @@
 //! or raw), and the bandwidth limit (`rate.rs`).
 
 mod batches;
+pub mod coalesce;
 pub mod checkpoints;
 pub mod config;
 pub mod generations;
