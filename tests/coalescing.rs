@@ -41,11 +41,12 @@ fn mirror_of(vdir: &Path) -> serde_json::Value {
     status_json(vdir)["mirrors"][0].clone()
 }
 
-/// Waits (bounded) until the sender is connected to the applier again.
-fn wait_connected(vdir: &Path) {
+/// Waits (bounded) until the sender is `connected` (or not) to the applier. A killed
+/// applier is noticed by the idle timeout (3 s): until then the sender sends into the void.
+fn wait_connected(vdir: &Path, connected: bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
-    while mirror_of(vdir)["connected"] != true {
-        assert!(Instant::now() < deadline, "the mirror never reconnected: {}", mirror_of(vdir));
+    while mirror_of(vdir)["connected"] != connected {
+        assert!(Instant::now() < deadline, "the mirror never became connected: {connected}: {}", mirror_of(vdir));
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -60,6 +61,7 @@ fn an_applier_killed_while_taking_coalesced_ranges_holds_only_prefix_states() {
     // The backlog: 45 passes over 1536 blocks (6 MiB) while the applier is down: 270 MiB of
     // journal, each block written 45 times.
     drop(applier);
+    wait_connected(&vdir, false);
     let blocks = 1536u64;
     let writes = 45 * blocks;
     let writer = sweep(served.socket.clone(), blocks, writes, Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
@@ -74,7 +76,7 @@ fn an_applier_killed_while_taking_coalesced_ranges_holds_only_prefix_states() {
             break;
         }
         let mut applier = Applier::start(&adir, port);
-        wait_connected(&vdir);
+        wait_connected(&vdir, true);
         std::thread::sleep(Duration::from_millis(rng.gen_range(20..400)));
         applier.kill9();
         let image = recovered_replica(&adir);
@@ -83,6 +85,7 @@ fn an_applier_killed_while_taking_coalesced_ranges_holds_only_prefix_states() {
         assert!(image[blocks as usize * BLOCK..].iter().all(|&b| b == 0), "round {round}: bytes past the sweep");
         eprintln!("round {round}: killed; the replica holds the first {state} of {written} writes; mirror {}", mirror_of(&vdir));
         states.push(state);
+        wait_connected(&vdir, false);
     }
     assert!(states.windows(2).all(|w| w[0] <= w[1]), "the replica never goes back: {states:?}");
     let _applier = Applier::start(&adir, port);
@@ -105,6 +108,7 @@ fn a_random_overwrite_backlog_sends_at_most_six_tenths_of_its_journal_bytes() {
     let tmp = tempfile::tempdir().unwrap();
     let (vdir, adir, port, applier, served) = site(tmp.path(), "128M", &["--compression", "off", "--coalesce", "on"]);
     drop(applier);
+    wait_connected(&vdir, false);
     let before = mirror_of(&vdir);
     // 1536 blocks of 4 KiB (6 MiB), each written once in random order, then half of them
     // (chosen at random) twice more: 12 MiB of journal for 6 MiB of final data.

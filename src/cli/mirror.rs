@@ -8,8 +8,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 
 use ublk_mirror::layout::VolumeDir;
-use ublk_mirror::mirror::{self, MirrorConfig};
 use ublk_mirror::mirror::coalesce::Coalesce;
+use ublk_mirror::mirror::{self, MirrorConfig};
 use ublk_mirror::protocol::compression::Compression;
 use ublk_mirror::protocol::transport::Congestion;
 use ublk_mirror::size::parse_size;

@@ -124,10 +124,7 @@ mod tests {
     fn round_trip_and_refusals() {
         let meta = RangeMeta {
             last_lsn: 20,
-            pieces: vec![
-                Piece { kind: RecordKind::Write, extent: Extent::new(4096, 8192) },
-                Piece { kind: RecordKind::Discard, extent: Extent::new(0, 512) },
-            ],
+            pieces: vec![Piece { kind: RecordKind::Write, extent: Extent::new(4096, 8192) }, Piece { kind: RecordKind::Discard, extent: Extent::new(0, 512) }],
         };
         let bytes = meta.encode();
         assert_eq!(bytes.len(), meta.encoded_len());

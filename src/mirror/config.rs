@@ -7,9 +7,9 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::checkpoints::{self, Checkpoints};
+use super::coalesce::Coalesce;
 use super::MirrorError;
 use crate::layout::VolumeDir;
-use super::coalesce::Coalesce;
 use crate::protocol::compression::Compression;
 use crate::protocol::transport::{Congestion, DEFAULT_IDLE_TIMEOUT_SECONDS};
 

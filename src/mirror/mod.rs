@@ -8,8 +8,8 @@
 //! or raw), and the bandwidth limit (`rate.rs`).
 
 mod batches;
-pub mod coalesce;
 pub mod checkpoints;
+pub mod coalesce;
 pub mod config;
 pub mod generations;
 mod link;

@@ -212,7 +212,7 @@ impl Senders {
                         let mut status = lock(&mirror.status);
                         status.max_rate = config.max_rate;
                         status.compression = config.compression().to_string();
-            status.coalesce = config.coalesce().to_string();
+                        status.coalesce = config.coalesce().to_string();
                     }
                     lock(&mirror.verify).every = config.verify_interval();
                     reloaded.updated.push(config.name);

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::batches::{self, BatchEncoder, Lookahead};
-use super::coalesce::{Coalesce, RangeBuilder, RANGE_DATA_BYTES};
 use super::checkpoints::{self, Checkpoints};
+use super::coalesce::{Coalesce, RangeBuilder, RANGE_DATA_BYTES};
 use super::config::MirrorConfig;
 use super::link::{connect, hello_of};
 use super::rate::RateLimiter;
@@ -523,7 +523,13 @@ impl Sender {
 
     /// Sends the durable records from the reader's position as one coalesced range, up to a
     /// marker or the range's caps. `false`: nothing sent (the next record is a marker).
-    async fn send_range(&self, send: &mut quinn::SendStream, reader: &mut Lookahead, in_flight: &Arc<Mutex<Flight>>, limiter: &mut RateLimiter) -> Result<bool, LinkError> {
+    async fn send_range(
+        &self,
+        send: &mut quinn::SendStream,
+        reader: &mut Lookahead,
+        in_flight: &Arc<Mutex<Flight>>,
+        limiter: &mut RateLimiter,
+    ) -> Result<bool, LinkError> {
         let synced = self.volume.journal().synced_lsn();
         let mut builder = RangeBuilder::default();
         while reader.next_lsn() <= synced {

@@ -250,7 +250,7 @@ fn regression_intervals_beyond_a_century_are_refused() {
         congestion: None,
         verify_every: Some("400000000000y".into()),
         compression: None,
-            coalesce: None,
+        coalesce: None,
     };
     assert!(mirror.validate().unwrap_err().contains("longer than a century"));
 }
