@@ -13,7 +13,6 @@ use super::compression::{self, CompressionError};
 use crate::generation::{Generation, History};
 
 use crate::extent::Extent;
-use crate::journal::range::{self as journal_range, Piece, RangeMeta};
 use crate::journal::{RecordHeader, RecordKind};
 
 /// Version 7: coalesced ranges (frame kind 4). Version 6: compressed record batches (frame
@@ -31,6 +30,7 @@ pub const RECORD_HEADER_BYTES: u64 = 64;
 const KIND_CONTROL: u8 = 1;
 const KIND_RECORDS: u8 = 2;
 const KIND_COMPRESSED_RECORDS: u8 = 3;
+/// A coalesced range (`wire_range.rs`).
 const KIND_RANGE: u8 = 4;
 
 /// Control messages decode within 2 MiB: the largest is a `SyncChunk` (one 1 MiB chunk).
@@ -398,31 +398,6 @@ impl ChunkCursor {
     }
 }
 
-/// A coalesced range as the applier receives it: LSNs `first_lsn..=meta.last_lsn` as one
-/// step (docs/coalescing.md).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReceivedRange {
-    pub first_lsn: u64,
-    pub timestamp_us: u64,
-    pub meta: RangeMeta,
-    /// The range's encoding as it arrived (headers, then data): what the journal keeps.
-    pub encoded: Payload,
-    /// Each write piece's data, in piece order (slices of `encoded`).
-    pub data: Vec<Payload>,
-}
-
-impl ReceivedRange {
-    pub fn last_lsn(&self) -> u64 {
-        self.meta.last_lsn
-    }
-
-    /// The pieces with their data (empty for zeroes and discards).
-    pub fn pieces(&self) -> impl Iterator<Item = (Piece, &[bytes::Bytes])> {
-        let mut data = self.data.iter();
-        self.meta.pieces.iter().map(move |piece| (*piece, if piece.kind == RecordKind::Write { data.next().map_or(&[][..], Payload::parts) } else { &[][..] }))
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
     Control(Control),
@@ -445,7 +420,7 @@ pub enum WireError {
     #[error("record batch: {0}")]
     Compressed(#[from] CompressionError),
     #[error(transparent)]
-    Range(#[from] journal_range::RangeError),
+    Range(#[from] crate::journal::range::RangeError),
 }
 
 /// The refusal of a sender speaking another protocol version, naming both. Sent as
@@ -489,20 +464,6 @@ pub fn encode_batch_header(records: &[(RecordHeader, &[u8])]) -> Vec<u8> {
 /// uncompressed `payload_len`, which bounds the decompression.
 pub fn encode_compressed_batch_header(records: &[(RecordHeader, &[u8])], block_len: usize) -> Vec<u8> {
     batch_prefix(KIND_COMPRESSED_RECORDS, records, block_len)
-}
-
-/// Encodes the frame prefix of a coalesced range and its headers; the write data (`data_len`
-/// bytes, the pieces' data in order) is sent right after it, untouched.
-pub fn encode_range_header(first_lsn: u64, timestamp_us: u64, meta: &RangeMeta) -> Vec<u8> {
-    let encoded = meta.encode();
-    let body_len = 1 + 16 + encoded.len() as u64 + meta.data_len();
-    let mut prefix = Vec::with_capacity(21 + encoded.len());
-    prefix.extend_from_slice(&(body_len as u32).to_le_bytes());
-    prefix.push(KIND_RANGE);
-    prefix.extend_from_slice(&first_lsn.to_le_bytes());
-    prefix.extend_from_slice(&timestamp_us.to_le_bytes());
-    prefix.extend_from_slice(&encoded);
-    prefix
 }
 
 fn batch_prefix(kind: u8, records: &[(RecordHeader, &[u8])], payload_bytes: usize) -> Vec<u8> {
@@ -564,38 +525,9 @@ pub fn decode_frame(chunks: Vec<bytes::Bytes>) -> Result<Frame, WireError> {
         }
         KIND_RECORDS => decode_batch(body, false).map(Frame::Records),
         KIND_COMPRESSED_RECORDS => decode_batch(body, true).map(Frame::Records),
-        KIND_RANGE => decode_range(body).map(Frame::Range),
+        KIND_RANGE => range::decode_range(body).map(Frame::Range),
         other => Err(WireError::UnknownKind(other)),
     }
-}
-
-/// A coalesced range: every length is checked against the frame before anything is taken.
-fn decode_range(mut body: ChunkCursor) -> Result<ReceivedRange, WireError> {
-    let bad = |m: &str| WireError::BadBatch(format!("coalesced range: {m}"));
-    let fixed = body.take_contiguous(16).ok_or_else(|| bad("truncated"))?;
-    let first_lsn = u64::from_le_bytes(fixed[0..8].try_into().expect("8"));
-    let timestamp_us = u64::from_le_bytes(fixed[8..16].try_into().expect("8"));
-    if first_lsn == 0 {
-        return Err(bad("LSN 0"));
-    }
-    let total = body.remaining;
-    if total > journal_range::MAX_RANGE_PAYLOAD {
-        return Err(bad("larger than a range may be"));
-    }
-    let encoded = body.take(total).expect("exactly what remains");
-    let mut body = ChunkCursor::new(encoded.parts().to_vec());
-    let head = body.take_contiguous(journal_range::HEAD_BYTES).ok_or_else(|| bad("truncated"))?;
-    let (_, count) = journal_range::decode_head(&head)?;
-    let rest = body.take_contiguous(journal_range::meta_len(count) - journal_range::HEAD_BYTES).ok_or_else(|| bad("piece headers run past the frame"))?;
-    let meta = RangeMeta::decode(first_lsn, &[&head[..], &rest[..]].concat())?;
-    let mut data = Vec::new();
-    for piece in meta.pieces.iter().filter(|p| p.kind == RecordKind::Write) {
-        data.push(body.take(piece.extent.length as usize).ok_or_else(|| bad("write data runs past the frame"))?);
-    }
-    if body.remaining != 0 {
-        return Err(bad("bytes after the last piece's data"));
-    }
-    Ok(ReceivedRange { first_lsn, timestamp_us, meta, encoded, data })
 }
 
 /// A batch's records; `compressed`: the payloads follow as one zstd frame, decompressed to
@@ -649,6 +581,10 @@ fn decode_batch(mut body: ChunkCursor, compressed: bool) -> Result<Vec<ReceivedR
     }
     Ok(records)
 }
+
+#[path = "wire_range.rs"]
+mod range;
+pub use range::{encode_range_header, ReceivedRange};
 
 #[cfg(test)]
 #[path = "wire_tests.rs"]
