@@ -152,6 +152,8 @@ impl Store {
             RecordKind::WriteZeroes => self.zero(extent, false),
             RecordKind::Discard => self.zero(extent, true),
             RecordKind::Marker => Ok(()),
+            // Ranges are taken apart by the applier (`replica::range`), piece by piece.
+            RecordKind::Range | RecordKind::Covered => Err(io::Error::new(io::ErrorKind::InvalidInput, "a range record is applied piece by piece")),
         }
     }
 

@@ -278,7 +278,8 @@ impl Applier {
                 finish_checkpoint(replica, send, &mut syncing).await?;
                 return Ok(());
             };
-            let records = match frame {
+            let work = match frame {
+                Frame::Range(range) => Received::Range(Box::new(range)),
                 Frame::Records(mut records) => {
                     // Batches that queued up meanwhile become durable together: one journal
                     // sync (and one acknowledgement) for all of them.
@@ -292,7 +293,7 @@ impl Applier {
                             Err(_) => break,
                         }
                     }
-                    records
+                    Received::Records(records)
                 }
                 Frame::Control(Control::VerifyHashes { at_lsn, chunk_bytes, chunks, hashes }) => {
                     // Every record before it is applied: the image is the source's at `at_lsn`.
@@ -325,8 +326,19 @@ impl Applier {
             }
             // Durable in our journal first (the source may trim up to it), then applied.
             let (received, applied, unsynced, taken) = blocking(replica, move |r| {
-                let received = r.receive(&records)?;
-                r.apply_received(&records)?;
+                let received = match &work {
+                    Received::Records(records) => {
+                        let received = r.receive(records)?;
+                        r.apply_received(records)?;
+                        received
+                    }
+                    // A coalesced range: durable whole, then applied whole.
+                    Received::Range(range) => {
+                        let received = r.receive_range(range)?;
+                        r.apply_received_range(range)?;
+                        received
+                    }
+                };
                 Ok((received, r.applied_lsn(), r.unsynced(), r.take_new_snapshots()))
             })
             .await?;
@@ -421,6 +433,13 @@ impl Applier {
 
 /// Starts a checkpoint whose image sync runs off the runtime without holding the replica:
 /// batches go on being received and applied meanwhile. Resolves to the applied LSN.
+/// What a step of the stream brought: record batches (those that queued up, together) or
+/// one coalesced range.
+enum Received {
+    Records(Vec<crate::protocol::wire::ReceivedRecord>),
+    Range(Box<crate::protocol::wire::ReceivedRange>),
+}
+
 fn start_checkpoint(replica: &Arc<Mutex<Replica>>) -> Checkpointing {
     let replica = replica.clone();
     tokio::task::spawn_blocking(move || {

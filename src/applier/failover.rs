@@ -108,6 +108,7 @@ impl Applier {
             congestion: None,
             verify_every: None,
             compression: None,
+            coalesce: None,
         };
         back.validate().map_err(|e| other(format!("the mirror back to the source: {e}")))?;
         let (_, replica) = self.replica_for(&ask.hello, &ask.source, false).map_err(|e| other(e.to_string()))?;

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 
 use ublk_mirror::layout::VolumeDir;
+use ublk_mirror::mirror::coalesce::Coalesce;
 use ublk_mirror::mirror::{self, MirrorConfig};
 use ublk_mirror::protocol::compression::Compression;
 use ublk_mirror::protocol::transport::Congestion;
@@ -76,6 +77,10 @@ pub struct MirrorSetArgs {
     /// negative for zstd's fast modes) or auto (only while the link is the bottleneck).
     #[arg(long, value_name = "off|zstd:LEVEL|auto", value_parser = parse_compression)]
     compression: Option<Compression>,
+    /// Coalescing of a backlog: off, on (always) or auto (while 64 MiB or more behind). A
+    /// running volume's sender takes it at its next connection.
+    #[arg(long, value_name = "off|on|auto")]
+    coalesce: Option<Coalesce>,
 }
 
 /// clap's parser of `--compression`: the message says what is accepted.
@@ -116,6 +121,12 @@ pub struct MirrorAddArgs {
     /// the sender waits on the network). A batch that shrinks by less than 5% goes raw.
     #[arg(long, value_name = "off|zstd:LEVEL|auto", value_parser = parse_compression)]
     compression: Option<Compression>,
+    /// Coalescing of a backlog (docs/coalescing.md): off, on (whenever records wait) or auto
+    /// (default: while the mirror is 64 MiB or more behind, e.g. after an outage): for a run
+    /// of records up to a marker only the newest version of each block is sent, applied as
+    /// one step on the replica.
+    #[arg(long, value_name = "off|on|auto")]
+    coalesce: Option<Coalesce>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -185,6 +196,7 @@ fn add(args: MirrorAddArgs) -> Result<()> {
         congestion: args.congestion.map(Into::into),
         verify_every: args.verify_every,
         compression: args.compression,
+        coalesce: args.coalesce,
     };
     let dir = VolumeDir::new(&args.dir);
     mirror::add(&dir, &config).with_context(|| format!("add mirror to {}", args.dir.display()))?;
@@ -232,18 +244,19 @@ fn set(args: MirrorSetArgs) -> Result<()> {
         Some(text) => Some(Some(parse_size(text).context("--max-rate")?)),
     };
     let verify_every = args.verify_every.map(|every| if every == "none" { None } else { Some(every) });
-    let changes = mirror::MirrorChanges { max_rate, idle_timeout: args.idle_timeout, verify_every, compression: args.compression };
+    let changes = mirror::MirrorChanges { max_rate, idle_timeout: args.idle_timeout, verify_every, compression: args.compression, coalesce: args.coalesce };
     if changes.is_empty() {
-        bail!("nothing to change: give --max-rate RATE|none, --idle-timeout SECONDS, --verify-every INTERVAL|none and/or --compression off|zstd:LEVEL|auto");
+        bail!("nothing to change: give --max-rate RATE|none, --idle-timeout SECONDS, --verify-every INTERVAL|none, --compression off|zstd:LEVEL|auto and/or --coalesce off|on|auto");
     }
     let config = mirror::set(&VolumeDir::new(&args.dir), &args.name, &changes)?;
     let rate = config.max_rate.map_or("none".to_string(), |r| format!("{}/s", ublk_mirror::size::format_size(r)));
     println!(
-        "mirror {}: max rate {rate}, idle timeout {} s, verify every {}, compression {}",
+        "mirror {}: max rate {rate}, idle timeout {} s, verify every {}, compression {}, coalesce {}",
         config.name,
         config.idle_timeout().as_secs(),
         config.verify_every.as_deref().unwrap_or("(never)"),
-        config.compression()
+        config.compression(),
+        config.coalesce()
     );
     if ublk_mirror::volume::is_locked(&args.dir) {
         running_volume(&VolumeDir::new(&args.dir), "reload-mirrors")?;

@@ -1,4 +1,5 @@
-//! On-disk format of journal segments, version 1 (see `docs/journal-format.md`).
+//! On-disk format of journal segments, version 2 (see `docs/journal-format.md`; version 1,
+//! which lacks the coalesced-range kinds, is read as well).
 //!
 //! Pure encoding and decoding: no I/O here, so every rule can be tested on byte slices.
 
@@ -10,7 +11,16 @@ pub const BLOCK_SIZE: usize = 4096;
 pub const SEGMENT_HEADER_SIZE: u64 = BLOCK_SIZE as u64;
 pub const SEGMENT_MAGIC: [u8; 8] = *b"UBMJSEG\0";
 pub const RECORD_MAGIC: u32 = 0x524a_4d55; // "UMJR" little-endian
-pub const FORMAT_VERSION: u8 = 1;
+/// Written in every segment header and record. Version 2 added the record kinds `Range` and
+/// `Covered` (coalesced ranges, only in an applier's journal); a version-1 binary refuses a
+/// version-2 segment by its header rather than mistaking a range record for a torn tail.
+pub const FORMAT_VERSION: u8 = 2;
+/// The oldest version this build reads.
+pub const OLDEST_FORMAT_VERSION: u8 = 1;
+
+fn known_version(version: u8) -> bool {
+    (OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version)
+}
 pub const RECORD_HEADER_SIZE: usize = 64;
 /// Bytes of the segment header covered by its CRC (the CRC follows them).
 const SEGMENT_HEADER_CRC_OFFSET: usize = 56;
@@ -27,6 +37,13 @@ pub enum RecordKind {
     Discard,
     /// A named consistency point; the payload is the name. Changes no device byte.
     Marker,
+    /// A coalesced range (version 2, applier journals only): this LSN through the range's
+    /// last, as one step; the payload is `journal::range`'s encoding of the newest version of
+    /// every block the range's records wrote. `offset` and `length` are 0.
+    Range,
+    /// An LSN inside the range whose `Range` record comes before it: changes nothing itself
+    /// (it keeps LSNs strictly +1). No payload, `offset` and `length` 0.
+    Covered,
 }
 
 impl RecordKind {
@@ -36,6 +53,8 @@ impl RecordKind {
             RecordKind::WriteZeroes => 2,
             RecordKind::Discard => 3,
             RecordKind::Marker => 4,
+            RecordKind::Range => 5,
+            RecordKind::Covered => 6,
         }
     }
 
@@ -45,6 +64,8 @@ impl RecordKind {
             2 => RecordKind::WriteZeroes,
             3 => RecordKind::Discard,
             4 => RecordKind::Marker,
+            5 => RecordKind::Range,
+            6 => RecordKind::Covered,
             _ => return None,
         })
     }
@@ -55,7 +76,14 @@ impl RecordKind {
             RecordKind::WriteZeroes => "write-zeroes",
             RecordKind::Discard => "discard",
             RecordKind::Marker => "marker",
+            RecordKind::Range => "range",
+            RecordKind::Covered => "covered",
         }
+    }
+
+    /// Kinds a volume journals and a sender streams one by one (not the applier's range kinds).
+    pub fn is_source_kind(self) -> bool {
+        !matches!(self, RecordKind::Range | RecordKind::Covered)
     }
 }
 
@@ -181,7 +209,7 @@ pub fn decode_header(bytes: &[u8; RECORD_HEADER_SIZE], room: u64) -> Result<Reco
     if magic != RECORD_MAGIC {
         return Err(RecordProblem::NoMagic);
     }
-    if bytes[4] != FORMAT_VERSION {
+    if !known_version(bytes[4]) {
         return Err(RecordProblem::UnsupportedVersion(bytes[4]));
     }
     let kind = RecordKind::from_code(bytes[5]).ok_or(RecordProblem::UnknownKind(bytes[5]))?;
@@ -204,6 +232,11 @@ pub fn decode_header(bytes: &[u8; RECORD_HEADER_SIZE], room: u64) -> Result<Reco
             return Err(RecordProblem::Inconsistent("zero/discard record carries a payload"))
         }
         RecordKind::Marker if header.length != 0 => return Err(RecordProblem::Inconsistent("marker covers device bytes")),
+        RecordKind::Range | RecordKind::Covered if bytes[4] < 2 => return Err(RecordProblem::Inconsistent("range kinds need record version 2")),
+        RecordKind::Range if header.offset != 0 || header.length != 0 => return Err(RecordProblem::Inconsistent("a range record covers no extent of its own")),
+        RecordKind::Covered if header.offset != 0 || header.length != 0 || header.payload_len != 0 => {
+            return Err(RecordProblem::Inconsistent("a covered record has no extent or payload"))
+        }
         _ => {}
     }
     if header.offset.checked_add(header.length).is_none() {
@@ -260,7 +293,7 @@ impl SegmentHeader {
         if stored != crc32c::crc32c(&block[..SEGMENT_HEADER_CRC_OFFSET]) {
             return Err(SegmentHeaderProblem::CrcMismatch);
         }
-        if block[8] != FORMAT_VERSION {
+        if !known_version(block[8]) {
             return Err(SegmentHeaderProblem::UnsupportedVersion(block[8]));
         }
         let u64_at = |i: usize| u64::from_le_bytes(block[i..i + 8].try_into().expect("8 bytes"));

@@ -13,6 +13,7 @@ pub mod format;
 mod ledger;
 pub mod placement;
 mod preparer;
+pub mod range;
 mod reader;
 mod recovery;
 mod retention;

@@ -109,6 +109,19 @@ fn render_mirror(out: &mut Exposition, volume: &str, m: &MirrorStatus) {
         m.payload_bytes as f64,
     );
     out.counter("ublk_mirror_mirror_compressed_batches_total", "Record batches sent compressed (the others went raw).", &labels, m.compressed_batches as f64);
+    out.counter(
+        "ublk_mirror_mirror_coalesced_ranges_total",
+        "Coalesced ranges sent (newest version of each block of a run of records).",
+        &labels,
+        m.coalesced_ranges as f64,
+    );
+    out.counter("ublk_mirror_mirror_coalesced_records_total", "Records sent inside coalesced ranges.", &labels, m.coalesced_records as f64);
+    out.counter(
+        "ublk_mirror_mirror_coalesced_skipped_bytes_total",
+        "Payload bytes not sent because a later record of the same coalesced range overwrote them.",
+        &labels,
+        m.coalesced_skipped_bytes as f64,
+    );
     let setting = if m.compression.is_empty() { "auto" } else { m.compression.as_str() };
     out.gauge(
         "ublk_mirror_mirror_compression",

@@ -80,3 +80,45 @@ impl BatchEncoder {
         Encoded { chunks: frame_chunks(header, batch), wire_bytes, compressed: false }
     }
 }
+
+/// The journal reader of a stream, with room for one record read and not sent yet (the
+/// record a coalesced range ended before: a marker, or one that did not fit).
+pub(super) struct Lookahead {
+    reader: crate::journal::JournalReader,
+    pending: Option<Record>,
+}
+
+impl Lookahead {
+    pub fn new(reader: crate::journal::JournalReader) -> Lookahead {
+        Lookahead { reader, pending: None }
+    }
+
+    /// LSN of the record `next_record` returns.
+    pub fn next_lsn(&self) -> u64 {
+        self.pending.as_ref().map_or_else(|| self.reader.next_lsn(), |record| record.header.lsn)
+    }
+
+    pub fn next_record(&mut self) -> Result<Option<Record>, crate::journal::JournalError> {
+        match self.pending.take() {
+            Some(record) => Ok(Some(record)),
+            None => self.reader.next_record(),
+        }
+    }
+
+    /// Gives back the record `next_record` just returned.
+    pub fn put_back(&mut self, record: Record) {
+        debug_assert!(self.pending.is_none());
+        self.pending = Some(record);
+    }
+}
+
+/// A coalesced range's frame: the prefix and piece headers, then each write's data as it
+/// was in the journal (slices, not copied).
+pub(super) fn encode_range(range: &super::coalesce::Coalesced) -> Encoded {
+    let header = wire::encode_range_header(range.first_lsn, range.timestamp_us, &range.meta);
+    let wire_bytes = header.len() as u64 + range.meta.data_len();
+    let mut chunks = Vec::with_capacity(1 + range.data.len());
+    chunks.push(bytes::Bytes::from(header));
+    chunks.extend(range.data.iter().cloned());
+    Encoded { chunks, wire_bytes, compressed: false }
+}

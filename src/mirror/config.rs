@@ -7,6 +7,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::checkpoints::{self, Checkpoints};
+use super::coalesce::Coalesce;
 use super::MirrorError;
 use crate::layout::VolumeDir;
 use crate::protocol::compression::Compression;
@@ -40,9 +41,18 @@ pub struct MirrorConfig {
     /// an error naming this key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression: Option<Compression>,
+    /// Coalescing of a backlog (docs/coalescing.md): "off", "on" or "auto" (the default:
+    /// while the mirror is 64 MiB or more behind).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coalesce: Option<Coalesce>,
 }
 
 impl MirrorConfig {
+    /// The coalescing setting in force (absent: `auto`).
+    pub fn coalesce(&self) -> Coalesce {
+        self.coalesce.unwrap_or_default()
+    }
+
     /// The compression setting in force (absent: `auto`).
     pub fn compression(&self) -> Compression {
         self.compression.unwrap_or_default()
@@ -114,7 +124,8 @@ fn save(dir: &VolumeDir, config: &MirrorConfig) -> Result<(), MirrorError> {
         "# ublk-mirror mirror of this volume; written by `ublk-mirror mirror add`/`mirror set`.\n\
          # Keys: name, address (HOST:PORT), fingerprint (sha256:...), max_rate (bytes/s, e.g. \"50M\"),\n\
          # idle_timeout (seconds), congestion (\"bbr\" or \"cubic\"), verify_every (e.g. \"7d\"),\n\
-         # compression (\"off\", \"zstd:LEVEL\" or \"auto\", the default). See docs/configuration.md.\n{}",
+         # compression (\"off\", \"zstd:LEVEL\" or \"auto\", the default), coalesce (\"off\", \"on\" or \"auto\", the\n\
+         # default). See docs/configuration.md.\n{}",
         toml::to_string_pretty(config).expect("mirror config serialises")
     );
     crate::fsutil::write_atomic(&path, text.as_bytes()).map_err(|source| MirrorError::Io { context: format!("write {}", path.display()), source })
@@ -137,6 +148,9 @@ pub fn set(dir: &VolumeDir, name: &str, changes: &MirrorChanges) -> Result<Mirro
     if let Some(compression) = changes.compression {
         config.compression = Some(compression);
     }
+    if let Some(coalesce) = changes.coalesce {
+        config.coalesce = Some(coalesce);
+    }
     config.validate().map_err(|e| MirrorError::Invalid(format!("mirror {e}")))?;
     save(dir, &config)?;
     Ok(config)
@@ -149,11 +163,12 @@ pub struct MirrorChanges {
     pub idle_timeout: Option<u64>,
     pub verify_every: Option<Option<String>>,
     pub compression: Option<Compression>,
+    pub coalesce: Option<Coalesce>,
 }
 
 impl MirrorChanges {
     pub fn is_empty(&self) -> bool {
-        self.max_rate.is_none() && self.idle_timeout.is_none() && self.verify_every.is_none() && self.compression.is_none()
+        self.max_rate.is_none() && self.idle_timeout.is_none() && self.verify_every.is_none() && self.compression.is_none() && self.coalesce.is_none()
     }
 }
 

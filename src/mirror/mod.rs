@@ -9,6 +9,7 @@
 
 mod batches;
 pub mod checkpoints;
+pub mod coalesce;
 pub mod config;
 pub mod generations;
 mod link;

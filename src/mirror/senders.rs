@@ -58,6 +58,7 @@ pub fn offline_statuses(dir: &VolumeDir, journal: &Journal, device_size: u64) ->
             }
             status.last_error = problem;
             status.compression = m.compression().to_string();
+            status.coalesce = m.coalesce().to_string();
             if let Some(report) = checkpoints::load_verify(dir, &m.name) {
                 status.show_verify(report);
             }
@@ -140,6 +141,7 @@ impl Senders {
             let mut status = lock(&status);
             status.last_error = problem;
             status.compression = config.compression().to_string();
+            status.coalesce = config.coalesce().to_string();
             status.resynced_lsn_ranges = checkpoints::load_gaps(dir, &config.name);
             if let Some(report) = checkpoints::load_verify(dir, &config.name) {
                 status.show_verify(report);
@@ -210,6 +212,7 @@ impl Senders {
                         let mut status = lock(&mirror.status);
                         status.max_rate = config.max_rate;
                         status.compression = config.compression().to_string();
+                        status.coalesce = config.coalesce().to_string();
                     }
                     lock(&mirror.verify).every = config.verify_interval();
                     reloaded.updated.push(config.name);

@@ -8,8 +8,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::batches::BatchEncoder;
+use super::batches::{self, BatchEncoder, Lookahead};
 use super::checkpoints::{self, Checkpoints};
+use super::coalesce::{Coalesce, RangeBuilder, RANGE_DATA_BYTES};
 use super::config::MirrorConfig;
 use super::link::{connect, hello_of};
 use super::rate::RateLimiter;
@@ -273,7 +274,10 @@ impl Sender {
         };
         let mut verify = None;
         let mut encoder = BatchEncoder::new(self.compression.clone(), &welcome.codecs);
-        let result = self.stream(&mut send, received, &in_flight, &mut acks, (&mut limiter, &mut encoder), (&mut resync, &mut verify), events).await;
+        // Read at each connection, so `mirror set --coalesce` applies at the next one.
+        let coalesce = super::config::load(&self.dir, &self.config.name).map_or(self.config.coalesce(), |config| config.coalesce());
+        let result =
+            self.stream(&mut send, (received, coalesce), &in_flight, &mut acks, (&mut limiter, &mut encoder), (&mut resync, &mut verify), events).await;
         let why = match &result {
             Err(error) => format!("the connection to the applier ended: {error:#}"),
             Ok(Ended::Stopped) => "the volume is stopping".to_string(),
@@ -380,7 +384,7 @@ impl Sender {
     async fn stream(
         &self,
         send: &mut quinn::SendStream,
-        received: u64,
+        (received, coalesce): (u64, Coalesce),
         in_flight: &Arc<Mutex<Flight>>,
         acks: &mut tokio::task::JoinHandle<Result<(), LinkError>>,
         (limiter, encoder): (&mut RateLimiter, &mut BatchEncoder),
@@ -388,7 +392,7 @@ impl Sender {
         mut events: tokio::sync::mpsc::UnboundedReceiver<ApplierEvent>,
     ) -> Result<Ended, LinkError> {
         let journal = self.volume.journal();
-        let mut reader = JournalReader::new(journal.clone(), received + 1)?;
+        let mut reader = Lookahead::new(JournalReader::new(journal.clone(), received + 1)?);
         let mut meter = (Instant::now(), lock(&self.status).applied_bytes);
         loop {
             if meter.0.elapsed() >= Duration::from_secs(1) {
@@ -441,6 +445,24 @@ impl Sender {
             let stop_at = verify.as_ref().and_then(VerifySource::stop_at).unwrap_or(u64::MAX);
             // Headers count too: a window of tiny records must stay bounded.
             let unacked = lock(in_flight).window_bytes() + resync.as_ref().map_or(0, ResyncSource::bytes_in_flight);
+            // A backlog goes as coalesced ranges (never during a resync or a verify, whose
+            // steps sit between records), each with room in the window.
+            if resync.is_none()
+                && verify.is_none()
+                && reader.next_lsn() < journal.synced_lsn()
+                && coalesce.wanted(journal.backlog_after(reader.next_lsn() - 1).payload_bytes)
+            {
+                if unacked + RANGE_DATA_BYTES > WINDOW_BYTES {
+                    // Wait for room rather than send the backlog as batches, uncoalesced.
+                    let waited = Instant::now();
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    encoder.stalled(waited.elapsed());
+                    continue;
+                }
+                if self.send_range(send, &mut reader, in_flight, limiter).await? {
+                    continue;
+                }
+            }
             let mut batch = Vec::new();
             let mut bytes = 0usize;
             let batch_bytes = limiter.batch_limit(BATCH_BYTES);
@@ -498,6 +520,41 @@ impl Sender {
                 running.step(&self.peer(), send, reader.next_lsn() - 1, limiter).await?;
             }
         }
+    }
+
+    /// Sends the durable records from the reader's position as one coalesced range, up to a
+    /// marker or the range's caps. `false`: nothing sent (the next record is a marker).
+    async fn send_range(
+        &self,
+        send: &mut quinn::SendStream,
+        reader: &mut Lookahead,
+        in_flight: &Arc<Mutex<Flight>>,
+        limiter: &mut RateLimiter,
+    ) -> Result<bool, LinkError> {
+        let synced = self.volume.journal().synced_lsn();
+        let mut builder = RangeBuilder::default();
+        while reader.next_lsn() <= synced {
+            let Some(record) = reader.next_record()? else { break };
+            if builder.offer(&record).is_err() {
+                reader.put_back(record);
+                break;
+            }
+        }
+        let Some(range) = builder.finish() else { return Ok(false) };
+        let encoded = batches::encode_range(&range);
+        limiter.pace(encoded.wire_bytes).await;
+        let data = range.meta.data_len();
+        lock(in_flight).records.push_back(InFlight { lsn: range.meta.last_lsn, bytes: data });
+        let mut chunks = encoded.chunks;
+        send.write_all_chunks(&mut chunks).await?;
+        let mut status = lock(&self.status);
+        status.sent_bytes += encoded.wire_bytes;
+        status.payload_bytes += data;
+        status.sent_records += range.records;
+        status.coalesced_ranges += 1;
+        status.coalesced_records += range.records;
+        status.coalesced_skipped_bytes += range.source_bytes - data;
+        Ok(true)
     }
 
     /// Sets checkpoints outright (a synchronisation re-bases them; `acknowledged` only moves

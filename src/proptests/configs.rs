@@ -177,6 +177,7 @@ proptest! {
             congestion: None,
             verify_every,
             compression: None,
+            coalesce: None,
         };
         if config.validate().is_ok() {
             prop_assert!(config.max_rate.is_none_or(|rate| rate >= crate::mirror::config::MIN_RATE));
@@ -249,6 +250,7 @@ fn regression_intervals_beyond_a_century_are_refused() {
         congestion: None,
         verify_every: Some("400000000000y".into()),
         compression: None,
+        coalesce: None,
     };
     assert!(mirror.validate().unwrap_err().contains("longer than a century"));
 }

@@ -31,6 +31,8 @@ fn assert_in_range(header: &RecordHeader, room: u64) {
         RecordKind::Write => assert_eq!(header.length, header.payload_len as u64),
         RecordKind::WriteZeroes | RecordKind::Discard => assert_eq!(header.payload_len, 0),
         RecordKind::Marker => assert_eq!(header.length, 0),
+        RecordKind::Range => assert_eq!((header.offset, header.length), (0, 0)),
+        RecordKind::Covered => assert_eq!((header.offset, header.length, header.payload_len), (0, 0, 0)),
     }
 }
 

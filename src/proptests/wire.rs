@@ -33,6 +33,7 @@ fn assert_batch_in_range(frame: &Frame, body: &[u8]) {
             RecordKind::Write => assert_eq!(record.extent.length, record.payload.len() as u64),
             RecordKind::WriteZeroes | RecordKind::Discard => assert!(record.payload.is_empty()),
             RecordKind::Marker => assert_eq!(record.extent.length, 0),
+            RecordKind::Range | RecordKind::Covered => panic!("a range kind in a batch"),
         }
         payload_total += record.payload.len();
     }

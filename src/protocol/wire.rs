@@ -4,7 +4,8 @@
 //! Every frame: `u32` body length (little-endian), then the body. The body's first byte is the
 //! frame kind: `1` control message (bincode 2 of [`Control`]), `2` record batch: a `u32`
 //! header length, the bincode 2 [`BatchHeader`], then the records' payload bytes as they are;
-//! `3` the same batch with the payloads as one zstd frame (`compression`).
+//! `3` the same batch with the payloads as one zstd frame (`compression`); `4` a coalesced
+//! range (version 7): `u64` first LSN, `u64` timestamp, then `journal::range`'s encoding.
 
 use serde::{Deserialize, Serialize};
 
@@ -14,8 +15,9 @@ use crate::generation::{Generation, History};
 use crate::extent::Extent;
 use crate::journal::{RecordHeader, RecordKind};
 
-/// Version 6: compressed record batches (frame kind 3) and the codecs in `Welcome`.
-pub const PROTOCOL_VERSION: u32 = 6;
+/// Version 7: coalesced ranges (frame kind 4). Version 6: compressed record batches (frame
+/// kind 3) and the codecs in `Welcome`.
+pub const PROTOCOL_VERSION: u32 = 7;
 /// Chunks whose hashes travel in one `VerifyHashes` at most.
 pub const VERIFY_HASH_BATCH: usize = 64;
 /// Initial synchronisation compares and copies the device in chunks of this size.
@@ -28,6 +30,8 @@ pub const RECORD_HEADER_BYTES: u64 = 64;
 const KIND_CONTROL: u8 = 1;
 const KIND_RECORDS: u8 = 2;
 const KIND_COMPRESSED_RECORDS: u8 = 3;
+/// A coalesced range (`wire_range.rs`).
+const KIND_RANGE: u8 = 4;
 
 /// Control messages decode within 2 MiB: the largest is a `SyncChunk` (one 1 MiB chunk).
 fn config() -> impl bincode::config::Config {
@@ -398,6 +402,7 @@ impl ChunkCursor {
 pub enum Frame {
     Control(Control),
     Records(Vec<ReceivedRecord>),
+    Range(ReceivedRange),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -414,6 +419,8 @@ pub enum WireError {
     BadBatch(String),
     #[error("record batch: {0}")]
     Compressed(#[from] CompressionError),
+    #[error(transparent)]
+    Range(#[from] crate::journal::range::RangeError),
 }
 
 /// The refusal of a sender speaking another protocol version, naming both. Sent as
@@ -518,6 +525,7 @@ pub fn decode_frame(chunks: Vec<bytes::Bytes>) -> Result<Frame, WireError> {
         }
         KIND_RECORDS => decode_batch(body, false).map(Frame::Records),
         KIND_COMPRESSED_RECORDS => decode_batch(body, true).map(Frame::Records),
+        KIND_RANGE => range::decode_range(body).map(Frame::Range),
         other => Err(WireError::UnknownKind(other)),
     }
 }
@@ -543,7 +551,10 @@ fn decode_batch(mut body: ChunkCursor, compressed: bool) -> Result<Vec<ReceivedR
     let mut records = Vec::with_capacity(header.records.len());
     let mut previous: Option<u64> = None;
     for wire in header.records {
-        let kind = RecordKind::from_code(wire.kind).ok_or_else(|| bad(format!("LSN {}: unknown record kind {}", wire.lsn, wire.kind)))?;
+        // The applier's range kinds never travel in a batch: a range has its own frame.
+        let kind = RecordKind::from_code(wire.kind)
+            .filter(|kind| kind.is_source_kind())
+            .ok_or_else(|| bad(format!("LSN {}: unknown record kind {}", wire.lsn, wire.kind)))?;
         if let Some(previous) = previous {
             // Checked: a batch from the network may claim LSN u64::MAX and one more after it.
             if previous.checked_add(1) != Some(wire.lsn) {
@@ -555,6 +566,7 @@ fn decode_batch(mut body: ChunkCursor, compressed: bool) -> Result<Vec<ReceivedR
             RecordKind::Write => wire.length == wire.payload_len as u64,
             RecordKind::WriteZeroes | RecordKind::Discard => wire.payload_len == 0,
             RecordKind::Marker => wire.length == 0,
+            RecordKind::Range | RecordKind::Covered => false,
         };
         let extent = Extent::new(wire.offset, wire.length);
         if !consistent || extent.end().is_none() {
@@ -569,6 +581,10 @@ fn decode_batch(mut body: ChunkCursor, compressed: bool) -> Result<Vec<ReceivedR
     }
     Ok(records)
 }
+
+#[path = "wire_range.rs"]
+mod range;
+pub use range::{encode_range_header, ReceivedRange};
 
 #[cfg(test)]
 #[path = "wire_tests.rs"]

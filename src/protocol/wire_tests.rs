@@ -56,7 +56,7 @@ fn a_frame_decodes_the_same_whatever_chunks_it_arrives_in() {
     let whole = decode_frame(vec![body.clone()]).unwrap();
     let payloads = |frame: &Frame| match frame {
         Frame::Records(records) => records.iter().map(|r| (r.lsn, r.payload.to_vec())).collect::<Vec<_>>(),
-        Frame::Control(_) => panic!("records expected"),
+        Frame::Control(_) | Frame::Range(_) => panic!("records expected"),
     };
     assert_eq!(payloads(&whole), vec![(1, first.clone()), (2, Vec::new()), (3, second.clone())]);
     // Every two-chunk split, and many-chunk splits (empty chunks included).
@@ -155,7 +155,7 @@ fn protocol_mismatches_are_refused_naming_both_versions() {
         history: vec![WireGeneration { id: [2; 16], parent: None, branch_lsn: 0, created_us: 0 }],
     };
     assert_eq!(check_protocol(&hello(PROTOCOL_VERSION)), Ok(()));
-    for theirs in [5, 7, 0] {
+    for theirs in [5, 6, 8, 0] {
         let refusal = check_protocol(&hello(theirs)).unwrap_err();
         let text = refusal.to_string();
         assert!(text.contains(&format!("protocol {theirs} ")) && text.contains(&format!("protocol {PROTOCOL_VERSION}:")), "{text}");
@@ -163,11 +163,62 @@ fn protocol_mismatches_are_refused_naming_both_versions() {
         assert_eq!(&frame[5..7], &[2, 7], "Control::Refused(Refusal::Other) as every version encodes it");
         assert_eq!(decode_body(&frame[4..]).unwrap(), Frame::Control(Control::Refused(refusal)));
     }
-    // What a protocol 5 applier sends this sender, and how it reads.
+    // What a protocol 5 applier sends this sender, and how it reads (a protocol 6 one
+    // refuses with `Other`, as above).
     let old = Refusal::Protocol(PROTOCOL_VERSION).to_string();
-    assert!(old.contains("protocol 6") && old.contains("protocol 5 or earlier"), "{old}");
+    assert!(old.contains("protocol 7") && old.contains("protocol 6 or earlier"), "{old}");
     // The Hello keeps protocol 5's layout (the version first): an older applier reads our
     // version and refuses it instead of failing to decode.
     let frame = encode_control(&Control::Hello(hello(PROTOCOL_VERSION)));
     assert_eq!(&frame[5..7], &[0, PROTOCOL_VERSION as u8]);
+}
+
+/// A coalesced range (protocol 7) decodes the same in any chunks, every truncation and
+/// garbling is an error (never a panic), and batches never carry the journal's range kinds.
+#[test]
+fn coalesced_ranges_round_trip_and_refuse_bad_input() {
+    use crate::journal::range::{Piece, RangeMeta};
+    let meta = RangeMeta {
+        last_lsn: 30,
+        pieces: vec![
+            Piece { kind: RecordKind::Write, extent: Extent::new(0, 700) },
+            Piece { kind: RecordKind::Discard, extent: Extent::new(4096, 4096) },
+            Piece { kind: RecordKind::Write, extent: Extent::new(9000, 3) },
+        ],
+    };
+    let data: Vec<u8> = (0..703u32).map(|i| i as u8).collect();
+    let mut frame = encode_range_header(20, 99, &meta);
+    frame.extend_from_slice(&data);
+    assert_eq!(u32::from_le_bytes(frame[..4].try_into().unwrap()) as usize, frame.len() - 4);
+    let body = bytes::Bytes::copy_from_slice(&frame[4..]);
+    let Frame::Range(range) = decode_body(&body).unwrap() else { panic!("a range expected") };
+    assert_eq!((range.first_lsn, range.last_lsn(), range.timestamp_us, &range.meta), (20, 30, 99, &meta));
+    let pieces: Vec<_> = range.pieces().map(|(piece, parts)| (piece, parts.concat())).collect();
+    assert_eq!(pieces[0].1, data[..700].to_vec());
+    assert!(pieces[1].1.is_empty());
+    assert_eq!(pieces[2].1, data[700..].to_vec());
+    assert_eq!(range.encoded.len(), body.len() - 17, "the journal keeps the range encoding as it came");
+    // Chunks change how the payloads are sliced, not what they hold.
+    let flat = |frame: Frame| match frame {
+        Frame::Range(r) => (r.first_lsn, r.meta.clone(), r.encoded.to_vec(), r.pieces().map(|(p, parts)| (p, parts.concat())).collect::<Vec<_>>()),
+        other => panic!("a range expected, got {other:?}"),
+    };
+    let whole = flat(Frame::Range(range.clone()));
+    for cut in 0..body.len() {
+        assert_eq!(flat(decode_frame(vec![body.slice(..cut), body.slice(cut..)]).unwrap()), whole, "cut at {cut}");
+        assert!(decode_body(&body[..cut]).is_err(), "truncated at {cut}");
+    }
+    let mut longer = body.to_vec();
+    longer.push(0);
+    assert!(decode_body(&longer).is_err(), "trailing bytes");
+    for at in 0..body.len() {
+        let mut garbled = body.to_vec();
+        garbled[at] ^= 0xa5;
+        let _ = decode_body(&garbled); // must not panic
+    }
+    // The range kinds (5, 6) are no record kinds of a batch.
+    for kind in [RecordKind::Range, RecordKind::Covered] {
+        let batch = encode_batch_header(&[(header(1, kind, 0, 0), &[][..])]);
+        assert!(matches!(decode_body(&batch[4..]), Err(WireError::BadBatch(_))), "{kind:?}");
+    }
 }

@@ -93,6 +93,20 @@ pub struct MirrorStatus {
     /// The mirror's compression setting: "off", "zstd:LEVEL" or "auto".
     #[serde(default)]
     pub compression: String,
+    /// Coalesced ranges sent (docs/coalescing.md): runs of records sent as the newest version
+    /// of each block they wrote.
+    #[serde(default)]
+    pub coalesced_ranges: u64,
+    /// Records those ranges stood for (they count in `sent_records` too).
+    #[serde(default)]
+    pub coalesced_records: u64,
+    /// Payload bytes of those records not sent because a later record of the same range
+    /// overwrote them (`payload_bytes` counts what was sent).
+    #[serde(default)]
+    pub coalesced_skipped_bytes: u64,
+    /// The mirror's coalescing setting: "off", "on" or "auto".
+    #[serde(default)]
+    pub coalesce: String,
     #[serde(default)]
     pub sent_records: u64,
     /// Payload bytes the replica acknowledged as applied since `run` started.

@@ -3,6 +3,7 @@
 
 pub mod nbd_client;
 pub mod relay;
+pub mod sweep;
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;

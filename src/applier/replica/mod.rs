@@ -10,6 +10,7 @@
 
 mod demoted;
 mod promote;
+mod range;
 mod resync;
 mod snapshots;
 mod stage;
@@ -17,6 +18,7 @@ mod state;
 mod sync_target;
 #[cfg(test)]
 mod tests;
+
 mod verify;
 
 use std::path::Path;
@@ -81,6 +83,8 @@ pub struct ReplicaCounters {
     pub records_applied: u64,
     /// Payload bytes of fresh records and of synchronisation chunks written.
     pub bytes_received: u64,
+    /// Coalesced ranges received (their LSNs count in `records_received`).
+    pub ranges_received: u64,
 }
 
 pub struct Replica {
@@ -247,6 +251,7 @@ impl Replica {
         }
         replica.finish_or_abandon_resync()?;
         replica.apply()?;
+        replica.discard_incomplete_range()?;
         Ok(replica)
     }
 
@@ -415,7 +420,19 @@ impl Replica {
         let mut reader = JournalReader::new(self.journal().clone(), self.applied_unsynced + 1)?;
         while let Some(record) = reader.next_record()? {
             let h = record.header;
-            self.apply_one(h.lsn, h.kind, h.extent(), std::slice::from_ref(&record.payload))?;
+            match h.kind {
+                // A range is applied whole or not at all: not before all of it is received.
+                RecordKind::Range => {
+                    if !self.apply_range_record(h.lsn, &record.payload, target)? {
+                        break;
+                    }
+                }
+                RecordKind::Covered if h.lsn <= self.applied_unsynced => {}
+                RecordKind::Covered => {
+                    return Err(ReplicaError::Journal(JournalError::Corrupt(format!("LSN {} is covered by a range whose record is missing", h.lsn))));
+                }
+                _ => self.apply_one(h.lsn, h.kind, h.extent(), std::slice::from_ref(&record.payload))?,
+            }
         }
         Ok(self.applied_unsynced)
     }

@@ -18,12 +18,12 @@ fn hello(size: u64) -> Hello {
     }
 }
 
-fn write(lsn: u64, offset: u64, byte: u8, len: usize) -> ReceivedRecord {
+pub(super) fn write(lsn: u64, offset: u64, byte: u8, len: usize) -> ReceivedRecord {
     ReceivedRecord { lsn, kind: RecordKind::Write, flags: 0, extent: Extent::new(offset, len as u64), timestamp_us: 0, payload: vec![byte; len].into() }
 }
 
 /// A new 1 MiB replica past its (empty) initial synchronisation: it takes records.
-fn synced_replica(dir: &Path) -> Replica {
+pub(super) fn synced_replica(dir: &Path) -> Replica {
     let mut replica = Replica::create(dir, &hello(1 << 20), None, None).unwrap();
     replica.sync_start().unwrap();
     replica.sync_done(0, 0).unwrap();
