@@ -1,9 +1,14 @@
 //! What a sender's connection is made of, apart from the session that drives it: the QUIC
 //! connection to the applier (pinned by its fingerprint), the `Hello` that opens every
-//! connection (sessions, switchovers, restores), and record batches cut into QUIC chunks.
+//! connection (sessions, switchovers, restores), record batches cut into QUIC chunks, and the
+//! connection's transport statistics copied into the mirror's status.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use crate::lock;
+use crate::status::MirrorStatus;
 
 use crate::protocol::framing::LinkError;
 use crate::protocol::tls;
@@ -105,5 +110,44 @@ mod tests {
         assert_eq!(lengths, vec![3, 4608, 65536, 8192, 1 << 20, 100]);
         assert_eq!(chunks[2].as_ptr(), batch[3].payload.as_ptr(), "a large payload is not copied");
         assert_eq!(chunks[4].as_ptr(), batch[6].payload.as_ptr(), "a large payload is not copied");
+    }
+}
+
+/// Copies the connection's transport statistics into the mirror's status every second, for as
+/// long as it lives (dropped with the session).
+pub(super) struct LinkStatsTask(tokio::task::JoinHandle<()>);
+
+impl LinkStatsTask {
+    pub(super) fn start(connection: &quinn::Connection, status: Arc<Mutex<MirrorStatus>>) -> LinkStatsTask {
+        let connection = connection.clone();
+        LinkStatsTask(tokio::spawn(async move {
+            while connection.close_reason().is_none() {
+                let stats = connection.stats();
+                let link = crate::status::LinkStats {
+                    rtt_ms: stats.path.rtt.as_secs_f64() * 1e3,
+                    congestion_window_bytes: stats.path.cwnd,
+                    sent_datagrams: stats.udp_tx.datagrams,
+                    sent_udp_bytes: stats.udp_tx.bytes,
+                    lost_packets: stats.path.lost_packets,
+                    lost_bytes: stats.path.lost_bytes,
+                    congestion_events: stats.path.congestion_events,
+                    mtu_bytes: u64::from(stats.path.current_mtu),
+                };
+                {
+                    // Only while the mirror counts as connected: `disconnect` clears it.
+                    let mut shown = lock(&status);
+                    if shown.connected() {
+                        shown.link = Some(link);
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }))
+    }
+}
+
+impl Drop for LinkStatsTask {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

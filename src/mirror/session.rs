@@ -12,7 +12,7 @@ use super::batches::{self, BatchEncoder, Lookahead};
 use super::checkpoints::{self, Checkpoints};
 use super::coalesce::{Coalesce, RangeBuilder, RANGE_DATA_BYTES};
 use super::config::MirrorConfig;
-use super::link::{connect, hello_of};
+use super::link::{connect, hello_of, LinkStatsTask};
 use super::rate::RateLimiter;
 use super::resync_source::{ResyncEvent, ResyncPeer, ResyncSource};
 use super::verify_source::{self, VerifyControl, VerifyPeer, VerifySource};
@@ -598,43 +598,4 @@ struct Welcome {
     local_changes: Option<DirtyMap>,
     /// The codecs the applier decodes.
     codecs: Vec<String>,
-}
-
-/// Copies the connection's transport statistics into the mirror's status every second, for as
-/// long as it lives (dropped with the session).
-struct LinkStatsTask(tokio::task::JoinHandle<()>);
-
-impl LinkStatsTask {
-    fn start(connection: &quinn::Connection, status: Arc<Mutex<MirrorStatus>>) -> LinkStatsTask {
-        let connection = connection.clone();
-        LinkStatsTask(tokio::spawn(async move {
-            while connection.close_reason().is_none() {
-                let stats = connection.stats();
-                let link = crate::status::LinkStats {
-                    rtt_ms: stats.path.rtt.as_secs_f64() * 1e3,
-                    congestion_window_bytes: stats.path.cwnd,
-                    sent_datagrams: stats.udp_tx.datagrams,
-                    sent_udp_bytes: stats.udp_tx.bytes,
-                    lost_packets: stats.path.lost_packets,
-                    lost_bytes: stats.path.lost_bytes,
-                    congestion_events: stats.path.congestion_events,
-                    mtu_bytes: u64::from(stats.path.current_mtu),
-                };
-                {
-                    // Only while the mirror counts as connected: `disconnect` clears it.
-                    let mut shown = lock(&status);
-                    if shown.connected() {
-                        shown.link = Some(link);
-                    }
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }))
-    }
-}
-
-impl Drop for LinkStatsTask {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
