@@ -6,6 +6,11 @@
 //! cost ~15 s each under TCG, and fewer, longer VMs balance better over cargo's test threads);
 //! the harness runs each in a fresh directory with a cleared kernel log, cleans up after it,
 //! and reports one verdict per script, which `assert_all_pass` checks one by one.
+//!
+//! libtest starts tests in name order as its threads free up: the two longest boots
+//! (`ublk_filesystem_...`, `ublk_recovery_matrix_...`) sort first so they start at once, and
+//! the rest fill in behind them. (Before the grouping, the recovery matrix sorted seventh of
+//! nine and started when most others were done, so it ran after them rather than beside them.)
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
