@@ -10,7 +10,8 @@ UTIL_BLKDISCARD=/usr/local/bin/blkdiscard
 [ -x "$UTIL_BLKDISCARD" ] || UTIL_BLKDISCARD=/usr/sbin/blkdiscard
 
 fail() { echo "FAIL: $*"; exit 1; }
-step() { echo "== $*"; }
+# step TEXT: "== [SECONDS SINCE BOOT] TEXT", to see where a slow run spends its time.
+step() { read -r up _ < /proc/uptime; echo "== [$up] $*"; }
 
 # wait_for SECONDS COMMAND...: polls every 0.1 s until COMMAND succeeds.
 wait_for() {
