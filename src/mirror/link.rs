@@ -81,38 +81,6 @@ pub(super) fn frame_chunks(header: Vec<u8>, batch: &[crate::journal::Record]) ->
     chunks
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::journal::{Record, RecordHeader, RecordKind};
-
-    fn record(lsn: u64, len: usize) -> Record {
-        let payload: Vec<u8> = (0..len).map(|i| (lsn as usize * 31 + i) as u8).collect();
-        let kind = if len == 0 { RecordKind::WriteZeroes } else { RecordKind::Write };
-        let header = RecordHeader { kind, flags: 0, lsn, offset: 0, length: len.max(4096) as u64, payload_len: len as u32, synced_lsn: 0, timestamp_us: 0 };
-        Record { header, payload: bytes::Bytes::from(payload) }
-    }
-
-    /// The chunks carry the header, then every payload in LSN order; large payloads travel as
-    /// the very buffers they were read into, runs of small ones as one gathered chunk each.
-    #[test]
-    fn frame_chunks_keep_payload_order_and_gather_only_small_runs() {
-        let sizes = [4096, 0, 512, 65536, 4096, 4096, 1 << 20, 0, 100];
-        let batch: Vec<Record> = sizes.iter().enumerate().map(|(i, &len)| record(i as u64 + 1, len)).collect();
-        let chunks = frame_chunks(vec![7, 7, 7], &batch);
-        let mut expected = vec![7u8, 7, 7];
-        for record in &batch {
-            expected.extend_from_slice(&record.payload);
-        }
-        assert_eq!(chunks.concat(), expected);
-        // header | 4096+0+512 | 65536 | 4096+4096 | 1 MiB | 0+100
-        let lengths: Vec<usize> = chunks.iter().map(|c| c.len()).collect();
-        assert_eq!(lengths, vec![3, 4608, 65536, 8192, 1 << 20, 100]);
-        assert_eq!(chunks[2].as_ptr(), batch[3].payload.as_ptr(), "a large payload is not copied");
-        assert_eq!(chunks[4].as_ptr(), batch[6].payload.as_ptr(), "a large payload is not copied");
-    }
-}
-
 /// Copies the connection's transport statistics into the mirror's status every second, for as
 /// long as it lives (dropped with the session).
 pub(super) struct LinkStatsTask(tokio::task::JoinHandle<()>);
@@ -149,5 +117,37 @@ impl LinkStatsTask {
 impl Drop for LinkStatsTask {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::{Record, RecordHeader, RecordKind};
+
+    fn record(lsn: u64, len: usize) -> Record {
+        let payload: Vec<u8> = (0..len).map(|i| (lsn as usize * 31 + i) as u8).collect();
+        let kind = if len == 0 { RecordKind::WriteZeroes } else { RecordKind::Write };
+        let header = RecordHeader { kind, flags: 0, lsn, offset: 0, length: len.max(4096) as u64, payload_len: len as u32, synced_lsn: 0, timestamp_us: 0 };
+        Record { header, payload: bytes::Bytes::from(payload) }
+    }
+
+    /// The chunks carry the header, then every payload in LSN order; large payloads travel as
+    /// the very buffers they were read into, runs of small ones as one gathered chunk each.
+    #[test]
+    fn frame_chunks_keep_payload_order_and_gather_only_small_runs() {
+        let sizes = [4096, 0, 512, 65536, 4096, 4096, 1 << 20, 0, 100];
+        let batch: Vec<Record> = sizes.iter().enumerate().map(|(i, &len)| record(i as u64 + 1, len)).collect();
+        let chunks = frame_chunks(vec![7, 7, 7], &batch);
+        let mut expected = vec![7u8, 7, 7];
+        for record in &batch {
+            expected.extend_from_slice(&record.payload);
+        }
+        assert_eq!(chunks.concat(), expected);
+        // header | 4096+0+512 | 65536 | 4096+4096 | 1 MiB | 0+100
+        let lengths: Vec<usize> = chunks.iter().map(|c| c.len()).collect();
+        assert_eq!(lengths, vec![3, 4608, 65536, 8192, 1 << 20, 100]);
+        assert_eq!(chunks[2].as_ptr(), batch[3].payload.as_ptr(), "a large payload is not copied");
+        assert_eq!(chunks[4].as_ptr(), batch[6].payload.as_ptr(), "a large payload is not copied");
     }
 }
