@@ -5,6 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::coalesce::Coalesced;
 use super::link::frame_chunks;
 use crate::journal::Record;
 use crate::lock;
@@ -45,39 +46,64 @@ impl BatchEncoder {
     /// also drives the QUIC connection, which must keep sending what is in the window
     /// meanwhile (a 4 MiB batch takes about 10 ms at level 1).
     pub async fn encode(&mut self, batch: &[Record], rate_limited: bool) -> Encoded {
-        let setting = *lock(&self.setting);
-        let level = if self.peer_zstd { self.policy.level(setting, rate_limited, Instant::now()) } else { None };
         let pairs: Vec<_> = batch.iter().map(|r| (r.header, &r.payload[..])).collect();
-        // The context is taken only when used (a `take()` beside a `None` level lost it).
-        if let Some((level, mut compressor)) = level.and_then(|level| Some((level, self.compressor.take()?))) {
-            let payloads: Vec<bytes::Bytes> = batch.iter().map(|r| r.payload.clone()).collect();
-            let work = tokio::task::spawn_blocking(move || {
-                let block = compressor.compress(level, payloads.iter().map(|p| &p[..]));
-                (compressor, block)
-            });
-            let block = match work.await {
-                Ok((compressor, block)) => {
-                    self.compressor = Some(compressor);
-                    block
-                }
-                // Only a panic in zstd gets here: send raw, with a fresh context.
-                Err(_) => {
-                    self.compressor = Some(BatchCompressor::new());
-                    None
-                }
-            };
-            if matches!(setting, Compression::Auto) {
-                self.policy.outcome(block.is_some(), Instant::now());
-            }
-            if let Some(block) = block {
-                let header = wire::encode_compressed_batch_header(&pairs, block.len());
-                let wire_bytes = (header.len() + block.len()) as u64;
-                return Encoded { chunks: vec![bytes::Bytes::from(header), bytes::Bytes::from(block)], wire_bytes, compressed: true };
-            }
+        let payloads: Vec<bytes::Bytes> = batch.iter().map(|r| r.payload.clone()).collect();
+        if let Some(block) = self.compressed(payloads, rate_limited).await {
+            let header = wire::encode_compressed_batch_header(&pairs, block.len());
+            let wire_bytes = (header.len() + block.len()) as u64;
+            return Encoded { chunks: vec![bytes::Bytes::from(header), bytes::Bytes::from(block)], wire_bytes, compressed: true };
         }
         let header = wire::encode_batch_header(&pairs);
         let wire_bytes = (header.len() + batch.iter().map(|r| r.payload.len()).sum::<usize>()) as u64;
         Encoded { chunks: frame_chunks(header, batch), wire_bytes, compressed: false }
+    }
+
+    /// A coalesced range's frame, compressed as a batch would be (its piece headers and
+    /// data as one zstd frame), else raw: the prefix and piece headers, then each write's data
+    /// as it was in the journal (slices, not copied).
+    pub async fn encode_range(&mut self, range: &Coalesced, rate_limited: bool) -> Encoded {
+        let meta = bytes::Bytes::from(range.meta.encode());
+        let encoded_len = meta.len() as u64 + range.meta.data_len();
+        let parts: Vec<bytes::Bytes> = std::iter::once(meta).chain(range.data.iter().cloned()).collect();
+        if let Some(block) = self.compressed(parts, rate_limited).await {
+            let header = wire::encode_compressed_range_header(range.first_lsn, range.timestamp_us, encoded_len, block.len());
+            let wire_bytes = (header.len() + block.len()) as u64;
+            return Encoded { chunks: vec![bytes::Bytes::from(header), bytes::Bytes::from(block)], wire_bytes, compressed: true };
+        }
+        let header = wire::encode_range_header(range.first_lsn, range.timestamp_us, &range.meta);
+        let wire_bytes = header.len() as u64 + range.meta.data_len();
+        let mut chunks = Vec::with_capacity(1 + range.data.len());
+        chunks.push(bytes::Bytes::from(header));
+        chunks.extend(range.data.iter().cloned());
+        Encoded { chunks, wire_bytes, compressed: false }
+    }
+
+    /// `payloads` as one zstd frame, when the setting (and for `auto` the link) says to
+    /// compress and they shrink enough; None: send them raw.
+    async fn compressed(&mut self, payloads: Vec<bytes::Bytes>, rate_limited: bool) -> Option<Vec<u8>> {
+        let setting = *lock(&self.setting);
+        let level = if self.peer_zstd { self.policy.level(setting, rate_limited, Instant::now()) } else { None };
+        // The context is taken only when used (a `take()` beside a `None` level lost it).
+        let (level, mut compressor) = level.and_then(|level| Some((level, self.compressor.take()?)))?;
+        let work = tokio::task::spawn_blocking(move || {
+            let block = compressor.compress(level, payloads.iter().map(|p| &p[..]));
+            (compressor, block)
+        });
+        let block = match work.await {
+            Ok((compressor, block)) => {
+                self.compressor = Some(compressor);
+                block
+            }
+            // Only a panic in zstd gets here: send raw, with a fresh context.
+            Err(_) => {
+                self.compressor = Some(BatchCompressor::new());
+                None
+            }
+        };
+        if matches!(setting, Compression::Auto) {
+            self.policy.outcome(block.is_some(), Instant::now());
+        }
+        block
     }
 }
 
@@ -110,15 +136,4 @@ impl Lookahead {
         debug_assert!(self.pending.is_none());
         self.pending = Some(record);
     }
-}
-
-/// A coalesced range's frame: the prefix and piece headers, then each write's data as it
-/// was in the journal (slices, not copied).
-pub(super) fn encode_range(range: &super::coalesce::Coalesced) -> Encoded {
-    let header = wire::encode_range_header(range.first_lsn, range.timestamp_us, &range.meta);
-    let wire_bytes = header.len() as u64 + range.meta.data_len();
-    let mut chunks = Vec::with_capacity(1 + range.data.len());
-    chunks.push(bytes::Bytes::from(header));
-    chunks.extend(range.data.iter().cloned());
-    Encoded { chunks, wire_bytes, compressed: false }
 }

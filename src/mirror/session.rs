@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::batches::{self, BatchEncoder, Lookahead};
+use super::batches::{BatchEncoder, Lookahead};
 use super::checkpoints::{self, Checkpoints};
 use super::coalesce::{Coalesce, RangeBuilder, RANGE_DATA_BYTES};
 use super::config::MirrorConfig;
@@ -459,7 +459,7 @@ impl Sender {
                     encoder.stalled(waited.elapsed());
                     continue;
                 }
-                if self.send_range(send, &mut reader, in_flight, limiter).await? {
+                if self.send_range(send, &mut reader, in_flight, (limiter, encoder)).await? {
                     continue;
                 }
             }
@@ -529,7 +529,7 @@ impl Sender {
         send: &mut quinn::SendStream,
         reader: &mut Lookahead,
         in_flight: &Arc<Mutex<Flight>>,
-        limiter: &mut RateLimiter,
+        (limiter, encoder): (&mut RateLimiter, &mut BatchEncoder),
     ) -> Result<bool, LinkError> {
         let synced = self.volume.journal().synced_lsn();
         let mut builder = RangeBuilder::default();
@@ -541,7 +541,7 @@ impl Sender {
             }
         }
         let Some(range) = builder.finish() else { return Ok(false) };
-        let encoded = batches::encode_range(&range);
+        let encoded = encoder.encode_range(&range, limiter.limited()).await;
         limiter.pace(encoded.wire_bytes).await;
         let data = range.meta.data_len();
         lock(in_flight).records.push_back(InFlight { lsn: range.meta.last_lsn, bytes: data });
@@ -551,6 +551,7 @@ impl Sender {
         status.sent_bytes += encoded.wire_bytes;
         status.payload_bytes += data;
         status.sent_records += range.records;
+        status.compressed_batches += encoded.compressed as u64;
         status.coalesced_ranges += 1;
         status.coalesced_records += range.records;
         status.coalesced_skipped_bytes += range.source_bytes - data;

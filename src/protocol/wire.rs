@@ -32,6 +32,8 @@ const KIND_RECORDS: u8 = 2;
 const KIND_COMPRESSED_RECORDS: u8 = 3;
 /// A coalesced range (`wire_range.rs`).
 const KIND_RANGE: u8 = 4;
+/// A coalesced range compressed as one zstd frame (protocol 7).
+const KIND_COMPRESSED_RANGE: u8 = 5;
 
 /// Control messages decode within 2 MiB: the largest is a `SyncChunk` (one 1 MiB chunk).
 fn config() -> impl bincode::config::Config {
@@ -526,6 +528,7 @@ pub fn decode_frame(chunks: Vec<bytes::Bytes>) -> Result<Frame, WireError> {
         KIND_RECORDS => decode_batch(body, false).map(Frame::Records),
         KIND_COMPRESSED_RECORDS => decode_batch(body, true).map(Frame::Records),
         KIND_RANGE => range::decode_range(body).map(Frame::Range),
+        KIND_COMPRESSED_RANGE => range::decode_compressed_range(body).map(Frame::Range),
         other => Err(WireError::UnknownKind(other)),
     }
 }
@@ -584,7 +587,7 @@ fn decode_batch(mut body: ChunkCursor, compressed: bool) -> Result<Vec<ReceivedR
 
 #[path = "wire_range.rs"]
 mod range;
-pub use range::{encode_range_header, ReceivedRange};
+pub use range::{encode_compressed_range_header, encode_range_header, ReceivedRange};
 
 #[cfg(test)]
 #[path = "wire_tests.rs"]

@@ -222,3 +222,45 @@ fn coalesced_ranges_round_trip_and_refuse_bad_input() {
         assert!(matches!(decode_body(&batch[4..]), Err(WireError::BadBatch(_))), "{kind:?}");
     }
 }
+
+/// A compressed coalesced range decodes to the same range as its raw frame (what the applier
+/// journals is the decompressed encoding), and a lying length or a truncated, garbled block
+/// is an error, never a panic.
+#[test]
+fn compressed_coalesced_ranges_decode_as_raw_ones() {
+    use crate::journal::range::{Piece, RangeMeta};
+    let meta = RangeMeta {
+        last_lsn: 40,
+        pieces: vec![Piece { kind: RecordKind::Write, extent: Extent::new(0, 8192) }, Piece { kind: RecordKind::WriteZeroes, extent: Extent::new(8192, 4096) }],
+    };
+    let data = vec![b'x'; 8192];
+    let mut raw = encode_range_header(31, 7, &meta);
+    raw.extend_from_slice(&data);
+    let Frame::Range(expected) = decode_body(&raw[4..]).unwrap() else { panic!("a range expected") };
+    let encoding = [meta.encode(), data.clone()].concat();
+    let block = crate::protocol::compression::BatchCompressor::new().compress(3, [&encoding[..]].into_iter()).expect("repetitive data shrinks");
+    let mut frame = super::encode_compressed_range_header(31, 7, encoding.len() as u64, block.len());
+    frame.extend_from_slice(&block);
+    assert_eq!(u32::from_le_bytes(frame[..4].try_into().unwrap()) as usize, frame.len() - 4);
+    assert!(frame.len() < raw.len() / 4, "{} bytes compressed against {} raw", frame.len(), raw.len());
+    let Frame::Range(range) = decode_body(&frame[4..]).unwrap() else { panic!("a range expected") };
+    assert_eq!((range.first_lsn, range.timestamp_us, &range.meta, range.encoded.to_vec()), (31, 7, &meta, expected.encoded.to_vec()));
+    assert_eq!(
+        range.pieces().map(|(p, parts)| (p, parts.concat())).collect::<Vec<_>>(),
+        expected.pieces().map(|(p, parts)| (p, parts.concat())).collect::<Vec<_>>()
+    );
+    for cut in 0..frame.len() - 4 {
+        assert!(decode_body(&frame[4..4 + cut]).is_err(), "truncated at {cut}");
+    }
+    // A stated length other than the block's, or beyond what a range may be.
+    for length in [encoding.len() as u64 - 1, encoding.len() as u64 + 1, u64::MAX] {
+        let mut lying = frame.clone();
+        lying[21..29].copy_from_slice(&length.to_le_bytes());
+        assert!(decode_body(&lying[4..]).is_err(), "length {length}");
+    }
+    for at in 4..frame.len() {
+        let mut garbled = frame.clone();
+        garbled[at] ^= 0xa5;
+        let _ = decode_body(&garbled[4..]); // must not panic
+    }
+}

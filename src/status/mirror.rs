@@ -87,7 +87,7 @@ pub struct MirrorStatus {
     /// sent_bytes` is the compression ratio, a little under 1 when nothing compresses).
     #[serde(default)]
     pub payload_bytes: u64,
-    /// Record batches sent compressed (the others went raw).
+    /// Record batches and coalesced ranges sent compressed (the others went raw).
     #[serde(default)]
     pub compressed_batches: u64,
     /// The mirror's compression setting: "off", "zstd:LEVEL" or "auto".
