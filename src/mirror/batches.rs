@@ -36,6 +36,12 @@ impl BatchEncoder {
         BatchEncoder { setting, peer_zstd, compressor: Some(BatchCompressor::new()), policy: AutoPolicy::default() }
     }
 
+    /// The stream starts with a large backlog: `auto` compresses from the first batch
+    /// (`AutoPolicy::assume_link_bound`).
+    pub fn starts_behind(&mut self) {
+        self.policy.assume_link_bound(Instant::now());
+    }
+
     /// The sender waited on a full window while records were ready (the link is slower
     /// than the sender: evidence for `auto`).
     pub fn stalled(&mut self, waited: Duration) {

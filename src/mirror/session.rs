@@ -274,6 +274,9 @@ impl Sender {
         };
         let mut verify = None;
         let mut encoder = BatchEncoder::new(self.compression.clone(), &welcome.codecs);
+        if journal.backlog_after(received).payload_bytes >= super::coalesce::AUTO_BACKLOG_BYTES {
+            encoder.starts_behind();
+        }
         // Read at each connection, so `mirror set --coalesce` applies at the next one.
         let coalesce = super::config::load(&self.dir, &self.config.name).map_or(self.config.coalesce(), |config| config.coalesce());
         let result =

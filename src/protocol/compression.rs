@@ -209,6 +209,16 @@ impl AutoPolicy {
         }
     }
 
+    /// Takes the link as the bottleneck for the period starting `now`, before any evidence:
+    /// a connection that starts with a large backlog (the applier was away, or the link
+    /// could not keep up) would otherwise send its first period raw while the evidence
+    /// gathers. After that period the evidence decides as always.
+    pub fn assume_link_bound(&mut self, now: Instant) {
+        self.link_bound = true;
+        self.stalled = Duration::ZERO;
+        self.period_start = Some(now);
+    }
+
     /// Whether to try compressing the next batch, and at which level.
     pub fn level(&mut self, setting: Compression, rate_limited: bool, now: Instant) -> Option<i32> {
         match setting {

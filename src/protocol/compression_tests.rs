@@ -100,3 +100,23 @@ fn auto_compresses_only_while_the_link_is_the_bottleneck() {
     // The fixed setting ignores the backoff: the user asked for it.
     assert_eq!(policy.level(Compression::Zstd(3), false, retry), Some(3));
 }
+
+/// A connection that starts behind compresses from its first batch; after a period with no
+/// stall (the link was not the bottleneck after all) it stops.
+#[test]
+fn auto_assumes_the_link_bound_at_a_backlog_for_one_period() {
+    let start = Instant::now();
+    let mut policy = AutoPolicy::default();
+    assert_eq!(policy.level(Compression::Auto, false, start), None);
+    policy.assume_link_bound(start);
+    assert_eq!(policy.level(Compression::Auto, false, start + Duration::from_millis(10)), Some(DEFAULT_LEVEL));
+    assert_eq!(policy.level(Compression::Auto, false, start + PERIOD / 2), Some(DEFAULT_LEVEL));
+    assert_eq!(policy.level(Compression::Auto, false, start + PERIOD + Duration::from_millis(1)), None);
+    // Stalls in the period keep it on.
+    policy.assume_link_bound(start);
+    policy.stalled(PERIOD / 5, start + PERIOD / 2);
+    assert_eq!(policy.level(Compression::Auto, false, start + PERIOD + Duration::from_millis(1)), Some(DEFAULT_LEVEL));
+    // Off stays off.
+    policy.assume_link_bound(start);
+    assert_eq!(policy.level(Compression::Off, false, start), None);
+}
