@@ -98,7 +98,9 @@ fn main() {
         println!("{what:<64} {ours:>14} {baseline:>40} {ratio:>7}");
     }
     println!();
-    println!("targets: journal append >= 0.9x plain O_DIRECT; NBD 4K random-write IOPS >= 0.9x qemu-nbd; sustained 60 s end_fsync >= 0.9x both qemu-nbd baselines");
+    println!(
+        "targets: journal append >= 0.9x plain O_DIRECT; NBD 4K random-write IOPS >= 0.9x qemu-nbd; sustained 60 s end_fsync >= 0.9x both qemu-nbd baselines"
+    );
     let _ = std::fs::remove_dir_all(&base);
 }
 

@@ -83,7 +83,15 @@ fn build_ext4_image(base: &Path, image: &Path) -> Result<(), String> {
     let staging = base.join("ext4-staging");
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(staging.join("lib")).map_err(|e| e.to_string())?;
-    let sh = |script: String| Command::new("sh").arg("-c").arg(&script).status().map_err(|e| e.to_string()).and_then(|s| if s.success() { Ok(()) } else { Err(format!("`{script}` failed")) });
+    let sh = |script: String| {
+        Command::new("sh").arg("-c").arg(&script).status().map_err(|e| e.to_string()).and_then(|s| {
+            if s.success() {
+                Ok(())
+            } else {
+                Err(format!("`{script}` failed"))
+            }
+        })
+    };
     sh(format!("cp -a /usr/share/doc {}/doc", staging.display()))?;
     // A truncated tar: tar extracts every file before the cut, then complains (ignored).
     let _ = sh(format!("tar cf - -C /usr lib 2>/dev/null | head -c {} | tar xf - -C {} 2>/dev/null", 256u64 << 20, staging.display()));
