@@ -31,20 +31,8 @@ pub fn rows(base: &Path, rows: &mut Vec<(String, String)>) {
     }
     for setting in ["off", "auto"] {
         let drain = drain(base, &data, setting);
-        let rate = DATA as f64 / drain.seconds / 1e6;
-        rows.push((
-            format!("compressible backlog, 256 MiB, 50 ms RTT, {} MB/s, {setting}", LINK / 1_000_000),
-            format!(
-                "{rate:.1} MB/s ({:.2}x the link; {:.1} s), ratio {:.2}x ({} MiB payload as {} MiB on the wire), source CPU {:.2} ms per MiB",
-                rate / (LINK / 1_000_000) as f64,
-                drain.seconds,
-                drain.payload as f64 / drain.sent.max(1) as f64,
-                drain.payload >> 20,
-                drain.sent >> 20,
-                drain.cpu_seconds * 1e3 / (DATA >> 20) as f64
-            ),
-        ));
-        eprintln!("{:<48} {}", rows.last().unwrap().0, rows.last().unwrap().1);
+        let what = format!("compressible backlog, 256 MiB, 50 ms RTT, {} MB/s, {setting}", LINK / 1_000_000);
+        add_row(rows, what, &drain, DATA, "");
     }
     let _ = std::fs::remove_file(&data);
     ext4_rows(base, rows);
@@ -59,22 +47,27 @@ fn ext4_rows(base: &Path, rows: &mut Vec<(String, String)>) {
     }
     for setting in ["off", "auto"] {
         let drain = drain(base, &image, setting);
-        let rate = drain.payload as f64 / drain.seconds / 1e6;
-        rows.push((
-            format!("ext4 image backlog, 50 ms RTT, {} MB/s, {setting}", LINK / 1_000_000),
-            format!(
-                "{rate:.1} MB/s of payload ({:.2}x the link; {:.1} s; target 2x with auto), ratio {:.2}x ({} MiB payload as {} MiB on the wire), source CPU {:.2} ms per MiB",
-                rate / (LINK / 1_000_000) as f64,
-                drain.seconds,
-                drain.payload as f64 / drain.sent.max(1) as f64,
-                drain.payload >> 20,
-                drain.sent >> 20,
-                drain.cpu_seconds * 1e3 / (drain.payload >> 20).max(1) as f64
-            ),
-        ));
-        eprintln!("{:<48} {}", rows.last().unwrap().0, rows.last().unwrap().1);
+        let what = format!("ext4 image backlog, 50 ms RTT, {} MB/s, {setting}", LINK / 1_000_000);
+        add_row(rows, what, &drain, drain.payload, " of payload; target 2x with auto");
     }
     let _ = std::fs::remove_file(&image);
+}
+
+/// A drain's row: `bytes` over its time against the link (`note` after the unit), the
+/// compression ratio and the source's CPU per MiB of `bytes`; shown at once.
+fn add_row(rows: &mut Vec<(String, String)>, what: String, drain: &Drained, bytes: u64, note: &str) {
+    let rate = bytes as f64 / drain.seconds / 1e6;
+    let value = format!(
+        "{rate:.1} MB/s{note} ({:.2}x the link; {:.1} s), ratio {:.2}x ({} MiB payload as {} MiB on the wire), source CPU {:.2} ms per MiB",
+        rate / (LINK / 1_000_000) as f64,
+        drain.seconds,
+        drain.payload as f64 / drain.sent.max(1) as f64,
+        drain.payload >> 20,
+        drain.sent >> 20,
+        drain.cpu_seconds * 1e3 / (bytes >> 20).max(1) as f64
+    );
+    eprintln!("{what:<48} {value}");
+    rows.push((what, value));
 }
 
 /// A 768 MiB ext4 image holding /usr/share/doc, the first 256 MiB of a tar of /usr/lib and a
