@@ -23,18 +23,19 @@ use crate::lock;
 use crate::protocol::compression::Compression;
 use crate::protocol::framing::{read_frame, write_control, LinkError};
 use crate::protocol::tls;
-use crate::protocol::wire::{self, Control, Frame};
+use crate::protocol::wire::{Control, Frame};
 use crate::status::MirrorStatus;
 use crate::volume::Volume;
 
-/// Payload bytes sent and not yet acknowledged as `received` at most: a 1 Gbit/s path with
-/// 130 ms RTT stays full. More only queues data in quinn's send buffer behind the congestion
-/// window: before that window was bounded (`protocol::congestion`) it let BBR overshoot a
-/// bottleneck's buffer (through the relay at 50 ms RTT and 50 MB/s, 64 MiB lost 43% of the
-/// packets), and it hides from `auto` compression that the link is the bottleneck (evidence:
-/// the window full). 32 MiB drained a compressible ext4 backlog at 1.41x the link instead of
-/// 1.22x, but a 48 MiB backlog through a 10 MB/s link then went mostly raw (1.24x instead of
-/// better than 1.33x); counting the window in bytes on the wire is the better next step.
+/// Bytes on the wire sent and not yet acknowledged as `received` at most: a 1 Gbit/s path
+/// with 130 ms RTT stays full. More only queues data in quinn's send buffer behind the
+/// congestion window: before that window was bounded (`protocol::congestion`) it let BBR
+/// overshoot a bottleneck's buffer (through the relay at 50 ms RTT and 50 MB/s, 64 MiB lost
+/// 43% of the packets), and it hides from `auto` compression that the link is the bottleneck
+/// (evidence: the window full). Counted in payload bytes, a compressed backlog kept only
+/// half as much in flight on the link (an ext4 image drained at 1.22x the link at a 2.03
+/// ratio); a 32 MiB payload window let a 48 MiB backlog through a 10 MB/s link fill quinn's
+/// buffer before `auto` saw the link was the bottleneck. Wire bytes keep both right.
 const WINDOW_BYTES: u64 = 16 << 20;
 /// Payload bytes per batch at most.
 const BATCH_BYTES: usize = 4 << 20;
@@ -92,10 +93,15 @@ enum ApplierEvent {
     Verified { at_lsn: u64, differ: Vec<u64>, skipped: Option<String> },
 }
 
-/// A record sent on this connection.
+/// A record sent on this connection (or the last of a batch or range sent together).
 struct InFlight {
     lsn: u64,
-    bytes: u64,
+    /// Payload bytes up to this LSN since the previous entry (what `applied_bytes` counts).
+    payload: u64,
+    /// What those records took on the wire, headers and compression included: the window
+    /// is counted in these, so a compressed backlog keeps as many bytes in flight on the
+    /// link as a raw one.
+    wire: u64,
 }
 
 /// Records sent on this connection and not yet applied, oldest first. Those after
@@ -107,12 +113,12 @@ struct Flight {
 }
 
 impl Flight {
-    /// Bytes sent and not yet received, record headers included.
+    /// Bytes on the wire sent and not yet received.
     fn window_bytes(&self) -> u64 {
         // Records are in LSN order: sum only those after `received`, not every unapplied one
         // (the applier checkpoints once a second, so tens of thousands may wait for `applied`).
         let first_unreceived = self.records.partition_point(|r| r.lsn <= self.received_lsn);
-        self.records.range(first_unreceived..).map(|r| r.bytes + wire::RECORD_HEADER_BYTES).sum()
+        self.records.range(first_unreceived..).map(|r| r.wire).sum()
     }
 
     /// Records the checkpoints; returns the payload bytes newly applied.
@@ -120,7 +126,7 @@ impl Flight {
         self.received_lsn = self.received_lsn.max(received_lsn);
         let mut applied = 0;
         while self.records.front().is_some_and(|r| r.lsn <= applied_lsn) {
-            applied += self.records.pop_front().map_or(0, |r| r.bytes);
+            applied += self.records.pop_front().map_or(0, |r| r.payload);
         }
         applied
     }
@@ -507,12 +513,9 @@ impl Sender {
             let encoded = encoder.encode(&batch, limiter.limited()).await;
             // The limit is on bytes on the wire: compression lets more records through it.
             limiter.pace(encoded.wire_bytes).await;
-            {
-                let mut flight = lock(in_flight);
-                for record in &batch {
-                    flight.records.push_back(InFlight { lsn: record.header.lsn, bytes: record.payload.len() as u64 });
-                }
-            }
+            // The batch is journaled with one commit at the applier: one entry for it.
+            let last_lsn = batch.last().map_or(0, |record| record.header.lsn);
+            lock(in_flight).records.push_back(InFlight { lsn: last_lsn, payload: bytes as u64, wire: encoded.wire_bytes });
             let records = batch.len() as u64;
             let mut chunks = encoded.chunks;
             send.write_all_chunks(&mut chunks).await?;
@@ -551,7 +554,7 @@ impl Sender {
         let encoded = encoder.encode_range(&range, limiter.limited()).await;
         limiter.pace(encoded.wire_bytes).await;
         let data = range.meta.data_len();
-        lock(in_flight).records.push_back(InFlight { lsn: range.meta.last_lsn, bytes: data });
+        lock(in_flight).records.push_back(InFlight { lsn: range.meta.last_lsn, payload: data, wire: encoded.wire_bytes });
         let mut chunks = encoded.chunks;
         send.write_all_chunks(&mut chunks).await?;
         let mut status = lock(&self.status);
