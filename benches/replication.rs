@@ -33,7 +33,15 @@
 //! 6. Compression (`replication/compression.rs`): a compressible 256 MiB backlog (a tar of
 //!    /usr/share/doc and /usr/lib) drained through the relay at 50 ms RTT and 50 MB/s with
 //!    compression off and auto: drain rate against the link, ratio, source CPU per MiB.
+//! 7. Two hosts simulated (`replication/iops.rs`): fio and the volume process on CPU 0, the
+//!    applier on CPU 1 with a tmpfs directory; NBD 4 KiB random writes QD32 and 1 MiB
+//!    sequential writes into a pre-filled volume, live mirror against none (target 0.9x),
+//!    catch-up (target 2 s); the sender's CPU per 4 KiB record against a raw QUIC stream's
+//!    (target 1.3x) and the applier's per MiB against the raw receiver's (target 2x).
 //!
+//! BENCH_ONLY=two-hosts runs only row 7; with BENCH_BS=4k or 1m only that burst, without
+//! the drains. BENCH_PERF=DIR writes a CPU profile of the source's CPU during each burst
+//! (`perf record -e cpu-clock -g`) to DIR/<volume>-<block size>.data.
 //! BENCH_SECONDS sets the fio bursts (default 30), BENCH_ROUNDS how many times the bursts
 //! without a mirror and with one (applier's own disk) alternate (default 2; means reported). BENCH_ONLY=quic measures only the raw
 //! QUIC stream (for investigating the transport ceiling), BENCH_ONLY=wan only row 4, BENCH_ONLY=iops only the NBD rows, BENCH_ONLY=resync only row 5, BENCH_ONLY=compression only row 6,
@@ -45,6 +53,8 @@ use std::path::{Path, PathBuf};
 mod common;
 #[path = "replication/compression.rs"]
 mod compression;
+#[path = "replication/iops.rs"]
+mod iops;
 #[path = "../tests/common/relay.rs"]
 mod relay;
 #[path = "replication/resync.rs"]
@@ -69,7 +79,7 @@ fn main() {
         let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-quic");
         let _ = std::fs::remove_dir_all(&base);
         std::fs::create_dir_all(&base).unwrap();
-        println!("raw QUIC stream, 1 GiB: {}", raw_quic(&base, 1 << 30).describe());
+        println!("raw QUIC stream, 1 GiB: {}", raw_quic(&base, 1 << 30, 4 << 20).describe());
         return;
     }
     if std::env::var("BENCH_ONLY").as_deref() == Ok("wan") {
@@ -115,10 +125,25 @@ fn main() {
         let _ = std::fs::remove_dir_all(&base);
         return;
     }
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("two-hosts") {
+        let own_disk = RamDisk::new();
+        let mut rows = Vec::new();
+        iops::two_host_rows(&base, &own_disk.mount, seconds, &mut rows);
+        // BENCH_BS picks bursts to investigate: the drains are left out.
+        if std::env::var("BENCH_BS").is_err() {
+            two_host_drain_rows(&base, &own_disk.mount, &mut rows);
+        }
+        for (what, value) in &rows {
+            println!("{what:<48} {value}");
+        }
+        let _ = std::fs::remove_dir_all(&base);
+        return;
+    }
     if std::env::var("BENCH_ONLY").as_deref() == Ok("iops") {
         let own_disk = RamDisk::new();
         let mut rows = Vec::new();
-        iops_rows(&base, &own_disk.mount, seconds, &mut rows);
+        iops::rows(&base, &own_disk.mount, seconds, &mut rows);
+        iops::two_host_rows(&base, &own_disk.mount, seconds, &mut rows);
         for (what, value) in &rows {
             println!("{what:<48} {value}");
         }
@@ -135,6 +160,9 @@ fn main() {
     {
         let drain = backlog_drain(&base, applier_base, bs, total, None);
         drain_rows(label, bs, &drain, &mut rows);
+        if bs == "4k" {
+            sender_cost_row(&base, &drain, &mut rows);
+        }
         if applier_base == &own_disk.mount {
             own_disk_drain = Some(drain);
         }
@@ -144,7 +172,8 @@ fn main() {
     raw_quic_rows(&base, &own_disk.mount, own_disk_drain.as_ref(), &mut rows);
     let tcp = raw_tcp(1 << 30);
     add(&mut rows, ("plain TCP stream, 1 GiB".into(), format!("{tcp:.0} MB/s")));
-    iops_rows(&base, &own_disk.mount, seconds, &mut rows);
+    iops::rows(&base, &own_disk.mount, seconds, &mut rows);
+    iops::two_host_rows(&base, &own_disk.mount, seconds, &mut rows);
     resync::rows(&base, &own_disk.mount, &mut rows);
     let disk = disk_write_rate(&base);
     add(
@@ -165,65 +194,6 @@ fn main() {
     let _ = std::fs::remove_dir_all(&base);
 }
 
-/// The NBD rows: 4K random writes with no mirror and with a live one, catch-up times, the
-/// calibration row and the same-disk row.
-fn iops_rows(base: &Path, own_disk: &Path, seconds: u64, rows: &mut Vec<(String, String)>) {
-    // The bursts alternate (none, mirror; mirror, none; ...) and start after a `sync`: on this
-    // shared one-disk VM a single 30 s burst varies by +-10% with the page cache's state, which
-    // is as large as the effect measured.
-    let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2).max(1);
-    let (mut without, mut with, mut catch_ups) = (Vec::new(), Vec::new(), Vec::new());
-    for round in 0..rounds {
-        for mirrored in if round % 2 == 0 { [false, true] } else { [true, false] } {
-            let burst = fio_iops(base, own_disk, mirrored, seconds);
-            eprintln!("  round {}: {} {:.0} IOPS", round + 1, if mirrored { "live mirror, applier's own disk" } else { "no mirror" }, burst.iops);
-            if mirrored {
-                with.push(burst.iops)
-            } else {
-                without.push(burst.iops)
-            }
-            catch_ups.extend(burst.catch_up);
-        }
-    }
-    let mean = |values: &[f64]| values.iter().sum::<f64>() / values.len() as f64;
-    let spread = |values: &[f64]| format!("{:.0}-{:.0}", values.iter().cloned().fold(f64::MAX, f64::min), values.iter().cloned().fold(0.0, f64::max));
-    let without_mean = mean(&without);
-    add(rows, (format!("NBD 4K randwrite QD32 {seconds}s, no mirror"), format!("{without_mean:.0} IOPS (mean of {rounds}: {})", spread(&without))));
-    add(
-        rows,
-        (
-            format!("NBD 4K randwrite QD32 {seconds}s, live mirror, applier's own disk"),
-            format!("{:.0} IOPS ({:.2}x; mean of {rounds}: {})", mean(&with), mean(&with) / without_mean, spread(&with)),
-        ),
-    );
-    // With what the mirror cost per record, burst and catch-up together (with the applier on
-    // a host of its own, only the sender's share is taken from the source).
-    for CatchUp { behind, seconds: took, cpu, records } in catch_ups {
-        add(
-            rows,
-            (
-                "  catch-up after that burst".into(),
-                format!("{took:.2} s ({behind} records behind when it ended); mirror CPU {} ({records} records)", cpu.per(records, "record")),
-            ),
-        );
-    }
-    // Calibration: the same burst without a mirror while one busy loop runs at idle priority
-    // (SCHED_IDLE: it only ever gets CPU time nothing else wants). What it costs is what any
-    // background work costs this pipeline on this machine, however low its priority.
-    let hog = IdleHog::start();
-    let hogged = fio_iops(base, base, false, seconds).iops;
-    drop(hog);
-    add(rows, (format!("NBD 4K randwrite QD32 {seconds}s, no mirror, idle-priority busy loop"), format!("{hogged:.0} IOPS ({:.2}x)", hogged / without_mean)));
-    let Burst { iops: same_disk, catch_up, .. } = fio_iops(base, base, true, seconds);
-    add(
-        rows,
-        (format!("NBD 4K randwrite QD32 {seconds}s, live mirror, applier on the same disk"), format!("{same_disk:.0} IOPS ({:.2}x)", same_disk / without_mean)),
-    );
-    if let Some(CatchUp { behind, seconds: took, .. }) = catch_up {
-        add(rows, ("  catch-up after that burst".into(), format!("{took:.2} s ({behind} records behind when it ended)")));
-    }
-}
-
 /// The rows of one backlog drain: rates until received and until applied, the mirror's CPU.
 fn drain_rows(label: &str, bs: &str, drain: &Drain, rows: &mut Vec<(String, String)>) {
     let rate = |secs: f64| format!("{:.0} MB/s, {:.0} records/s ({secs:.1} s)", drain.bytes as f64 / secs / 1e6, drain.records as f64 / secs);
@@ -236,8 +206,18 @@ fn drain_rows(label: &str, bs: &str, drain: &Drain, rows: &mut Vec<(String, Stri
 /// The raw QUIC stream, the own-disk 1 MiB drain against it, and what this machine allows at
 /// best: the raw stream's CPU plus the applier's two writes on `own_disk`.
 fn raw_quic_rows(base: &Path, own_disk: &Path, own_disk_drain: Option<&Drain>, rows: &mut Vec<(String, String)>) {
-    let quic = raw_quic(base, 1 << 30);
+    let quic = raw_quic(base, 1 << 30, 4 << 20);
     add(rows, ("raw QUIC stream, 1 GiB, two processes".into(), quic.describe()));
+    if let Some(drain) = own_disk_drain {
+        let (applier, raw) = (drain.cpu.applier / (drain.bytes >> 20).max(1) as f64, quic.cpu_per_mib.applier);
+        add(
+            rows,
+            (
+                "  applier CPU per MiB vs raw QUIC receiving".into(),
+                format!("{:.2} ms vs {:.2} ms ({:.2}x; target 2x) (1M drain, own disk)", applier * 1e3, raw * 1e3, applier / raw),
+            ),
+        );
+    }
     if let Some(drain) = own_disk_drain {
         let ratio = |secs: f64| drain.bytes as f64 / secs / 1e6 / quic.rate;
         add(
@@ -252,6 +232,32 @@ fn raw_quic_rows(base: &Path, own_disk: &Path, own_disk_drain: Option<&Drain>, r
     let (shared, own_cpus) = quic.drain_bounds(writes);
     add(rows, ("  applier's two file writes (own disk)".into(), format!("{:.1} us CPU per MiB", writes * 1e6)));
     add(rows, ("  drain bound from CPU time, vs raw QUIC".into(), format!("{shared:.2}x sharing two CPUs, {own_cpus:.2}x with a CPU per end")));
+}
+
+/// The drains of the two-hosts mode: 4 KiB and 1 MiB backlogs with the applier's own disk,
+/// the sender's cost per record and the raw QUIC stream beside them.
+fn two_host_drain_rows(base: &Path, own_disk: &Path, rows: &mut Vec<(String, String)>) {
+    let drain = backlog_drain(base, own_disk, "4k", 256 << 20, None);
+    drain_rows("4K writes, applier's own disk", "4k", &drain, rows);
+    sender_cost_row(base, &drain, rows);
+    let drain = backlog_drain(base, own_disk, "1m", 1 << 30, None);
+    drain_rows("1M writes, applier's own disk", "1m", &drain, rows);
+    raw_quic_rows(base, own_disk, Some(&drain), rows);
+}
+
+/// The sender's CPU per 4 KiB record (the 4K backlog drain) against a raw QUIC stream's
+/// sending cost per 4 KiB write (256 MiB in 4 KiB `write_all`s, same settings).
+fn sender_cost_row(base: &Path, drain: &Drain, rows: &mut Vec<(String, String)>) {
+    let quic = raw_quic(base, 256 << 20, 4096);
+    let raw = quic.cpu_per_mib.sender / 256.0;
+    let sender = drain.cpu.sender / drain.records.max(1) as f64;
+    add(
+        rows,
+        (
+            "sender CPU per 4K record vs raw QUIC 4K writes".into(),
+            format!("{:.1} us vs {:.1} us ({:.2}x; target 1.3x) (4K drain; raw stream {:.0} MB/s)", sender * 1e6, raw * 1e6, sender / raw, quic.rate),
+        ),
+    );
 }
 
 /// Row 4: the 1 MiB backlog drained through the relay at 50 ms RTT and BENCH_LINK_MBPS.
@@ -313,8 +319,13 @@ fn pin_current_thread(cpu: Option<usize>) {
     assert_eq!(result, 0, "sched_setaffinity: {}", std::io::Error::last_os_error());
 }
 
+/// Starts `ublk-mirror ARGS` and waits for `ready` to appear; pinned as BENCH_PIN says.
 fn spawn(args: &[&str], ready: &Path) -> Daemon {
-    let cpu = pinning().then(|| usize::from(args.first() == Some(&"applier")));
+    spawn_on(args, ready, pinning().then(|| usize::from(args.first() == Some(&"applier"))))
+}
+
+/// [`spawn`] on `cpu` alone when given.
+fn spawn_on(args: &[&str], ready: &Path, cpu: Option<usize>) -> Daemon {
     let child = command_on(Path::new(BIN), cpu).args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !ready.exists() {
@@ -345,7 +356,9 @@ fn mirrored_volume_to(base: &Path, applier_base: &Path, name: &str, journal: &st
     let volume_fp = fingerprint(&run(&["volume", "create", "--dir", vdir.to_str().unwrap(), "--name", "bench", "--size", "2G", "--journal-size", journal]));
     let applier_fp = fingerprint(&run(&["applier", "init", "--dir", adir.to_str().unwrap()]));
     run(&["applier", "allow", "--dir", adir.to_str().unwrap(), &volume_fp]);
-    run(&["mirror", "add", "--dir", vdir.to_str().unwrap(), "--to", address, "--fingerprint", &applier_fp]);
+    // Coalescing off: these volumes measure raw record throughput and cost per record
+    // (coalescing is measured by tests/coalescing.rs on an overwrite backlog).
+    run(&["mirror", "add", "--dir", vdir.to_str().unwrap(), "--to", address, "--fingerprint", &applier_fp, "--coalesce", "off"]);
     (vdir, adir)
 }
 
@@ -506,11 +519,13 @@ fn control_status(socket: &Path) -> serde_json::Value {
 /// The transport's ceiling: one QUIC stream with the sender's TLS and transport settings,
 /// sender in this process, receiver in a child process (this same bench binary, started with
 /// BENCH_QUIC_RECEIVER set), like the sender in `run` and the applier process.
-fn raw_quic(base: &Path, total: u64) -> RawQuic {
+fn raw_quic(base: &Path, total: u64, write_bytes: usize) -> RawQuic {
     use std::io::BufRead;
     use ublk_mirror::protocol::{tls, transport};
     let a = base.join("quic-a");
     let b = base.join("quic-b");
+    let _ = std::fs::remove_dir_all(&a);
+    let _ = std::fs::remove_dir_all(&b);
     ublk_mirror::identity::create(&a, "a").unwrap();
     ublk_mirror::identity::create(&b, "b").unwrap();
     let server_id = tls::Identity::load(&a).unwrap();
@@ -536,7 +551,7 @@ fn raw_quic(base: &Path, total: u64) -> RawQuic {
         );
         let connection = endpoint.connect(address, "applier").unwrap().await.unwrap();
         let (mut send, _recv) = connection.open_bi().await.unwrap();
-        let chunk = vec![0x5au8; 4 << 20];
+        let chunk = vec![0x5au8; write_bytes];
         let started = Instant::now();
         let mut sent = 0u64;
         while sent < total {
@@ -707,65 +722,6 @@ fn raw_tcp(total: u64) -> f64 {
     total as f64 / started.elapsed().as_secs_f64() / 1e6
 }
 
-/// One fio burst: its IOPS, and with a mirror what followed it.
-struct Burst {
-    iops: f64,
-    catch_up: Option<CatchUp>,
-}
-
-/// After a burst with a live mirror: records the mirror was behind when the burst ended, the
-/// seconds it took to apply them, and the mirror's CPU time from the burst's start until it
-/// had caught up, with the records written meanwhile.
-struct CatchUp {
-    behind: u64,
-    seconds: f64,
-    cpu: MirrorCpu,
-    records: u64,
-}
-
-/// A 4K random-write burst through NBD on a new volume, with a live mirror when `mirrored`
-/// (the applier's directory under `applier_base`).
-fn fio_iops(base: &Path, applier_base: &Path, mirrored: bool, seconds: u64) -> Burst {
-    let name = if !mirrored {
-        "none"
-    } else if applier_base == base {
-        "live-same-disk"
-    } else {
-        "live-own-disk"
-    };
-    let (vdir, adir, port) = mirrored_volume(base, applier_base, name, "1G");
-    if !mirrored {
-        run(&["mirror", "remove", "--dir", vdir.to_str().unwrap()]);
-    }
-    let applier =
-        mirrored.then(|| spawn(&["applier", "run", "--dir", adir.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")], &adir.join("control.sock")));
-    let socket = base.join(format!("{name}.sock"));
-    let _ = std::fs::remove_file(&socket);
-    let volume = spawn(&["run", "--dir", vdir.to_str().unwrap(), "--nbd", &format!("unix:{}", socket.display())], &vdir.join("control.sock"));
-    if mirrored {
-        // The burst starts once the new replica's initial synchronisation is over.
-        let deadline = Instant::now() + Duration::from_secs(300);
-        while status(&vdir)["mirrors"][0]["consistent"] != true {
-            assert!(Instant::now() < deadline, "the initial synchronisation did not finish");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-    let _ = Command::new("sync").status();
-    std::thread::sleep(Duration::from_secs(1));
-    let first_lsn = status(&vdir)["volume"]["last_lsn"].as_u64().unwrap_or(0);
-    let cpu_at_start = applier.as_ref().map(|applier| MirrorCpu::sample(volume.0.id(), applier.0.id()));
-    let iops = common::fio(base, &format!("nbd+unix:///bench?socket={}", socket.display()), "randwrite", "4k", 32, seconds).iops;
-    let (Some(applier), Some(cpu_at_start)) = (&applier, cpu_at_start) else { return Burst { iops, catch_up: None } };
-    let ended = Instant::now();
-    let at_end = status(&vdir);
-    let last = at_end["volume"]["last_lsn"].as_u64().unwrap();
-    let behind = last - at_end["mirrors"][0]["applied_lsn"].as_u64().unwrap();
-    mirror_wait(&vdir);
-    let seconds = ended.elapsed().as_secs_f64();
-    let cpu = MirrorCpu::sample(volume.0.id(), applier.0.id()).since(cpu_at_start);
-    Burst { iops, catch_up: Some(CatchUp { behind, seconds, cpu, records: last - first_lsn }) }
-}
-
 /// A directory in /dev/shm (tmpfs): a disk of its own for the applier on a machine with one
 /// disk, standing in for the replica host's disk in a real deployment. (ext4 on a RAM-backed
 /// loop device was tried first: its loop and journal threads took more of the two CPUs than
@@ -786,39 +742,5 @@ impl RamDisk {
 impl Drop for RamDisk {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.mount);
-    }
-}
-
-/// A thread spinning at SCHED_IDLE until dropped.
-struct IdleHog {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl IdleHog {
-    fn start() -> IdleHog {
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let thread = std::thread::spawn({
-            let stop = stop.clone();
-            move || {
-                let param = libc::sched_param { sched_priority: 0 };
-                // SAFETY: plain syscall on the calling thread with a valid parameter struct.
-                let set = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
-                assert_eq!(set, 0, "sched_setscheduler(SCHED_IDLE): {}", std::io::Error::last_os_error());
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    std::hint::spin_loop();
-                }
-            }
-        });
-        IdleHog { stop, thread: Some(thread) }
-    }
-}
-
-impl Drop for IdleHog {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }

@@ -138,12 +138,14 @@ fn a_backing_store_error_stops_the_volume_and_loses_nothing_acknowledged() {
     let mut client = NbdClient::connect(&served.socket, "vol0").unwrap();
     assert_eq!(client.write(at(0), &block(1)), 0);
     assert_eq!(client.flush(), 0);
+    // That first write is in the backing store before the fault (writeback runs behind).
+    wait_status(&vdir, "the first write is applied", |s| s["volume"]["applied_lsn"].as_u64() >= Some(1));
 
     // Writeback into a full backing store fails after the writes were journaled and
     // acknowledged: they stay in the journal, and the volume takes no more writes.
     std::fs::write(&write_broken, b"").unwrap();
     assert_eq!(client.write(at(1), &block(2)), 0, "journaled, so acknowledged");
-    assert_eq!(client.flush(), 0, "durable in the journal");
+    assert_eq!(client.flush(), 0, "durable in the journal: {}", served.log_text());
     wait_status(&vdir, "writeback failure fails the volume", |s| s["volume"]["mode"] == "failed");
     assert_eq!(client.write(at(2), &block(3)), EIO);
     assert_eq!(client.read(at(1), BLOCK as u32), block(2), "the acknowledged write reads back (from the journal)");

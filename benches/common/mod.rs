@@ -50,8 +50,22 @@ pub fn fio(base: &Path, uri: &str, rw: &str, bs: &str, depth: u32, runtime: u64)
 
 /// [`fio`] with more fio options (e.g. `--end_fsync=1`).
 pub fn fio_with(base: &Path, uri: &str, rw: &str, bs: &str, depth: u32, runtime: u64, extra: &[&str]) -> FioResult {
+    fio_on(None, base, uri, rw, bs, depth, runtime, extra)
+}
+
+/// [`fio_with`], fio on `cpu` alone (through taskset) when given.
+#[allow(clippy::too_many_arguments)]
+pub fn fio_on(cpu: Option<usize>, base: &Path, uri: &str, rw: &str, bs: &str, depth: u32, runtime: u64, extra: &[&str]) -> FioResult {
     let output = base.join("fio.json");
-    let status = Command::new("fio")
+    let mut command = match cpu {
+        Some(cpu) => {
+            let mut taskset = Command::new("taskset");
+            taskset.arg("-c").arg(cpu.to_string()).arg("fio");
+            taskset
+        }
+        None => Command::new("fio"),
+    };
+    let status = command
         .args(extra)
         .args([
             "--name=bench",
