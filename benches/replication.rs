@@ -217,8 +217,6 @@ fn raw_quic_rows(base: &Path, own_disk: &Path, own_disk_drain: Option<&Drain>, r
                 format!("{:.2} ms vs {:.2} ms ({:.2}x; target 2x) (1M drain, own disk)", applier * 1e3, raw * 1e3, applier / raw),
             ),
         );
-    }
-    if let Some(drain) = own_disk_drain {
         let ratio = |secs: f64| drain.bytes as f64 / secs / 1e6 / quic.rate;
         add(
             rows,
@@ -319,9 +317,11 @@ fn pin_current_thread(cpu: Option<usize>) {
     assert_eq!(result, 0, "sched_setaffinity: {}", std::io::Error::last_os_error());
 }
 
-/// Starts `ublk-mirror ARGS` and waits for `ready` to appear; pinned as BENCH_PIN says.
+/// Starts `ublk-mirror ARGS` and waits for `ready` to appear; placed as BENCH_PIN says (an
+/// applier on the replica's CPU, anything else on the source's).
 fn spawn(args: &[&str], ready: &Path) -> Daemon {
-    spawn_on(args, ready, pinning().then(|| usize::from(args.first() == Some(&"applier"))))
+    let placement = iops::Placement::from_env();
+    spawn_on(args, ready, if args.first() == Some(&"applier") { placement.replica } else { placement.source })
 }
 
 /// [`spawn`] on `cpu` alone when given.
