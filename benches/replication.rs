@@ -26,7 +26,8 @@
 //!    the applier process, which on a real deployment runs on the replica host.
 //! 4. The 1 MiB backlog drained through the impairment relay (tests/common/relay.rs) at
 //!    50 ms RTT without loss, capped at BENCH_LINK_MBPS MB/s (default 50), against that
-//!    capacity.
+//!    capacity; beside it a raw QUIC stream of the same 1 GiB through the same relay (the
+//!    transport's own start-up and per-packet overhead, the bound this row can reach).
 //! 5. Journal overflow (`replication/resync.rs`): write latency across the switch of an
 //!    absent mirror to tracking against no mirror, and a 256 MiB dirty set resynced through
 //!    the relay at 50 MB/s while a writer goes on at 10 MB/s, against the minimum time.
@@ -35,19 +36,24 @@
 //!    compression off and auto: drain rate against the link, ratio, source CPU per MiB.
 //! 7. Two hosts simulated (`replication/iops.rs`): fio and the volume process on CPU 0, the
 //!    applier on CPU 1 with a tmpfs directory; NBD 4 KiB random writes QD32 and 1 MiB
-//!    sequential writes into a pre-filled volume, live mirror against none (target 0.9x),
+//!    sequential writes into a pre-filled volume whose replica is seeded with a copy (the
+//!    mirror starts in sync), live mirror against none (target 0.9x),
 //!    catch-up (target 2 s); the sender's CPU per 4 KiB record against a raw QUIC stream's
 //!    (target 1.3x) and the applier's per MiB against the raw receiver's (target 2x).
 //!
 //! BENCH_ONLY=two-hosts runs only row 7; with BENCH_BS=4k or 1m only that burst, without
 //! the drains. BENCH_PERF=DIR writes a CPU profile of the source's CPU during each burst
-//! (`perf record -e cpu-clock -g`) to DIR/<volume>-<block size>.data.
+//! (`perf record -e cpu-clock -g`) to DIR/<volume>-<block size>.data (with
+//! BENCH_PERF_REPLICA=1 the replica's CPU instead).
 //! BENCH_SECONDS sets the fio bursts (default 30), BENCH_ROUNDS how many times the bursts
 //! without a mirror and with one (applier's own disk) alternate (default 2; means reported). BENCH_ONLY=quic measures only the raw
 //! QUIC stream (for investigating the transport ceiling), BENCH_ONLY=wan only row 4, BENCH_ONLY=iops only the NBD rows, BENCH_ONLY=resync only row 5, BENCH_ONLY=compression only row 6,
 //! BENCH_ONLY=drain only the own-disk 1 MiB drain, the raw QUIC stream and the bounds (the
 //! drain target's ratio). BENCH_PIN=1 gives each end a CPU of its own, as on two hosts
 //! (volumes and the raw QUIC sender on CPU 0, appliers and the raw receiver on CPU 1).
+//! BENCH_ONLY=quic-wan runs only the raw QUIC stream through the WAN relay. BENCH_TRACE=1
+//! prints each drain's progress as the status polls see it (`trace` lines), BENCH_QUIC_TRACE=1
+//! the raw stream's congestion window, RTT and losses (`tx`) and its arrivals (`rx`).
 
 use std::path::{Path, PathBuf};
 mod common;
@@ -79,15 +85,24 @@ fn main() {
         let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-quic");
         let _ = std::fs::remove_dir_all(&base);
         std::fs::create_dir_all(&base).unwrap();
-        println!("raw QUIC stream, 1 GiB: {}", raw_quic(&base, 1 << 30, 4 << 20).describe());
+        println!("raw QUIC stream, 1 GiB: {}", raw_quic(&base, 1 << 30, 4 << 20, pinning(), None).describe());
+        return;
+    }
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("quic-wan") {
+        let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-quic");
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        let (what, value) = wan_raw_quic(&base);
+        println!("{what}: {value}");
         return;
     }
     if std::env::var("BENCH_ONLY").as_deref() == Ok("wan") {
         let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-wan");
         let _ = std::fs::remove_dir_all(&base);
         std::fs::create_dir_all(&base).unwrap();
-        let (what, value) = wan_drain(&base);
-        println!("{what}: {value}");
+        let mut rows = Vec::new();
+        add(&mut rows, wan_drain(&base));
+        add(&mut rows, wan_raw_quic(&base));
         let _ = std::fs::remove_dir_all(&base);
         return;
     }
@@ -168,6 +183,7 @@ fn main() {
         }
     }
     add(&mut rows, wan_drain(&base));
+    add(&mut rows, wan_raw_quic(&base));
     compression::rows(&base, &mut rows);
     raw_quic_rows(&base, &own_disk.mount, own_disk_drain.as_ref(), &mut rows);
     let tcp = raw_tcp(1 << 30);
@@ -206,7 +222,7 @@ fn drain_rows(label: &str, bs: &str, drain: &Drain, rows: &mut Vec<(String, Stri
 /// The raw QUIC stream, the own-disk 1 MiB drain against it, and what this machine allows at
 /// best: the raw stream's CPU plus the applier's two writes on `own_disk`.
 fn raw_quic_rows(base: &Path, own_disk: &Path, own_disk_drain: Option<&Drain>, rows: &mut Vec<(String, String)>) {
-    let quic = raw_quic(base, 1 << 30, 4 << 20);
+    let quic = raw_quic(base, 1 << 30, 4 << 20, pinning(), None);
     add(rows, ("raw QUIC stream, 1 GiB, two processes".into(), quic.describe()));
     if let Some(drain) = own_disk_drain {
         let (applier, raw) = (drain.cpu.applier / (drain.bytes >> 20).max(1) as f64, quic.cpu_per_mib.applier);
@@ -246,7 +262,7 @@ fn two_host_drain_rows(base: &Path, own_disk: &Path, rows: &mut Vec<(String, Str
 /// The sender's CPU per 4 KiB record (the 4K backlog drain) against a raw QUIC stream's
 /// sending cost per 4 KiB write (256 MiB in 4 KiB `write_all`s, same settings).
 fn sender_cost_row(base: &Path, drain: &Drain, rows: &mut Vec<(String, String)>) {
-    let quic = raw_quic(base, 256 << 20, 4096);
+    let quic = raw_quic(base, 256 << 20, 4096, pinning(), None);
     let raw = quic.cpu_per_mib.sender / 256.0;
     let sender = drain.cpu.sender / drain.records.max(1) as f64;
     add(
@@ -277,6 +293,18 @@ fn wan_drain(base: &Path) -> (String, String) {
             applied / link,
             drain.applied_seconds
         ),
+    )
+}
+
+/// The WAN row's bound: 1 GiB in one raw QUIC stream (the sender's TLS, transport and
+/// congestion settings) through the same relay, from the connection's start.
+fn wan_raw_quic(base: &Path) -> (String, String) {
+    let link_mbps: u64 = std::env::var("BENCH_LINK_MBPS").ok().and_then(|s| s.parse().ok()).unwrap_or(50);
+    let link = relay::Impairment::wan(Duration::from_millis(50), 0.0, Some(link_mbps * 1_000_000));
+    let quic = raw_quic_via(base, 1 << 30, 4 << 20, false, None, Some(link));
+    (
+        "  raw QUIC stream, 1 GiB, same relay".to_string(),
+        format!("{:.1} MB/s ({:.2}x the link): the transport's bound for the row above", quic.rate, quic.rate / link_mbps as f64),
     )
 }
 
@@ -498,6 +526,19 @@ fn backlog_drain(base: &Path, applier_base: &Path, bs: &str, total: u64, link: O
             break started.elapsed().as_secs_f64();
         }
         assert!(Instant::now() < deadline, "the backlog did not drain in 900 s");
+        if std::env::var("BENCH_TRACE").is_ok() {
+            eprintln!(
+                "trace {:6.3} sent {:>10} received {} applied {} last {last} cwnd {} rtt {} udp {} lost {}",
+                started.elapsed().as_secs_f64(),
+                mirror["sent_bytes"],
+                mirror["received_lsn"],
+                mirror["applied_lsn"],
+                mirror["link"]["congestion_window_bytes"],
+                mirror["link"]["rtt_ms"],
+                mirror["link"]["sent_udp_bytes"],
+                mirror["link"]["lost_packets"]
+            );
+        }
         // Each status request costs the volume a thread and a JSON reply: every 5 ms that was
         // a fifth of the volume process's CPU during a drain (perf), taken from the sender.
         std::thread::sleep(STATUS_POLL);
@@ -518,8 +559,14 @@ fn control_status(socket: &Path) -> serde_json::Value {
 
 /// The transport's ceiling: one QUIC stream with the sender's TLS and transport settings,
 /// sender in this process, receiver in a child process (this same bench binary, started with
-/// BENCH_QUIC_RECEIVER set), like the sender in `run` and the applier process.
-fn raw_quic(base: &Path, total: u64, write_bytes: usize) -> RawQuic {
+/// BENCH_QUIC_RECEIVER set), like the sender in `run` and the applier process. `pinned`: the
+/// sending thread on CPU 0 and the receiver on CPU 1; `pace`: at most that many bytes/s.
+fn raw_quic(base: &Path, total: u64, write_bytes: usize, pinned: bool, pace: Option<f64>) -> RawQuic {
+    raw_quic_via(base, total, write_bytes, pinned, pace, None)
+}
+
+/// [`raw_quic`], `via` a relay with that impairment when given.
+fn raw_quic_via(base: &Path, total: u64, write_bytes: usize, pinned: bool, pace: Option<f64>, via: Option<relay::Impairment>) -> RawQuic {
     use std::io::BufRead;
     use ublk_mirror::protocol::{tls, transport};
     let a = base.join("quic-a");
@@ -530,7 +577,6 @@ fn raw_quic(base: &Path, total: u64, write_bytes: usize) -> RawQuic {
     ublk_mirror::identity::create(&b, "b").unwrap();
     let server_id = tls::Identity::load(&a).unwrap();
     let client_id = tls::Identity::load(&b).unwrap();
-    let pinned = pinning();
     let mut receiver = command_on(&std::env::current_exe().unwrap(), pinned.then_some(1))
         .env("BENCH_QUIC_RECEIVER", format!("{}|{}|{total}", a.display(), client_id.fingerprint))
         .stdout(Stdio::piped())
@@ -539,6 +585,8 @@ fn raw_quic(base: &Path, total: u64, write_bytes: usize) -> RawQuic {
     let mut line = String::new();
     std::io::BufReader::new(receiver.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
     let address: std::net::SocketAddr = line.trim().parse().expect("the receiver prints its address");
+    let relay = via.map(|link| relay::Relay::start(address, link, relay::Impairment { rate: None, ..link }, 50));
+    let address = relay.as_ref().map_or(address, |r| r.address());
     if pinned {
         pin_current_thread(Some(0));
     }
@@ -551,12 +599,38 @@ fn raw_quic(base: &Path, total: u64, write_bytes: usize) -> RawQuic {
         );
         let connection = endpoint.connect(address, "applier").unwrap().await.unwrap();
         let (mut send, _recv) = connection.open_bi().await.unwrap();
+        if std::env::var("BENCH_QUIC_TRACE").is_ok() {
+            let connection = connection.clone();
+            tokio::spawn(async move {
+                let t0 = Instant::now();
+                for _ in 0..60 {
+                    let s = connection.stats();
+                    eprintln!(
+                        "tx {:6.3} cwnd {:>9} rtt {:?} sent {:>10} lost {} events {} mtu {}",
+                        t0.elapsed().as_secs_f64(),
+                        s.path.cwnd,
+                        s.path.rtt,
+                        s.udp_tx.bytes,
+                        s.path.lost_packets,
+                        s.path.congestion_events,
+                        s.path.current_mtu
+                    );
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+            });
+        }
         let chunk = vec![0x5au8; write_bytes];
         let started = Instant::now();
         let mut sent = 0u64;
         while sent < total {
             send.write_all(&chunk).await.unwrap();
             sent += chunk.len() as u64;
+            if let Some(rate) = pace {
+                let due = started + Duration::from_secs_f64(sent as f64 / rate);
+                if due > Instant::now() + Duration::from_millis(1) {
+                    tokio::time::sleep_until(due.into()).await;
+                }
+            }
         }
         let stats_before_close = connection.stats();
         // The receiver closes once it has read everything.
@@ -662,10 +736,17 @@ fn quic_receiver(spec: &str) {
         let (_send, mut recv) = connection.accept_bi().await.unwrap();
         let mut received = 0u64;
         let mut buffer = vec![0u8; 4 << 20];
+        let trace = std::env::var("BENCH_QUIC_TRACE").is_ok();
+        let started = Instant::now();
+        let mut next_trace = 0u64;
         while received < total {
             match recv.read(&mut buffer).await.unwrap() {
                 Some(n) => received += n as u64,
                 None => break,
+            }
+            if trace && received >= next_trace {
+                eprintln!("rx {:7.3} {:>6} MiB", started.elapsed().as_secs_f64(), received >> 20);
+                next_trace += 4 << 20;
             }
         }
         if std::env::var("BENCH_ONLY").as_deref() == Ok("quic") {

@@ -221,3 +221,57 @@ pub fn read_at_into(file: &File, buffer: &mut bytes::BytesMut, length: usize, po
     }
     Ok(())
 }
+
+/// Opens `path` for reading and writing with O_DIRECT, for I/O that must leave the page cache
+/// as it is; `None` where the file system refuses O_DIRECT (EINVAL: older tmpfs, some FUSE).
+pub fn open_direct(path: &Path) -> io::Result<Option<File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(path) {
+        Ok(file) => Ok(Some(file)),
+        Err(error) if error.raw_os_error() == Some(libc::EINVAL) => Ok(None),
+        Err(error) => Err(error),
+    }
+}
+
+/// Bounce buffer size of [`read_direct_exact_at`] (reads larger than this go in pieces).
+const DIRECT_READ_PIECE: usize = 1 << 20;
+
+thread_local! {
+    /// One aligned bounce buffer per scanning thread, made at its first direct read.
+    static DIRECT_BOUNCE: std::cell::RefCell<Option<AlignedBuffer>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Fills `buf` from `file` (opened with O_DIRECT) at `offset`, any alignment: the aligned
+/// cover of each piece is read into a per-thread aligned buffer and the wanted bytes copied
+/// out (a copy costs far less than the disk read, and callers' buffers need no alignment).
+/// Reading past the end is `UnexpectedEof`, as `read_exact_at`.
+pub fn read_direct_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    DIRECT_BOUNCE.with_borrow_mut(|bounce| {
+        let bounce = bounce.get_or_insert_with(|| AlignedBuffer::new(DIRECT_READ_PIECE));
+        let align = DIRECT_ALIGN as u64;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let start = at - at % align;
+            let skip = (at - start) as usize;
+            let wanted = (buf.len() - done).min(DIRECT_READ_PIECE - skip);
+            let cover = (skip + wanted).next_multiple_of(DIRECT_ALIGN);
+            let mut got = 0usize;
+            // A short read ends at the end of the file (its last partial block counts).
+            while got < skip + wanted {
+                match rustix::io::pread(file, &mut bounce[got..cover], start + got as u64) {
+                    Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("read past the end at byte {}", start + got as u64))),
+                    Ok(count) if !(start + (got + count) as u64).is_multiple_of(align) && got + count < skip + wanted => {
+                        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("read past the end at byte {}", start + (got + count) as u64)))
+                    }
+                    Ok(count) => got += count,
+                    Err(rustix::io::Errno::INTR) => continue,
+                    Err(error) => return Err(error.into()),
+                }
+            }
+            buf[done..done + wanted].copy_from_slice(&bounce[skip..skip + wanted]);
+            done += wanted;
+        }
+        Ok(())
+    })
+}

@@ -16,6 +16,7 @@
 pub mod address;
 pub mod clock;
 pub mod control;
+pub mod cpu_idle;
 pub mod daemon;
 pub mod extent;
 pub mod failpoint;

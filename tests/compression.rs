@@ -155,6 +155,10 @@ fn auto_compresses_under_a_rate_limit() {
     let (sent, payload, batches) = counters(&status);
     eprintln!("auto at 4 MiB/s: {payload} bytes as {sent} ({:.2}x) in {elapsed:?}, {batches} compressed batches", payload as f64 / sent as f64);
     assert!(batches > 0 && sent * 2 < payload, "{status}");
+    // The level of the last batch sent: auto's 1..=3, or null if that batch went raw.
+    let level = &status["mirrors"][0]["compression_level"];
+    assert!(level.is_null() || level.as_i64().is_some_and(|level| (1..=3).contains(&level)), "{status}");
+    assert!(status["mirrors"][0].as_object().unwrap().contains_key("compression_level"), "{status}");
     // 32 MiB raw at 4 MiB/s would take 8 s; compressed about 2 s (slack for a busy machine).
     assert!(elapsed < Duration::from_secs(6), "compressed data passes the limit faster: {elapsed:?}");
     assert!(compare(&served.uri("vol0"), replica_image(&adir, "vol0").to_str().unwrap()), "replica differs from the source");

@@ -144,8 +144,11 @@ fn a_backing_store_error_stops_the_volume_and_loses_nothing_acknowledged() {
     // Writeback into a full backing store fails after the writes were journaled and
     // acknowledged: they stay in the journal, and the volume takes no more writes.
     std::fs::write(&write_broken, b"").unwrap();
-    assert_eq!(client.write(at(1), &block(2)), 0, "journaled, so acknowledged");
-    assert_eq!(client.flush(), 0, "durable in the journal: {}", served.log_text());
+    // A FUA write: acknowledged only once durable in the journal. (A plain write and a
+    // FLUSH after it would race the background sync: writeback may fail the volume before
+    // the FLUSH arrives, and a failed volume fails every FLUSH, as documented.)
+    let reply = client.call(CMD_WRITE, FLAG_FUA, at(1), BLOCK as u32, &block(2));
+    assert_eq!(reply.error, 0, "journaled and durable, so acknowledged: {}", served.log_text());
     wait_status(&vdir, "writeback failure fails the volume", |s| s["volume"]["mode"] == "failed");
     assert_eq!(client.write(at(2), &block(3)), EIO);
     assert_eq!(client.read(at(1), BLOCK as u32), block(2), "the acknowledged write reads back (from the journal)");

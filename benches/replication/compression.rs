@@ -168,9 +168,23 @@ fn drain(base: &Path, data: &Path, setting: &str, link: Option<u64>) -> Drained 
             break now;
         }
         assert!(Instant::now() < deadline, "the compressible backlog did not drain in 600 s");
+        if std::env::var("BENCH_TRACE").is_ok() {
+            let m = &now["mirrors"][0];
+            eprintln!(
+                "trace {:6.3} sent {:>10} payload {:>10} applied {} received {} last {last}",
+                started.elapsed().as_secs_f64(),
+                m["sent_bytes"],
+                m["payload_bytes"],
+                m["applied_lsn"],
+                m["received_lsn"]
+            );
+        }
         std::thread::sleep(Duration::from_millis(20));
     };
     let seconds = started.elapsed().as_secs_f64();
+    if std::env::var("BENCH_TRACE").is_ok() {
+        eprintln!("relay: {:?}", relay.stats);
+    }
     let cpu_seconds = cpu_seconds(Path::new(&stat)) - cpu_before;
     let ((sent0, payload0), (sent1, payload1)) = (counters(&before), counters(&after));
     drop(applier);

@@ -6,7 +6,9 @@
 //! this machine has one disk), once on the volume's disk, and a calibration burst beside a
 //! busy loop at idle priority. Row 7 simulates two hosts on this one machine: fio and the
 //! volume process share CPU 0 (the source host), the applier has CPU 1 and a tmpfs directory
-//! (the replica host); the bursts without a mirror are pinned the same way. It runs 4 KiB
+//! (the replica host); the bursts without a mirror are pinned the same way. The volume is
+//! pre-filled and the replica seeded with a copy of it, so the mirror is in sync before the
+//! burst without 2 GiB crossing loopback first (see `seed`). It runs 4 KiB
 //! random writes QD32 and 1 MiB sequential writes, target 0.9x with a live mirror and the
 //! replica caught up within 2 s of the burst's end.
 
@@ -123,7 +125,7 @@ fn compare(base: &Path, own_disk: &Path, load: Load, placement: Placement, setti
             catch_ups.extend(burst.catch_up);
         }
     }
-    let unit = load.rate(&Burst { iops: 0.0, bandwidth: 0.0, catch_up: None }).1;
+    let unit = load.rate(&Burst { iops: 0.0, bandwidth: 0.0, catch_up: None, raw: None }).1;
     let mean = |values: &[f64]| values.iter().sum::<f64>() / values.len() as f64;
     let spread = |values: &[f64]| format!("{:.0}-{:.0}", values.iter().cloned().fold(f64::MAX, f64::min), values.iter().cloned().fold(0.0, f64::max));
     let without_mean = mean(&without);
@@ -138,8 +140,26 @@ fn compare(base: &Path, own_disk: &Path, load: Load, placement: Placement, setti
     // With what the mirror cost per record (per MiB for large blocks), burst and catch-up
     // together (with the applier on a host of its own, only the sender's share is taken from
     // the source).
-    for CatchUp { behind, seconds: took, cpu, records } in catch_ups {
-        let cost = if load.bs == "4k" { cpu.per(records, "record") } else { cpu.per((records * block_bytes(load.bs)) >> 20, "MiB") };
+    // The machine's bound on this row: the burst without a mirror beside a raw QUIC stream
+    // carrying what the live mirror sent (CPU 0 to CPU 1, as the mirror). On two real hosts
+    // the receiving end's work and memory would not touch the source's CPU and page
+    // allocator; here they share one VM.
+    let mut raw = None;
+    if placement.replica.is_some() {
+        let live_bytes_per_second = mean(&with) * if load.bs == "4k" { 4096.0 } else { 1e6 };
+        let beside = burst_beside(base, own_disk, false, load, placement, Some(live_bytes_per_second));
+        let rate = load.rate(&beside).0;
+        add(
+            rows,
+            (
+                format!("{}, no mirror, raw QUIC stream of the mirror's bytes beside", load.label()),
+                format!("{rate:.0} {unit} ({:.2}x: this machine's bound for the live mirror's ratio)", rate / without_mean),
+            ),
+        );
+        raw = beside.raw;
+    }
+    for CatchUp { behind, seconds: took, cpu, records } in &catch_ups {
+        let cost = if load.bs == "4k" { cpu.per(*records, "record") } else { cpu.per((records * block_bytes(load.bs)) >> 20, "MiB") };
         add(
             rows,
             (
@@ -148,7 +168,38 @@ fn compare(base: &Path, own_disk: &Path, load: Load, placement: Placement, setti
             ),
         );
     }
+    if let Some(raw) = raw {
+        add(rows, cpu_against_raw(own_disk, load, &catch_ups, &raw));
+    }
     without_mean
+}
+
+/// The mirror's CPU per record (4 KiB) or per MiB (1 MiB writes) over the live bursts and
+/// their catch-ups, against the raw QUIC stream's for the same bytes: the sender against the
+/// raw sender (target 1.3x), the applier against the raw receiver (target 2x). Beside the
+/// applier's ratio, its bound on this machine: the raw receive plus the two file writes every
+/// applied byte costs (its journal and its image) on the replica's disk, measured here.
+/// Both overwrite pages that exist (recycled journal segments, the seeded image), as in the
+/// bursts: on this VM a first touch of a page costs several times more (free page reporting).
+fn cpu_against_raw(own_disk: &Path, load: Load, catch_ups: &[CatchUp], raw: &super::RawQuic) -> (String, String) {
+    let (unit, bytes) = if load.bs == "4k" { ("record", 4096.0) } else { ("MiB", 1048576.0) };
+    let units: f64 = catch_ups.iter().map(|c| c.records as f64 * block_bytes(load.bs) as f64 / bytes).sum();
+    let sender = catch_ups.iter().map(|c| c.cpu.sender).sum::<f64>() / units.max(1.0) * 1e6;
+    let applier = catch_ups.iter().map(|c| c.cpu.applier).sum::<f64>() / units.max(1.0) * 1e6;
+    let per_unit = bytes / 1048576.0 * 1e6;
+    let (raw_sender, raw_receiver) = (raw.cpu_per_mib.sender * per_unit, raw.cpu_per_mib.applier * per_unit);
+    let writes = rewrites_cpu(own_disk) * per_unit;
+    (
+        format!("  {} mirror CPU per {unit} against raw QUIC", load.label()),
+        format!(
+            "sender {sender:.1} us vs {raw_sender:.1} us ({:.2}x; target 1.3x), applier {applier:.1} us vs {raw_receiver:.1} us ({:.2}x; target 2x; \
+             bound: raw receive + journal and image writes on the replica's disk, {:.1} us, {:.2}x)",
+            sender / raw_sender,
+            applier / raw_receiver,
+            raw_receiver + writes,
+            (raw_receiver + writes) / raw_receiver
+        ),
+    )
 }
 
 fn block_bytes(bs: &str) -> u64 {
@@ -159,11 +210,36 @@ fn block_bytes(bs: &str) -> u64 {
     }
 }
 
+/// CPU seconds per MiB of two 1 MiB overwrites (journal and image) of existing pages of a file
+/// under `dir`, measured on this thread over 256 MiB written twice.
+fn rewrites_cpu(dir: &Path) -> f64 {
+    use std::os::unix::fs::FileExt;
+    const MIB: u64 = 256;
+    let path = dir.join("rewrite-cost");
+    let file = std::fs::File::create(&path).unwrap();
+    let chunk = vec![0xa5u8; 1 << 20];
+    let write_all = |pass: u32| {
+        for i in 0..MIB {
+            file.write_all_at(&chunk, i << 20).unwrap_or_else(|e| panic!("{} pass {pass}: {e}", path.display()));
+        }
+    };
+    write_all(0);
+    let started = super::thread_cpu_seconds();
+    write_all(1);
+    write_all(2);
+    let per_mib = (super::thread_cpu_seconds() - started) / MIB as f64;
+    drop(file);
+    let _ = std::fs::remove_file(&path);
+    per_mib
+}
+
 /// One fio burst: its IOPS and bytes/s, and with a mirror what followed it.
 pub struct Burst {
     pub iops: f64,
     pub bandwidth: f64,
     pub catch_up: Option<CatchUp>,
+    /// The raw QUIC stream that ran beside the burst, if one did.
+    raw: Option<super::RawQuic>,
 }
 
 /// After a burst with a live mirror: records the mirror was behind when the burst ended, the
@@ -179,6 +255,12 @@ pub struct CatchUp {
 /// A fio burst through NBD on a new volume, with a live mirror when `mirrored` (the
 /// applier's directory under `applier_base`), its processes placed as `placement` says.
 pub fn burst(base: &Path, applier_base: &Path, mirrored: bool, load: Load, placement: Placement) -> Burst {
+    burst_beside(base, applier_base, mirrored, load, placement, None)
+}
+
+/// [`burst`], with a raw QUIC stream of `stream` bytes/s running beside fio (its sender on
+/// the source's CPU, its receiver on the replica's) when given.
+fn burst_beside(base: &Path, applier_base: &Path, mirrored: bool, load: Load, placement: Placement, stream: Option<f64>) -> Burst {
     let name = if !mirrored {
         "none"
     } else if applier_base == base {
@@ -190,12 +272,15 @@ pub fn burst(base: &Path, applier_base: &Path, mirrored: bool, load: Load, place
     if !mirrored {
         run(&["mirror", "remove", "--dir", vdir.to_str().unwrap()]);
     }
+    if load.prefilled {
+        prefill(&vdir.join("data.img"));
+        if mirrored {
+            seed(&vdir.join("data.img"), &adir);
+        }
+    }
     let applier = mirrored.then(|| {
         spawn_on(&["applier", "run", "--dir", adir.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")], &adir.join("control.sock"), placement.replica)
     });
-    if load.prefilled {
-        prefill(&vdir.join("data.img"));
-    }
     let socket = base.join(format!("{name}.sock"));
     let _ = std::fs::remove_file(&socket);
     let nbd = format!("unix:{}", socket.display());
@@ -213,10 +298,21 @@ pub fn burst(base: &Path, applier_base: &Path, mirrored: bool, load: Load, place
     let first_lsn = status(&vdir)["volume"]["last_lsn"].as_u64().unwrap_or(0);
     let cpu_at_start = applier.as_ref().map(|applier| MirrorCpu::sample(volume.0.id(), applier.0.id()));
     let uri = format!("nbd+unix:///bench?socket={}", socket.display());
-    let profile = Profile::start(placement.source, &format!("{name}-{}", load.bs), load.seconds);
+    // BENCH_PERF_REPLICA=1: the replica's CPU (the applier) instead of the source's.
+    let profiled = if std::env::var("BENCH_PERF_REPLICA").is_ok() { placement.replica } else { placement.source };
+    let profile = Profile::start(profiled, &format!("{name}-{}", load.bs), load.seconds);
+    let streaming = stream.map(|rate| {
+        let base = base.to_path_buf();
+        let total = (rate * load.seconds as f64) as u64;
+        std::thread::spawn(move || super::raw_quic(&base, total, 4096, true, Some(rate)))
+    });
     let fio = super::common::fio_on(placement.source, base, &uri, load.rw, load.bs, 32, load.seconds, &[]);
     drop(profile);
-    let (Some(applier), Some(cpu_at_start)) = (&applier, cpu_at_start) else { return Burst { iops: fio.iops, bandwidth: fio.bandwidth, catch_up: None } };
+    let raw = streaming.map(|streaming| streaming.join().expect("the raw QUIC stream beside the burst"));
+    if let Some(raw) = &raw {
+        eprintln!("  raw QUIC stream beside the burst: {}", raw.describe());
+    }
+    let (Some(applier), Some(cpu_at_start)) = (&applier, cpu_at_start) else { return Burst { iops: fio.iops, bandwidth: fio.bandwidth, catch_up: None, raw } };
     let ended = Instant::now();
     let at_end = status(&vdir);
     let last = at_end["volume"]["last_lsn"].as_u64().unwrap();
@@ -224,7 +320,7 @@ pub fn burst(base: &Path, applier_base: &Path, mirrored: bool, load: Load, place
     mirror_wait(&vdir);
     let seconds = ended.elapsed().as_secs_f64();
     let cpu = MirrorCpu::sample(volume.0.id(), applier.0.id()).since(cpu_at_start);
-    Burst { iops: fio.iops, bandwidth: fio.bandwidth, catch_up: Some(CatchUp { behind, seconds, cpu, records: last - first_lsn }) }
+    Burst { iops: fio.iops, bandwidth: fio.bandwidth, catch_up: Some(CatchUp { behind, seconds, cpu, records: last - first_lsn }), raw: None }
 }
 
 /// Writes every byte of the (not yet running) volume's backing file with fresh random data,
@@ -240,6 +336,25 @@ fn prefill(backing: &Path) {
     assert!(status.success(), "fio could not fill {}", backing.display());
     let dropped = Command::new("dd").arg(format!("if={}", backing.display())).args(["iflag=nocache", "count=0", "status=none"]).status();
     assert!(dropped.is_ok_and(|s| s.success()), "dd could not drop {} from the page cache", backing.display());
+}
+
+/// Gives the applier a copy of the pre-filled backing file as the replica (`applier replica
+/// add`), so the initial synchronisation compares hashes and sends nothing: the burst starts
+/// from a mirror in sync, as a long-established one is. Copying 2 GiB through loopback QUIC
+/// first left this VM's page allocations slow for a while, whatever wrote afterwards (fio
+/// psync 4 KiB writes to an unrelated file: 195k IOPS before, 112k after), which would be
+/// charged to the live mirror.
+fn seed(backing: &Path, adir: &Path) {
+    let image = adir.join("seed.img");
+    let copied = Command::new("cp").arg("--sparse=always").arg(backing).arg(&image).status();
+    assert!(copied.is_ok_and(|s| s.success()), "could not copy {} to {}", backing.display(), image.display());
+    run(&["applier", "replica", "add", "--dir", adir.to_str().unwrap(), "--volume", "bench", "--image", image.to_str().unwrap()]);
+    // Both files leave the page cache whole: cp's buffered reads of the backing file left
+    // readahead's large folios there, and 4 KiB writes into them are slow (`Store::read_for_scan`).
+    for file in [backing, image.as_path()] {
+        let dropped = Command::new("dd").arg(format!("if={}", file.display())).args(["iflag=nocache", "count=0", "status=none"]).status();
+        assert!(dropped.is_ok_and(|s| s.success()), "dd could not drop {} from the page cache", file.display());
+    }
 }
 
 /// With BENCH_PERF=DIR, a CPU profile of the source's CPU (`perf record -e cpu-clock -g`) for

@@ -9,7 +9,7 @@ use ublk_mirror::control;
 use ublk_mirror::journal::OnFull;
 use ublk_mirror::layout::VolumeDir;
 use ublk_mirror::size::parse_size;
-use ublk_mirror::volume::{CreateOptions, Volume, VolumeConfig};
+use ublk_mirror::volume::{BackingWrites, CreateOptions, Volume, VolumeConfig};
 
 #[derive(Subcommand)]
 pub enum VolumeCommand {
@@ -135,6 +135,26 @@ impl From<OnFullArg> for OnFull {
     }
 }
 
+/// How writeback writes the backing store.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum BackingWritesArg {
+    /// Through the page cache, written out by the kernel and made durable at checkpoints
+    /// (the default: the page cache absorbs overwrites and sorts random writes).
+    Buffered,
+    /// O_DIRECT in batches through io_uring, like QEMU's cache=none: no dirty pages in
+    /// memory, every write a disk write.
+    Direct,
+}
+
+impl From<BackingWritesArg> for BackingWrites {
+    fn from(value: BackingWritesArg) -> BackingWrites {
+        match value {
+            BackingWritesArg::Buffered => BackingWrites::Buffered,
+            BackingWritesArg::Direct => BackingWrites::Direct,
+        }
+    }
+}
+
 #[derive(Args)]
 pub struct SetArgs {
     /// State directory of the volume.
@@ -143,6 +163,10 @@ pub struct SetArgs {
     /// What happens when mirrors would fill the journal (track or block).
     #[arg(long, value_enum)]
     on_full: Option<OnFullArg>,
+    /// How writeback writes the backing store (buffered or direct); a running volume
+    /// takes it at its next start.
+    #[arg(long, value_enum)]
+    backing_writes: Option<BackingWritesArg>,
 }
 
 #[derive(Args)]
@@ -173,6 +197,11 @@ pub struct CreateArgs {
     /// resync later; writes never wait; the default) or block (writes wait for them).
     #[arg(long, value_enum)]
     on_full: Option<OnFullArg>,
+    /// How writeback writes the backing store: buffered (through the page cache; the
+    /// default) or direct (O_DIRECT in batches, like QEMU's cache=none). Reads of the backing
+    /// store bypass the page cache either way.
+    #[arg(long, value_enum)]
+    backing_writes: Option<BackingWritesArg>,
     /// Keep the journal's segments in this directory, e.g. on a dedicated SSD or a mirrored
     /// md device, instead of DIR/journal (which becomes a symlink to it). An absolute path
     /// that does not exist (its parent does; it is made, mode 0700) or is an empty directory,
@@ -201,6 +230,7 @@ fn create(args: CreateArgs) -> Result<()> {
         segment_size: args.segment_size,
         pending_window: args.pending_window,
         on_full: args.on_full.map(Into::into),
+        backing_writes: args.backing_writes.map(Into::into),
         journal_dir: args.journal_dir,
         origin: None,
     };
@@ -208,7 +238,7 @@ fn create(args: CreateArgs) -> Result<()> {
     let config = &created.config;
     println!("created volume {} ({})", config.name, config.uuid);
     println!("  size     {} bytes", config.size);
-    println!("  backing  {}", config.backing.display());
+    println!("  backing  {} (writes: {})", config.backing.display(), config.backing_writes.as_str());
     println!("  journal  {} bytes in segments of {} bytes, on full: {}", config.journal.capacity, config.journal.segment_size, config.journal.on_full.as_str());
     if let Some(dir) = &options.journal_dir {
         println!("  journal  in {} (DIR/journal links to it)", dir.display());
@@ -219,13 +249,23 @@ fn create(args: CreateArgs) -> Result<()> {
 }
 
 fn set(args: SetArgs) -> Result<()> {
-    let Some(on_full) = args.on_full.map(OnFull::from) else { bail!("nothing to change: give --on-full track|block") };
+    if args.on_full.is_none() && args.backing_writes.is_none() {
+        bail!("nothing to change: give --on-full track|block or --backing-writes buffered|direct");
+    }
     let layout = VolumeDir::new(&args.dir);
     let mut config = VolumeConfig::load(&layout).with_context(|| format!("open volume {}", args.dir.display()))?;
-    config.journal.on_full = on_full;
+    let running = ublk_mirror::volume::is_locked(&args.dir);
+    let writes = args.backing_writes.map(BackingWrites::from);
+    let on_full = args.on_full.map(OnFull::from);
+    config.backing_writes = writes.unwrap_or(config.backing_writes);
+    config.journal.on_full = on_full.unwrap_or(config.journal.on_full);
     config.save(&layout)?;
+    if let Some(writes) = writes {
+        println!("volume {}: backing writes: {}{}", config.name, writes.as_str(), if running { " (from the volume's next start)" } else { "" });
+    }
+    let Some(on_full) = on_full else { return Ok(()) };
     println!("volume {}: on full: {}", config.name, on_full.as_str());
-    if ublk_mirror::volume::is_locked(&args.dir) {
+    if running {
         let reply = control::request(&layout.control_socket(), &format!("set-on-full {}", on_full.as_str())).context("tell the running volume")?;
         if let Some(error) = reply["error"].as_str() {
             bail!("the running volume could not apply the change: {error}");

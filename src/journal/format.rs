@@ -129,7 +129,20 @@ impl RecordHeader {
     /// copied one after the other.
     pub fn encode_parts(&self, payload: &[impl AsRef<[u8]>], salt: u64, out: &mut [u8]) {
         debug_assert_eq!(out.len(), self.encoded_len());
-        let header = &mut out[..RECORD_HEADER_SIZE];
+        let mut at = RECORD_HEADER_SIZE;
+        for part in payload.iter().map(AsRef::as_ref) {
+            out[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+        debug_assert_eq!(at, out.len());
+        self.encode_header(payload, salt, &mut out[..RECORD_HEADER_SIZE]);
+    }
+
+    /// Writes only the header (`RECORD_HEADER_SIZE` bytes), its CRC computed over `payload`,
+    /// for a writer that writes the payload from where it is.
+    pub fn encode_header(&self, payload: &[impl AsRef<[u8]>], salt: u64, header: &mut [u8]) {
+        debug_assert_eq!(header.len(), RECORD_HEADER_SIZE);
+        debug_assert_eq!(payload.iter().map(|p| p.as_ref().len()).sum::<usize>(), self.payload_len as usize);
         header.fill(0);
         header[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
         header[4] = FORMAT_VERSION;
@@ -142,15 +155,8 @@ impl RecordHeader {
         // 36..40: CRC, computed with these bytes zero.
         header[40..48].copy_from_slice(&self.synced_lsn.to_le_bytes());
         header[48..56].copy_from_slice(&self.timestamp_us.to_le_bytes());
-        let mut at = RECORD_HEADER_SIZE;
-        for part in payload.iter().map(AsRef::as_ref) {
-            out[at..at + part.len()].copy_from_slice(part);
-            at += part.len();
-        }
-        debug_assert_eq!(at, out.len());
-        let (header, payload) = out.split_at(RECORD_HEADER_SIZE);
         let crc = record_crc(salt, header, payload);
-        out[36..40].copy_from_slice(&crc.to_le_bytes());
+        header[36..40].copy_from_slice(&crc.to_le_bytes());
     }
 }
 
@@ -193,12 +199,12 @@ impl std::fmt::Display for RecordProblem {
     }
 }
 
-fn record_crc(salt: u64, header: &[u8], payload: &[u8]) -> u32 {
+fn record_crc(salt: u64, header: &[u8], payload: &[impl AsRef<[u8]>]) -> u32 {
     let mut zeroed = [0u8; RECORD_HEADER_SIZE];
     zeroed.copy_from_slice(header);
     zeroed[36..40].fill(0);
     let seed = crc32c_append(0, &salt.to_le_bytes());
-    crc32c_append(crc32c_append(seed, &zeroed), payload)
+    payload.iter().fold(crc32c_append(seed, &zeroed), |crc, part| crc32c_append(crc, part.as_ref()))
 }
 
 /// Parses a header without checking the CRC (that needs the payload). `room` is how many bytes
@@ -248,7 +254,7 @@ pub fn decode_header(bytes: &[u8; RECORD_HEADER_SIZE], room: u64) -> Result<Reco
 /// Checks the CRC of a decoded header and its payload.
 pub fn verify_record(header_bytes: &[u8; RECORD_HEADER_SIZE], payload: &[u8], salt: u64) -> Result<(), RecordProblem> {
     let stored = u32::from_le_bytes(header_bytes[36..40].try_into().expect("4 bytes"));
-    let computed = record_crc(salt, header_bytes, payload);
+    let computed = record_crc(salt, header_bytes, &[payload]);
     if stored != computed {
         return Err(RecordProblem::CrcMismatch { stored, computed });
     }

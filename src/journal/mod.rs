@@ -37,7 +37,7 @@ pub use reader::JournalReader;
 pub use recovery::{RecoveryMode, RecoveryReport};
 pub use retention::{Hold, HoldSpec, HoldState, OnFull, Retention, BRANCH_HOLD};
 use table::{initialise_segment_file, SegmentTable};
-pub use writer::{AppendError, JournalWriter};
+pub use writer::{AppendError, JournalWriter, PayloadPart};
 
 use crate::fsutil;
 

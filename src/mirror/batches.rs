@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::coalesce::Coalesced;
 use super::link::frame_chunks;
+use crate::cpu_idle::IdleMeter;
 use crate::journal::Record;
 use crate::lock;
 use crate::protocol::compression::{self, AutoPolicy, BatchCompressor, Compression};
@@ -17,7 +18,8 @@ pub(super) struct Encoded {
     pub chunks: Vec<bytes::Bytes>,
     /// Bytes of the whole frame.
     pub wire_bytes: u64,
-    pub compressed: bool,
+    /// The zstd level the frame was compressed at (None: sent raw).
+    pub level: Option<i32>,
 }
 
 pub(super) struct BatchEncoder {
@@ -28,12 +30,17 @@ pub(super) struct BatchEncoder {
     /// Taken while a batch is compressed on a blocking thread.
     compressor: Option<BatchCompressor>,
     policy: AutoPolicy,
+    /// The source host's idle CPU, for `auto`: sampled once a period.
+    idle: IdleMeter,
+    idle_sampled: Instant,
 }
 
 impl BatchEncoder {
     pub fn new(setting: Arc<Mutex<Compression>>, peer_codecs: &[String]) -> BatchEncoder {
         let peer_zstd = peer_codecs.iter().any(|c| c == compression::ZSTD);
-        BatchEncoder { setting, peer_zstd, compressor: Some(BatchCompressor::new()), policy: AutoPolicy::default() }
+        let mut idle = IdleMeter::for_this_process();
+        let _ = idle.sample();
+        BatchEncoder { setting, peer_zstd, compressor: Some(BatchCompressor::new()), policy: AutoPolicy::default(), idle, idle_sampled: Instant::now() }
     }
 
     /// The stream starts with a large backlog: `auto` compresses from the first batch
@@ -53,14 +60,14 @@ impl BatchEncoder {
     /// meanwhile (a 4 MiB batch takes about 10 ms at level 1).
     pub async fn encode(&mut self, batch: &[Record], rate_limited: bool) -> Encoded {
         let pairs: Vec<_> = batch.iter().map(|r| (r.header, &r.payload[..])).collect();
-        if let Some(block) = self.compressed(rate_limited, || batch.iter().map(|r| r.payload.clone()).collect()).await {
+        if let Some((level, block)) = self.compressed(rate_limited, || batch.iter().map(|r| r.payload.clone()).collect()).await {
             let header = wire::encode_compressed_batch_header(&pairs, block.len());
             let wire_bytes = (header.len() + block.len()) as u64;
-            return Encoded { chunks: vec![bytes::Bytes::from(header), bytes::Bytes::from(block)], wire_bytes, compressed: true };
+            return Encoded { chunks: vec![bytes::Bytes::from(header), bytes::Bytes::from(block)], wire_bytes, level: Some(level) };
         }
         let header = wire::encode_batch_header(&pairs);
         let wire_bytes = (header.len() + batch.iter().map(|r| r.payload.len()).sum::<usize>()) as u64;
-        Encoded { chunks: frame_chunks(header, batch), wire_bytes, compressed: false }
+        Encoded { chunks: frame_chunks(header, batch), wire_bytes, level: None }
     }
 
     /// A coalesced range's frame, compressed as a batch would be (its piece headers and
@@ -73,25 +80,32 @@ impl BatchEncoder {
             encoded_len = meta.len() as u64 + range.meta.data_len();
             std::iter::once(meta).chain(range.data.iter().cloned()).collect()
         };
-        if let Some(block) = self.compressed(rate_limited, parts).await {
+        if let Some((level, block)) = self.compressed(rate_limited, parts).await {
             let header = wire::encode_compressed_range_header(range.first_lsn, range.timestamp_us, encoded_len, block.len());
             let wire_bytes = (header.len() + block.len()) as u64;
-            return Encoded { chunks: vec![bytes::Bytes::from(header), bytes::Bytes::from(block)], wire_bytes, compressed: true };
+            return Encoded { chunks: vec![bytes::Bytes::from(header), bytes::Bytes::from(block)], wire_bytes, level: Some(level) };
         }
         let header = wire::encode_range_header(range.first_lsn, range.timestamp_us, &range.meta);
         let wire_bytes = header.len() as u64 + range.meta.data_len();
         let mut chunks = Vec::with_capacity(1 + range.data.len());
         chunks.push(bytes::Bytes::from(header));
         chunks.extend(range.data.iter().cloned());
-        Encoded { chunks, wire_bytes, compressed: false }
+        Encoded { chunks, wire_bytes, level: None }
     }
 
     /// The `payloads` as one zstd frame, when the setting (and for `auto` the link) says to
     /// compress and they shrink enough; None: send them raw. `payloads` is called only when
     /// compressing, so a raw frame costs no extra copy of its piece list.
-    async fn compressed(&mut self, rate_limited: bool, payloads: impl FnOnce() -> Vec<bytes::Bytes>) -> Option<Vec<u8>> {
+    async fn compressed(&mut self, rate_limited: bool, payloads: impl FnOnce() -> Vec<bytes::Bytes>) -> Option<(i32, Vec<u8>)> {
         let setting = *lock(&self.setting);
-        let level = if self.peer_zstd { self.policy.level(setting, rate_limited, Instant::now()) } else { None };
+        let now = Instant::now();
+        if setting == Compression::Auto && now.duration_since(self.idle_sampled) >= compression::PERIOD {
+            if let Some(idle) = self.idle.sample() {
+                self.policy.idle_cpu(idle);
+            }
+            self.idle_sampled = now;
+        }
+        let level = if self.peer_zstd { self.policy.level(setting, rate_limited, now) } else { None };
         // The context is taken only when used (a `take()` beside a `None` level lost it).
         let (level, mut compressor) = level.and_then(|level| Some((level, self.compressor.take()?)))?;
         let payloads = payloads();
@@ -113,7 +127,7 @@ impl BatchEncoder {
         if matches!(setting, Compression::Auto) {
             self.policy.outcome(block.is_some(), Instant::now());
         }
-        block
+        block.map(|block| (level, block))
     }
 }
 

@@ -523,7 +523,8 @@ impl Sender {
                 let mut status = lock(&self.status);
                 status.sent_bytes += encoded.wire_bytes;
                 status.payload_bytes += bytes as u64;
-                status.compressed_batches += encoded.compressed as u64;
+                status.compressed_batches += encoded.level.is_some() as u64;
+                status.compression_level = encoded.level;
                 status.sent_records += records;
             }
             if let Some(running) = resync.as_mut() {
@@ -561,7 +562,8 @@ impl Sender {
         status.sent_bytes += encoded.wire_bytes;
         status.payload_bytes += data;
         status.sent_records += range.records;
-        status.compressed_batches += encoded.compressed as u64;
+        status.compressed_batches += encoded.level.is_some() as u64;
+        status.compression_level = encoded.level;
         status.coalesced_ranges += 1;
         status.coalesced_records += range.records;
         status.coalesced_skipped_bytes += range.source_bytes - data;

@@ -9,7 +9,7 @@ use crate::applier::config::ApplierConfig;
 use crate::journal::OnFull;
 use crate::marker::{Groups, Schedule, MAX_INTERVAL, MIN_INTERVAL};
 use crate::mirror::config::MirrorConfig;
-use crate::volume::config::{JournalConfig, RunConfig, VolumeConfig, MAX_IO_SIZE};
+use crate::volume::config::{BackingWrites, JournalConfig, RunConfig, VolumeConfig, MAX_IO_SIZE};
 
 /// TOML-looking text: keys these files have, values of every shape, in arbitrary order.
 fn tomlish() -> impl Strategy<Value = String> {
@@ -80,8 +80,9 @@ fn volume_config() -> impl Strategy<Value = VolumeConfig> {
         ublk,
         ..RunConfig::default()
     });
-    (0u32..3, size(), size(), size(), size(), run, schedule()).prop_map(|(format_version, size, capacity, segment_size, pending_window, run, markers)| {
-        VolumeConfig {
+    let writes = prop_oneof![Just(BackingWrites::Buffered), Just(BackingWrites::Direct)];
+    (0u32..3, size(), size(), size(), size(), run, schedule(), writes).prop_map(
+        |(format_version, size, capacity, segment_size, pending_window, run, markers, backing_writes)| VolumeConfig {
             format_version,
             name: "vol".into(),
             uuid: uuid::Uuid::nil(),
@@ -90,8 +91,9 @@ fn volume_config() -> impl Strategy<Value = VolumeConfig> {
             journal: JournalConfig { capacity, segment_size, pending_window, on_full: OnFull::default() },
             run,
             markers,
-        }
-    })
+            backing_writes,
+        },
+    )
 }
 
 /// A validated schedule's interval is a usable one: a deadline that far ahead exists.

@@ -120,3 +120,50 @@ fn auto_assumes_the_link_bound_at_a_backlog_for_one_period() {
     policy.assume_link_bound(start);
     assert_eq!(policy.level(Compression::Off, false, start), None);
 }
+
+/// Waiting on the window is no reason to compress while the source host has no CPU to spare
+/// (the guest's writes need it); with spare CPU the same waiting is.
+#[test]
+fn auto_leaves_a_busy_host_uncompressed() {
+    let start = Instant::now();
+    let at = |ms: u64| start + Duration::from_millis(ms);
+    let mut policy = AutoPolicy::default();
+    policy.idle_cpu(SPARE_CPU / 2.0);
+    policy.stalled(Duration::from_millis(400), at(100));
+    assert_eq!(policy.level(Compression::Auto, false, at(1000)), None, "a busy host: no compression");
+    assert!(!policy.link_bound());
+    assert_eq!(policy.level(Compression::Auto, true, at(1000)), Some(DEFAULT_LEVEL), "a max rate still compresses");
+    policy.idle_cpu(1.5);
+    policy.stalled(Duration::from_millis(300), at(1100));
+    assert_eq!(policy.level(Compression::Auto, false, at(2000)), Some(DEFAULT_LEVEL), "spare CPU: compress");
+}
+
+/// A link far slower than the compressor, with CPU to spare: the level climbs one per period
+/// to its cap; waiting less brings it down, and a busy host or a link that stopped limiting
+/// sends it back to the default at once.
+#[test]
+fn auto_spends_spare_cpu_on_a_better_ratio_while_the_link_is_far_behind() {
+    let start = Instant::now();
+    let at = |ms: u64| start + Duration::from_millis(ms);
+    let mut policy = AutoPolicy::default();
+    policy.idle_cpu(1.0);
+    assert_eq!(policy.level(Compression::Auto, false, at(0)), None, "the first period starts");
+    let mut now = 0;
+    let mut period = |policy: &mut AutoPolicy, stalled_ms: u64| {
+        policy.stalled(Duration::from_millis(stalled_ms), at(now + 100));
+        now += 1000;
+        policy.level(Compression::Auto, false, at(now))
+    };
+    assert_eq!(period(&mut policy, 800), Some(DEFAULT_LEVEL + 1));
+    assert_eq!(period(&mut policy, 800), Some(DEFAULT_LEVEL + 2));
+    for _ in 0..5 {
+        assert_eq!(period(&mut policy, 800), Some(MAX_AUTO_LEVEL), "capped");
+    }
+    assert_eq!(period(&mut policy, 350), Some(MAX_AUTO_LEVEL), "between the thresholds: kept");
+    assert_eq!(period(&mut policy, 100), Some(MAX_AUTO_LEVEL - 1), "waiting less: one down");
+    policy.idle_cpu(RAISE_IDLE_CPU / 2.0);
+    assert_eq!(period(&mut policy, 800), Some(MAX_AUTO_LEVEL - 1), "not idle enough to climb");
+    assert_eq!(period(&mut policy, 10), None, "the link stopped limiting: raw");
+    policy.idle_cpu(1.0);
+    assert_eq!(period(&mut policy, 100), Some(DEFAULT_LEVEL), "and back at the default level");
+}

@@ -93,6 +93,10 @@ pub struct MirrorStatus {
     /// The mirror's compression setting: "off", "zstd:LEVEL" or "auto".
     #[serde(default)]
     pub compression: String,
+    /// The zstd level of the last batch sent, null if it went raw (with `auto`: the level it
+    /// has climbed to, 1..=3).
+    #[serde(default)]
+    pub compression_level: Option<i32>,
     /// Coalesced ranges sent (docs/coalescing.md): runs of records sent as the newest version
     /// of each block they wrote.
     #[serde(default)]
@@ -383,6 +387,7 @@ impl MirrorStatus {
         self.resync_eta_seconds = None;
         self.throughput_bytes_per_second = 0.0;
         self.link = None;
+        self.compression_level = None;
         if let Some(error) = error {
             self.last_error = Some(error);
             self.reconnects += 1;

@@ -80,11 +80,16 @@ pub fn one_line(status: &Status) -> String {
     line
 }
 
-/// The setting and, once data went out, the ratio of payload to wire bytes (`auto 3.10x`).
+/// The setting (with `auto`'s current level while it compresses) and, once data went out, the
+/// ratio of payload to wire bytes (`auto 3.10x`, `auto:3 2.09x`).
 fn compression_cell(m: &MirrorStatus) -> String {
     let setting = if m.compression.is_empty() { "auto" } else { m.compression.as_str() };
+    let setting = match m.compression_level {
+        Some(level) if setting == "auto" => format!("auto:{level}"),
+        _ => setting.to_string(),
+    };
     match m.sent_bytes {
-        0 => setting.to_string(),
+        0 => setting,
         sent => format!("{setting} {:.2}x", m.payload_bytes as f64 / sent as f64),
     }
 }
@@ -200,4 +205,24 @@ pub fn applier_one_line(status: &ApplierStatus) -> String {
         })
         .collect();
     parts.join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_compression_cell_shows_autos_level_and_the_ratio() {
+        let mirror = |setting: &str, level: Option<i32>, sent: u64| {
+            let mut status = MirrorStatus::default();
+            (status.compression, status.compression_level) = (setting.into(), level);
+            (status.sent_bytes, status.payload_bytes) = (sent, 2 * sent);
+            status
+        };
+        assert_eq!(compression_cell(&mirror("auto", None, 0)), "auto");
+        assert_eq!(compression_cell(&mirror("auto", Some(3), 100)), "auto:3 2.00x");
+        assert_eq!(compression_cell(&mirror("auto", None, 100)), "auto 2.00x", "the last batch went raw");
+        assert_eq!(compression_cell(&mirror("zstd:5", Some(5), 100)), "zstd:5 2.00x");
+        assert_eq!(compression_cell(&mirror("", Some(1), 100)), "auto:1 2.00x", "an old status file: auto");
+    }
 }

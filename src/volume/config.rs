@@ -34,6 +34,39 @@ pub struct VolumeConfig {
     /// Markers `run` takes by itself (`[markers]`: every, prefix, freeze).
     #[serde(default, skip_serializing_if = "crate::marker::Schedule::is_default")]
     pub markers: crate::marker::Schedule,
+    /// How writeback writes the backing store (reads bypass the page cache either way).
+    #[serde(default, skip_serializing_if = "BackingWrites::is_default")]
+    pub backing_writes: BackingWrites,
+}
+
+/// How writeback writes journaled records into the backing store (`backing_writes`). Reads of
+/// the backing store use O_DIRECT in both modes (where the file system allows it), so the
+/// volume never fills the page cache with the large folios of readahead, which made later
+/// 4 KiB buffered writes into them four times slower.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackingWrites {
+    /// Through the page cache; the kernel writes them out, and checkpoints fdatasync
+    /// (the default: the page cache absorbs overwrites and sorts random writes for the disk).
+    #[default]
+    Buffered,
+    /// O_DIRECT, aligned writes submitted in batches through io_uring (QEMU's
+    /// `cache=none`): no page cache in between, so no memory used for dirty pages and no
+    /// write-out bursts at checkpoints; every write is a disk write.
+    Direct,
+}
+
+impl BackingWrites {
+    fn is_default(&self) -> bool {
+        *self == BackingWrites::default()
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            BackingWrites::Buffered => "buffered",
+            BackingWrites::Direct => "direct",
+        }
+    }
 }
 
 /// The `[run]` table: defaults for `ublk-mirror run`; command-line flags override them.

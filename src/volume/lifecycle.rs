@@ -6,7 +6,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
 
-use super::config::{JournalConfig, VolumeConfig, CONFIG_FORMAT, LOGICAL_BLOCK_SIZE};
+use super::config::{BackingWrites, JournalConfig, VolumeConfig, CONFIG_FORMAT, LOGICAL_BLOCK_SIZE};
 use super::markers::MarkerHistory;
 use super::shared::Shared;
 use super::state::VolumeState;
@@ -16,7 +16,7 @@ use crate::generation::History;
 use crate::journal::placement::{self, Located, Owner, Role};
 use crate::journal::{HoldSpec, Journal, JournalError, JournalReader, OnFull, Retention};
 use crate::layout::{DirLock, LockError, VolumeDir};
-use crate::store::Store;
+use crate::store::{Cache, Store};
 
 /// Requests queued to the writer before submitters block.
 const REQUEST_QUEUE: usize = 1024;
@@ -35,6 +35,8 @@ pub struct CreateOptions {
     pub segment_size: Option<u64>,
     pub pending_window: Option<u64>,
     pub on_full: Option<OnFull>,
+    /// How writeback writes the backing store (default buffered).
+    pub backing_writes: Option<BackingWrites>,
     /// Keep the journal's segments in this directory (absolute; absent or empty) instead of
     /// `VDIR/journal`, which becomes a symlink to it (see `journal::placement`).
     pub journal_dir: Option<PathBuf>,
@@ -82,6 +84,7 @@ impl Volume {
             journal: JournalConfig { capacity: journal_size, segment_size, pending_window: 0, on_full: options.on_full.unwrap_or_default() },
             run: Default::default(),
             markers: Default::default(),
+            backing_writes: options.backing_writes.unwrap_or_default(),
         };
         config.journal.pending_window = options.pending_window.unwrap_or(DEFAULT_PENDING_WINDOW.min(journal_size / 2));
         config.validate().map_err(|message| VolumeError::Invalid(format!("invalid volume settings: {message}")))?;
@@ -188,7 +191,7 @@ impl Volume {
             LockError::Held { holder } => VolumeError::InUse { dir: dir.to_path_buf(), holder },
             LockError::Io { path, source } => VolumeError::Io { context: format!("open {}", path.display()), source },
         })?;
-        let backing = Store::open_sized(&config.backing, "backing store", config.size)?;
+        let backing = Store::open_sized_with(&config.backing, "backing store", config.size, Cache::Bypass)?;
         warn_if_world_accessible(&config.backing, layout.root());
         let mut state = VolumeState::load(&layout)?;
         let (journal, writer, report) = Journal::open(&layout.journal(), config.journal_options())?;
@@ -228,6 +231,7 @@ impl Volume {
         let writer_shared = shared.clone();
         let syncer_shared = shared.clone();
         let writeback_shared = shared.clone();
+        let direct_writes = config.backing_writes == BackingWrites::Direct;
         let threads = vec![
             std::thread::Builder::new()
                 .name("journal-writer".into())
@@ -239,7 +243,7 @@ impl Volume {
                 .map_err(io_context("start journal syncer thread"))?,
             std::thread::Builder::new()
                 .name("writeback".into())
-                .spawn(move || writeback::run(writeback_shared, apply_rx))
+                .spawn(move || writeback::run(writeback_shared, apply_rx, direct_writes))
                 .map_err(io_context("start writeback thread"))?,
         ];
         Ok(Volume {

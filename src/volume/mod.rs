@@ -34,7 +34,7 @@ use std::sync::mpsc::{self, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-pub use config::VolumeConfig;
+pub use config::{BackingWrites, VolumeConfig};
 pub use demoted::Demoted;
 pub use lifecycle::{check_journal, CreateOptions, Created, Origin, DEFAULT_JOURNAL_SIZE, DEFAULT_PENDING_WINDOW, DEFAULT_SEGMENT_SIZE};
 pub use markers::{marker_history, Marked, MarkerEntry, WriteHold, MAX_HOLD};

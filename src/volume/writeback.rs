@@ -9,6 +9,7 @@ use super::shared::Shared;
 use crate::extent::Extent;
 use crate::journal::RecordKind;
 use crate::lock;
+use crate::store::{DirectWriter, Store, DIRECT_QUEUE};
 
 /// Checkpoint (fdatasync backing, save state, trim) at least this often when records were
 /// applied, and sooner once the journal is half full. Rarer checkpoints mean fewer forced
@@ -29,7 +30,9 @@ pub(super) struct ApplyItem {
     pub cost: u64,
 }
 
-pub(super) fn run(shared: Arc<Shared>, items: Receiver<ApplyItem>) {
+/// `direct`: aligned writes go to the backing store with O_DIRECT, in batches through
+/// io_uring (`backing_writes = "direct"`); otherwise every record through the page cache.
+pub(super) fn run(shared: Arc<Shared>, items: Receiver<ApplyItem>, direct: bool) {
     // Background work: let the threads that acknowledge requests have the CPU first. The
     // pending window bounds how far writeback may fall behind.
     crate::priority::lower_current_thread(WRITEBACK_NICE);
@@ -57,9 +60,30 @@ pub(super) fn run(shared: Arc<Shared>, items: Receiver<ApplyItem>) {
     };
     let mut last_checkpoint = Instant::now();
     let mut applied_since_checkpoint = false;
+    let mut direct = match direct.then(|| shared.backing.direct_writer()) {
+        Some(Ok(Some(writer))) => {
+            tracing::info!(backing = %shared.backing.path().display(), "writeback writes the backing store with O_DIRECT (backing_writes = direct)");
+            Some(writer)
+        }
+        Some(Ok(None)) => {
+            tracing::warn!(backing = %shared.backing.path().display(), "backing_writes = direct, but the file system refuses O_DIRECT: writing through the page cache");
+            None
+        }
+        Some(Err(error)) => {
+            tracing::warn!(%error, "backing_writes = direct, but io_uring is not available: writing through the page cache");
+            None
+        }
+        None => None,
+    };
+    // A record taken from the channel that was not durable yet: the next batch starts with it.
+    let mut carried: Option<ApplyItem> = None;
     // Left on a failure too (`break 'apply`), so the checkpoint thread is always joined.
     'apply: loop {
-        let item = match items.recv_timeout(CHECKPOINT_INTERVAL) {
+        let received = match carried.take() {
+            Some(item) => Ok(item),
+            None => items.recv_timeout(CHECKPOINT_INTERVAL),
+        };
+        let item = match received {
             Ok(item) => item,
             Err(RecvTimeoutError::Timeout) => {
                 // Also when the journal is full: the trim floor may have moved since.
@@ -87,22 +111,40 @@ pub(super) fn run(shared: Arc<Shared>, items: Receiver<ApplyItem>) {
         if shared.failure().is_some() {
             break 'apply;
         }
-        let payload: &[u8] = item.data.as_deref().map_or(&[], |d| d.as_slice());
-        if let Err(error) = shared.backing.apply(item.kind, item.extent, &[payload]) {
-            shared.fail(format!("apply LSN {} to the backing store: {error}", item.lsn));
+        // With it, the records behind it that are durable too, as one batch.
+        let synced = lock(&shared.progress).synced_lsn;
+        let mut batch = vec![item];
+        while batch.len() < DIRECT_QUEUE {
+            match items.try_recv() {
+                Ok(next) if next.lsn <= synced => batch.push(next),
+                Ok(next) => {
+                    carried = Some(next);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        if let Err((lsn, error)) = apply_batch(&shared.backing, direct.as_mut(), &batch) {
+            shared.fail(format!("apply LSN {lsn} to the backing store: {error}"));
             break 'apply;
         }
-        lock(&shared.index).remove_applied(item.extent, item.lsn);
+        {
+            let mut index = lock(&shared.index);
+            for item in &batch {
+                index.remove_applied(item.extent, item.lsn);
+            }
+        }
+        let last_lsn = batch.last().map_or(0, |item| item.lsn);
         {
             let mut progress = lock(&shared.progress);
-            progress.pending_bytes -= item.cost;
-            progress.applied_lsn = item.lsn;
+            progress.pending_bytes -= batch.iter().map(|item| item.cost).sum::<u64>();
+            progress.applied_lsn = last_lsn;
             if progress.writer_waiting {
                 shared.progress_changed.notify_all();
             }
         }
         applied_since_checkpoint = true;
-        let journal_filling = item.lsn % FILL_CHECK_RECORDS == 0 && {
+        let journal_filling = batch.iter().any(|item| item.lsn % FILL_CHECK_RECORDS == 0) && {
             let usage = shared.retention.journal().usage();
             usage.used_bytes > usage.capacity_bytes / 2
         };
@@ -116,6 +158,40 @@ pub(super) fn run(shared: Arc<Shared>, items: Receiver<ApplyItem>) {
     let _ = checkpointer.join();
     if shared.failure().is_none() {
         checkpoint(&shared);
+    }
+}
+
+/// Writes a batch of durable records into the backing store in LSN order: aligned writes
+/// queued for the direct writer and submitted together, anything else (after what is queued)
+/// through the page cache. Returns the failing record's LSN (for a failed submission, the last
+/// queued one) with the error.
+fn apply_batch(backing: &Store, mut direct: Option<&mut DirectWriter>, batch: &[ApplyItem]) -> Result<(), (u64, std::io::Error)> {
+    let mut last_queued = 0;
+    for item in batch {
+        let payload: &[u8] = item.data.as_deref().map_or(&[], |d| d.as_slice());
+        if item.kind == RecordKind::Marker {
+            continue;
+        }
+        if let Some(direct) = direct.as_deref_mut() {
+            let direct_write = item.kind == RecordKind::Write && payload.len() as u64 == item.extent.length && DirectWriter::fits(item.extent);
+            if direct_write && direct.queue(item.extent, payload) {
+                last_queued = item.lsn;
+                continue;
+            }
+            // Refused (the queue is full, or the write overlaps a queued one) or not for the
+            // direct writer: what is queued lands first. An empty queue takes any write that
+            // fits; were it to refuse, the write goes through the page cache below.
+            direct.flush(backing).map_err(|error| (last_queued, error))?;
+            if direct_write && direct.queue(item.extent, payload) {
+                last_queued = item.lsn;
+                continue;
+            }
+        }
+        backing.apply(item.kind, item.extent, &[payload]).map_err(|error| (item.lsn, error))?;
+    }
+    match direct {
+        Some(direct) => direct.flush(backing).map_err(|error| (last_queued, error)),
+        None => Ok(()),
     }
 }
 

@@ -11,7 +11,7 @@ use super::syncer::DurabilityWaiter;
 use super::writeback::ApplyItem;
 use super::{Completion, VolumeError, WriteOp};
 use crate::extent::Extent;
-use crate::journal::{AppendError, JournalWriter, OnFull, RecordKind, FLAG_FUA};
+use crate::journal::{AppendError, JournalWriter, OnFull, PayloadPart, RecordKind, FLAG_FUA};
 use crate::lock;
 
 /// Accounting cost of a record without payload.
@@ -104,7 +104,9 @@ impl WriterLoop {
         };
         let payload: &[u8] = data.as_ref().map_or(&[], |d| d.as_slice());
         let flags = if fua { FLAG_FUA } else { 0 };
-        let lsn = match self.append(kind, extent, payload, flags) {
+        // The journal writes the request's buffer from where it is (no copy into its batch).
+        let shared = data.as_ref().map(|d| bytes::Bytes::from_owner(SharedPayload(d.clone())));
+        let lsn = match self.append(kind, extent, shared.as_slice(), flags) {
             Ok(lsn) => lsn,
             Err(error) => return completion(Err(error)),
         };
@@ -144,7 +146,7 @@ impl WriterLoop {
                 return;
             }
         };
-        let lsn = match self.append(RecordKind::Marker, Extent::default(), &payload, 0) {
+        let lsn = match self.append(RecordKind::Marker, Extent::default(), &[payload.as_slice()], 0) {
             Ok(lsn) => lsn,
             Err(error) => {
                 let _ = done.send(Err(error));
@@ -162,11 +164,11 @@ impl WriterLoop {
 
     /// Appends one record, waiting for journal space as the policy says, and counts it as
     /// pending; an error means it was not journaled (so must not be acknowledged).
-    fn append(&mut self, kind: RecordKind, extent: Extent, payload: &[u8], flags: u16) -> Result<u64, VolumeError> {
-        let cost = payload.len() as u64 + RECORD_OVERHEAD;
+    fn append(&mut self, kind: RecordKind, extent: Extent, payload: &[impl PayloadPart], flags: u16) -> Result<u64, VolumeError> {
+        let cost = payload.iter().map(|part| part.as_ref().len() as u64).sum::<u64>() + RECORD_OVERHEAD;
         self.wait_for_window(cost);
         let lsn = loop {
-            match self.writer.append(kind, extent, payload, flags) {
+            match self.writer.append_parts(kind, extent, payload, flags) {
                 Ok(lsn) => break lsn,
                 Err(AppendError::JournalFull) => {
                     // Let everything staged reach writeback, then wait for a trim.
@@ -272,5 +274,14 @@ impl WriterLoop {
                 }
             }
         }
+    }
+}
+
+/// A write request's buffer, shared with the journal writer until its commit.
+struct SharedPayload(Arc<Vec<u8>>);
+
+impl AsRef<[u8]> for SharedPayload {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
     }
 }
