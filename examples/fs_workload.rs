@@ -6,7 +6,9 @@
 //!
 //! `fs_workload DIR SEED OPS SECONDS`: stops after OPS operations or SECONDS, whichever
 //! comes first. Exit status 0 when every byte matched, 1 on any error or mismatch (the
-//! message says which file and offset).
+//! message says which file and offset). With `FS_WORKLOAD_PROGRESS=FILE`, the count of
+//! operations done is written to FILE after each one, so a test can act (kill the server)
+//! once the workload is well under way however fast the machine is.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -73,6 +75,7 @@ fn main() {
         .collect();
     let mut counts = [0u64; 9];
     let names = ["write", "read", "mmap", "fallocate", "punch", "truncate", "direct", "fsync", "extend"];
+    let progress = std::env::var_os("FS_WORKLOAD_PROGRESS").map(PathBuf::from);
     let started = Instant::now();
     let mut done = 0u64;
     while done < ops && started.elapsed() < limit {
@@ -196,6 +199,12 @@ fn main() {
             }
         }
         done += 1;
+        if let Some(progress) = &progress {
+            // Renamed into place, so a reader never sees a half-written count.
+            let partial = progress.with_extension("partial");
+            check(std::fs::write(&partial, done.to_string()), "write progress", &partial);
+            check(std::fs::rename(&partial, progress), "rename progress", progress);
+        }
     }
     // Everything on the device, nothing from the page cache: then every byte is compared.
     for t in &files {

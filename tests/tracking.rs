@@ -364,3 +364,46 @@ fn on_full_can_be_changed_on_a_running_volume() {
     drop(stop);
     drop(served);
 }
+
+/// The journal lets go of a mirror that is connected and streaming (writes at loopback speed
+/// fill it while a 2 MB/s link drains it): the session ends, the sender closes its connection
+/// and reconnects at once to resync from its dirty map, and the applier takes the new
+/// connection. (It used to keep refusing it as "already connected": the old session's
+/// acknowledgement reader kept the old connection alive, and the mirror stayed tracking until
+/// the volume restarted.)
+#[test]
+fn a_mirror_the_journal_lets_go_of_while_connected_reconnects_and_resyncs() {
+    require_tool("qemu-img", "qemu-utils");
+    let tmp = tempfile::tempdir().unwrap();
+    let link = Impairment { rate: Some(2_000_000), queue: Duration::from_millis(200), ..Impairment::clean() };
+    let site = site(tmp.path(), "16M", link, 7);
+    let served = Served::start(&site.vdir, &[]);
+    wait_consistent(&site.vdir);
+    // Three journals' worth of 4 KiB writes over the whole device, with the mirror connected.
+    let blocks = 4096u64;
+    let writer = sweep(served.socket.clone(), blocks, 3 * 8192, Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+    assert_eq!(writer.join().unwrap().0, 3 * 8192, "every write completed");
+    let written = Instant::now();
+    // The journal let go of the mirror at least once (it resynced, or still tracks).
+    let status = status_json(&site.vdir);
+    assert!(status["journal"]["first_lsn"].as_u64().unwrap() > 1, "the journal was trimmed past the mirror: {status}");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let status = status_json(&site.vdir);
+        let mirror = &status["mirrors"][0];
+        if mirror["state"] == "replicating" && mirror["applied_lsn"] == status["volume"]["last_lsn"] && mirror["connected"] == true {
+            break;
+        }
+        let log = std::fs::read_to_string(tmp.path().join("applier.log")).unwrap_or_default();
+        assert!(Instant::now() < deadline, "the mirror did not resync and catch up: {mirror}\napplier log:\n{log}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("caught up {:.1} s after the writes; {}", written.elapsed().as_secs_f64(), mirror_of(&site.vdir));
+    let log = std::fs::read_to_string(tmp.path().join("applier.log")).unwrap_or_default();
+    assert!(!log.contains("already connected"), "the applier refused a reconnect:\n{log}");
+    let sender_log = served.log_text();
+    assert!(sender_log.contains("fell out of the journal while connected"), "the journal never let go of the connected mirror:\n{sender_log}");
+    let mut served = served;
+    assert_eq!(served.terminate(), Some(0));
+    assert!(compare(site.vdir.join("data.img").to_str().unwrap(), replica_image(&site.adir, "vol0").to_str().unwrap()), "replica differs");
+}

@@ -29,6 +29,8 @@ const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_milli
 /// Longer than the gap between batches of a stream that keeps a WAN link busy (4 MiB at
 /// 50 MB/s: 84 ms), so a steady stream still syncs its image once a second.
 const CHECKPOINT_IDLE: std::time::Duration = std::time::Duration::from_millis(100);
+/// How long a refused connection is kept open for the source to read why.
+const REFUSAL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Shared state of a running applier.
 pub struct Applier {
@@ -168,25 +170,21 @@ impl Applier {
             connection.closed().await;
             return Err(LinkError::Refused(refusal).into());
         }
-        let already_connected = {
-            let mut replicas = lock(&self.replicas);
-            let slot = replicas.get_mut(&key).expect("registered by replica_for");
-            let already = std::mem::replace(&mut slot.connected, true);
-            slot.connections += !already as u64;
-            if !already {
-                slot.peer = Some(connection.remote_address());
+        let session = match self.claim(&key, &replica, &connection).await {
+            Ok(session) => session,
+            Err(reason) => {
+                let refusal = Refusal::Other(reason);
+                tracing::warn!(replica = %key, reason = %refusal, "refused a source");
+                write_control(&mut send, &Control::Refused(refusal.clone())).await?;
+                let _ = send.finish();
+                // The source closes once it has read why.
+                let _ = tokio::time::timeout(REFUSAL_WAIT, connection.closed()).await;
+                return Err(LinkError::Refused(refusal).into());
             }
-            already
         };
-        if already_connected {
-            let refusal = Refusal::Other(format!("volume {name} is already connected"));
-            write_control(&mut send, &Control::Refused(refusal.clone())).await?;
-            return Err(LinkError::Refused(refusal).into());
-        }
         let result = self.stream(&key.to_string(), &replica, &mut send, recv).await;
         let mut failed = None;
-        if let Some(slot) = lock(&self.replicas).get_mut(&key) {
-            slot.connected = false;
+        if let Some(slot) = Applier::release(&mut lock(&self.replicas), &key, session) {
             if let Some(error) = disk_error(&result) {
                 // What the replica holds in memory may not be what its disk holds after a
                 // failed write or sync: the next connection opens it again from its files

@@ -4,7 +4,9 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use super::admin::{attached_image, offline_replica};
 use super::replica::{Replica, ReplicaState};
@@ -16,7 +18,8 @@ use crate::status::{ApplierStatus, ReplicaStatus, ResyncProgress};
 
 pub(super) struct Slot {
     pub replica: Arc<Mutex<Replica>>,
-    pub connected: bool,
+    /// The source's session streaming into the replica, if one is.
+    pub session: Option<Session>,
     /// The connected source's address.
     pub peer: Option<SocketAddr>,
     pub connections: u64,
@@ -25,6 +28,23 @@ pub(super) struct Slot {
 }
 
 type Slots = HashMap<ReplicaKey, Slot>;
+
+/// A source's connection that holds a replica.
+pub(super) struct Session {
+    /// Told apart from a later session of the same replica.
+    id: u64,
+    connection: quinn::Connection,
+}
+
+/// Session ids, unique in this process.
+static SESSIONS: AtomicU64 = AtomicU64::new(1);
+
+/// How long a new connection waits for the session it supersedes to end.
+const SUPERSEDE_WAIT: Duration = Duration::from_secs(10);
+/// How often it looks.
+const SUPERSEDE_LOOK: Duration = Duration::from_millis(20);
+/// The application close code of a superseded connection.
+const SUPERSEDED: u32 = 2;
 
 impl Applier {
     /// The replica that the source with certificate `fingerprint` feeds for `hello`'s volume:
@@ -87,7 +107,7 @@ impl Applier {
             Err(error) => tracing::warn!(%error, "applier.toml unreadable: the default snapshot retention applies"),
         }
         let replica = Arc::new(Mutex::new(replica));
-        slots.insert(key, Slot { replica: replica.clone(), connected: false, peer: None, connections: 0, reopen: false });
+        slots.insert(key, Slot { replica: replica.clone(), session: None, peer: None, connections: 0, reopen: false });
         replica
     }
 
@@ -121,9 +141,65 @@ impl Applier {
         &self.dir
     }
 
+    /// Makes `connection` the session of the replica `key` (the instance `replica` that was
+    /// found for it). A session still open there is superseded: its connection is closed and,
+    /// once it has ended (a lost connection's way: the batch in hand is journaled whole or not
+    /// at all), the new one takes its place. A source that lost its connection without the
+    /// applier noticing (a close dropped on the way, keep-alives of a stale connection) thus
+    /// reconnects at once instead of being refused until the old one times out. Returns the
+    /// session's id, or why the connection is refused.
+    pub(super) async fn claim(&self, key: &ReplicaKey, replica: &Arc<Mutex<Replica>>, connection: &quinn::Connection) -> Result<u64, String> {
+        let deadline = Instant::now() + SUPERSEDE_WAIT;
+        let mut superseding = false;
+        loop {
+            {
+                let mut slots = lock(&self.replicas);
+                let Some(slot) = slots.get_mut(key) else { return Err(format!("the replica of {} was closed meanwhile", key.volume)) };
+                // The old session may have left the replica to be reopened (a disk error):
+                // the next connection opens it anew.
+                if slot.reopen || !Arc::ptr_eq(&slot.replica, replica) {
+                    return Err(format!("the replica of {} is being reopened; connect again", key.volume));
+                }
+                match &slot.session {
+                    None => {
+                        let id = SESSIONS.fetch_add(1, Ordering::Relaxed);
+                        slot.session = Some(Session { id, connection: connection.clone() });
+                        slot.connections += 1;
+                        slot.peer = Some(connection.remote_address());
+                        return Ok(id);
+                    }
+                    Some(old) if !superseding => {
+                        tracing::warn!(replica = %key, old = %old.connection.remote_address(), new = %connection.remote_address(), "a new connection from the same source supersedes the open session");
+                        old.connection.close(SUPERSEDED.into(), b"superseded by a new connection from the same source");
+                        superseding = true;
+                    }
+                    Some(_) => {}
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "volume {} is already connected (its open session did not end within {} s of being superseded)",
+                    key.volume,
+                    SUPERSEDE_WAIT.as_secs()
+                ));
+            }
+            tokio::time::sleep(SUPERSEDE_LOOK).await;
+        }
+    }
+
+    /// Ends session `id` of the replica `key` (not a later one); the slot, if that session
+    /// still held it.
+    pub(super) fn release<'a>(slots: &'a mut Slots, key: &ReplicaKey, id: u64) -> Option<&'a mut Slot> {
+        let slot = slots.get_mut(key)?;
+        if slot.session.as_ref().is_some_and(|session| session.id == id) {
+            slot.session = None;
+        }
+        Some(slot)
+    }
+
     /// The address of the source connected to the replica `key`, if one is.
     pub(super) fn connected_source(&self, key: &ReplicaKey) -> Option<SocketAddr> {
-        lock(&self.replicas).get(key).filter(|slot| slot.connected).and_then(|slot| slot.peer)
+        lock(&self.replicas).get(key).filter(|slot| slot.session.is_some()).and_then(|slot| slot.peer)
     }
 
     /// A temporary snapshot of a replica's latest consistent state (`export --latest`).
@@ -187,7 +263,7 @@ impl Applier {
                     consistent: r.state().is_consistent(),
                     consistent_lsn: r.state().is_consistent().then(|| r.applied_lsn()),
                     resync: r.resync_progress().map(|(base_lsn, staged_bytes)| ResyncProgress { base_lsn, staged_bytes }),
-                    connected: slot.connected,
+                    connected: slot.session.is_some(),
                     records_received: counters.records_received,
                     records_duplicated: counters.records_duplicated,
                     bytes_received: counters.bytes_received,

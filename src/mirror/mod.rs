@@ -1,7 +1,7 @@
 //! The source side of replication, inside `run`: a volume's mirrors (`config.rs`, their
 //! saved checkpoints `checkpoints.rs`), one sender per mirror (`senders.rs` starts and reports
 //! them; `session.rs` is one connection: handshake, then the journal streamed from the
-//! applier's `received` checkpoint; `link.rs` the connection, its Hello and its
+//! applier's `received` checkpoint, `flight.rs` what it has in flight; `link.rs` the connection, its Hello and its
 //! frames, `sync_source.rs` the source half of an initial
 //! synchronisation, `resync_source.rs` of a resync from the dirty map,
 //! `verify_source.rs` of an online verify, `batches.rs` record batches as frames, compressed
@@ -11,6 +11,7 @@ mod batches;
 pub mod checkpoints;
 pub mod coalesce;
 pub mod config;
+mod flight;
 pub mod generations;
 mod link;
 pub mod rate;

@@ -3,7 +3,6 @@
 //! durable at the source (so a replica never holds a write the source could lose), with a
 //! bounded window of unacknowledged bytes — and reconnects with backoff after any failure.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -12,6 +11,7 @@ use super::batches::{BatchEncoder, Lookahead};
 use super::checkpoints::{self, Checkpoints};
 use super::coalesce::{Coalesce, RangeBuilder, RANGE_DATA_BYTES};
 use super::config::MirrorConfig;
+use super::flight::{AbortOnDrop, Flight, InFlight};
 use super::link::{connect, hello_of, LinkStatsTask};
 use super::rate::RateLimiter;
 use super::resync_source::{ResyncEvent, ResyncPeer, ResyncSource};
@@ -48,6 +48,8 @@ const SENDER_NICE: i32 = 5;
 /// thread, the file's two fsyncs forced ext4 journal commits that stalled the volume's own
 /// journal syncs under load and held up sending.)
 const PERSIST_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a session that ended waits for its connection's close to reach the applier.
+const CLOSE_WAIT: Duration = Duration::from_millis(250);
 
 #[derive(Clone)]
 pub(super) struct Sender {
@@ -91,45 +93,6 @@ pub(super) struct SenderControls {
 enum ApplierEvent {
     Resync(ResyncEvent),
     Verified { at_lsn: u64, differ: Vec<u64>, skipped: Option<String> },
-}
-
-/// A record sent on this connection (or the last of a batch or range sent together).
-struct InFlight {
-    lsn: u64,
-    /// Payload bytes up to this LSN since the previous entry (what `applied_bytes` counts).
-    payload: u64,
-    /// What those records took on the wire, headers and compression included: the window
-    /// is counted in these, so a compressed backlog keeps as many bytes in flight on the
-    /// link as a raw one.
-    wire: u64,
-}
-
-/// Records sent on this connection and not yet applied, oldest first. Those after
-/// `received_lsn` are the window (not yet durable at the applier).
-#[derive(Default)]
-struct Flight {
-    records: VecDeque<InFlight>,
-    received_lsn: u64,
-}
-
-impl Flight {
-    /// Bytes on the wire sent and not yet received.
-    fn window_bytes(&self) -> u64 {
-        // Records are in LSN order: sum only those after `received`, not every unapplied one
-        // (the applier checkpoints once a second, so tens of thousands may wait for `applied`).
-        let first_unreceived = self.records.partition_point(|r| r.lsn <= self.received_lsn);
-        self.records.range(first_unreceived..).map(|r| r.wire).sum()
-    }
-
-    /// Records the checkpoints; returns the payload bytes newly applied.
-    fn acknowledge(&mut self, received_lsn: u64, applied_lsn: u64) -> u64 {
-        self.received_lsn = self.received_lsn.max(received_lsn);
-        let mut applied = 0;
-        while self.records.front().is_some_and(|r| r.lsn <= applied_lsn) {
-            applied += self.records.pop_front().map_or(0, |r| r.payload);
-        }
-        applied
-    }
 }
 
 impl Sender {
@@ -238,10 +201,27 @@ impl Sender {
     /// go of the mirror.
     async fn session(&self) -> Result<Ended, LinkError> {
         let identity = tls::Identity::load(&self.dir.identity())?;
-        let (_endpoint, connection) =
+        let (endpoint, connection) =
             connect(&identity, &self.config.address, &self.config.fingerprint, self.config.idle_timeout(), self.config.congestion.unwrap_or_default()).await?;
+        let result = self.session_on(&connection).await;
+        // However it ended, the applier is told (it frees the replica for the next
+        // connection at once, not after its idle timeout), and the close is given a moment
+        // to go out: this runtime runs again only for the next session.
+        let reason: &[u8] = match &result {
+            Ok(Ended::Stopped) => b"volume stopping",
+            Ok(Ended::Released) => b"the journal released the mirror: reconnecting to resync",
+            Ok(Ended::Repair) => b"reconnecting to repair what a verify found",
+            Err(_) => b"session failed",
+        };
+        connection.close(0u32.into(), reason);
+        let _ = tokio::time::timeout(CLOSE_WAIT, endpoint.wait_idle()).await;
+        result
+    }
+
+    /// The session on an open connection.
+    async fn session_on(&self, connection: &quinn::Connection) -> Result<Ended, LinkError> {
         let (mut send, mut recv) = connection.open_bi().await?;
-        let _link_stats = LinkStatsTask::start(&connection, self.status.clone());
+        let _link_stats = LinkStatsTask::start(connection, self.status.clone());
         let mut welcome = self.handshake(&mut send, &mut recv).await?;
         let journal = self.volume.journal();
         let mut limiter = RateLimiter::new(self.rate.clone());
@@ -277,7 +257,7 @@ impl Sender {
         };
         let in_flight: Arc<Mutex<Flight>> = Arc::default();
         let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
-        let mut acks = tokio::spawn(self.clone().read_acks(recv, in_flight.clone(), events_tx));
+        let mut acks = AbortOnDrop(tokio::spawn(self.clone().read_acks(recv, in_flight.clone(), events_tx)));
         let mut resync = match resync_at {
             Some((base, whole_device)) => Some(ResyncSource::start(&self.peer(), &mut send, base, whole_device, failback).await?),
             None => None,
@@ -289,8 +269,23 @@ impl Sender {
         }
         // Read at each connection, so `mirror set --coalesce` applies at the next one.
         let coalesce = super::config::load(&self.dir, &self.config.name).map_or(self.config.coalesce(), |config| config.coalesce());
-        let result =
-            self.stream(&mut send, (received, coalesce), &in_flight, &mut acks, (&mut limiter, &mut encoder), (&mut resync, &mut verify), events).await;
+        let mut result =
+            self.stream(&mut send, (received, coalesce), &in_flight, &mut acks.0, (&mut limiter, &mut encoder), (&mut resync, &mut verify), events).await;
+        // Once the journal lets go of the mirror it may recycle the segment the reader is in
+        // before the loop sees the release: the read fails (e.g. "no valid record"), but what
+        // happened is the release. (A resyncing hold keeps every record, so a read error then
+        // is a real one.)
+        let released_under_the_reader = match &result {
+            Err(LinkError::Journal(error)) if resync.is_none() && matches!(self.hold.state(), HoldState::Tracking { .. }) => {
+                tracing::debug!(mirror = %self.config.name, %error, "a journal read failed after the journal released the mirror");
+                true
+            }
+            _ => false,
+        };
+        if released_under_the_reader {
+            lock(&self.status).track();
+            result = Ok(Ended::Released);
+        }
         let why = match &result {
             Err(error) => format!("the connection to the applier ended: {error:#}"),
             Ok(Ended::Stopped) => "the volume is stopping".to_string(),
@@ -302,9 +297,6 @@ impl Sender {
             // Not committed: the mirror tracks on with its dirty map (it still covers
             // everything the replica lacks).
             self.hold.abandon_resync();
-        }
-        if matches!(result, Ok(Ended::Stopped)) {
-            connection.close(0u32.into(), b"volume stopping");
         }
         result
     }
@@ -515,7 +507,7 @@ impl Sender {
             limiter.pace(encoded.wire_bytes).await;
             // The batch is journaled with one commit at the applier: one entry for it.
             let last_lsn = batch.last().map_or(0, |record| record.header.lsn);
-            lock(in_flight).records.push_back(InFlight { lsn: last_lsn, payload: bytes as u64, wire: encoded.wire_bytes });
+            lock(in_flight).push(InFlight { lsn: last_lsn, payload: bytes as u64, wire: encoded.wire_bytes });
             let records = batch.len() as u64;
             let mut chunks = encoded.chunks;
             send.write_all_chunks(&mut chunks).await?;
@@ -555,7 +547,7 @@ impl Sender {
         let encoded = encoder.encode_range(&range, limiter.limited()).await;
         limiter.pace(encoded.wire_bytes).await;
         let data = range.meta.data_len();
-        lock(in_flight).records.push_back(InFlight { lsn: range.meta.last_lsn, payload: data, wire: encoded.wire_bytes });
+        lock(in_flight).push(InFlight { lsn: range.meta.last_lsn, payload: data, wire: encoded.wire_bytes });
         let mut chunks = encoded.chunks;
         send.write_all_chunks(&mut chunks).await?;
         let mut status = lock(&self.status);

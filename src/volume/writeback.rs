@@ -15,6 +15,14 @@ use crate::store::{DirectWriter, Store, DIRECT_QUEUE};
 /// applied, and sooner once the journal is half full. Rarer checkpoints mean fewer forced
 /// writebacks of the backing store; the journal bounds how much a restart must redo.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(5);
+/// While no record arrives, writeback looks this often whether a checkpoint is due: a full
+/// journal must be trimmed at once (the writer can find it full after the last batch was
+/// applied, and waited out the whole interval: 5 s stalls), an idle one once the interval
+/// since the last checkpoint has passed.
+const IDLE_LOOK: Duration = Duration::from_millis(100);
+/// A full journal is checkpointed at most this often while idle (its trim floor may be held
+/// by a mirror, and then each checkpoint frees nothing).
+const FULL_CHECKPOINT_GAP: Duration = Duration::from_millis(200);
 /// How often (in applied records) writeback looks at journal fill between checkpoints.
 const FILL_CHECK_RECORDS: u64 = 256;
 /// Background work: nice value added to the writeback thread.
@@ -81,13 +89,16 @@ pub(super) fn run(shared: Arc<Shared>, items: Receiver<ApplyItem>, direct: bool)
     'apply: loop {
         let received = match carried.take() {
             Some(item) => Ok(item),
-            None => items.recv_timeout(CHECKPOINT_INTERVAL),
+            None => items.recv_timeout(IDLE_LOOK),
         };
         let item = match received {
             Ok(item) => item,
             Err(RecvTimeoutError::Timeout) => {
-                // Also when the journal is full: the trim floor may have moved since.
-                if applied_since_checkpoint || shared.retention.journal().is_full() {
+                // Also when nothing was applied and the journal is full: the trim floor may
+                // have moved since.
+                let since = last_checkpoint.elapsed();
+                let full = since >= FULL_CHECKPOINT_GAP && shared.retention.journal().is_full();
+                if full || (applied_since_checkpoint && since >= CHECKPOINT_INTERVAL) {
                     request_checkpoint();
                     applied_since_checkpoint = false;
                     last_checkpoint = Instant::now();

@@ -188,6 +188,11 @@ impl WriterLoop {
                         tracing::warn!("journal full: writes wait until it is trimmed (on_full = block)");
                     }
                     loop {
+                        // A failed volume trims nothing more (its checkpoints stop): the wait
+                        // would never end, so the write gets the failure.
+                        if let Some(failure) = self.shared.failure() {
+                            return Err(VolumeError::Failed(failure));
+                        }
                         if self.shared.closing.load(Ordering::Acquire) {
                             // Not journaled, so not acknowledged: the client sees the error
                             // and nothing it was told is safe is lost.
