@@ -37,6 +37,35 @@ fn create_prints_fingerprint_and_refuses_to_overwrite() {
     assert!(stdout(&text).contains("volume vol0"), "{}", stdout(&text));
 }
 
+/// `--preallocate-journal` writes every segment (journal size / segment size), whole, and
+/// the volume serves from them.
+#[test]
+fn create_can_preallocate_the_journal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("vol");
+    let out = create_volume(&dir, "vol0", "16M", &["--journal-size", "16M", "--segment-size", "2M", "--preallocate-journal"]);
+    assert!(out.contains("preallocated: 8 segment files"), "{out}");
+    let files: Vec<_> = std::fs::read_dir(dir.join("journal")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 8, "{files:?}");
+    for file in &files {
+        let meta = std::fs::metadata(file).unwrap();
+        assert_eq!(meta.len(), 2 << 20, "{}", file.display());
+        use std::os::unix::fs::MetadataExt;
+        assert!(meta.blocks() * 512 >= 2 << 20, "{} is written, not sparse", file.display());
+    }
+    let mut served = Served::start(&dir, &[]);
+    let mut client = common::nbd_client::NbdClient::connect(&served.socket, "vol0").unwrap();
+    for i in 0..64u64 {
+        assert_eq!(client.write(i * 131072, &vec![i as u8 + 1; 131072]), 0);
+    }
+    assert_eq!(client.flush(), 0);
+    drop(client);
+    assert_eq!(served.terminate(), Some(0));
+    assert_eq!(std::fs::read_dir(dir.join("journal")).unwrap().count(), 8, "the journal used its spares, made no file");
+    let image = std::fs::read(dir.join("data.img")).unwrap();
+    assert!((0..64usize).all(|i| image[i * 131072..(i + 1) * 131072].iter().all(|&b| b == i as u8 + 1)), "every write reached the backing store");
+}
+
 #[test]
 fn bad_input_is_refused_with_a_clear_message_and_changes_nothing() {
     let tmp = tempfile::tempdir().unwrap();

@@ -255,3 +255,42 @@ fn an_image_attached_for_one_source_and_a_twin_fingerprint_refused() {
     assert!(compare(&a.uri("vol0"), image.to_str().unwrap()));
     assert!(compare(&b.uri("vol0"), their_image.to_str().unwrap()));
 }
+
+/// Two mirrors of one volume to the same applier feed one replica: the second is refused
+/// while the first is connected, naming why, and does not take the first one's place (a
+/// reconnect of the same mirror would: it supersedes its own stale session).
+#[test]
+fn a_second_mirror_of_a_volume_to_the_same_applier_is_refused_not_swapped_in() {
+    let tmp = tempfile::tempdir().unwrap();
+    let adir = tmp.path().join("applier");
+    let applier_fp = init_applier(&adir);
+    let port = free_udp_port();
+    let vdir = tmp.path().join("vol");
+    mirrored_volume(&vdir, "vol0", &adir, &applier_fp, port);
+    let output = cli(&["mirror", "add", "--dir", vdir.to_str().unwrap(), "--to", &format!("127.0.0.1:{port}"), "--fingerprint", &applier_fp, "--name", "twin"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let _applier = Applier::start(&adir, port);
+    let mut served = Served::start(&vdir, &[]);
+    // Within 60 s one mirror is connected and the other has been refused.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let refused = loop {
+        let mirrors = status_json(&vdir)["mirrors"].as_array().unwrap().clone();
+        let connected = mirrors.iter().filter(|m| m["connected"] == true).count();
+        let refused = mirrors.iter().find(|m| m["connected"] != true && m["last_error"].as_str().is_some_and(|e| e.contains("by another sender")));
+        if let (1, Some(refused)) = (connected, refused) {
+            break refused["name"].clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "expected one mirror connected and one refused: {mirrors:?}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    // For the next 5 s (several retries of the refused one) the first keeps its session.
+    let sessions = applier_status(&adir)["replicas"][0]["connections"].as_u64().unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    let mirrors = status_json(&vdir)["mirrors"].as_array().unwrap().clone();
+    let kept = mirrors.iter().find(|m| m["name"] != refused).unwrap();
+    assert_eq!(kept["connected"], true, "{mirrors:?}");
+    assert_eq!(applier_status(&adir)["replicas"][0]["connections"].as_u64().unwrap(), sessions, "no session was swapped in");
+    let log = std::fs::read_to_string(tmp.path().join("applier.log")).unwrap_or_default();
+    assert!(!log.contains("supersedes"), "{log}");
+    assert_eq!(served.terminate(), Some(0));
+}

@@ -331,3 +331,42 @@ fn reader_keeps_up_with_a_writer_across_read_ahead_and_recycled_segments() {
     }
     assert!(next_expected > 3000, "read {next_expected} records");
 }
+
+/// A preallocated journal has every segment file from the start: it grows into its spares
+/// (no file is made while writing), and recovers as any other.
+#[test]
+fn a_preallocated_journal_grows_into_its_spares_and_recovers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("journal");
+    let opts = options(MIB, 8 * MIB);
+    Journal::create(&dir, opts).unwrap();
+    assert_eq!(Journal::preallocate(&dir, &opts).unwrap(), 7, "one segment exists, seven more are made");
+    assert_eq!(Journal::preallocate(&dir, &opts).unwrap(), 0, "a second time makes nothing");
+    let names = |dir: &Path| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        names
+    };
+    let before = names(&dir);
+    assert_eq!(before.len(), 8, "{before:?}");
+    for name in &before {
+        assert_eq!(std::fs::metadata(dir.join(name)).unwrap().len(), MIB, "{name} is a whole segment");
+    }
+    {
+        let (journal, mut writer, report) = Journal::open(&dir, opts).unwrap();
+        assert_eq!(report.spare_segments, 7);
+        for i in 1..=100u64 {
+            writer.append(RecordKind::Write, Extent::new(i * 4096, 40_000), &payload(i, 40_000), 0).map_err(|e| format!("{e:?}")).unwrap();
+        }
+        writer.commit(true).unwrap();
+        assert_eq!(journal.synced_lsn(), 100);
+    }
+    let after = names(&dir);
+    assert_eq!(after.len(), 8, "no file was made or lost: {after:?}");
+    assert!(segment_files(&dir).len() >= 4, "the journal grew into its spares: {after:?}");
+    let (journal, _writer, report) = Journal::open(&dir, opts).unwrap();
+    assert_eq!(report.last_lsn, 100);
+    let records = read_all(&journal, 1);
+    assert_eq!(records.len(), 100);
+    assert_eq!(records[99].payload, payload(100, 40_000));
+}

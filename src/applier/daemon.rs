@@ -29,7 +29,8 @@ const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_milli
 /// Longer than the gap between batches of a stream that keeps a WAN link busy (4 MiB at
 /// 50 MB/s: 84 ms), so a steady stream still syncs its image once a second.
 const CHECKPOINT_IDLE: std::time::Duration = std::time::Duration::from_millis(100);
-/// How long a refused connection is kept open for the source to read why.
+/// How long a refused connection, or one whose session ended, is kept open for the source to
+/// read the last frames.
 const REFUSAL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Shared state of a running applier.
@@ -182,7 +183,16 @@ impl Applier {
                 return Err(LinkError::Refused(refusal).into());
             }
         };
-        let result = self.stream(&key.to_string(), &replica, &mut send, recv).await;
+        // The replica may have changed while an old session ended (a forced promote).
+        let refusal = lock(&replica).check_hello(&hello).err().map(|refusal| self.with_promoted_position(refusal));
+        let result = match refusal {
+            Some(refusal) => {
+                tracing::warn!(replica = %key, reason = %refusal, "refused a source");
+                let _ = write_control(&mut send, &Control::Refused(refusal.clone())).await;
+                Err(LinkError::Refused(refusal).into())
+            }
+            None => self.stream(&key.to_string(), &replica, &mut send, recv).await,
+        };
         let mut failed = None;
         if let Some(slot) = Applier::release(&mut lock(&self.replicas), &key, session) {
             if let Some(error) = disk_error(&result) {
@@ -197,6 +207,11 @@ impl Applier {
         if let Some(error) = failed {
             self.set_disk_failure(&key, error);
         }
+        // The connection ends with its session (else its frame reader could keep it open while
+        // nothing reads it): what was written goes out first, the source closes on reading it.
+        let _ = send.finish();
+        let _ = tokio::time::timeout(REFUSAL_WAIT, connection.closed()).await;
+        connection.close(0u32.into(), b"session ended");
         result
     }
 
@@ -220,8 +235,23 @@ impl Applier {
             }
             Ok::<(), LinkError>(())
         });
-        let result = self.process(name, replica, send, &mut frames).await;
+        let mut syncing = None;
+        let result = self.process(name, replica, send, &mut frames, &mut syncing).await;
+        if let Some(leftover) = syncing {
+            // A session that failed mid-checkpoint: the image sync finishes before anything
+            // else touches the replica (the final checkpoint below, a superseding session).
+            let _ = leftover.await;
+        }
         drop(frames);
+        // The reader's verdict counts too: a frame that failed to decode (garbage, a bomb)
+        // ends the session as an error, and nothing is acknowledged after it.
+        let result = match result {
+            Ok(()) => reader.await.map_err(|e| LinkError::Protocol(e.to_string())).and_then(|read| read).map_err(ApplierError::from),
+            Err(error) => {
+                reader.abort();
+                Err(error)
+            }
+        };
         if let Some(error) = disk_error(&result) {
             // Nothing of the failed batch was acknowledged; tell the source why it stops
             // being acknowledged (its mirror status shows it), then reconnect later.
@@ -238,7 +268,7 @@ impl Applier {
         result?;
         abandoned?;
         applied?;
-        Ok(reader.await.map_err(|e| LinkError::Protocol(e.to_string()))??)
+        Ok(())
     }
 
     /// Handles frames until the reader stops. Records become durable in the replica's journal
@@ -254,10 +284,10 @@ impl Applier {
         replica: &Arc<Mutex<Replica>>,
         send: &mut quinn::SendStream,
         frames: &mut tokio::sync::mpsc::Receiver<Frame>,
+        syncing: &mut Option<Checkpointing>,
     ) -> Result<(), ApplierError> {
         let mut checkpoint_due: Option<tokio::time::Instant> = None;
         let mut last_batch = tokio::time::Instant::now();
-        let mut syncing: Option<Checkpointing> = None;
         // A control frame read while gathering record batches, handled next.
         let mut held: Option<Frame> = None;
         loop {
@@ -267,20 +297,20 @@ impl Applier {
                 tokio::select! {
                     frame = frames.recv() => frame,
                     finished = async { syncing.as_mut().expect("enabled only while syncing").await }, if syncing.is_some() => {
-                        syncing = None;
+                        *syncing = None;
                         let applied = finished.map_err(|e| LinkError::Protocol(e.to_string()))??;
                         acknowledge(replica, send, applied).await?;
                         continue;
                     }
                     _ = tokio::time::sleep_until(checkpoint_due.map_or_else(tokio::time::Instant::now, |due| due.min(last_batch + CHECKPOINT_IDLE))), if checkpoint_due.is_some() && syncing.is_none() => {
                         checkpoint_due = None;
-                        syncing = Some(start_checkpoint(replica));
+                        *syncing = Some(start_checkpoint(replica));
                         continue;
                     }
                 }
             };
             let Some(frame) = frame else {
-                finish_checkpoint(replica, send, &mut syncing).await?;
+                finish_checkpoint(replica, send, syncing).await?;
                 return Ok(());
             };
             let work = match frame {
@@ -309,12 +339,12 @@ impl Applier {
                 }
                 Frame::Control(control) if is_resync_step(&control) => {
                     // Resync steps go to the stage; the image is not written until the commit.
-                    self.resync_step(name, replica, send, control, &mut syncing).await?;
+                    self.resync_step(name, replica, send, control, syncing).await?;
                     continue;
                 }
                 Frame::Control(control) => {
                     // Synchronisation steps start from a durable image.
-                    finish_checkpoint(replica, send, &mut syncing).await?;
+                    finish_checkpoint(replica, send, syncing).await?;
                     if checkpoint_due.take().is_some() {
                         self.checkpoint(replica, send).await?;
                     }
@@ -325,7 +355,7 @@ impl Applier {
             // The journal is trimmed only by checkpoints: past half full, let them catch up
             // before taking more (a full journal would end the connection).
             if lock(replica).journal_fill() > 0.5 {
-                finish_checkpoint(replica, send, &mut syncing).await?;
+                finish_checkpoint(replica, send, syncing).await?;
                 self.checkpoint(replica, send).await?;
                 checkpoint_due = None;
             }
@@ -359,7 +389,7 @@ impl Applier {
                 checkpoint_due = Some(tokio::time::Instant::now());
                 if syncing.is_none() {
                     checkpoint_due = None;
-                    syncing = Some(start_checkpoint(replica));
+                    *syncing = Some(start_checkpoint(replica));
                 }
             } else if unsynced_records > 0 && checkpoint_due.is_none() {
                 checkpoint_due = Some(tokio::time::Instant::now() + CHECKPOINT_INTERVAL);

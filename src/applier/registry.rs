@@ -13,6 +13,7 @@ use super::replica::{Replica, ReplicaState};
 use super::{replicas, Applier, ApplierError};
 use crate::layout::ReplicaKey;
 use crate::lock;
+use crate::protocol::transport;
 use crate::protocol::wire::Hello;
 use crate::status::{ApplierStatus, ReplicaStatus, ResyncProgress};
 
@@ -33,6 +34,8 @@ type Slots = HashMap<ReplicaKey, Slot>;
 pub(super) struct Session {
     /// Told apart from a later session of the same replica.
     id: u64,
+    /// The mirror it comes from (`transport::sender_id`), if the connection says.
+    sender: Option<u64>,
     connection: quinn::Connection,
 }
 
@@ -142,16 +145,22 @@ impl Applier {
     }
 
     /// Makes `connection` the session of the replica `key` (the instance `replica` that was
-    /// found for it). A session still open there is superseded: its connection is closed and,
-    /// once it has ended (a lost connection's way: the batch in hand is journaled whole or not
-    /// at all), the new one takes its place. A source that lost its connection without the
-    /// applier noticing (a close dropped on the way, keep-alives of a stale connection) thus
-    /// reconnects at once instead of being refused until the old one times out. Returns the
-    /// session's id, or why the connection is refused.
+    /// found for it). A session of the same mirror (`transport::sender_id`) still open there
+    /// is superseded: its connection is closed and, once it has ended (a lost connection's
+    /// way: the batch in hand is journaled whole or not at all), the new one takes its place.
+    /// A mirror that lost its connection without the applier noticing (a close dropped on the
+    /// way) thus reconnects at once instead of being refused until the old one times out. A
+    /// session of another sender (a second mirror of the volume to this applier, a copy of the
+    /// volume) is not superseded: the connection is refused. Returns the session's id, or why
+    /// the connection is refused.
     pub(super) async fn claim(&self, key: &ReplicaKey, replica: &Arc<Mutex<Replica>>, connection: &quinn::Connection) -> Result<u64, String> {
+        let sender = transport::sender_id(connection);
         let deadline = Instant::now() + SUPERSEDE_WAIT;
-        let mut superseding = false;
+        let mut superseded = None;
         loop {
+            if let Some(reason) = connection.close_reason() {
+                return Err(format!("the connection closed while waiting for the replica: {reason}"));
+            }
             {
                 let mut slots = lock(&self.replicas);
                 let Some(slot) = slots.get_mut(key) else { return Err(format!("the replica of {} was closed meanwhile", key.volume)) };
@@ -163,15 +172,22 @@ impl Applier {
                 match &slot.session {
                     None => {
                         let id = SESSIONS.fetch_add(1, Ordering::Relaxed);
-                        slot.session = Some(Session { id, connection: connection.clone() });
+                        slot.session = Some(Session { id, sender, connection: connection.clone() });
                         slot.connections += 1;
                         slot.peer = Some(connection.remote_address());
                         return Ok(id);
                     }
-                    Some(old) if !superseding => {
-                        tracing::warn!(replica = %key, old = %old.connection.remote_address(), new = %connection.remote_address(), "a new connection from the same source supersedes the open session");
-                        old.connection.close(SUPERSEDED.into(), b"superseded by a new connection from the same source");
-                        superseding = true;
+                    Some(old) if sender.is_none() || old.sender != sender => {
+                        return Err(format!(
+                            "volume {} is already connected from {} by another sender (a second mirror of this volume to this applier, or a copy of the volume?)",
+                            key.volume,
+                            old.connection.remote_address()
+                        ));
+                    }
+                    Some(old) if superseded != Some(old.id) => {
+                        tracing::warn!(replica = %key, old = %old.connection.remote_address(), new = %connection.remote_address(), "a new connection of the same mirror supersedes its open session");
+                        old.connection.close(SUPERSEDED.into(), b"superseded by a new connection of the same mirror");
+                        superseded = Some(old.id);
                     }
                     Some(_) => {}
                 }
@@ -190,10 +206,8 @@ impl Applier {
     /// Ends session `id` of the replica `key` (not a later one); the slot, if that session
     /// still held it.
     pub(super) fn release<'a>(slots: &'a mut Slots, key: &ReplicaKey, id: u64) -> Option<&'a mut Slot> {
-        let slot = slots.get_mut(key)?;
-        if slot.session.as_ref().is_some_and(|session| session.id == id) {
-            slot.session = None;
-        }
+        let slot = slots.get_mut(key).filter(|slot| slot.session.as_ref().is_some_and(|session| session.id == id))?;
+        slot.session = None;
         Some(slot)
     }
 

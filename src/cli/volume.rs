@@ -210,6 +210,11 @@ pub struct CreateArgs {
     /// writable, or another volume's.
     #[arg(long, value_name = "PATH")]
     journal_dir: Option<PathBuf>,
+    /// Write every journal segment now (zero-filled, --journal-size in all) instead of as
+    /// the journal first grows: reserves the space and spares a new volume's first writes
+    /// the zero-filling. Takes as long as writing the journal once.
+    #[arg(long)]
+    preallocate_journal: bool,
 }
 
 pub fn execute(command: VolumeCommand) -> Result<()> {
@@ -232,6 +237,7 @@ fn create(args: CreateArgs) -> Result<()> {
         on_full: args.on_full.map(Into::into),
         backing_writes: args.backing_writes.map(Into::into),
         journal_dir: args.journal_dir,
+        preallocate_journal: args.preallocate_journal,
         origin: None,
     };
     let created = Volume::create(&args.dir, &options).with_context(|| format!("create volume in {}", args.dir.display()))?;
@@ -240,6 +246,9 @@ fn create(args: CreateArgs) -> Result<()> {
     println!("  size     {} bytes", config.size);
     println!("  backing  {} (writes: {})", config.backing.display(), config.backing_writes.as_str());
     println!("  journal  {} bytes in segments of {} bytes, on full: {}", config.journal.capacity, config.journal.segment_size, config.journal.on_full.as_str());
+    if options.preallocate_journal {
+        println!("  journal  preallocated: {} segment files written", config.journal.capacity / config.journal.segment_size);
+    }
     if let Some(dir) = &options.journal_dir {
         println!("  journal  in {} (DIR/journal links to it)", dir.display());
     }

@@ -328,6 +328,12 @@ pub fn segment_file_name(first_lsn: u64) -> String {
 }
 
 /// Inverse of [`segment_file_name`]; `None` for any other file.
+/// Whether `name` is a spare segment file's (`free-*.seg`: made ahead of need, or a
+/// trimmed segment kept for reuse).
+pub fn is_spare_file_name(name: &str) -> bool {
+    name.starts_with("free-") && name.ends_with(".seg")
+}
+
 pub fn parse_segment_file_name(name: &str) -> Option<u64> {
     let digits = name.strip_suffix(".seg")?;
     if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {

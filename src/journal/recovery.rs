@@ -63,7 +63,7 @@ pub(super) fn recover(dir: &Path, options: Option<&JournalOptions>, mode: Recove
         let name = entry.file_name().to_string_lossy().into_owned();
         if let Some(first_lsn) = parse_segment_file_name(&name) {
             segments.push((first_lsn, entry.path()));
-        } else if name.starts_with("free-") && name.ends_with(".seg") {
+        } else if format::is_spare_file_name(&name) {
             spare.push(entry.path());
         } else if name.ends_with(format::CREATING_SUFFIX) && mode == RecoveryMode::Repair {
             // A segment whose creation a crash interrupted (see `initialise_segment_file`).

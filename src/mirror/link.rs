@@ -17,20 +17,33 @@ use crate::protocol::wire::{self, Hello};
 use crate::volume::Volume;
 
 /// A QUIC connection to the applier at `address` (HOST:PORT), pinned by its fingerprint and
-/// authenticated with `identity`. The endpoint is returned to be kept while the connection is.
+/// authenticated with `identity`, opened with the TLS `server_name` (`"applier"`, or a
+/// sender's, see `transport::sender_server_name`). The endpoint is returned to be kept while the connection is.
 pub(super) async fn connect(
     identity: &tls::Identity,
     address: &str,
     fingerprint: &str,
     idle_timeout: Duration,
     congestion: transport::Congestion,
+    server_name: &str,
 ) -> Result<(quinn::Endpoint, quinn::Connection), LinkError> {
     let resolved: SocketAddr = tokio::net::lookup_host(address).await?.next().ok_or_else(|| LinkError::Protocol(format!("cannot resolve {address}")))?;
     let local: SocketAddr = if resolved.is_ipv4() { "0.0.0.0:0".parse().expect("addr") } else { "[::]:0".parse().expect("addr") };
     let mut endpoint = transport::endpoint(local, None)?;
     endpoint.set_default_client_config(transport::client_config(identity, fingerprint, idle_timeout, congestion)?);
-    let connection = endpoint.connect(resolved, "applier")?.await?;
+    let connection = endpoint.connect(resolved, server_name)?.await?;
     Ok((endpoint, connection))
+}
+
+/// A mirror's sender id: the same for every connection of that mirror of that volume, also
+/// across restarts of `run`, so a reconnect supersedes the mirror's own stale session at the
+/// applier and nothing else's.
+pub(super) fn sender_id(volume: &crate::volume::VolumeConfig, mirror: &str) -> u64 {
+    use sha2::Digest;
+    let digest = sha2::Sha256::new().chain_update(volume.uuid.as_bytes()).chain_update(mirror.as_bytes()).finalize();
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(id)
 }
 
 /// Who this volume is, for the applier (the first message of a connection).

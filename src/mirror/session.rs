@@ -11,10 +11,10 @@ use super::batches::{BatchEncoder, Lookahead};
 use super::checkpoints::{self, Checkpoints};
 use super::coalesce::{Coalesce, RangeBuilder, RANGE_DATA_BYTES};
 use super::config::MirrorConfig;
-use super::flight::{AbortOnDrop, Flight, InFlight};
+use super::flight::{AbortOnDrop, AckReader, ApplierEvent, Flight, InFlight};
 use super::link::{connect, hello_of, LinkStatsTask};
 use super::rate::RateLimiter;
-use super::resync_source::{ResyncEvent, ResyncPeer, ResyncSource};
+use super::resync_source::{ResyncPeer, ResyncSource};
 use super::verify_source::{self, VerifyControl, VerifyPeer, VerifySource};
 use crate::dirty_map::DirtyMap;
 use crate::journal::{Hold, HoldState, JournalReader};
@@ -22,8 +22,8 @@ use crate::layout::VolumeDir;
 use crate::lock;
 use crate::protocol::compression::Compression;
 use crate::protocol::framing::{read_frame, write_control, LinkError};
-use crate::protocol::tls;
 use crate::protocol::wire::{Control, Frame};
+use crate::protocol::{tls, transport};
 use crate::status::MirrorStatus;
 use crate::volume::Volume;
 
@@ -42,12 +42,6 @@ const BATCH_BYTES: usize = 4 << 20;
 const BATCH_RECORDS: usize = 1024;
 /// Nice value added to sender threads (the volume's applier thread uses 5).
 const SENDER_NICE: i32 = 5;
-/// Checkpoints are persisted at most this often, off the sending thread. The saved state only
-/// has to be no newer than the applier's: it is the trim floor when the volume starts, and
-/// the applier sends its own checkpoints on every connect. (Every 500 ms on the sending
-/// thread, the file's two fsyncs forced ext4 journal commits that stalled the volume's own
-/// journal syncs under load and held up sending.)
-const PERSIST_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a session that ended waits for its connection's close to reach the applier.
 const CLOSE_WAIT: Duration = Duration::from_millis(250);
 
@@ -87,12 +81,6 @@ pub(super) struct SenderControls {
     pub verify: Arc<Mutex<VerifyControl>>,
     /// The compression of record batches (`compression`).
     pub compression: Arc<Mutex<Compression>>,
-}
-
-/// What the applier says besides checkpoints (read by the acknowledgement task).
-enum ApplierEvent {
-    Resync(ResyncEvent),
-    Verified { at_lsn: u64, differ: Vec<u64>, skipped: Option<String> },
 }
 
 impl Sender {
@@ -186,6 +174,13 @@ impl Sender {
         }
     }
 
+    /// Completes when the volume stops or the mirror is removed.
+    async fn stopping(&self) {
+        while !self.leaving() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// What a verify needs of this sender.
     fn verify_peer(&self) -> VerifyPeer<'_> {
         VerifyPeer { name: &self.config.name, dir: &self.dir, hold: &self.hold, status: &self.status, volume: &self.volume, control: &self.verify }
@@ -201,8 +196,16 @@ impl Sender {
     /// go of the mirror.
     async fn session(&self) -> Result<Ended, LinkError> {
         let identity = tls::Identity::load(&self.dir.identity())?;
-        let (endpoint, connection) =
-            connect(&identity, &self.config.address, &self.config.fingerprint, self.config.idle_timeout(), self.config.congestion.unwrap_or_default()).await?;
+        let server_name = transport::sender_server_name(super::link::sender_id(self.volume.config(), &self.config.name));
+        let (endpoint, connection) = connect(
+            &identity,
+            &self.config.address,
+            &self.config.fingerprint,
+            self.config.idle_timeout(),
+            self.config.congestion.unwrap_or_default(),
+            &server_name,
+        )
+        .await?;
         let result = self.session_on(&connection).await;
         // However it ended, the applier is told (it frees the replica for the next
         // connection at once, not after its idle timeout), and the close is given a moment
@@ -222,7 +225,12 @@ impl Sender {
     async fn session_on(&self, connection: &quinn::Connection) -> Result<Ended, LinkError> {
         let (mut send, mut recv) = connection.open_bi().await?;
         let _link_stats = LinkStatsTask::start(connection, self.status.clone());
-        let mut welcome = self.handshake(&mut send, &mut recv).await?;
+        // An applier busy ending a superseded session answers only after it has ended: a
+        // volume that stops meanwhile does not wait for that.
+        let mut welcome = tokio::select! {
+            welcome = self.handshake(&mut send, &mut recv) => welcome?,
+            () = self.stopping() => return Ok(Ended::Stopped),
+        };
         let journal = self.volume.journal();
         let mut limiter = RateLimiter::new(self.rate.clone());
         let journal_gap = welcome.received + 1 < journal.first_lsn();
@@ -257,7 +265,8 @@ impl Sender {
         };
         let in_flight: Arc<Mutex<Flight>> = Arc::default();
         let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
-        let mut acks = AbortOnDrop(tokio::spawn(self.clone().read_acks(recv, in_flight.clone(), events_tx)));
+        let reader = AckReader { dir: self.dir.clone(), name: self.config.name.clone(), status: self.status.clone(), hold: self.hold.clone() };
+        let mut acks = AbortOnDrop(tokio::spawn(reader.run(recv, in_flight.clone(), events_tx)));
         let mut resync = match resync_at {
             Some((base, whole_device)) => Some(ResyncSource::start(&self.peer(), &mut send, base, whole_device, failback).await?),
             None => None,
@@ -330,56 +339,6 @@ impl Sender {
         tracing::info!(mirror = %self.config.name, received = welcome.received, applied = welcome.applied, consistent = welcome.consistent, needs_sync = welcome.needs_sync, "mirror connected");
         lock(&self.status).connect(welcome.consistent, welcome.consistent_lsn).map_err(|error| LinkError::Protocol(error.to_string()))?;
         Ok(welcome)
-    }
-
-    /// The applier's acknowledgements: they close the window, move the journal hold, and are
-    /// saved now and then.
-    async fn read_acks(
-        self,
-        mut recv: quinn::RecvStream,
-        in_flight: Arc<Mutex<Flight>>,
-        events: tokio::sync::mpsc::UnboundedSender<ApplierEvent>,
-    ) -> Result<(), LinkError> {
-        let mut last_persist = Instant::now() - PERSIST_INTERVAL;
-        let mut persisting: Option<tokio::task::JoinHandle<()>> = None;
-        loop {
-            match read_frame(&mut recv).await? {
-                Some(Frame::Control(Control::Ack { received_lsn, applied_lsn })) => {
-                    // The window closes on `received` (durable at the applier); applied
-                    // bytes are counted for the throughput.
-                    let done = lock(&in_flight).acknowledge(received_lsn, applied_lsn);
-                    lock(&self.status).applied_bytes += done;
-                    self.acknowledged(received_lsn, applied_lsn);
-                    if last_persist.elapsed() >= PERSIST_INTERVAL && persisting.as_ref().is_none_or(|save| save.is_finished()) {
-                        let (dir, name) = (self.dir.clone(), self.config.name.clone());
-                        persisting = Some(tokio::task::spawn_blocking(move || {
-                            let _ = checkpoints::save(&dir, &name, Checkpoints { received_lsn, applied_lsn });
-                        }));
-                        last_persist = Instant::now();
-                    }
-                }
-                Some(Frame::Control(Control::ResyncDiffer { regions })) => {
-                    let _ = events.send(ApplierEvent::Resync(ResyncEvent::Differ(regions)));
-                }
-                Some(Frame::Control(Control::ResyncStored { chunks })) => {
-                    let _ = events.send(ApplierEvent::Resync(ResyncEvent::Stored(chunks)));
-                }
-                Some(Frame::Control(Control::ResyncCommitted { at_lsn })) => {
-                    let _ = events.send(ApplierEvent::Resync(ResyncEvent::Committed(at_lsn)));
-                }
-                Some(Frame::Control(Control::VerifyResult { at_lsn, differ, skipped })) => {
-                    let _ = events.send(ApplierEvent::Verified { at_lsn, differ, skipped });
-                }
-                Some(Frame::Control(Control::ResyncRefused { reason })) => {
-                    let _ = events.send(ApplierEvent::Resync(ResyncEvent::Refused(reason)));
-                }
-                // The applier stops acknowledging (its disk failed): the mirror shows why,
-                // reconnects later and resends what was not acknowledged.
-                Some(Frame::Control(Control::Refused(refusal))) => return Err(LinkError::Refused(refusal)),
-                None => return Ok(()),
-                other => return Err(LinkError::Protocol(format!("unexpected frame from the applier: {other:?}"))),
-            }
-        }
     }
 
     /// Streams durable journal records after `received` (and the steps of a resync, if one
@@ -573,12 +532,7 @@ impl Sender {
 
     /// Records the applier's checkpoints and moves the journal hold to `received`.
     pub(super) fn acknowledged(&self, received: u64, applied: u64) {
-        let received = {
-            let mut status = lock(&self.status);
-            status.acknowledge(received, applied);
-            status.received_lsn
-        };
-        self.hold.set(received);
+        super::flight::acknowledge(&self.status, &self.hold, received, applied);
     }
 }
 

@@ -102,7 +102,7 @@ async fn ask(
 ) -> Result<SwitchedOver, LinkError> {
     let identity = tls::Identity::load(&volume.dir().identity())?;
     let (_endpoint, connection) =
-        connect(&identity, &mirror.address, &mirror.fingerprint, mirror.idle_timeout(), mirror.congestion.unwrap_or_default()).await?;
+        connect(&identity, &mirror.address, &mirror.fingerprint, mirror.idle_timeout(), mirror.congestion.unwrap_or_default(), "applier").await?;
     let (mut send, mut recv) = connection.open_bi().await?;
     let message = Control::Switchover {
         hello: hello_of(volume),

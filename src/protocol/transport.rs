@@ -127,6 +127,23 @@ pub fn peer_fingerprint(connection: &quinn::Connection) -> Option<String> {
     chain.first().map(|der| crate::identity::fingerprint_of_der(der))
 }
 
+/// The TLS server name a connection is opened with, carrying the sender's id: the applier
+/// tells a reconnect of the same mirror (which may supersede its own stale session) from a
+/// second sender of the same volume (which is refused while the first is connected).
+/// Switchovers and restores connect as plain `applier`.
+pub fn sender_server_name(sender: u64) -> String {
+    format!("s{sender:016x}.applier")
+}
+
+/// The sender id an accepted connection was opened with (see [`sender_server_name`]); `None`
+/// for a connection that carries none (a switchover, a restore, an older release).
+pub fn sender_id(connection: &quinn::Connection) -> Option<u64> {
+    let data = connection.handshake_data()?.downcast::<quinn::crypto::rustls::HandshakeData>().ok()?;
+    let name = data.server_name?;
+    let hex = name.strip_prefix('s')?.strip_suffix(".applier")?;
+    (hex.len() == 16).then(|| u64::from_str_radix(hex, 16).ok()).flatten()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

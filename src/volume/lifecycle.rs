@@ -40,6 +40,8 @@ pub struct CreateOptions {
     /// Keep the journal's segments in this directory (absolute; absent or empty) instead of
     /// `VDIR/journal`, which becomes a symlink to it (see `journal::placement`).
     pub journal_dir: Option<PathBuf>,
+    /// Write every journal segment at create time (`Journal::preallocate`).
+    pub preallocate_journal: bool,
     /// A volume that continues another's history (a promoted replica): its identity, and
     /// its generation history ending with the new generation (whose branch LSN is the last
     /// record the backing store already holds).
@@ -131,6 +133,9 @@ impl Volume {
             // the journal continues the numbering after it.
             let applied_lsn = history.current().branch_lsn;
             Journal::create_at(&layout.journal(), config.journal_options(), applied_lsn + 1)?;
+            if options.preallocate_journal {
+                Journal::preallocate(&layout.journal(), &config.journal_options())?;
+            }
             let fingerprint = crate::identity::create(&layout.identity(), &options.name)?;
             if options.origin.is_some() {
                 history.save(&layout.generations()).map_err(|error| VolumeError::Invalid(error.to_string()))?;

@@ -94,6 +94,12 @@ pub(super) fn run(shared: Arc<Shared>, items: Receiver<ApplyItem>, direct: bool)
         let item = match received {
             Ok(item) => item,
             Err(RecvTimeoutError::Timeout) => {
+                // A failed volume checkpoints nothing more: the journal keeps every record not
+                // checkpointed (a later fdatasync may report success for pages whose write-out
+                // failed before, and a checkpoint then would trim records never on disk).
+                if shared.failure().is_some() {
+                    break 'apply;
+                }
                 // Also when nothing was applied and the journal is full: the trim floor may
                 // have moved since.
                 let since = last_checkpoint.elapsed();
@@ -208,7 +214,18 @@ fn apply_batch(backing: &Store, mut direct: Option<&mut DirectWriter>, batch: &[
 
 /// Makes the backing store durable through the applied LSN, records it, trims the journal.
 fn checkpoint(shared: &Shared) {
+    if shared.failure().is_some() {
+        return;
+    }
     let applied = lock(&shared.progress).applied_lsn;
+    if lock(&shared.state).applied_lsn == applied {
+        // Nothing applied since the last checkpoint (a full journal looked at again while a
+        // mirror's hold keeps it full): no sync, no save; the trim floor may have moved.
+        if let Err(error) = shared.retention.checkpointed(applied) {
+            tracing::warn!(error = %error, "journal trim failed; will retry at the next checkpoint");
+        }
+        return;
+    }
     if let Err(error) = shared.backing.sync_data() {
         return shared.fail(format!("sync backing store: {error}"));
     }

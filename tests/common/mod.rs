@@ -168,7 +168,7 @@ impl Applier {
     pub fn start_with_args(dir: &Path, port: u16, args: &[&str], env: &[(&str, &str)]) -> Applier {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.with_extension("log")).unwrap();
         let _ = std::fs::remove_file(dir.join("control.sock"));
-        let child = Command::new(bin())
+        let mut child = Command::new(bin())
             .args(["applier", "run", "--dir", dir.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")])
             .args(args)
             .envs(env.iter().copied())
@@ -178,7 +178,12 @@ impl Applier {
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         while !dir.join("control.sock").exists() {
-            assert!(Instant::now() < deadline, "applier did not start");
+            let exited = child.try_wait().ok().flatten();
+            if exited.is_some() || Instant::now() >= deadline {
+                let log = std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                panic!("applier did not start ({exited:?}); its log, newest first:\n{}", tail.join("\n"));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
         Applier { child }
