@@ -158,13 +158,16 @@ fn compare(base: &Path, own_disk: &Path, load: Load, placement: Placement, setti
         );
         raw = beside.raw;
     }
-    for CatchUp { behind, seconds: took, cpu, records } in &catch_ups {
+    for CatchUp { behind, state, seconds: took, cpu, records } in &catch_ups {
         let cost = if load.bs == "4k" { cpu.per(*records, "record") } else { cpu.per((records * block_bytes(load.bs)) >> 20, "MiB") };
         add(
             rows,
             (
                 "  catch-up after that burst".into(),
-                format!("{took:.2} s (target 2 s; {behind} records behind when it ended); mirror CPU {cost} ({records} records)"),
+                format!(
+                    "{took:.2} s (target 2 s; {behind} records behind when it ended, mirror {state}{}); mirror CPU {cost} ({records} records)",
+                    if state == "replicating" { "" } else { ": the journal let go of it, the catch-up is a resync" }
+                ),
             ),
         );
     }
@@ -247,6 +250,9 @@ pub struct Burst {
 /// had caught up, with the records written meanwhile.
 pub struct CatchUp {
     pub behind: u64,
+    /// The mirror's state when the burst ended: `tracking` or `resyncing` if the journal let
+    /// go of it (it fell behind by more than the journal holds) and the catch-up is a resync.
+    pub state: String,
     pub seconds: f64,
     pub cpu: MirrorCpu,
     pub records: u64,
@@ -317,10 +323,11 @@ fn burst_beside(base: &Path, applier_base: &Path, mirrored: bool, load: Load, pl
     let at_end = status(&vdir);
     let last = at_end["volume"]["last_lsn"].as_u64().unwrap();
     let behind = last - at_end["mirrors"][0]["applied_lsn"].as_u64().unwrap();
+    let state = at_end["mirrors"][0]["state"].as_str().unwrap_or("unknown").to_string();
     mirror_wait(&vdir);
     let seconds = ended.elapsed().as_secs_f64();
     let cpu = MirrorCpu::sample(volume.0.id(), applier.0.id()).since(cpu_at_start);
-    Burst { iops: fio.iops, bandwidth: fio.bandwidth, catch_up: Some(CatchUp { behind, seconds, cpu, records: last - first_lsn }), raw: None }
+    Burst { iops: fio.iops, bandwidth: fio.bandwidth, catch_up: Some(CatchUp { behind, state, seconds, cpu, records: last - first_lsn }), raw: None }
 }
 
 /// Writes every byte of the (not yet running) volume's backing file with fresh random data,
