@@ -434,8 +434,17 @@ impl Trial<'_> {
     /// later ones with EIO, status says failed; after the fault is gone a restart recovers.
     fn disk_source(&mut self) -> Result<(), String> {
         let (name, errno) = *self.rng.pick(&SOURCE_DISK);
+        // Nothing unsynced before the fault: the background journal sync (every 10 ms, when
+        // records wait) would otherwise hit a sync fault before our request does, fail the
+        // volume, and our request get EIO (seed 20014 in CI).
+        if self.flush()? != Some(0) {
+            return Err(format!("{name}: the flush before the fault failed"));
+        }
         let file = self.site.root.join(name);
         std::fs::write(&file, b"").map_err(|e| e.to_string())?;
+        // A sync fault is hit by a FUA write's own sync, not by a background sync between a
+        // plain write and its FLUSH.
+        let flags = if name.starts_with("journal-sync") { FLAG_FUA_BIT } else { 0 };
         self.count_fault(&format!("{} ({name})", Kind::DiskSource.name()));
         let mut first_error = None;
         // A write-back error shows only once the (lower-priority, asynchronous) writeback
@@ -447,7 +456,7 @@ impl Trial<'_> {
         while started.elapsed() < Duration::from_secs(5) && attempts < 2000 {
             attempts += 1;
             let (first, count) = self.pick_extent(4);
-            let result = match self.write(first, count, 0)? {
+            let result = match self.write(first, count, flags)? {
                 Some(0) => self.flush()?,
                 other => other,
             };
