@@ -122,20 +122,9 @@ impl RecordHeader {
 
     /// Writes header and payload into `out` (exactly `encoded_len()` bytes), CRC included.
     pub fn encode(&self, payload: &[u8], salt: u64, out: &mut [u8]) {
-        self.encode_parts(&[payload], salt, out)
-    }
-
-    /// [`RecordHeader::encode`] for a payload in pieces (as received from the network),
-    /// copied one after the other.
-    pub fn encode_parts(&self, payload: &[impl AsRef<[u8]>], salt: u64, out: &mut [u8]) {
         debug_assert_eq!(out.len(), self.encoded_len());
-        let mut at = RECORD_HEADER_SIZE;
-        for part in payload.iter().map(AsRef::as_ref) {
-            out[at..at + part.len()].copy_from_slice(part);
-            at += part.len();
-        }
-        debug_assert_eq!(at, out.len());
-        self.encode_header(payload, salt, &mut out[..RECORD_HEADER_SIZE]);
+        out[RECORD_HEADER_SIZE..].copy_from_slice(payload);
+        self.encode_header(&[payload], salt, &mut out[..RECORD_HEADER_SIZE]);
     }
 
     /// Writes only the header (`RECORD_HEADER_SIZE` bytes), its CRC computed over `payload`,
@@ -327,13 +316,13 @@ pub fn segment_file_name(first_lsn: u64) -> String {
     format!("{first_lsn:020}.seg")
 }
 
-/// Inverse of [`segment_file_name`]; `None` for any other file.
 /// Whether `name` is a spare segment file's (`free-*.seg`: made ahead of need, or a
 /// trimmed segment kept for reuse).
 pub fn is_spare_file_name(name: &str) -> bool {
     name.starts_with("free-") && name.ends_with(".seg")
 }
 
+/// Inverse of [`segment_file_name`]; `None` for any other file.
 pub fn parse_segment_file_name(name: &str) -> Option<u64> {
     let digits = name.strip_suffix(".seg")?;
     if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {

@@ -115,7 +115,10 @@ impl Sender {
             let result = runtime.block_on(async {
                 tokio::select! {
                     result = self.session() => result,
-                    () = self.removal() => Ok(Ended::Stopped),
+                    // A volume that stops ends its sessions itself, cleanly (a resync in
+                    // progress is abandoned to its dirty map, the applier told); a removed
+                    // mirror leaves at once.
+                    () = Sender::until(|| self.removed.load(Ordering::SeqCst)) => Ok(Ended::Stopped),
                 }
             });
             if self.removed.load(Ordering::SeqCst) {
@@ -166,17 +169,9 @@ impl Sender {
         self.stop.load(Ordering::SeqCst) || self.removed.load(Ordering::SeqCst)
     }
 
-    /// Completes when the mirror is removed (a volume that stops ends its sessions itself,
-    /// cleanly: a resync in progress is abandoned to its dirty map, the applier told).
-    async fn removal(&self) {
-        while !self.removed.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Completes when the volume stops or the mirror is removed.
-    async fn stopping(&self) {
-        while !self.leaving() {
+    /// Completes once `done` holds (looked at every 50 ms).
+    async fn until(done: impl Fn() -> bool) {
+        while !done() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -229,7 +224,7 @@ impl Sender {
         // volume that stops meanwhile does not wait for that.
         let mut welcome = tokio::select! {
             welcome = self.handshake(&mut send, &mut recv) => welcome?,
-            () = self.stopping() => return Ok(Ended::Stopped),
+            () = Sender::until(|| self.leaving()) => return Ok(Ended::Stopped),
         };
         let journal = self.volume.journal();
         let mut limiter = RateLimiter::new(self.rate.clone());

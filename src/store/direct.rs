@@ -151,6 +151,7 @@ impl DirectWriter {
 mod tests {
     use super::super::Cache;
     use super::*;
+    use crate::journal::RecordKind;
 
     #[test]
     fn queued_writes_land_in_order_and_overlaps_wait_for_a_flush() {
@@ -188,6 +189,4 @@ mod tests {
         store.read_exact_at(&mut small, 98).unwrap();
         assert_eq!(&small, b"\x01\x01abc\x01\x01\x01");
     }
-
-    use crate::journal::RecordKind;
 }

@@ -173,9 +173,7 @@ pub(super) fn run(shared: Arc<Shared>, items: Receiver<ApplyItem>, direct: bool)
     }
     drop(checkpoint_wanted);
     let _ = checkpointer.join();
-    if shared.failure().is_none() {
-        checkpoint(&shared);
-    }
+    checkpoint(&shared);
 }
 
 /// Writes a batch of durable records into the backing store in LSN order: aligned writes
@@ -218,23 +216,19 @@ fn checkpoint(shared: &Shared) {
         return;
     }
     let applied = lock(&shared.progress).applied_lsn;
-    if lock(&shared.state).applied_lsn == applied {
-        // Nothing applied since the last checkpoint (a full journal looked at again while a
-        // mirror's hold keeps it full): no sync, no save; the trim floor may have moved.
-        if let Err(error) = shared.retention.checkpointed(applied) {
-            tracing::warn!(error = %error, "journal trim failed; will retry at the next checkpoint");
+    // With nothing applied since the last checkpoint (a full journal looked at again while a
+    // mirror's hold keeps it full) there is nothing to sync or save; the trim floor may have
+    // moved all the same.
+    if lock(&shared.state).applied_lsn != applied {
+        if let Err(error) = shared.backing.sync_data() {
+            return shared.fail(format!("sync backing store: {error}"));
         }
-        return;
+        let mut state = lock(&shared.state);
+        state.applied_lsn = applied;
+        if let Err(error) = state.save(&shared.dir) {
+            return shared.fail(format!("checkpoint: {error}"));
+        }
     }
-    if let Err(error) = shared.backing.sync_data() {
-        return shared.fail(format!("sync backing store: {error}"));
-    }
-    let mut state = lock(&shared.state);
-    state.applied_lsn = applied;
-    if let Err(error) = state.save(&shared.dir) {
-        return shared.fail(format!("checkpoint: {error}"));
-    }
-    drop(state);
     if let Err(error) = shared.retention.checkpointed(applied) {
         tracing::warn!(error = %error, "journal trim failed; will retry at the next checkpoint");
     }
