@@ -11,6 +11,9 @@ pub struct IdleMeter {
     last: Option<(Instant, u64)>,
 }
 
+/// The shortest interval a sample measures: /proc/stat counts in ticks of 10 ms.
+pub const MIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// USER_HZ, the unit of /proc/stat's times (100 on every Linux architecture we build for).
 const TICKS_PER_SECOND: f64 = 100.0;
 
@@ -24,15 +27,19 @@ impl IdleMeter {
     }
 
     /// CPUs' worth of idle time since the previous sample (1.0: one CPU idle all along, summed
-    /// over the set); `None` at the first sample or when /proc/stat cannot be read.
+    /// over the set); `None` at the first sample, when /proc/stat cannot be read, or when
+    /// less than [`MIN_INTERVAL`] passed (the previous sample then stays the start).
     pub fn sample(&mut self) -> Option<f64> {
+        let now = Instant::now();
+        if self.last.is_some_and(|(then, _)| now.duration_since(then) < MIN_INTERVAL) {
+            return None;
+        }
         let text = std::fs::read_to_string("/proc/stat").ok()?;
         let idle = idle_ticks(&text, &self.cpus)?;
-        let now = Instant::now();
         let previous = self.last.replace((now, idle));
         let (then, idle_then) = previous?;
         let seconds = now.duration_since(then).as_secs_f64();
-        (seconds > 0.0).then(|| idle.saturating_sub(idle_then) as f64 / TICKS_PER_SECOND / seconds)
+        Some(idle.saturating_sub(idle_then) as f64 / TICKS_PER_SECOND / seconds)
     }
 }
 
@@ -73,6 +80,7 @@ mod tests {
         let mut meter = IdleMeter::for_this_process();
         assert!(!meter.cpus.is_empty());
         assert_eq!(meter.sample(), None, "the first sample has nothing to compare with");
+        assert_eq!(meter.sample(), None, "too soon to measure");
         std::thread::sleep(std::time::Duration::from_millis(300));
         let idle = meter.sample().expect("a second sample");
         assert!((0.0..=meter.cpus.len() as f64 + 0.1).contains(&idle), "{idle} of {} CPUs", meter.cpus.len());

@@ -44,9 +44,10 @@ impl BatchEncoder {
     }
 
     /// The stream starts with a large backlog: `auto` compresses from the first batch
-    /// (`AutoPolicy::assume_link_bound`).
-    pub fn starts_behind(&mut self) {
-        self.policy.assume_link_bound(Instant::now());
+    /// (`AutoPolicy::assume_link_bound`), at a level that suits the host's idle CPU while
+    /// the mirror was away (`idle_before`).
+    pub fn starts_behind(&mut self, idle_before: Option<f64>) {
+        self.policy.assume_link_bound(Instant::now(), idle_before);
     }
 
     /// The sender waited on a full window while records were ready (the link is slower

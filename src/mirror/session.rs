@@ -16,6 +16,7 @@ use super::link::{connect, hello_of, LinkStatsTask};
 use super::rate::RateLimiter;
 use super::resync_source::{ResyncPeer, ResyncSource};
 use super::verify_source::{self, VerifyControl, VerifyPeer, VerifySource};
+use crate::cpu_idle::IdleMeter;
 use crate::dirty_map::DirtyMap;
 use crate::journal::{Hold, HoldState, JournalReader};
 use crate::layout::VolumeDir;
@@ -104,6 +105,10 @@ impl Sender {
         let mut backoff = Duration::from_millis(200);
         let mut disconnected_since: Option<Instant> = None;
         let mut was_tracking = !matches!(self.hold.state(), HoldState::Streaming { .. });
+        // The host's idle CPU between sessions: how much a backlog found at the next
+        // connection may spend on compressing it (`BatchEncoder::starts_behind`).
+        let mut away = IdleMeter::for_this_process();
+        let _ = away.sample();
         while !self.leaving() {
             let tracking = !matches!(self.hold.state(), HoldState::Streaming { .. });
             if tracking && !was_tracking {
@@ -112,9 +117,10 @@ impl Sender {
             }
             was_tracking = tracking;
             let started = Instant::now();
+            let idle_before = away.sample();
             let result = runtime.block_on(async {
                 tokio::select! {
-                    result = self.session() => result,
+                    result = self.session(idle_before) => result,
                     // A volume that stops ends its sessions itself, cleanly (a resync in
                     // progress is abandoned to its dirty map, the applier told); a removed
                     // mirror leaves at once.
@@ -124,6 +130,7 @@ impl Sender {
             if self.removed.load(Ordering::SeqCst) {
                 return;
             }
+            let _ = away.sample();
             disconnected_since = match &result {
                 Err(_) => disconnected_since.or(Some(started)),
                 Ok(_) => None,
@@ -189,7 +196,7 @@ impl Sender {
     /// One connection: handshake, a synchronisation or a resync if the replica needs one,
     /// then the journal streamed until the volume stops, the link fails or the journal lets
     /// go of the mirror.
-    async fn session(&self) -> Result<Ended, LinkError> {
+    async fn session(&self, idle_before: Option<f64>) -> Result<Ended, LinkError> {
         let identity = tls::Identity::load(&self.dir.identity())?;
         let server_name = transport::sender_server_name(super::link::sender_id(self.volume.config(), &self.config.name));
         let (endpoint, connection) = connect(
@@ -201,7 +208,7 @@ impl Sender {
             &server_name,
         )
         .await?;
-        let result = self.session_on(&connection).await;
+        let result = self.session_on(&connection, idle_before).await;
         // However it ended, the applier is told (it frees the replica for the next
         // connection at once, not after its idle timeout), and the close is given a moment
         // to go out: this runtime runs again only for the next session.
@@ -216,8 +223,9 @@ impl Sender {
         result
     }
 
-    /// The session on an open connection.
-    async fn session_on(&self, connection: &quinn::Connection) -> Result<Ended, LinkError> {
+    /// The session on an open connection. `idle_before`: the host's idle CPU since the
+    /// previous session ended.
+    async fn session_on(&self, connection: &quinn::Connection, idle_before: Option<f64>) -> Result<Ended, LinkError> {
         let (mut send, mut recv) = connection.open_bi().await?;
         let _link_stats = LinkStatsTask::start(connection, self.status.clone());
         // An applier busy ending a superseded session answers only after it has ended: a
@@ -269,7 +277,7 @@ impl Sender {
         let mut verify = None;
         let mut encoder = BatchEncoder::new(self.compression.clone(), &welcome.codecs);
         if journal.backlog_after(received).payload_bytes >= super::coalesce::AUTO_BACKLOG_BYTES {
-            encoder.starts_behind();
+            encoder.starts_behind(idle_before);
         }
         // Read at each connection, so `mirror set --coalesce` applies at the next one.
         let coalesce = super::config::load(&self.dir, &self.config.name).map_or(self.config.coalesce(), |config| config.coalesce());

@@ -108,17 +108,33 @@ fn auto_assumes_the_link_bound_at_a_backlog_for_one_period() {
     let start = Instant::now();
     let mut policy = AutoPolicy::default();
     assert_eq!(policy.level(Compression::Auto, false, start), None);
-    policy.assume_link_bound(start);
+    policy.assume_link_bound(start, None);
     assert_eq!(policy.level(Compression::Auto, false, start + Duration::from_millis(10)), Some(DEFAULT_LEVEL));
     assert_eq!(policy.level(Compression::Auto, false, start + PERIOD / 2), Some(DEFAULT_LEVEL));
     assert_eq!(policy.level(Compression::Auto, false, start + PERIOD + Duration::from_millis(1)), None);
     // Stalls in the period keep it on.
-    policy.assume_link_bound(start);
+    policy.assume_link_bound(start, None);
     policy.stalled(PERIOD / 5, start + PERIOD / 2);
     assert_eq!(policy.level(Compression::Auto, false, start + PERIOD + Duration::from_millis(1)), Some(DEFAULT_LEVEL));
     // Off stays off.
-    policy.assume_link_bound(start);
+    policy.assume_link_bound(start, None);
     assert_eq!(policy.level(Compression::Off, false, start), None);
+}
+
+/// A backlog found on a host that was idle while the mirror was away starts at the top
+/// level; a busy one at the default. Waiting little on the window brings the level down.
+#[test]
+fn auto_starts_a_backlog_at_the_top_level_when_the_host_was_idle() {
+    let start = Instant::now();
+    let mut policy = AutoPolicy::default();
+    policy.assume_link_bound(start, Some(RAISE_IDLE_CPU / 2.0));
+    assert_eq!(policy.level(Compression::Auto, false, start), Some(DEFAULT_LEVEL), "a busy host starts low");
+    policy.assume_link_bound(start, None);
+    assert_eq!(policy.level(Compression::Auto, false, start), Some(DEFAULT_LEVEL), "unknown: low");
+    policy.assume_link_bound(start, Some(1.5));
+    assert_eq!(policy.level(Compression::Auto, false, start), Some(MAX_AUTO_LEVEL));
+    policy.stalled(PERIOD / 10, start + PERIOD / 2);
+    assert_eq!(policy.level(Compression::Auto, false, start + PERIOD), Some(MAX_AUTO_LEVEL - 1), "a compressor that cannot keep up: one down");
 }
 
 /// Waiting on the window is no reason to compress while the source host has no CPU to spare
