@@ -47,7 +47,7 @@
 //! BENCH_PERF_REPLICA=1 the replica's CPU instead).
 //! BENCH_SECONDS sets the fio bursts (default 30), BENCH_ROUNDS how many times the bursts
 //! without a mirror and with one (applier's own disk) alternate (default 2; means reported). BENCH_ONLY=quic measures only the raw
-//! QUIC stream (for investigating the transport ceiling), BENCH_ONLY=wan only row 4, BENCH_ONLY=iops only the NBD rows, BENCH_ONLY=resync only row 5, BENCH_ONLY=compression only row 6 (with BENCH_COMPRESSION=ext4 only its ext4 image rows),
+//! QUIC stream (for investigating the transport ceiling), BENCH_ONLY=wan only row 4, BENCH_ONLY=iops only the NBD rows, BENCH_ONLY=resync only row 5 (with BENCH_RESYNC=whole only its loopback resync of a volume written whole), BENCH_ONLY=compression only row 6 (with BENCH_COMPRESSION=ext4 only its ext4 image rows),
 //! BENCH_ONLY=drain only the own-disk 1 MiB drain, the raw QUIC stream and the bounds (the
 //! drain target's ratio). BENCH_PIN=1 gives each end a CPU of its own, as on two hosts
 //! (volumes and the raw QUIC sender on CPU 0, appliers and the raw receiver on CPU 1).

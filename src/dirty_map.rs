@@ -161,6 +161,18 @@ impl DirtyMap {
         Extent::new(offset, self.region_size.min(self.device_size.saturating_sub(offset)))
     }
 
+    /// The device bytes of `count` consecutive regions from `first` (inside the device).
+    pub fn run_extent(&self, first: u64, count: usize) -> Extent {
+        let start = self.region_extent(first).offset;
+        let last = self.region_extent(first + count.max(1) as u64 - 1);
+        Extent::new(start, last.offset + last.length - start)
+    }
+
+    /// How many regions to take at once: `bytes` worth, at least one.
+    pub fn regions_in(&self, bytes: u64) -> usize {
+        (bytes / self.region_size).max(1) as usize
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let mut out = vec![0u8; HEADER_SIZE + self.bits.len()];
         out[0..8].copy_from_slice(&MAGIC);
@@ -238,6 +250,15 @@ impl DirtyMap {
     }
 }
 
+/// How many of `regions` (in order) are consecutive from the first, `most` at most: runs
+/// of regions are read and written at once (one I/O per 64 KiB region kept a resync of a
+/// 2 GiB volume waiting on the disk for most of its 40 s).
+pub fn run_length(regions: impl Iterator<Item = u64>, most: usize) -> usize {
+    let mut regions = regions.take(most);
+    let Some(first) = regions.next() else { return 0 };
+    1 + regions.enumerate().take_while(|&(i, region)| region == first + 1 + i as u64).count()
+}
+
 /// CRC32C of an encoded map with its CRC field taken as zero.
 fn checksum(encoded: &[u8]) -> u32 {
     let mut header = [0u8; HEADER_SIZE];
@@ -265,6 +286,20 @@ mod tests {
         let path = Path::new("/x/m.dirty");
         assert_eq!(DirtyMap::decode(&bytes, path, size).unwrap(), map);
         assert_eq!(DirtyMap::full(size, DEFAULT_REGION_SIZE, 0).dirty_regions(), 11);
+    }
+
+    #[test]
+    fn runs_of_consecutive_regions_are_bounded() {
+        assert_eq!(run_length([].into_iter(), 8), 0);
+        assert_eq!(run_length([5].into_iter(), 8), 1);
+        assert_eq!(run_length([5, 6, 7, 9, 10].into_iter(), 8), 3);
+        assert_eq!(run_length([5, 6, 7, 8].into_iter(), 2), 2);
+        assert_eq!(run_length([5, 7].into_iter(), 8), 1);
+        let size = 10 * DEFAULT_REGION_SIZE + 4096;
+        let map = DirtyMap::new(size, DEFAULT_REGION_SIZE, 0);
+        assert_eq!(map.run_extent(9, 2), Extent::new(9 * DEFAULT_REGION_SIZE, DEFAULT_REGION_SIZE + 4096), "the short last region");
+        assert_eq!(map.regions_in(4 << 20), 64);
+        assert_eq!(map.regions_in(100), 1);
     }
 
     #[test]

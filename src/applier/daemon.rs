@@ -32,6 +32,8 @@ const CHECKPOINT_IDLE: std::time::Duration = std::time::Duration::from_millis(10
 /// How long a refused connection, or one whose session ended, is kept open for the source to
 /// read the last frames.
 const REFUSAL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Resync chunks that queued up stored together at most (64 KiB regions: 4 MiB).
+const CHUNKS_TOGETHER: usize = 64;
 
 /// Shared state of a running applier.
 pub struct Applier {
@@ -121,8 +123,7 @@ impl Applier {
                     }
                 };
                 write_control(&mut send, &reply).await?;
-                let _ = send.finish();
-                connection.closed().await;
+                end_connection(&connection, &mut send, b"switchover answered").await;
                 return Ok(());
             }
             Some(Frame::Control(Control::RestoreStart { hello })) => {
@@ -135,16 +136,12 @@ impl Applier {
         // Before any replica is opened or made: a sender of another version changes nothing.
         if let Err(refusal) = crate::protocol::wire::check_protocol(&hello) {
             tracing::warn!(volume = %hello.volume_name, reason = %refusal, "refused a source");
-            write_control(&mut send, &Control::Refused(refusal.clone())).await?;
-            let _ = send.finish();
-            connection.closed().await;
-            return Err(LinkError::Refused(refusal).into());
+            return Err(refuse(&connection, &mut send, refusal).await);
         }
         let name = hello.volume_name.clone();
         if crate::name::validate(&name).is_err() {
             let refusal = Refusal::Other(format!("invalid volume name {name:?}"));
-            write_control(&mut send, &Control::Refused(refusal.clone())).await?;
-            return Err(LinkError::Refused(refusal).into());
+            return Err(refuse(&connection, &mut send, refusal).await);
         }
         // One replica per source and volume name; opened on first use, created on the first
         // connection.
@@ -156,31 +153,21 @@ impl Applier {
                 Err(error) => {
                     // Tell the source why (e.g. an attached image of the wrong size).
                     let refusal = Refusal::Other(format!("cannot open the replica of {name}: {error:#}"));
-                    write_control(&mut send, &Control::Refused(refusal.clone())).await?;
-                    let _ = send.finish();
-                    connection.closed().await;
-                    return Err(LinkError::Refused(refusal).into());
+                    return Err(refuse(&connection, &mut send, refusal).await);
                 }
             }
         };
         let refusal = lock(&replica).check_hello(&hello).err().map(|refusal| self.with_promoted_position(refusal));
         if let Some(refusal) = refusal {
             tracing::warn!(replica = %key, source_last_lsn = hello.last_lsn, reason = %refusal, "refused a source");
-            write_control(&mut send, &Control::Refused(refusal.clone())).await?;
-            let _ = send.finish();
-            connection.closed().await;
-            return Err(LinkError::Refused(refusal).into());
+            return Err(refuse(&connection, &mut send, refusal).await);
         }
         let session = match self.claim(&key, &replica, &connection).await {
             Ok(session) => session,
             Err(reason) => {
                 let refusal = Refusal::Other(reason);
                 tracing::warn!(replica = %key, reason = %refusal, "refused a source");
-                write_control(&mut send, &Control::Refused(refusal.clone())).await?;
-                let _ = send.finish();
-                // The source closes once it has read why.
-                let _ = tokio::time::timeout(REFUSAL_WAIT, connection.closed()).await;
-                return Err(LinkError::Refused(refusal).into());
+                return Err(refuse(&connection, &mut send, refusal).await);
             }
         };
         // The replica may have changed while an old session ended (a forced promote).
@@ -208,10 +195,8 @@ impl Applier {
             self.set_disk_failure(&key, error);
         }
         // The connection ends with its session (else its frame reader could keep it open while
-        // nothing reads it): what was written goes out first, the source closes on reading it.
-        let _ = send.finish();
-        let _ = tokio::time::timeout(REFUSAL_WAIT, connection.closed()).await;
-        connection.close(0u32.into(), b"session ended");
+        // nothing reads it).
+        end_connection(&connection, &mut send, b"session ended").await;
         result
     }
 
@@ -337,6 +322,23 @@ impl Applier {
                     write_control(send, &Control::VerifyResult { at_lsn, differ, skipped }).await?;
                     continue;
                 }
+                Frame::Control(Control::ResyncChunk { at_lsn, region, zero, data }) => {
+                    // Chunks that queued up are stored together: one trip to a blocking
+                    // thread and one acknowledgement for all of them.
+                    let mut chunks = vec![(at_lsn, region, zero, data)];
+                    while chunks.len() < CHUNKS_TOGETHER {
+                        match frames.try_recv() {
+                            Ok(Frame::Control(Control::ResyncChunk { at_lsn, region, zero, data })) => chunks.push((at_lsn, region, zero, data)),
+                            Ok(other) => {
+                                held = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    store_chunks(replica, send, chunks).await?;
+                    continue;
+                }
                 Frame::Control(control) if is_resync_step(&control) => {
                     // Resync steps go to the stage; the image is not written until the commit.
                     self.resync_step(name, replica, send, control, syncing).await?;
@@ -451,10 +453,7 @@ impl Applier {
                 let differ = blocking(replica, move |r| r.resync_hashes(at_lsn, &regions, &hashes)).await?;
                 Ok(write_control(send, &Control::ResyncDiffer { regions: differ }).await?)
             }
-            Control::ResyncChunk { at_lsn, region, zero, data } => {
-                let chunks = blocking(replica, move |r| r.resync_chunk(at_lsn, region, zero, &data)).await?;
-                Ok(write_control(send, &Control::ResyncStored { chunks }).await?)
-            }
+            Control::ResyncChunk { at_lsn, region, zero, data } => store_chunks(replica, send, vec![(at_lsn, region, zero, data)]).await,
             Control::ResyncDone { at_lsn } => {
                 finish_checkpoint(replica, send, syncing).await?;
                 let lsn = blocking(replica, move |r| r.resync_done(at_lsn)).await?;
@@ -467,8 +466,6 @@ impl Applier {
     }
 }
 
-/// Starts a checkpoint whose image sync runs off the runtime without holding the replica:
-/// batches go on being received and applied meanwhile. Resolves to the applied LSN.
 /// What a step of the stream brought: record batches (those that queued up, together) or
 /// one coalesced range.
 enum Received {
@@ -476,6 +473,26 @@ enum Received {
     Range(Box<crate::protocol::wire::ReceivedRange>),
 }
 
+/// Tells the source why it is refused and ends the connection (`end_connection`); the error
+/// `handle` returns for it.
+async fn refuse(connection: &quinn::Connection, send: &mut quinn::SendStream, refusal: Refusal) -> ApplierError {
+    let _ = write_control(send, &Control::Refused(refusal.clone())).await;
+    end_connection(connection, send, b"refused").await;
+    LinkError::Refused(refusal).into()
+}
+
+/// Ends a connection after its last answer: the stream is finished so what was written goes
+/// out first, the source (which closes once it has read it) is given [`REFUSAL_WAIT`], and
+/// then the connection is closed whatever the source does: a source that keeps it open with
+/// keep-alives holds no task here.
+async fn end_connection(connection: &quinn::Connection, send: &mut quinn::SendStream, reason: &'static [u8]) {
+    let _ = send.finish();
+    let _ = tokio::time::timeout(REFUSAL_WAIT, connection.closed()).await;
+    connection.close(0u32.into(), reason);
+}
+
+/// Starts a checkpoint whose image sync runs off the runtime without holding the replica:
+/// batches go on being received and applied meanwhile. Resolves to the applied LSN.
 fn start_checkpoint(replica: &Arc<Mutex<Replica>>) -> Checkpointing {
     let replica = replica.clone();
     tokio::task::spawn_blocking(move || {
@@ -514,6 +531,20 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, ApplierError> {
     let worker = replica.clone();
     Ok(tokio::task::spawn_blocking(move || operation(&mut lock(&worker))).await.map_err(|e| LinkError::Protocol(e.to_string()))??)
+}
+
+/// A resync's region contents (`ResyncChunk`s: position, region, zero, bytes) into the stage,
+/// in order, and one `ResyncStored` for them.
+async fn store_chunks(replica: &Arc<Mutex<Replica>>, send: &mut quinn::SendStream, chunks: Vec<(u64, u64, bool, Vec<u8>)>) -> Result<(), ApplierError> {
+    let stored = blocking(replica, move |r| {
+        let mut stored = 0;
+        for (at_lsn, region, zero, data) in chunks {
+            stored = r.resync_chunk(at_lsn, region, zero, &data)?;
+        }
+        Ok(stored)
+    })
+    .await?;
+    Ok(write_control(send, &Control::ResyncStored { chunks: stored }).await?)
 }
 
 /// An image sync running off the runtime; resolves to the applied LSN it made durable.

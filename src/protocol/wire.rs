@@ -147,6 +147,7 @@ pub enum Control {
         /// A demoted volume's replica (a failback): the regions its image may hold that
         /// the source's history lacks (an encoded dirty map); the source resyncs them with
         /// what it wrote since the branch. Absent otherwise.
+        #[serde(with = "serde_bytes")]
         local_changes: Option<Vec<u8>>,
         /// The codecs this applier decodes in record batches (`compression::CODECS`);
         /// names unknown to the sender are ignored.
@@ -208,6 +209,7 @@ pub enum Control {
     SyncChunk {
         chunk: u64,
         zero: bool,
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     /// Every chunk is copied. The applier makes the image durable and continues its journal
@@ -242,6 +244,7 @@ pub enum Control {
         at_lsn: u64,
         region: u64,
         zero: bool,
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     /// The applier stored `chunks` chunks of this resync so far (closes the sender's window).

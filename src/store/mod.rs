@@ -8,7 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::extent::Extent;
-use crate::fsutil;
+use crate::fsutil::{self, AlignedBuffer};
 use crate::journal::RecordKind;
 
 mod direct;
@@ -200,6 +200,44 @@ impl Store {
             }
         }
         Ok(false)
+    }
+
+    /// Copies `extent` of `source` to the same offset of this store, `bounce.len()` bytes at a
+    /// time, past the page cache on both sides where both take O_DIRECT and the extent is
+    /// aligned; through the page cache otherwise. For bulk copies (a resync's commit): every
+    /// buffered write into an uncached file allocates and fills a new page-cache page, which
+    /// on this project's VMs made the copy of a 2 GiB stage CPU-bound in
+    /// `copy_folio_from_iter_atomic` (91% of its time, 13 s).
+    pub fn copy_from(&self, source: &Store, extent: Extent, bounce: &mut AlignedBuffer) -> io::Result<()> {
+        self.write_fault()?;
+        source.read_fault()?;
+        let align = fsutil::DIRECT_ALIGN as u64;
+        let aligned = extent.offset.is_multiple_of(align) && extent.length.is_multiple_of(align);
+        let mut done = 0u64;
+        while done < extent.length {
+            let length = (extent.length - done).min(bounce.len() as u64) as usize;
+            let piece = &mut bounce[..length];
+            let at = extent.offset + done;
+            match (&source.direct, &self.direct) {
+                (Some(from), Some(to)) if aligned => {
+                    from.read_exact_at(piece, at)?;
+                    to.write_all_at(piece, at)?;
+                }
+                _ => {
+                    source.file.read_exact_at(piece, at)?;
+                    fsutil::drop_from_cache(&source.file, at, piece.len() as u64);
+                    self.file.write_all_at(piece, at)?;
+                }
+            }
+            done += piece.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// True when `extent` is a hole of this file (reads as zeros, holds no data); never for a
+    /// block device.
+    pub fn is_hole(&self, extent: Extent) -> bool {
+        !self.is_device && fsutil::is_hole(&self.file, extent.offset, extent.length)
     }
 
     /// Applies one record's effect: a write's payload (in one piece or several, as received

@@ -88,14 +88,8 @@ impl Replica {
             return Err(ReplicaError::Rejected(format!("{} regions with {} hashes", regions.len(), hashes.len())));
         }
         let stage = self.stage.as_ref().expect("checked by check_position");
-        let mut buffer = Vec::new();
-        let mut differ = Vec::new();
-        for (&region, hash) in regions.iter().zip(hashes) {
-            if &stage.region_hash(&self.image, region, &mut buffer)? != hash {
-                differ.push(region);
-            }
-        }
-        Ok(differ)
+        let ours = stage.region_hashes(&self.image, regions, &mut Vec::new())?;
+        Ok(regions.iter().zip(hashes).zip(ours).filter(|((_, theirs), ours)| *theirs != ours).map(|((&region, _), _)| region).collect())
     }
 
     /// Stores a region's bytes from the source; returns the chunks stored so far.

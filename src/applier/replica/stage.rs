@@ -9,11 +9,15 @@
 use std::path::Path;
 
 use super::{io, ReplicaError};
-use crate::dirty_map::DirtyMap;
+use crate::dirty_map::{run_length, DirtyMap};
 use crate::extent::Extent;
+use crate::fsutil::AlignedBuffer;
 use crate::journal::RecordKind;
 use crate::layout::ReplicaDir;
 use crate::store::Store;
+
+/// Most bytes of consecutive regions read or copied at once.
+const RUN_BYTES: u64 = 4 << 20;
 
 pub(super) struct Stage {
     store: Store,
@@ -103,14 +107,31 @@ impl Stage {
         Ok(())
     }
 
-    /// The replica's view of `region` now: the stage's if staged, else the image's. Returns
-    /// its hash.
-    pub fn region_hash(&self, image: &Store, region: u64, buffer: &mut Vec<u8>) -> Result<[u8; 32], ReplicaError> {
-        let range = self.region_of(region)?;
-        buffer.resize(range.length as usize, 0);
-        let source = if self.map.is_dirty(region) { &self.store } else { image };
-        let hole = source.read_for_scan(buffer, range.offset, true).map_err(io(format!("read {}", source.path().display())))?;
-        Ok(crate::store::chunk_hash(buffer, hole))
+    /// The replica's view of `regions` now (the stage's where staged, else the image's): their
+    /// hashes, in order. Consecutive regions from the same file are read at once.
+    pub fn region_hashes(&self, image: &Store, regions: &[u64], buffer: &mut Vec<u8>) -> Result<Vec<[u8; 32]>, ReplicaError> {
+        if let Some(&outside) = regions.iter().find(|&&region| region >= self.map.regions()) {
+            self.region_of(outside)?;
+        }
+        let mut hashes = Vec::with_capacity(regions.len());
+        let mut next = 0;
+        while next < regions.len() {
+            let first = regions[next];
+            let staged = self.map.is_dirty(first);
+            let same_file = regions[next..].iter().copied().take_while(|&region| self.map.is_dirty(region) == staged);
+            let count = run_length(same_file, self.map.regions_in(RUN_BYTES));
+            let run = self.map.run_extent(first, count);
+            let source = if staged { &self.store } else { image };
+            buffer.resize(run.length as usize, 0);
+            let hole = source.read_for_scan(buffer, run.offset, true).map_err(io(format!("read {}", source.path().display())))?;
+            for region in first..first + count as u64 {
+                let range = self.map.region_extent(region);
+                let at = (range.offset - run.offset) as usize;
+                hashes.push(crate::store::chunk_hash(&buffer[at..at + range.length as usize], hole));
+            }
+            next += count;
+        }
+        Ok(hashes)
     }
 
     /// First step of a commit: the stage and its map are made durable.
@@ -126,18 +147,26 @@ impl Stage {
         self.map.iter().map(|region| (u64::MAX, self.map.region_extent(region))).collect()
     }
 
-    /// Second step: every staged region is copied over the image, which is then synced.
+    /// Second step: every staged region is copied over the image, which is then synced. Runs
+    /// of consecutive regions are copied at once; a region that is a hole of the stage (a zero
+    /// region from the source) is zeroed in the image, freeing its space.
     pub fn copy_to(&self, image: &Store) -> Result<(), ReplicaError> {
-        let mut buffer = Vec::new();
-        for region in self.map.iter() {
-            let range = self.map.region_extent(region);
-            buffer.resize(range.length as usize, 0);
-            let hole = self.store.read_for_scan(&mut buffer, range.offset, true).map_err(io("read the resync stage"))?;
+        let mut bounce = AlignedBuffer::new(RUN_BYTES as usize);
+        let staged: Vec<u64> = self.map.iter().collect();
+        let is_hole = |region: u64| self.store.is_hole(self.map.region_extent(region));
+        let mut next = 0;
+        while next < staged.len() {
+            let first = staged[next];
+            let hole = is_hole(first);
+            let alike = staged[next..].iter().copied().take_while(|&region| region == first || is_hole(region) == hole);
+            let count = run_length(alike, self.map.regions_in(RUN_BYTES));
+            let run = self.map.run_extent(first, count);
             if hole {
-                image.zero(range, true).map_err(io(format!("zero a region of {}", image.path().display())))?;
+                image.zero(run, true).map_err(io(format!("zero a region of {}", image.path().display())))?;
             } else {
-                image.write_all_at(&buffer, range.offset).map_err(io(format!("write {}", image.path().display())))?;
+                image.copy_from(&self.store, run, &mut bounce).map_err(io(format!("copy the resync stage to {}", image.path().display())))?;
             }
+            next += count;
         }
         image.sync_data().map_err(io(format!("sync {}", image.path().display())))
     }
