@@ -5,7 +5,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
 
 /// A zeroed heap buffer aligned for O_DIRECT.
@@ -233,7 +233,31 @@ pub fn open_direct(path: &Path) -> io::Result<Option<File>> {
     }
 }
 
-/// Bounce buffer size of [`read_direct_exact_at`] (reads larger than this go in pieces).
+thread_local! {
+    /// One aligned buffer per writing thread for [`write_direct_all_at`], made at its first use.
+    static DIRECT_WRITE_BOUNCE: std::cell::RefCell<Option<AlignedBuffer>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Writes `data` to `file` (opened with O_DIRECT) at `offset`, both multiples of
+/// [`DIRECT_ALIGN`]: copied piece by piece into a per-thread aligned buffer first, so the
+/// caller's buffer (bytes off the network) needs no alignment.
+pub fn write_direct_all_at(file: &File, data: &[u8], offset: u64) -> io::Result<()> {
+    let align = DIRECT_ALIGN as u64;
+    if !offset.is_multiple_of(align) || !(data.len() as u64).is_multiple_of(align) {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("a direct write of {} bytes at {offset} is not aligned", data.len())));
+    }
+    DIRECT_WRITE_BOUNCE.with_borrow_mut(|bounce| {
+        let bounce = bounce.get_or_insert_with(|| AlignedBuffer::new(DIRECT_READ_PIECE));
+        for (index, piece) in data.chunks(DIRECT_READ_PIECE).enumerate() {
+            bounce[..piece.len()].copy_from_slice(piece);
+            file.write_all_at(&bounce[..piece.len()], offset + (index * DIRECT_READ_PIECE) as u64)?;
+        }
+        Ok(())
+    })
+}
+
+/// Bounce buffer size of [`read_direct_exact_at`] and [`write_direct_all_at`] (larger I/O
+/// goes in pieces).
 const DIRECT_READ_PIECE: usize = 1 << 20;
 
 thread_local! {

@@ -35,22 +35,25 @@ impl Sender {
         lock(&self.status).start_sync(wire::SYNC_CHUNK, total).map_err(|error| LinkError::Protocol(error.to_string()))?;
         tracing::info!(mirror = %self.config.name, base, chunks = total, "initial synchronisation");
         write_control(send, &Control::SyncStart { base_lsn: base }).await?;
+        // Each batch is read and hashed on a blocking thread while the applier compares the
+        // one before and its chunks go out (read inline, in turns with the network, a 2 GiB
+        // volume took twice as long).
+        let read_batch = |first: u64| {
+            let volume = self.volume.clone();
+            tokio::task::spawn_blocking(move || read_chunks(&volume, first, (total - first).min(wire::SYNC_HASH_BATCH as u64)))
+        };
+        let mut next = (total > 0).then(|| read_batch(0));
         let mut first = 0u64;
-        while first < total {
+        while let Some(reading) = next.take() {
             if self.stop.load(Ordering::SeqCst) {
                 return Err(LinkError::Protocol("volume stopping during synchronisation".into()));
             }
-            let count = (total - first).min(wire::SYNC_HASH_BATCH as u64);
-            let mut chunks = Vec::with_capacity(count as usize);
-            let mut hashes = Vec::with_capacity(count as usize);
-            for chunk in first..first + count {
-                let offset = chunk * wire::SYNC_CHUNK;
-                let mut data = vec![0u8; (size - offset).min(wire::SYNC_CHUNK) as usize];
-                let hole = self.volume.read_for_scan(offset, &mut data).map_err(|e| LinkError::Protocol(format!("read chunk {chunk} of the volume: {e}")))?;
-                hashes.push(crate::store::chunk_hash(&data, hole));
-                chunks.push(data);
-            }
+            let (mut chunks, hashes) = reading.await.map_err(|e| LinkError::Protocol(format!("the volume read of a synchronisation failed: {e}")))??;
+            let count = chunks.len() as u64;
             write_control(send, &Control::SyncHashes { first_chunk: first, hashes }).await?;
+            if first + count < total {
+                next = Some(read_batch(first + count));
+            }
             let differ = match read_frame(recv).await? {
                 Some(Frame::Control(Control::SyncDiffer { first_chunk, differ })) if first_chunk == first => differ,
                 other => return Err(LinkError::Protocol(format!("expected SyncDiffer for chunk {first}, got {other:?}"))),
@@ -84,4 +87,20 @@ impl Sender {
         tracing::info!(mirror = %self.config.name, base, consistent_lsn, sent = lock(&self.status).sync_chunks_sent, "synchronisation copied; replaying the journal");
         Ok(base)
     }
+}
+
+/// Reads chunks `first..first + count` of the volume for a synchronisation: their bytes and
+/// hashes (a hole of the backing store is not read).
+fn read_chunks(volume: &crate::volume::Volume, first: u64, count: u64) -> Result<(Vec<Vec<u8>>, Vec<[u8; 32]>), LinkError> {
+    let size = volume.size();
+    let mut chunks = Vec::with_capacity(count as usize);
+    let mut hashes = Vec::with_capacity(count as usize);
+    for chunk in first..first + count {
+        let offset = chunk * wire::SYNC_CHUNK;
+        let mut data = vec![0u8; (size - offset).min(wire::SYNC_CHUNK) as usize];
+        let hole = volume.read_for_scan(offset, &mut data).map_err(|e| LinkError::Protocol(format!("read chunk {chunk} of the volume: {e}")))?;
+        hashes.push(crate::store::chunk_hash(&data, hole));
+        chunks.push(data);
+    }
+    Ok((chunks, hashes))
 }

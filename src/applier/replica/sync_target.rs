@@ -71,7 +71,7 @@ impl Replica {
             if data.len() != length {
                 return Err(ReplicaError::Rejected(format!("chunk {chunk} has {} bytes, expected {length}", data.len())));
             }
-            self.image.write_all_at(data, offset).map_err(io(format!("write chunk {chunk} to {}", self.state.image.display())))
+            self.image.write_bulk_at(data, offset).map_err(io(format!("write chunk {chunk} to {}", self.state.image.display())))
         }
     }
 
