@@ -89,9 +89,12 @@ impl Sender {
     }
 }
 
+/// A batch of chunks read for a synchronisation: their bytes and their hashes.
+type ChunkBatch = (Vec<Vec<u8>>, Vec<[u8; 32]>);
+
 /// Reads chunks `first..first + count` of the volume for a synchronisation: their bytes and
 /// hashes (a hole of the backing store is not read).
-fn read_chunks(volume: &crate::volume::Volume, first: u64, count: u64) -> Result<(Vec<Vec<u8>>, Vec<[u8; 32]>), LinkError> {
+fn read_chunks(volume: &crate::volume::Volume, first: u64, count: u64) -> Result<ChunkBatch, LinkError> {
     let size = volume.size();
     let mut chunks = Vec::with_capacity(count as usize);
     let mut hashes = Vec::with_capacity(count as usize);
