@@ -32,8 +32,6 @@ const CHECKPOINT_IDLE: std::time::Duration = std::time::Duration::from_millis(10
 /// How long a refused connection, or one whose session ended, is kept open for the source to
 /// read the last frames.
 const REFUSAL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
-/// Resync chunks that queued up stored together at most (64 KiB regions: 4 MiB).
-const CHUNKS_TOGETHER: usize = 64;
 
 /// Shared state of a running applier.
 pub struct Applier {
@@ -322,23 +320,6 @@ impl Applier {
                     write_control(send, &Control::VerifyResult { at_lsn, differ, skipped }).await?;
                     continue;
                 }
-                Frame::Control(Control::ResyncChunk { at_lsn, region, zero, data }) => {
-                    // Chunks that queued up are stored together: one trip to a blocking
-                    // thread and one acknowledgement for all of them.
-                    let mut chunks = vec![(at_lsn, region, zero, data)];
-                    while chunks.len() < CHUNKS_TOGETHER {
-                        match frames.try_recv() {
-                            Ok(Frame::Control(Control::ResyncChunk { at_lsn, region, zero, data })) => chunks.push((at_lsn, region, zero, data)),
-                            Ok(other) => {
-                                held = Some(other);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                    store_chunks(replica, send, chunks).await?;
-                    continue;
-                }
                 Frame::Control(control) if is_resync_step(&control) => {
                     // Resync steps go to the stage; the image is not written until the commit.
                     self.resync_step(name, replica, send, control, syncing).await?;
@@ -453,7 +434,10 @@ impl Applier {
                 let differ = blocking(replica, move |r| r.resync_hashes(at_lsn, &regions, &hashes)).await?;
                 Ok(write_control(send, &Control::ResyncDiffer { regions: differ }).await?)
             }
-            Control::ResyncChunk { at_lsn, region, zero, data } => store_chunks(replica, send, vec![(at_lsn, region, zero, data)]).await,
+            Control::ResyncChunk { at_lsn, region, zero, data } => {
+                let chunks = blocking(replica, move |r| r.resync_chunk(at_lsn, region, zero, &data)).await?;
+                Ok(write_control(send, &Control::ResyncStored { chunks }).await?)
+            }
             Control::ResyncDone { at_lsn } => {
                 finish_checkpoint(replica, send, syncing).await?;
                 let lsn = blocking(replica, move |r| r.resync_done(at_lsn)).await?;
@@ -531,20 +515,6 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, ApplierError> {
     let worker = replica.clone();
     Ok(tokio::task::spawn_blocking(move || operation(&mut lock(&worker))).await.map_err(|e| LinkError::Protocol(e.to_string()))??)
-}
-
-/// A resync's region contents (`ResyncChunk`s: position, region, zero, bytes) into the stage,
-/// in order, and one `ResyncStored` for them.
-async fn store_chunks(replica: &Arc<Mutex<Replica>>, send: &mut quinn::SendStream, chunks: Vec<(u64, u64, bool, Vec<u8>)>) -> Result<(), ApplierError> {
-    let stored = blocking(replica, move |r| {
-        let mut stored = 0;
-        for (at_lsn, region, zero, data) in chunks {
-            stored = r.resync_chunk(at_lsn, region, zero, &data)?;
-        }
-        Ok(stored)
-    })
-    .await?;
-    Ok(write_control(send, &Control::ResyncStored { chunks: stored }).await?)
 }
 
 /// An image sync running off the runtime; resolves to the applied LSN it made durable.

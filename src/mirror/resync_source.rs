@@ -101,7 +101,8 @@ const RECHECK_EVERY: u32 = 8;
 impl Comparing {
     /// A compared batch of `asked` regions had `differ` that differ.
     fn answered(&mut self, asked: usize, differ: usize) {
-        let share = differ as f64 / asked.max(1) as f64;
+        // At most 1: the applier's list is not trusted to name each region once.
+        let share = (differ as f64 / asked.max(1) as f64).min(1.0);
         self.differ_share = Some(self.differ_share.map_or(share, |earlier| (earlier + share) / 2.0));
     }
 

@@ -218,16 +218,20 @@ impl Store {
             let length = (extent.length - done).min(bounce.len() as u64) as usize;
             let piece = &mut bounce[..length];
             let at = extent.offset + done;
-            match (&source.direct, &self.direct) {
-                (Some(from), Some(to)) if aligned => {
-                    from.read_exact_at(piece, at)?;
-                    to.write_all_at(piece, at)?;
-                }
-                _ => {
+            let direct = match (&source.direct, &self.direct) {
+                (Some(from), Some(to)) if aligned => from.read_exact_at(piece, at).and_then(|()| to.write_all_at(piece, at)),
+                _ => Err(io::Error::from_raw_os_error(libc::EINVAL)),
+            };
+            match direct {
+                Ok(()) => {}
+                // Storage that wants a larger alignment (or a short direct write that left a
+                // misaligned rest): this piece through the page cache.
+                Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
                     source.file.read_exact_at(piece, at)?;
                     fsutil::drop_from_cache(&source.file, at, piece.len() as u64);
                     self.file.write_all_at(piece, at)?;
                 }
+                Err(error) => return Err(error),
             }
             done += piece.len() as u64;
         }
@@ -271,7 +275,13 @@ impl Store {
         self.write_fault()?;
         let align = fsutil::DIRECT_ALIGN as u64;
         match &self.direct {
-            Some(direct) if offset.is_multiple_of(align) && (data.len() as u64).is_multiple_of(align) => fsutil::write_direct_all_at(direct, data, offset),
+            Some(direct) if offset.is_multiple_of(align) && (data.len() as u64).is_multiple_of(align) => {
+                match fsutil::write_direct_all_at(direct, data, offset) {
+                    // Storage that wants a larger alignment: through the page cache.
+                    Err(error) if error.raw_os_error() == Some(libc::EINVAL) => self.file.write_all_at(data, offset),
+                    result => result,
+                }
+            }
             _ => self.file.write_all_at(data, offset),
         }
     }
