@@ -169,7 +169,9 @@ async fn fetch(
             if zero {
                 store.zero(crate::extent::Extent::new(offset, length), true)?;
             } else {
-                store.write_all_at(&data, offset)?;
+                // Past the page cache where aligned (a restore is a bulk copy, see
+                // `Store::write_bulk_at`).
+                store.write_bulk_at(&data, offset)?;
                 bytes += length;
             }
             fetched += 1;
