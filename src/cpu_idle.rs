@@ -12,7 +12,7 @@ pub struct IdleMeter {
 }
 
 /// The shortest interval a sample measures: /proc/stat counts in ticks of 10 ms.
-pub const MIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+const MIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// USER_HZ, the unit of /proc/stat's times (100 on every Linux architecture we build for).
 const TICKS_PER_SECOND: f64 = 100.0;

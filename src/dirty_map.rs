@@ -168,6 +168,16 @@ impl DirtyMap {
         Extent::new(start, last.offset + last.length - start)
     }
 
+    /// The regions of that run, each with its bytes' place in a buffer holding the run.
+    pub fn run_regions(&self, first: u64, count: usize) -> impl Iterator<Item = (u64, std::ops::Range<usize>)> + '_ {
+        let start = self.region_extent(first).offset;
+        (first..first + count as u64).map(move |region| {
+            let extent = self.region_extent(region);
+            let at = (extent.offset - start) as usize;
+            (region, at..at + extent.length as usize)
+        })
+    }
+
     /// How many regions to take at once: `bytes` worth, at least one.
     pub fn regions_in(&self, bytes: u64) -> usize {
         (bytes / self.region_size).max(1) as usize
@@ -298,6 +308,8 @@ mod tests {
         let size = 10 * DEFAULT_REGION_SIZE + 4096;
         let map = DirtyMap::new(size, DEFAULT_REGION_SIZE, 0);
         assert_eq!(map.run_extent(9, 2), Extent::new(9 * DEFAULT_REGION_SIZE, DEFAULT_REGION_SIZE + 4096), "the short last region");
+        let region = DEFAULT_REGION_SIZE as usize;
+        assert_eq!(map.run_regions(9, 2).collect::<Vec<_>>(), vec![(9, 0..region), (10, region..region + 4096)]);
         assert_eq!(map.regions_in(4 << 20), 64);
         assert_eq!(map.regions_in(100), 1);
     }

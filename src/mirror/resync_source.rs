@@ -214,12 +214,8 @@ impl ResyncSource {
                 while next < regions.len() {
                     let (first, most) = (regions[next], self.map.regions_in(MAX_READ));
                     let count = run_length(regions[next..].iter().copied(), most);
-                    let (hole, run) = self.read_run(sender, first, count, true).await?;
-                    for region in first..first + count as u64 {
-                        let extent = self.map.region_extent(region);
-                        let at = (extent.offset - run) as usize;
-                        hashes.push(crate::store::chunk_hash(&self.buffer[at..at + extent.length as usize], hole));
-                    }
+                    let hole = self.read_run(sender, first, count, true).await?;
+                    hashes.extend(self.map.run_regions(first, count).map(|(_, bytes)| crate::store::chunk_hash(&self.buffer[bytes], hole)));
                     next += count;
                 }
                 write_control(send, &Control::ResyncHashes { at_lsn: position, regions: regions.clone(), hashes }).await?;
@@ -237,22 +233,21 @@ impl ResyncSource {
             let most = self.map.regions_in(MAX_READ.min(CHUNK_WINDOW - in_flight));
             let count = run_length(self.to_send.iter().copied(), most);
             self.to_send.drain(..count);
-            let run = self.read_run(sender, first, count, false).await?.1;
-            for region in first..first + count as u64 {
-                let extent = self.map.region_extent(region);
-                let at = (extent.offset - run) as usize;
-                let bytes = &self.buffer[at..at + extent.length as usize];
+            self.read_run(sender, first, count, false).await?;
+            for (region, bytes) in self.map.run_regions(first, count) {
+                let length = bytes.len() as u64;
+                let bytes = &self.buffer[bytes];
                 let zero = bytes.iter().all(|&b| b == 0);
                 let data = if zero { Vec::new() } else { bytes.to_vec() };
                 limiter.pace(data.len() as u64).await;
                 write_control(send, &Control::ResyncChunk { at_lsn: position, region, zero, data }).await?;
                 self.chunks_sent += 1;
-                self.chunk_bytes_in_flight.push_back((self.chunks_sent, extent.length));
+                self.chunk_bytes_in_flight.push_back((self.chunks_sent, length));
                 let mut status = lock(sender.status);
-                status.resync_done_bytes += extent.length;
-                status.resync_sent_bytes += if zero { 0 } else { extent.length };
-                status.sent_bytes += if zero { 0 } else { extent.length };
-                status.payload_bytes += if zero { 0 } else { extent.length };
+                status.resync_done_bytes += length;
+                status.resync_sent_bytes += if zero { 0 } else { length };
+                status.sent_bytes += if zero { 0 } else { length };
+                status.payload_bytes += if zero { 0 } else { length };
             }
             sent = true;
         }
@@ -270,12 +265,12 @@ impl ResyncSource {
 
     /// Reads `count` consecutive regions from `first` into `buffer` at once, for a scan
     /// (hashing: a hole is not read) or to send. Returns whether the run was a hole (scans
-    /// only) and the device offset of its first byte. Every write the read could have seen
+    /// only). Every write the read could have seen
     /// must be streamed before the commit (`needed_lsn`). The read runs on a blocking thread:
     /// this runtime also drives the connection, which goes on sending what was written to it
     /// meanwhile (read inline, a resync over loopback read and sent in turns, at half the
     /// rate).
-    async fn read_run(&mut self, sender: &ResyncPeer<'_>, first: u64, count: usize, scan: bool) -> Result<(bool, u64), LinkError> {
+    async fn read_run(&mut self, sender: &ResyncPeer<'_>, first: u64, count: usize, scan: bool) -> Result<bool, LinkError> {
         let run = self.map.run_extent(first, count);
         let mut buffer = std::mem::take(&mut self.buffer);
         buffer.resize(run.length as usize, 0);
@@ -290,7 +285,7 @@ impl ResyncSource {
         self.buffer = buffer;
         let hole = read.map_err(|e| LinkError::Protocol(format!("read regions {first}..{} of the volume: {e}", first + count as u64)))?;
         self.needed_lsn = self.needed_lsn.max(last_lsn);
-        Ok((hole, run.offset))
+        Ok(hole)
     }
 
     fn update_eta(&self, sender: &ResyncPeer<'_>) {

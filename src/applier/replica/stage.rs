@@ -110,8 +110,8 @@ impl Stage {
     /// The replica's view of `regions` now (the stage's where staged, else the image's): their
     /// hashes, in order. Consecutive regions from the same file are read at once.
     pub fn region_hashes(&self, image: &Store, regions: &[u64], buffer: &mut Vec<u8>) -> Result<Vec<[u8; 32]>, ReplicaError> {
-        if let Some(&outside) = regions.iter().find(|&&region| region >= self.map.regions()) {
-            self.region_of(outside)?;
+        for &region in regions {
+            self.region_of(region)?;
         }
         let mut hashes = Vec::with_capacity(regions.len());
         let mut next = 0;
@@ -124,11 +124,7 @@ impl Stage {
             let source = if staged { &self.store } else { image };
             buffer.resize(run.length as usize, 0);
             let hole = source.read_for_scan(buffer, run.offset, true).map_err(io(format!("read {}", source.path().display())))?;
-            for region in first..first + count as u64 {
-                let range = self.map.region_extent(region);
-                let at = (range.offset - run.offset) as usize;
-                hashes.push(crate::store::chunk_hash(&buffer[at..at + range.length as usize], hole));
-            }
+            hashes.extend(self.map.run_regions(first, count).map(|(_, bytes)| crate::store::chunk_hash(&buffer[bytes], hole)));
             next += count;
         }
         Ok(hashes)
