@@ -69,7 +69,8 @@ impl Applier {
         let extra = self.extra_allowed.clone();
         let allow: tls::AllowList = Arc::new(move |fingerprint: &str| extra.iter().any(|f| f == fingerprint) || allowed(&dir).iter().any(|f| f == fingerprint));
         let server = transport::server_config(&identity, allow, self.idle_timeout).map_err(LinkError::from)?;
-        let endpoint = transport::endpoint(listen, Some(server)).map_err(|source| ApplierError::Io { context: format!("listen on {listen}"), source })?;
+        let endpoint =
+            transport::applier_endpoint(listen, server, &identity).map_err(|source| ApplierError::Io { context: format!("listen on {listen}"), source })?;
         let bound = endpoint.local_addr().map_err(|source| ApplierError::Io { context: "local address".into(), source })?;
         *lock(&self.listen) = Some(bound);
         tracing::info!(listen = %bound, fingerprint = %identity.fingerprint, "applier listening");
@@ -85,7 +86,7 @@ impl Applier {
                     tokio::spawn(async move {
                         let peer = incoming.remote_address();
                         if let Err(error) = applier.handle(incoming).await {
-                            tracing::warn!(%peer, error = %format!("{error:#}"), "replication connection ended");
+                            tracing::warn!(%peer, error = %crate::describe(&error), "replication connection ended");
                         }
                     });
                 }

@@ -45,6 +45,8 @@ const BATCH_RECORDS: usize = 1024;
 const SENDER_NICE: i32 = 5;
 /// How long a session that ended waits for its connection's close to reach the applier.
 const CLOSE_WAIT: Duration = Duration::from_millis(250);
+/// How often an applier that stays unreachable is logged again.
+const UNANSWERED_LOG_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Clone)]
 pub(super) struct Sender {
@@ -103,6 +105,7 @@ impl Sender {
             }
         };
         let mut backoff = Duration::from_millis(200);
+        let mut unanswered_logged: Option<Instant> = None;
         let mut disconnected_since: Option<Instant> = None;
         let mut was_tracking = !matches!(self.hold.state(), HoldState::Streaming { .. });
         // The host's idle CPU between sessions: how much a backlog found at the next
@@ -131,6 +134,9 @@ impl Sender {
                 return;
             }
             let _ = away.sample();
+            if !matches!(result, Err(LinkError::Unanswered { .. })) {
+                unanswered_logged = None;
+            }
             disconnected_since = match &result {
                 Err(_) => disconnected_since.or(Some(started)),
                 Ok(_) => None,
@@ -143,10 +149,22 @@ impl Sender {
                 if let Err(error) = checkpoints::save(&self.dir, &self.config.name, saved) {
                     tracing::warn!(mirror = %self.config.name, %error, "could not save mirror state");
                 }
-                status.disconnect(result.as_ref().err().map(|error| format!("{error:#}")));
+                status.disconnect(result.as_ref().err().map(|error| crate::describe(error)));
             }
+            let unanswered = matches!(result, Err(LinkError::Unanswered { .. }));
             match result {
-                Err(error) => tracing::warn!(mirror = %self.config.name, error = %format!("{error:#}"), "mirror disconnected; will retry"),
+                // An applier that stays away: one line when it starts and one a minute, not
+                // one per attempt.
+                Err(error) if unanswered => {
+                    if unanswered_logged.is_none_or(|at: Instant| at.elapsed() >= UNANSWERED_LOG_EVERY) {
+                        tracing::warn!(mirror = %self.config.name, error = %crate::describe(&error), "mirror cannot reach its applier; trying again");
+                        unanswered_logged = Some(Instant::now());
+                    }
+                    // The attempt itself waited: the next starts at once, so an applier that
+                    // comes back is found within an attempt's length.
+                    continue;
+                }
+                Err(error) => tracing::warn!(mirror = %self.config.name, error = %crate::describe(&error), "mirror disconnected; will retry"),
                 Ok(Ended::Released) => {
                     // The journal let go of this mirror while it streamed: reconnect at once
                     // and resync from the dirty map.
@@ -299,7 +317,7 @@ impl Sender {
             result = Ok(Ended::Released);
         }
         let why = match &result {
-            Err(error) => format!("the connection to the applier ended: {error:#}"),
+            Err(error) => format!("the connection to the applier ended: {}", crate::describe(error)),
             Ok(Ended::Stopped) => "the volume is stopping".to_string(),
             Ok(Ended::Released) => "the mirror fell out of the journal (it tracks now)".to_string(),
             Ok(Ended::Repair) => "the mirror reconnects to resync the regions a verify found different".to_string(),

@@ -8,6 +8,9 @@ pub enum LinkError {
     Connection(#[from] quinn::ConnectionError),
     #[error("connect: {0}")]
     Connect(#[from] quinn::ConnectError),
+    /// No answer to a connection attempt: the applier is down or unreachable.
+    #[error("no answer from {address} within {waited:?} (applier down or unreachable)")]
+    Unanswered { address: String, waited: std::time::Duration },
     #[error("read: {0}")]
     Read(#[from] quinn::ReadExactError),
     #[error("write: {0}")]

@@ -88,8 +88,43 @@ pub const LARGEST_UDP_PAYLOAD: u16 = 6500;
 /// A quinn endpoint on [`bind_udp`]; a server when `server` is given. It accepts datagrams up
 /// to [`LARGEST_UDP_PAYLOAD`] so the peer's path MTU discovery may go that far.
 pub fn endpoint(address: std::net::SocketAddr, server: Option<quinn::ServerConfig>) -> std::io::Result<quinn::Endpoint> {
+    endpoint_with(address, server, quinn::EndpointConfig::default())
+}
+
+/// The applier's endpoint: a server for `server`, whose stateless resets are keyed by its
+/// `identity` (`stateless_reset_key`), so an applier that restarts after a crash answers a
+/// sender still talking to its predecessor with a reset the sender believes, and the sender
+/// reconnects at once instead of after its idle timeout (15 s by default).
+pub fn applier_endpoint(address: std::net::SocketAddr, server: quinn::ServerConfig, identity: &Identity) -> std::io::Result<quinn::Endpoint> {
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &identity_secret(identity, b"stateless reset key"));
+    let mut config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    // The connection ids it hands out carry a keyed hash that quinn checks before it answers
+    // a packet with a reset: with a random key per start, a restarted applier would drop the
+    // packets of its predecessor's connections as invalid instead.
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&identity_secret(identity, b"connection id key")[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    endpoint_with(address, Some(server), config)
+}
+
+/// A secret of `identity` for `purpose`, the same at every start: the reset tokens (RFC
+/// 9000, 10.3) and connection ids of the applier's endpoint. Derived from its private key,
+/// which is secret and kept: a reset token must not be guessable by anyone who could end
+/// a connection with a forged reset.
+fn identity_secret(identity: &Identity, purpose: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::new()
+        .chain_update(b"ublk-mirror QUIC endpoint v1\0")
+        .chain_update(purpose)
+        .chain_update(b"\0")
+        .chain_update(identity.key.secret_der())
+        .finalize()
+        .into()
+}
+
+fn endpoint_with(address: std::net::SocketAddr, server: Option<quinn::ServerConfig>, mut config: quinn::EndpointConfig) -> std::io::Result<quinn::Endpoint> {
     let runtime = quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime for quinn"))?;
-    let mut config = quinn::EndpointConfig::default();
     config.max_udp_payload_size(LARGEST_UDP_PAYLOAD).map_err(|e| std::io::Error::other(format!("QUIC endpoint: {e}")))?;
     quinn::Endpoint::new(config, server, bind_udp(address)?, runtime)
 }

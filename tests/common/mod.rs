@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod nbd_client;
+pub mod pair;
 pub mod relay;
 pub mod sweep;
 
