@@ -286,6 +286,14 @@ impl Store {
         }
     }
 
+    /// Starts writing this file's dirty pages out and frees those already written (clean),
+    /// without waiting: a file filled through the page cache (a resync's stage) does not
+    /// leave gigabytes for its final sync to write at once and for its close to free. Best
+    /// effort (a file system may keep its pages, as tmpfs does).
+    pub fn release_written(&self) {
+        fsutil::drop_from_cache(&self.file, 0, 0);
+    }
+
     /// Makes `extent` read as zero; `punch` frees the space (discard).
     pub fn zero(&self, extent: Extent, punch: bool) -> io::Result<()> {
         fsutil::zero_range(&self.file, extent.offset, extent.length, punch, self.is_device)

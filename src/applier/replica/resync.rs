@@ -120,6 +120,10 @@ impl Replica {
         }
         self.commit(&stage, at_lsn)?;
         tracing::info!(volume = %self.state.volume_name, lsn = at_lsn, "resync committed: the replica is consistent at the new LSN");
+        // The stage's file is unlinked already; closing it frees its blocks, which took ext4
+        // here 0.7 s for 2 GiB: not on the way to telling the source. (Should no thread
+        // start, the closure and the stage in it are dropped here.)
+        let _ = std::thread::Builder::new().name("stage-close".into()).spawn(move || drop(stage));
         Ok(at_lsn)
     }
 
