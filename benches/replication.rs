@@ -363,6 +363,16 @@ fn spawn_on(args: &[&str], ready: &Path, cpu: Option<usize>) -> Daemon {
     Daemon(child)
 }
 
+/// Waits (at most 300 s) until the first mirror of `vdir` is consistent: its replica's
+/// initial synchronisation is over.
+fn wait_synchronised(vdir: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while status(vdir)["mirrors"][0]["consistent"] != true {
+        assert!(Instant::now() < deadline, "the initial synchronisation did not finish");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn free_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -502,11 +512,7 @@ fn backlog_drain(base: &Path, applier_base: &Path, bs: &str, total: u64, link: O
     // journal backlog alone.
     {
         let _applier = spawn(&["applier", "run", "--dir", adir.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")], &adir.join("control.sock"));
-        let deadline = Instant::now() + Duration::from_secs(300);
-        while status(&vdir)["mirrors"][0]["consistent"] != true {
-            assert!(Instant::now() < deadline, "the initial synchronisation did not finish");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_synchronised(&vdir);
     }
     // The backlog: written while no applier listens.
     let rw = if bs == "1m" { "write" } else { "randwrite" };

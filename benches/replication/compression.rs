@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{control_status, cpu_seconds, free_port, mirrored_volume_to, relay, run, spawn, status};
+use super::{control_status, cpu_seconds, free_port, mirrored_volume_to, relay, run, spawn};
 
 const LINK: u64 = 50_000_000;
 /// A link the compressed drain's machine bound can double (see `ext4_rows`).
@@ -149,11 +149,7 @@ fn drain(base: &Path, data: &Path, setting: &str, link: Option<u64>) -> Drained 
     let listen = format!("127.0.0.1:{port}");
     {
         let _applier = spawn(&["applier", "run", "--dir", adir.to_str().unwrap(), "--listen", &listen], &adir.join("control.sock"));
-        let deadline = Instant::now() + Duration::from_secs(300);
-        while status(&vdir)["mirrors"][0]["consistent"] != true {
-            assert!(Instant::now() < deadline, "the initial synchronisation did not finish");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        super::wait_synchronised(&vdir);
     }
     // The backlog, written while no applier listens.
     let uri = format!("nbd+unix:///bench?socket={}", socket.display());

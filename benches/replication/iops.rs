@@ -293,11 +293,7 @@ fn burst_beside(base: &Path, applier_base: &Path, mirrored: bool, load: Load, pl
     let volume = spawn_on(&["run", "--dir", vdir.to_str().unwrap(), "--nbd", &nbd], &vdir.join("control.sock"), placement.source);
     if mirrored {
         // The burst starts once the new replica's initial synchronisation is over.
-        let deadline = Instant::now() + Duration::from_secs(300);
-        while status(&vdir)["mirrors"][0]["consistent"] != true {
-            assert!(Instant::now() < deadline, "the initial synchronisation did not finish");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        super::wait_synchronised(&vdir);
     }
     let _ = Command::new("sync").status();
     std::thread::sleep(Duration::from_secs(1));

@@ -93,11 +93,7 @@ fn whole_volume_resync(base: &Path, applier_base: &Path) -> (f64, u64, f64) {
     let listen = format!("127.0.0.1:{port}");
     {
         let _applier = spawn(&["applier", "run", "--dir", adir.to_str().unwrap(), "--listen", &listen], &adir.join("control.sock"));
-        let deadline = Instant::now() + Duration::from_secs(300);
-        while status(&vdir)["mirrors"][0]["consistent"] != true {
-            assert!(Instant::now() < deadline, "the initial synchronisation did not finish");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        super::wait_synchronised(&vdir);
     }
     let uri = format!("nbd+unix:///bench?socket={}", socket.display());
     super::fio(&uri, "write", "1m", &[&format!("--size={WHOLE}"), "--end_fsync=1"]);
@@ -167,11 +163,7 @@ fn resync_time(base: &Path, applier_base: &Path) -> (f64, u64) {
     let _applier = spawn(&["applier", "run", "--dir", adir.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")], &adir.join("control.sock"));
     let _volume = spawn(&["run", "--dir", vdir.to_str().unwrap(), "--nbd", &format!("unix:{}", socket.display())], &vdir.join("control.sock"));
     let uri = format!("nbd+unix:///bench?socket={}", socket.display());
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while status(&vdir)["mirrors"][0]["consistent"] != true {
-        assert!(Instant::now() < deadline, "the initial synchronisation did not finish");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    super::wait_synchronised(&vdir);
     // The outage: 256 MiB written sequentially in 1 MiB writes, four times the journal.
     relay.partition(true);
     super::fio(&uri, "write", "1m", &["--size=256m", "--io_size=256m", "--end_fsync=1"]);
