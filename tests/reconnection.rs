@@ -48,6 +48,11 @@ fn an_applier_that_is_away_is_tried_every_few_seconds() {
     eprintln!("first Initial after {first:?}; {} datagrams from {} attempts; widest gap {widest:?}", arrivals.len(), attempts.len());
     assert!(widest <= Duration::from_millis(3000), "the sender went {widest:?} without trying: {arrivals:?}");
     assert!(attempts.len() >= 2, "one attempt held for the whole outage: {arrivals:?}");
+    // `reconnects` counts the lost connection and the outage's first failed attempt, not
+    // every attempt; the last error says why.
+    let mirror = status_json(&vdir)["mirrors"][0].clone();
+    assert_eq!(mirror["reconnects"], 2, "{mirror}");
+    assert!(mirror["last_error"].as_str().unwrap_or_default().starts_with("no answer from 127.0.0.1:"), "{mirror}");
     let _applier = Applier::start(&adir, port);
     wait_all_consistent(&vdir, 1);
     let log = served.log_text();

@@ -106,6 +106,7 @@ impl Sender {
         };
         let mut backoff = Duration::from_millis(200);
         let mut unanswered_logged: Option<Instant> = None;
+        let mut unanswered_before = false;
         let mut disconnected_since: Option<Instant> = None;
         let mut was_tracking = !matches!(self.hold.state(), HoldState::Streaming { .. });
         // The host's idle CPU between sessions: how much a backlog found at the next
@@ -149,7 +150,15 @@ impl Sender {
                 if let Err(error) = checkpoints::save(&self.dir, &self.config.name, saved) {
                     tracing::warn!(mirror = %self.config.name, %error, "could not save mirror state");
                 }
-                status.disconnect(result.as_ref().err().map(|error| crate::describe(error)));
+                let unanswered = matches!(result, Err(LinkError::Unanswered { .. }));
+                let error = result.as_ref().err().map(|error| crate::describe(error));
+                match error {
+                    // `reconnects` counts failures, not each attempt at an applier that
+                    // stays away (one every 5 s).
+                    Some(error) if unanswered && unanswered_before => status.still_disconnected(error),
+                    error => status.disconnect(error),
+                }
+                unanswered_before = unanswered;
             }
             let unanswered = matches!(result, Err(LinkError::Unanswered { .. }));
             match result {

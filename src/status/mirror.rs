@@ -378,6 +378,15 @@ impl MirrorStatus {
 
     /// The connection ended, cleanly (`error` None) or not; allowed from every state. A
     /// mirror with a dirty map (tracking, or a resync that did not finish) tracks on.
+    /// Another attempt failed like the one before (an applier that stays unreachable): the
+    /// error is kept, `reconnects` not counted again.
+    pub fn still_disconnected(&mut self, error: String) {
+        if self.connected {
+            return self.disconnect(Some(error));
+        }
+        self.last_error = Some(error);
+    }
+
     pub fn disconnect(&mut self, error: Option<String>) {
         self.connected = false;
         self.state = match self.state {
@@ -398,6 +407,17 @@ impl MirrorStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn attempts_at_an_applier_that_stays_away_count_once() {
+        let mut status = MirrorStatus::default();
+        status.disconnect(Some("connection lost".into()));
+        status.still_disconnected("no answer".into());
+        status.still_disconnected("no answer again".into());
+        assert_eq!(status.reconnects, 1);
+        assert_eq!(status.last_error.as_deref(), Some("no answer again"));
+        assert_eq!(status.state, MirrorState::Disconnected);
+    }
 
     #[test]
     fn transitions_follow_the_mirror_history() {
