@@ -16,19 +16,20 @@ use crate::protocol::transport;
 use crate::protocol::wire::{self, Hello};
 use crate::volume::Volume;
 
-/// How long one connection attempt waits for the applier's answer at most (never longer than
-/// the idle timeout). quinn resends an unanswered Initial after 1 s, then 2 s, 4 s, 8 s: an
-/// attempt begun while the applier was down would complete only at its next resend, up to 8 s
-/// after the applier came back. Attempts bounded at 5 s (Initials at 0, 1 and 3 s), each
-/// followed at once by the next (`Sender::run` does not back off after one), find a returning
-/// applier within about 2 s. 5 s is still several round trips of any link a mirror can use.
+/// How long one connection attempt of a sender waits for the applier's answer at most
+/// (never longer than the idle timeout). quinn resends an unanswered Initial after 1 s, then
+/// 2 s, 4 s, 8 s: an attempt begun while the applier was down would complete only at its next
+/// resend, up to 8 s after the applier came back. Attempts bounded at 5 s (Initials at 0, 1
+/// and 3 s), each followed at once by the next (`Sender::run` does not back off after one),
+/// find a returning applier within about 2 s. One-shot callers (a switchover, a restore),
+/// which do not try again, wait the whole idle timeout instead.
 pub(super) const HANDSHAKE_ATTEMPT: Duration = Duration::from_secs(5);
 
 /// A QUIC connection to the applier at `address` (HOST:PORT), pinned by its fingerprint and
 /// authenticated with `identity`, opened with the TLS `server_name` (`"applier"`, or a
 /// sender's, see `transport::sender_server_name`). The endpoint is returned to be kept while
-/// the connection is. An applier that does not answer within `HANDSHAKE_ATTEMPT` (or the idle
-/// timeout, if shorter) is `LinkError::Unanswered`.
+/// the connection is. An applier that does not answer within `attempt` (or the idle timeout,
+/// if shorter) is `LinkError::Unanswered`.
 pub(super) async fn connect(
     identity: &tls::Identity,
     address: &str,
@@ -36,13 +37,14 @@ pub(super) async fn connect(
     idle_timeout: Duration,
     congestion: transport::Congestion,
     server_name: &str,
+    attempt: Duration,
 ) -> Result<(quinn::Endpoint, quinn::Connection), LinkError> {
     let resolved: SocketAddr = tokio::net::lookup_host(address).await?.next().ok_or_else(|| LinkError::Protocol(format!("cannot resolve {address}")))?;
     let local: SocketAddr = if resolved.is_ipv4() { "0.0.0.0:0".parse().expect("addr") } else { "[::]:0".parse().expect("addr") };
     let mut endpoint = transport::endpoint(local, None)?;
     endpoint.set_default_client_config(transport::client_config(identity, fingerprint, idle_timeout, congestion)?);
     let connecting = endpoint.connect(resolved, server_name)?;
-    let bound = HANDSHAKE_ATTEMPT.min(idle_timeout);
+    let bound = attempt.min(idle_timeout);
     match tokio::time::timeout(bound, connecting).await {
         Ok(connection) => Ok((endpoint, connection?)),
         Err(_) => Err(LinkError::Unanswered { address: address.to_string(), waited: bound }),

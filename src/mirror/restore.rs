@@ -126,7 +126,8 @@ async fn fetch(
     store: &Store,
     check: impl Fn(u64) -> Result<(), String>,
 ) -> Result<(u64, u64, u64, u64), LinkError> {
-    let (_endpoint, connection) = super::link::connect(identity, from, fingerprint, std::time::Duration::from_secs(15), Default::default(), "applier").await?;
+    const IDLE: std::time::Duration = std::time::Duration::from_secs(15);
+    let (_endpoint, connection) = super::link::connect(identity, from, fingerprint, IDLE, Default::default(), "applier", IDLE).await?;
     let (mut send, mut recv) = connection.open_bi().await?;
     write_control(&mut send, &Control::RestoreStart { hello: hello.clone() }).await?;
     let lsn = match read_frame(&mut recv).await? {

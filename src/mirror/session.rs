@@ -1,7 +1,8 @@
 //! One mirror's sender, inside `run`: connects to the applier, says who it is, and streams
 //! the volume's journal from the applier's `received` checkpoint — only records already
 //! durable at the source (so a replica never holds a write the source could lose), with a
-//! bounded window of unacknowledged bytes — and reconnects with backoff after any failure.
+//! bounded window of unacknowledged bytes — and reconnects after any failure: with backoff,
+//! or at once after an attempt the applier did not answer (`link::HANDSHAKE_ATTEMPT`).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -144,13 +145,15 @@ impl Sender {
             };
             {
                 let mut status = lock(&self.status);
-                // Persist the last checkpoints the applier acknowledged (saves are throttled
-                // while streaming).
-                let saved = Checkpoints { received_lsn: status.received_lsn, applied_lsn: status.applied_lsn };
-                if let Err(error) = checkpoints::save(&self.dir, &self.config.name, saved) {
-                    tracing::warn!(mirror = %self.config.name, %error, "could not save mirror state");
-                }
                 let unanswered = matches!(result, Err(LinkError::Unanswered { .. }));
+                // Persist the last checkpoints the applier acknowledged (saves are throttled
+                // while streaming); an attempt that found nobody changed none.
+                let saved = Checkpoints { received_lsn: status.received_lsn, applied_lsn: status.applied_lsn };
+                if !(unanswered && unanswered_before) {
+                    if let Err(error) = checkpoints::save(&self.dir, &self.config.name, saved) {
+                        tracing::warn!(mirror = %self.config.name, %error, "could not save mirror state");
+                    }
+                }
                 let error = result.as_ref().err().map(|error| crate::describe(error));
                 match error {
                     // `reconnects` counts failures, not each attempt at an applier that
@@ -233,6 +236,7 @@ impl Sender {
             self.config.idle_timeout(),
             self.config.congestion.unwrap_or_default(),
             &server_name,
+            super::link::HANDSHAKE_ATTEMPT,
         )
         .await?;
         let result = self.session_on(&connection, idle_before).await;

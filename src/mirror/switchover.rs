@@ -101,8 +101,16 @@ async fn ask(
     asked: &std::sync::atomic::AtomicBool,
 ) -> Result<SwitchedOver, LinkError> {
     let identity = tls::Identity::load(&volume.dir().identity())?;
-    let (_endpoint, connection) =
-        connect(&identity, &mirror.address, &mirror.fingerprint, mirror.idle_timeout(), mirror.congestion.unwrap_or_default(), "applier").await?;
+    let (_endpoint, connection) = connect(
+        &identity,
+        &mirror.address,
+        &mirror.fingerprint,
+        mirror.idle_timeout(),
+        mirror.congestion.unwrap_or_default(),
+        "applier",
+        mirror.idle_timeout(),
+    )
+    .await?;
     let (mut send, mut recv) = connection.open_bi().await?;
     let message = Control::Switchover {
         hello: hello_of(volume),

@@ -96,31 +96,26 @@ pub fn endpoint(address: std::net::SocketAddr, server: Option<quinn::ServerConfi
 /// sender still talking to its predecessor with a reset the sender believes, and the sender
 /// reconnects at once instead of after its idle timeout (15 s by default).
 pub fn applier_endpoint(address: std::net::SocketAddr, server: quinn::ServerConfig, identity: &Identity) -> std::io::Result<quinn::Endpoint> {
-    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &identity_secret(identity, b"stateless reset key"));
-    let mut config = quinn::EndpointConfig::new(Arc::new(reset_key));
-    // The connection ids it hands out carry a keyed hash that quinn checks before it answers
-    // a packet with a reset: with a random key per start, a restarted applier would drop the
-    // packets of its predecessor's connections as invalid instead.
-    let mut cid_key = [0u8; 8];
-    cid_key.copy_from_slice(&identity_secret(identity, b"connection id key")[..8]);
-    let cid_key = u64::from_le_bytes(cid_key);
-    config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    let mut config = quinn::EndpointConfig::new(Arc::new(stateless_reset_key(identity)));
+    // quinn's default connection ids carry a keyed hash it checks before answering a packet
+    // with a reset; with a key per start, a restarted applier dropped its predecessor's
+    // packets instead. A key kept across starts would not do either: those ids have 2^24
+    // values per key, and the key shows in them, so anyone could collect the reset token of
+    // every id the applier will ever use. Random 16-byte ids instead: a reset is only ever
+    // issued for an id no live connection has, and nobody can guess a future one.
+    config.cid_generator(|| Box::new(quinn_proto::RandomConnectionIdGenerator::new(CONNECTION_ID_BYTES)));
     endpoint_with(address, Some(server), config)
 }
 
-/// A secret of `identity` for `purpose`, the same at every start: the reset tokens (RFC
-/// 9000, 10.3) and connection ids of the applier's endpoint. Derived from its private key,
-/// which is secret and kept: a reset token must not be guessable by anyone who could end
-/// a connection with a forged reset.
-fn identity_secret(identity: &Identity, purpose: &[u8]) -> [u8; 32] {
+/// The length of the applier's connection ids (QUIC allows up to 20).
+const CONNECTION_ID_BYTES: usize = 16;
+
+/// The key of the applier's stateless reset tokens (RFC 9000, 10.3), the same at every start
+/// of one identity: derived from its private key, which is secret and kept.
+fn stateless_reset_key(identity: &Identity) -> ring::hmac::Key {
     use sha2::Digest;
-    sha2::Sha256::new()
-        .chain_update(b"ublk-mirror QUIC endpoint v1\0")
-        .chain_update(purpose)
-        .chain_update(b"\0")
-        .chain_update(identity.key.secret_der())
-        .finalize()
-        .into()
+    let secret = sha2::Sha256::new().chain_update(b"ublk-mirror QUIC stateless reset key v1\0").chain_update(identity.key.secret_der()).finalize();
+    ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret)
 }
 
 fn endpoint_with(address: std::net::SocketAddr, server: Option<quinn::ServerConfig>, mut config: quinn::EndpointConfig) -> std::io::Result<quinn::Endpoint> {

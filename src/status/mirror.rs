@@ -376,8 +376,6 @@ impl MirrorStatus {
         }
     }
 
-    /// The connection ended, cleanly (`error` None) or not; allowed from every state. A
-    /// mirror with a dirty map (tracking, or a resync that did not finish) tracks on.
     /// Another attempt failed like the one before (an applier that stays unreachable): the
     /// error is kept, `reconnects` not counted again.
     pub fn still_disconnected(&mut self, error: String) {
@@ -387,6 +385,8 @@ impl MirrorStatus {
         self.last_error = Some(error);
     }
 
+    /// The connection ended, cleanly (`error` None) or not; allowed from every state. A
+    /// mirror with a dirty map (tracking, or a resync that did not finish) tracks on.
     pub fn disconnect(&mut self, error: Option<String>) {
         self.connected = false;
         self.state = match self.state {

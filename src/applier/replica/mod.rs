@@ -106,6 +106,9 @@ pub struct Replica {
     checkpoint_begun_lsn: u64,
     /// While a resync runs: where records and region contents go instead of the image.
     stage: Option<stage::Stage>,
+    /// The thread closing the last committed stage (freeing its blocks): joined before a new
+    /// stage is sized against the free space.
+    closing_stage: Option<std::thread::JoinHandle<()>>,
     /// Chunks the running resync stored so far.
     chunks_stored: u64,
     /// Snapshots taken at markers; every image write goes through them first.
@@ -239,6 +242,7 @@ impl Replica {
             unsynced_bytes: 0,
             checkpoint_begun_lsn: applied_unsynced,
             stage: None,
+            closing_stage: None,
             chunks_stored: 0,
             snapshots,
             keep_snapshots: super::snapshot::DEFAULT_KEEP,
