@@ -7,6 +7,17 @@ use common::*;
 
 use std::time::{Duration, Instant};
 
+/// A volume served and replicating to an applier, which is then killed (-9): (applier dir,
+/// volume dir, the applier's port, the served volume).
+fn replicating_then_applier_killed(tmp: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, u16, Served) {
+    let (adir, vdir, port) = setup(tmp, None);
+    let mut applier = Applier::start(&adir, port);
+    let served = Served::start(&vdir, &[]);
+    wait_all_consistent(&vdir, 1);
+    applier.kill9();
+    (adir, vdir, port, served)
+}
+
 /// While its applier is away, the sender keeps trying often enough that a returning applier
 /// is found within seconds: quinn alone resends an unanswered connection attempt after 1, 2,
 /// 4 and 8 s, so one attempt that lasted the idle timeout (15 s by default) found the applier
@@ -17,11 +28,7 @@ use std::time::{Duration, Instant};
 #[test]
 fn an_applier_that_is_away_is_tried_every_few_seconds() {
     let tmp = tempfile::tempdir().unwrap();
-    let (adir, vdir, port) = setup(tmp.path(), None);
-    let mut applier = Applier::start(&adir, port);
-    let served = Served::start(&vdir, &[]);
-    wait_all_consistent(&vdir, 1);
-    applier.kill9();
+    let (adir, vdir, port, served) = replicating_then_applier_killed(tmp.path());
     // The open connection dies of its idle timeout (nobody answers at the port).
     let deadline = Instant::now() + Duration::from_secs(30);
     while status_json(&vdir)["mirrors"][0]["connected"] == true {
@@ -67,11 +74,7 @@ fn an_applier_that_is_away_is_tried_every_few_seconds() {
 #[test]
 fn a_restarted_applier_resets_the_connection_its_predecessor_had() {
     let tmp = tempfile::tempdir().unwrap();
-    let (adir, vdir, port) = setup(tmp.path(), None);
-    let mut applier = Applier::start(&adir, port);
-    let served = Served::start(&vdir, &[]);
-    wait_all_consistent(&vdir, 1);
-    applier.kill9();
+    let (adir, vdir, port, served) = replicating_then_applier_killed(tmp.path());
     let restarted = Instant::now();
     let _applier = Applier::start(&adir, port);
     let deadline = Instant::now() + Duration::from_secs(60);
