@@ -151,7 +151,7 @@ impl Applier {
                 Ok(found) => found,
                 Err(error) => {
                     // Tell the source why (e.g. an attached image of the wrong size).
-                    let refusal = Refusal::Other(format!("cannot open the replica of {name}: {error:#}"));
+                    let refusal = Refusal::Other(format!("cannot open the replica of {name}: {}", crate::describe(&error)));
                     return Err(refuse(&connection, &mut send, refusal).await);
                 }
             }

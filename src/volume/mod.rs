@@ -412,7 +412,7 @@ impl Volume {
 impl Drop for Volume {
     fn drop(&mut self) {
         if let Err(error) = self.shutdown() {
-            tracing::error!(error = %format!("{error:#}"), "volume shutdown");
+            tracing::error!(error = %crate::describe(&error), "volume shutdown");
         }
     }
 }

@@ -208,7 +208,7 @@ fn accept_loop(listener: Listener, volume: Export, export_name: String, tls: Opt
         let tls = tls.clone();
         let thread = std::thread::Builder::new().name("nbd-conn".into()).spawn(move || {
             if let Err(error) = serve_connection(stream, &volume, &export_name, tls.as_ref()) {
-                tracing::warn!(%peer, error = %format!("{error:#}"), "NBD connection closed");
+                tracing::warn!(%peer, error = %crate::describe(&error), "NBD connection closed");
             }
         });
         if let Ok(thread) = thread {
