@@ -363,6 +363,22 @@ fn spawn_on(args: &[&str], ready: &Path, cpu: Option<usize>) -> Daemon {
     Daemon(child)
 }
 
+/// Starts the applier in `adir`, listening on `listen` (HOST:PORT).
+fn spawn_applier(adir: &Path, listen: &str) -> Daemon {
+    spawn(&["applier", "run", "--dir", adir.to_str().unwrap(), "--listen", listen], &adir.join("control.sock"))
+}
+
+/// Serves `vdir` over NBD on the Unix socket `socket` and runs its applier (`adir`, on
+/// `listen`) until the new replica's initial synchronisation is over, so what a row times
+/// next is its own work. The applier is stopped again; the running volume is returned.
+fn serve_synchronised(vdir: &Path, adir: &Path, socket: &Path, listen: &str) -> Daemon {
+    let _ = std::fs::remove_file(socket);
+    let volume = spawn(&["run", "--dir", vdir.to_str().unwrap(), "--nbd", &format!("unix:{}", socket.display())], &vdir.join("control.sock"));
+    let _applier = spawn_applier(adir, listen);
+    wait_synchronised(vdir);
+    volume
+}
+
 /// Waits (at most 300 s) until the first mirror of `vdir` is consistent: its replica's
 /// initial synchronisation is over.
 fn wait_synchronised(vdir: &Path) {
@@ -506,14 +522,10 @@ fn backlog_drain(base: &Path, applier_base: &Path, bs: &str, total: u64, link: O
     let name = if relay.is_some() { format!("wan-{bs}") } else { format!("drain-{bs}") };
     let (vdir, adir) = mirrored_volume_to(base, applier_base, &name, "3G", &to);
     let socket = base.join("drain.sock");
-    let _ = std::fs::remove_file(&socket);
-    let volume = spawn(&["run", "--dir", vdir.to_str().unwrap(), "--nbd", &format!("unix:{}", socket.display())], &vdir.join("control.sock"));
+    let listen = format!("127.0.0.1:{port}");
     // The new (empty) replica's initial synchronisation first, so what is timed below is the
     // journal backlog alone.
-    {
-        let _applier = spawn(&["applier", "run", "--dir", adir.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")], &adir.join("control.sock"));
-        wait_synchronised(&vdir);
-    }
+    let volume = serve_synchronised(&vdir, &adir, &socket, &listen);
     // The backlog: written while no applier listens.
     let rw = if bs == "1m" { "write" } else { "randwrite" };
     // New random bytes for every write: fio's default reuses a few barely changed buffers,
@@ -521,7 +533,7 @@ fn backlog_drain(base: &Path, applier_base: &Path, bs: &str, total: u64, link: O
     // to nothing; these rows measure incompressible data (row 6 measures compressible data).
     fio(&format!("nbd+unix:///bench?socket={}", socket.display()), rw, bs, &["--size=2g", &format!("--io_size={total}"), "--refill_buffers"]);
     let last = status(&vdir)["volume"]["last_lsn"].as_u64().unwrap();
-    let applier = spawn(&["applier", "run", "--dir", adir.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")], &adir.join("control.sock"));
+    let applier = spawn_applier(&adir, &listen);
     // The clock starts when the sender is connected (its reconnect backoff, up to 5 s while
     // the applier was down, is not the drain's speed); records applied by then are not counted.
     let socket = vdir.join("control.sock");

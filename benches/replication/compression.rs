@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{control_status, cpu_seconds, free_port, mirrored_volume_to, relay, run, spawn};
+use super::{control_status, cpu_seconds, free_port, mirrored_volume_to, relay, run};
 
 const LINK: u64 = 50_000_000;
 /// A link the compressed drain's machine bound can double (see `ext4_rows`).
@@ -144,13 +144,8 @@ fn drain(base: &Path, data: &Path, setting: &str, link: Option<u64>) -> Drained 
     let (vdir, adir) = mirrored_volume_to(base, base, &name, "1G", &relay.address().to_string());
     run(&["mirror", "set", "--dir", vdir.to_str().unwrap(), "--compression", setting]);
     let socket = base.join("compress.sock");
-    let _ = std::fs::remove_file(&socket);
-    let volume = spawn(&["run", "--dir", vdir.to_str().unwrap(), "--nbd", &format!("unix:{}", socket.display())], &vdir.join("control.sock"));
     let listen = format!("127.0.0.1:{port}");
-    {
-        let _applier = spawn(&["applier", "run", "--dir", adir.to_str().unwrap(), "--listen", &listen], &adir.join("control.sock"));
-        super::wait_synchronised(&vdir);
-    }
+    let volume = super::serve_synchronised(&vdir, &adir, &socket, &listen);
     // The backlog, written while no applier listens.
     let uri = format!("nbd+unix:///bench?socket={}", socket.display());
     let ok = Command::new("qemu-img")
@@ -169,7 +164,7 @@ fn drain(base: &Path, data: &Path, setting: &str, link: Option<u64>) -> Drained 
     let last = before["volume"]["last_lsn"].as_u64().unwrap();
     let counters = |s: &serde_json::Value| (s["mirrors"][0]["sent_bytes"].as_u64().unwrap_or(0), s["mirrors"][0]["payload_bytes"].as_u64().unwrap_or(0));
     let stat = format!("/proc/{}/stat", volume.0.id());
-    let applier = spawn(&["applier", "run", "--dir", adir.to_str().unwrap(), "--listen", &listen], &adir.join("control.sock"));
+    let applier = super::spawn_applier(&adir, &listen);
     while control_status(&control)["mirrors"][0]["connected"] != true {
         std::thread::sleep(Duration::from_millis(5));
     }

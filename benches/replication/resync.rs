@@ -88,17 +88,12 @@ fn whole_volume_resync(base: &Path, applier_base: &Path) -> (f64, u64, f64) {
     let port = free_port();
     let (vdir, adir) = mirrored_volume_to(base, applier_base, "resync-whole", "256M", &format!("127.0.0.1:{port}"));
     let socket = base.join("resync-whole.sock");
-    let _ = std::fs::remove_file(&socket);
-    let _volume = spawn(&["run", "--dir", vdir.to_str().unwrap(), "--nbd", &format!("unix:{}", socket.display())], &vdir.join("control.sock"));
     let listen = format!("127.0.0.1:{port}");
-    {
-        let _applier = spawn(&["applier", "run", "--dir", adir.to_str().unwrap(), "--listen", &listen], &adir.join("control.sock"));
-        super::wait_synchronised(&vdir);
-    }
+    let _volume = super::serve_synchronised(&vdir, &adir, &socket, &listen);
     let uri = format!("nbd+unix:///bench?socket={}", socket.display());
     super::fio(&uri, "write", "1m", &[&format!("--size={WHOLE}"), "--end_fsync=1"]);
     let dirty = status(&vdir)["mirrors"][0]["dirty_bytes"].as_u64().unwrap_or(0);
-    let _applier = spawn(&["applier", "run", "--dir", adir.to_str().unwrap(), "--listen", &listen], &adir.join("control.sock"));
+    let _applier = super::spawn_applier(&adir, &listen);
     // From the connection on (the sender's reconnect backoff is not the resync's pace).
     let deadline = Instant::now() + Duration::from_secs(60);
     while status(&vdir)["mirrors"][0]["connected"] != true {
@@ -160,7 +155,7 @@ fn resync_time(base: &Path, applier_base: &Path) -> (f64, u64) {
     let (vdir, adir) = mirrored_volume_to(base, applier_base, "resync", "64M", &relay.address().to_string());
     let socket = base.join("resync.sock");
     let _ = std::fs::remove_file(&socket);
-    let _applier = spawn(&["applier", "run", "--dir", adir.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")], &adir.join("control.sock"));
+    let _applier = super::spawn_applier(&adir, &format!("127.0.0.1:{port}"));
     let _volume = spawn(&["run", "--dir", vdir.to_str().unwrap(), "--nbd", &format!("unix:{}", socket.display())], &vdir.join("control.sock"));
     let uri = format!("nbd+unix:///bench?socket={}", socket.display());
     super::wait_synchronised(&vdir);
