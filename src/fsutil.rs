@@ -247,10 +247,10 @@ pub fn write_direct_all_at(file: &File, data: &[u8], offset: u64) -> io::Result<
         return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("a direct write of {} bytes at {offset} is not aligned", data.len())));
     }
     DIRECT_WRITE_BOUNCE.with_borrow_mut(|bounce| {
-        let bounce = bounce.get_or_insert_with(|| AlignedBuffer::new(DIRECT_READ_PIECE));
-        for (index, piece) in data.chunks(DIRECT_READ_PIECE).enumerate() {
+        let bounce = bounce.get_or_insert_with(|| AlignedBuffer::new(DIRECT_PIECE));
+        for (index, piece) in data.chunks(DIRECT_PIECE).enumerate() {
             bounce[..piece.len()].copy_from_slice(piece);
-            file.write_all_at(&bounce[..piece.len()], offset + (index * DIRECT_READ_PIECE) as u64)?;
+            file.write_all_at(&bounce[..piece.len()], offset + (index * DIRECT_PIECE) as u64)?;
         }
         Ok(())
     })
@@ -258,7 +258,7 @@ pub fn write_direct_all_at(file: &File, data: &[u8], offset: u64) -> io::Result<
 
 /// Bounce buffer size of [`read_direct_exact_at`] and [`write_direct_all_at`] (larger I/O
 /// goes in pieces).
-const DIRECT_READ_PIECE: usize = 1 << 20;
+const DIRECT_PIECE: usize = 1 << 20;
 
 thread_local! {
     /// One aligned bounce buffer per scanning thread, made at its first direct read.
@@ -271,14 +271,14 @@ thread_local! {
 /// Reading past the end is `UnexpectedEof`, as `read_exact_at`.
 pub fn read_direct_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
     DIRECT_BOUNCE.with_borrow_mut(|bounce| {
-        let bounce = bounce.get_or_insert_with(|| AlignedBuffer::new(DIRECT_READ_PIECE));
+        let bounce = bounce.get_or_insert_with(|| AlignedBuffer::new(DIRECT_PIECE));
         let align = DIRECT_ALIGN as u64;
         let mut done = 0usize;
         while done < buf.len() {
             let at = offset + done as u64;
             let start = at - at % align;
             let skip = (at - start) as usize;
-            let wanted = (buf.len() - done).min(DIRECT_READ_PIECE - skip);
+            let wanted = (buf.len() - done).min(DIRECT_PIECE - skip);
             let cover = (skip + wanted).next_multiple_of(DIRECT_ALIGN);
             let mut got = 0usize;
             // A short read ends at the end of the file (its last partial block counts).

@@ -106,8 +106,8 @@ impl Sender {
             }
         };
         let mut backoff = Duration::from_millis(200);
+        // When an applier that does not answer was last logged; None once one answers.
         let mut unanswered_logged: Option<Instant> = None;
-        let mut unanswered_before = false;
         let mut disconnected_since: Option<Instant> = None;
         let mut was_tracking = !matches!(self.hold.state(), HoldState::Streaming { .. });
         // The host's idle CPU between sessions: how much a backlog found at the next
@@ -136,7 +136,10 @@ impl Sender {
                 return;
             }
             let _ = away.sample();
-            if !matches!(result, Err(LinkError::Unanswered { .. })) {
+            let unanswered = matches!(result, Err(LinkError::Unanswered { .. }));
+            // Another attempt at an applier that stayed away (the first of the run was logged).
+            let unanswered_again = unanswered && unanswered_logged.is_some();
+            if !unanswered {
                 unanswered_logged = None;
             }
             disconnected_since = match &result {
@@ -145,11 +148,10 @@ impl Sender {
             };
             {
                 let mut status = lock(&self.status);
-                let unanswered = matches!(result, Err(LinkError::Unanswered { .. }));
                 // Persist the last checkpoints the applier acknowledged (saves are throttled
                 // while streaming); an attempt that found nobody changed none.
                 let saved = Checkpoints { received_lsn: status.received_lsn, applied_lsn: status.applied_lsn };
-                if !(unanswered && unanswered_before) {
+                if !unanswered_again {
                     if let Err(error) = checkpoints::save(&self.dir, &self.config.name, saved) {
                         tracing::warn!(mirror = %self.config.name, %error, "could not save mirror state");
                     }
@@ -158,12 +160,10 @@ impl Sender {
                 match error {
                     // `reconnects` counts failures, not each attempt at an applier that
                     // stays away (one every 5 s).
-                    Some(error) if unanswered && unanswered_before => status.still_disconnected(error),
+                    Some(error) if unanswered_again => status.still_disconnected(error),
                     error => status.disconnect(error),
                 }
-                unanswered_before = unanswered;
             }
-            let unanswered = matches!(result, Err(LinkError::Unanswered { .. }));
             match result {
                 // An applier that stays away: one line when it starts and one a minute, not
                 // one per attempt.
