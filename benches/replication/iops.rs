@@ -326,19 +326,24 @@ fn burst_beside(base: &Path, applier_base: &Path, mirrored: bool, load: Load, pl
     Burst { iops: fio.iops, bandwidth: fio.bandwidth, catch_up: Some(CatchUp { behind, state, seconds, cpu, records: last - first_lsn }), raw: None }
 }
 
-/// Writes every byte of the (not yet running) volume's backing file with fresh random data,
-/// makes it durable, and drops it from the page cache (GNU dd's `iflag=nocache count=0`).
+/// Writes every byte of the (not yet running) volume's backing file with fresh random data
+/// in 4 KiB buffered writes and makes it durable, leaving it in the page cache in 4 KiB
+/// folios: as the backing file of a volume in service (buffered backing writes keep what
+/// they wrote cached), and the same for both bursts of a comparison. A cold file made every
+/// first write of a page allocate one, and on this VM a page the kernel has handed back to
+/// the host (free page reporting, 2 s after it was freed) costs about 12 us to touch again
+/// (`copy_folio_from_iter_atomic`; measured with plain `pwrite`s: 3.2 ms per MiB against
+/// 0.16 for cached pages). That cost fell unevenly on the bursts: more of it on the slower
+/// one, the live mirror's, whose writes are a larger share of first touches.
 fn prefill(backing: &Path) {
     let size = std::fs::metadata(backing).unwrap_or_else(|e| panic!("{}: {e}", backing.display())).len();
     let file = format!("--filename={}", backing.display());
     let status = Command::new("fio")
-        .args(["--name=prefill", "--ioengine=psync", &file, "--rw=write", "--bs=1m", &format!("--size={size}"), "--refill_buffers", "--end_fsync=1"])
+        .args(["--name=prefill", "--ioengine=psync", &file, "--rw=write", "--bs=4k", &format!("--size={size}"), "--refill_buffers", "--end_fsync=1"])
         .stdout(std::process::Stdio::null())
         .status()
         .expect("fio (apt-get install -y fio)");
     assert!(status.success(), "fio could not fill {}", backing.display());
-    let dropped = Command::new("dd").arg(format!("if={}", backing.display())).args(["iflag=nocache", "count=0", "status=none"]).status();
-    assert!(dropped.is_ok_and(|s| s.success()), "dd could not drop {} from the page cache", backing.display());
 }
 
 /// Gives the applier a copy of the pre-filled backing file as the replica (`applier replica
@@ -346,18 +351,19 @@ fn prefill(backing: &Path) {
 /// from a mirror in sync, as a long-established one is. Copying 2 GiB through loopback QUIC
 /// first left this VM's page allocations slow for a while, whatever wrote afterwards (fio
 /// psync 4 KiB writes to an unrelated file: 195k IOPS before, 112k after), which would be
-/// charged to the live mirror.
+/// charged to the live mirror. The copy is made with O_DIRECT for the same reason: `cp`
+/// filled and then freed 2 GiB of page cache before the live burst only (its backing file's
+/// writes then cost 18% of the source's CPU in `copy_folio_from_iter_atomic`, against 3% in
+/// the burst without a mirror).
 fn seed(backing: &Path, adir: &Path) {
     let image = adir.join("seed.img");
-    let copied = Command::new("cp").arg("--sparse=always").arg(backing).arg(&image).status();
-    assert!(copied.is_ok_and(|s| s.success()), "could not copy {} to {}", backing.display(), image.display());
+    let copied = Command::new("dd")
+        .arg(format!("if={}", backing.display()))
+        .arg(format!("of={}", image.display()))
+        .args(["bs=1M", "iflag=direct", "oflag=direct", "conv=fsync", "status=none"])
+        .status();
+    assert!(copied.is_ok_and(|s| s.success()), "could not copy {} to {} with O_DIRECT (dd)", backing.display(), image.display());
     run(&["applier", "replica", "add", "--dir", adir.to_str().unwrap(), "--volume", "bench", "--image", image.to_str().unwrap()]);
-    // Both files leave the page cache whole: cp's buffered reads of the backing file left
-    // readahead's large folios there, and 4 KiB writes into them are slow (`Store::read_for_scan`).
-    for file in [backing, image.as_path()] {
-        let dropped = Command::new("dd").arg(format!("if={}", file.display())).args(["iflag=nocache", "count=0", "status=none"]).status();
-        assert!(dropped.is_ok_and(|s| s.success()), "dd could not drop {} from the page cache", file.display());
-    }
 }
 
 /// With BENCH_PERF=DIR, a CPU profile of the source's CPU (`perf record -e cpu-clock -g`) for
