@@ -15,6 +15,7 @@ pub mod placement;
 mod preparer;
 pub mod range;
 mod reader;
+mod recent;
 mod recovery;
 mod retention;
 mod table;
@@ -34,6 +35,7 @@ pub use format::{RecordHeader, RecordKind, BLOCK_SIZE, FLAG_FUA, RECORD_HEADER_S
 pub use ledger::Backlog;
 use ledger::Ledger;
 pub use reader::JournalReader;
+pub use recent::{Following, RECENT_BYTES};
 pub use recovery::{RecoveryMode, RecoveryReport};
 pub use retention::{Hold, HoldSpec, HoldState, OnFull, Retention, BRANCH_HOLD};
 use table::{initialise_segment_file, SegmentTable};
@@ -140,6 +142,10 @@ pub struct Journal {
     active_file: Mutex<Option<Arc<File>>>,
     /// Payload bytes and append times of the retained records, for lag.
     ledger: Mutex<Ledger>,
+    /// Records just written, for readers that follow the writer (`recent.rs`).
+    recent: Mutex<recent::RecentRecords>,
+    /// Whether any reader follows (`recent` is not even locked otherwise).
+    keeping_recent: AtomicBool,
 }
 
 impl Journal {
@@ -201,6 +207,8 @@ impl Journal {
             full: AtomicBool::new(false),
             active_file: Mutex::new(None),
             ledger: Mutex::new(ledger),
+            recent: Mutex::default(),
+            keeping_recent: AtomicBool::new(false),
         })
     }
 

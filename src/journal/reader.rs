@@ -17,6 +17,9 @@ pub struct JournalReader {
     journal: Arc<Journal>,
     next_lsn: u64,
     segment: Option<OpenSegment>,
+    /// Where `next_lsn` is when the last record came from memory in a segment not opened
+    /// (segment's first LSN, file offset): opening it then needs no scan.
+    resume: Option<(u64, u64)>,
 }
 
 struct OpenSegment {
@@ -84,7 +87,7 @@ impl OpenSegment {
 impl JournalReader {
     pub fn new(journal: Arc<Journal>, from_lsn: u64) -> Result<Self, JournalError> {
         journal.locate(from_lsn)?;
-        Ok(JournalReader { journal, next_lsn: from_lsn, segment: None })
+        Ok(JournalReader { journal, next_lsn: from_lsn, segment: None, resume: None })
     }
 
     pub fn next_lsn(&self) -> u64 {
@@ -96,10 +99,24 @@ impl JournalReader {
         if self.next_lsn > self.journal.written_lsn() {
             return Ok(None);
         }
+        // Just written and kept in memory while a reader follows the writer (`recent.rs`).
+        if let Some(recent) = self.journal.recent(self.next_lsn) {
+            let next = recent.next_position();
+            match self.segment.as_mut() {
+                Some(segment) if segment.first_lsn == recent.segment => segment.position = next,
+                _ => {
+                    self.segment = None;
+                    self.resume = Some((recent.segment, next));
+                }
+            }
+            self.next_lsn += 1;
+            return Ok(Some(recent.record));
+        }
         loop {
             if self.segment.is_none() {
                 let (path, first_lsn) = self.journal.locate(self.next_lsn)?;
-                self.segment = Some(open_segment_at(&self.journal, &path, first_lsn, self.next_lsn)?);
+                let resume = self.resume.take().filter(|(segment, _)| *segment == first_lsn).map(|(_, position)| position);
+                self.segment = Some(open_segment_at(&self.journal, &path, first_lsn, self.next_lsn, resume)?);
             }
             let segment = self.segment.as_mut().expect("opened above");
             let position = segment.position;
@@ -135,14 +152,18 @@ impl JournalReader {
     }
 }
 
-fn open_segment_at(journal: &Journal, path: &Path, first_lsn: u64, lsn: u64) -> Result<OpenSegment, JournalError> {
+/// Opens the segment starting at `first_lsn` positioned at `lsn`: at `known_position` when
+/// the caller knows where that record is, else found by reading from the segment's start.
+fn open_segment_at(journal: &Journal, path: &Path, first_lsn: u64, lsn: u64, known_position: Option<u64>) -> Result<OpenSegment, JournalError> {
     let file = File::open(path).map_err(io_error(format!("open {}", path.display())))?;
     let mut block = vec![0u8; BLOCK_SIZE];
     file.read_exact_at(&mut block, 0).map_err(io_error(format!("read header of {}", path.display())))?;
     let header = SegmentHeader::decode(&block).map_err(|problem| JournalError::Corrupt(format!("{}: {problem}", path.display())))?;
     let mut segment = OpenSegment { file, header, first_lsn, position: SEGMENT_HEADER_SIZE, ahead: Bytes::new(), ahead_start: 0 };
     // Skip to `lsn` (a reader resuming mid-segment); the segment's first record needs no scan.
-    if lsn > first_lsn {
+    if let Some(position) = known_position {
+        segment.position = position;
+    } else if lsn > first_lsn {
         while let Some(record) = segment.record_at(segment.position, journal)?.filter(|record| record.header.lsn < lsn) {
             segment.position += align_up(record.header.encoded_len() as u64, RECORD_ALIGN);
         }

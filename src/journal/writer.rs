@@ -11,8 +11,9 @@ use std::time::Duration;
 use super::format::{self, segment_file_name, RecordHeader, RecordKind, SegmentHeader, BLOCK_SIZE, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE};
 use super::ledger::LedgerEntry;
 use super::preparer::SegmentPreparer;
+use super::recent::Recent;
 use super::table::{initialise_segment_file, open_segment_for_writing, SegmentEntry, SegmentTable};
-use super::{align_up, io_error, uring, Journal, JournalError, MAX_BATCH_BYTES, RECORD_ALIGN};
+use super::{align_up, io_error, uring, Journal, JournalError, Record, MAX_BATCH_BYTES, RECORD_ALIGN};
 use crate::extent::Extent;
 use crate::fsutil::{self, AlignedBuffer};
 
@@ -81,6 +82,8 @@ pub struct JournalWriter {
     committed_len: usize,
     /// Staged payload pieces written from where they are, in buffer order.
     referenced: Vec<Referenced>,
+    /// Staged records to keep in memory once written, while a reader follows the writer.
+    staged_recent: Vec<Recent>,
     next_lsn: u64,
     last_written_lsn: u64,
     /// The failpoint prefix of this journal's writes (`journal-write`, `applier-journal`).
@@ -103,6 +106,7 @@ impl JournalWriter {
             buffer: AlignedBuffer::new(MAX_BATCH_BYTES + BLOCK_SIZE),
             committed_len: 0,
             referenced: Vec::new(),
+            staged_recent: Vec::new(),
             next_lsn,
             last_written_lsn: next_lsn - 1,
             fault_op: "journal-write",
@@ -208,6 +212,12 @@ impl JournalWriter {
             at += bytes.len();
         }
         debug_assert_eq!(at, start + header.encoded_len());
+        if self.journal.keeping_recent.load(Ordering::Acquire) {
+            if let Some(payload) = kept_payload(payload, payload_len) {
+                let position = self.buffer_file_offset + start as u64;
+                self.staged_recent.push(Recent { record: Record { header, payload }, segment: self.header.first_lsn, position });
+            }
+        }
         self.buffer[at..start + encoded].fill(0);
         self.buffer_len += encoded;
         self.next_lsn += 1;
@@ -239,7 +249,13 @@ impl JournalWriter {
             // (marked clean): drop them, so whatever reads the journal next (recovery after a
             // restart, a reader) sees what the disk holds, not what the cache pretends.
             fsutil::drop_from_cache(&self.file, 0, 0);
+            self.staged_recent.clear();
+            self.journal.lock_recent().clear();
             return Err(io_error(format!("write journal segment {}", self.segment_path.display()))(error));
+        }
+        if !self.staged_recent.is_empty() {
+            // Before `written_lsn` moves: a reader never looks for a record it cannot read.
+            self.journal.lock_recent().extend(self.staged_recent.drain(..));
         }
         self.last_written_lsn = self.next_lsn - 1;
         self.journal.written_lsn.store(self.last_written_lsn, Ordering::Release);
@@ -372,6 +388,18 @@ impl JournalWriter {
         }
         let (table, _) = self.journal.space_freed.wait_timeout_while(table, timeout, |t| !has_space(t)).unwrap_or_else(|poisoned| poisoned.into_inner());
         has_space(&table)
+    }
+}
+
+/// A record's payload as the journal keeps it in memory for readers that follow the writer:
+/// the shared buffer it was given as (no copy), or a copy of a small one; `None` for a large
+/// payload in pieces (its readers read it from the file).
+fn kept_payload(payload: &[impl PayloadPart], payload_len: u64) -> Option<bytes::Bytes> {
+    match payload {
+        [] => Some(bytes::Bytes::new()),
+        [one] if one.shared().is_some() => one.shared().cloned(),
+        _ if payload_len <= BLOCK_SIZE as u64 => Some(payload.iter().flat_map(|part| part.as_ref().iter().copied()).collect()),
+        _ => None,
     }
 }
 

@@ -391,6 +391,9 @@ impl Sender {
     ) -> Result<Ended, LinkError> {
         let journal = self.volume.journal();
         let mut reader = Lookahead::new(JournalReader::new(journal.clone(), received + 1)?);
+        // What the volume journals from now on is read from memory while this session keeps
+        // up, not read back from the segment files.
+        let _following = journal.follow();
         let mut meter = (Instant::now(), lock(&self.status).applied_bytes);
         loop {
             if meter.0.elapsed() >= Duration::from_secs(1) {
