@@ -306,7 +306,9 @@ fn burst_beside(base: &Path, applier_base: &Path, mirrored: bool, load: Load, pl
     let streaming = stream.map(|rate| {
         let base = base.to_path_buf();
         let total = (rate * load.seconds as f64) as u64;
-        std::thread::spawn(move || super::raw_quic(&base, total, 4096, true, Some(rate)))
+        // Written in the burst's block size, as the mirror's payloads are.
+        let write_bytes = block_bytes(load.bs) as usize;
+        std::thread::spawn(move || super::raw_quic(&base, total, write_bytes, true, Some(rate)))
     });
     let fio = super::common::fio_on(placement.source, base, &uri, load.rw, load.bs, 32, load.seconds, &[]);
     drop(profile);
