@@ -168,6 +168,31 @@ pub fn is_hole(file: &File, offset: u64, length: u64) -> bool {
     }
 }
 
+/// How many pages of `file` are in the page cache (mincore over a read-only mapping of the
+/// whole file): what a scan or a write path left behind there.
+pub fn cached_pages(file: &File) -> io::Result<usize> {
+    let length = file.metadata()?.len() as usize;
+    if length == 0 {
+        return Ok(0);
+    }
+    // SAFETY: a read-only shared mapping of an open file, unmapped before returning; only
+    // its residency is asked (mincore), its bytes are never touched.
+    unsafe {
+        let map = libc::mmap(std::ptr::null_mut(), length, libc::PROT_READ, libc::MAP_SHARED, std::os::fd::AsRawFd::as_raw_fd(file), 0);
+        if map == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let mut residency = vec![0u8; length.div_ceil(4096)];
+        let asked = libc::mincore(map, length, residency.as_mut_ptr());
+        let error = io::Error::last_os_error();
+        libc::munmap(map, length);
+        if asked != 0 {
+            return Err(error);
+        }
+        Ok(residency.iter().filter(|&&r| r & 1 == 1).count())
+    }
+}
+
 /// Tells the kernel the range will not be read again soon (a bulk scan such as an initial
 /// synchronisation), so it does not crowd the page cache. Dirty pages stay. Best effort.
 pub fn drop_from_cache(file: &File, offset: u64, length: u64) {

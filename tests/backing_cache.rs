@@ -14,20 +14,9 @@ use std::time::{Duration, Instant};
 
 const MIB: usize = 1 << 20;
 
-/// Pages of `path` in the page cache (mincore over a mapping of the whole file).
+/// Pages of `path` in the page cache.
 fn cached_pages(path: &Path) -> usize {
-    let file = std::fs::File::open(path).unwrap();
-    let length = file.metadata().unwrap().len() as usize;
-    // SAFETY: a read-only shared mapping of an open file, unmapped below; only its residency
-    // is asked (mincore), its bytes are never touched.
-    unsafe {
-        let map = libc::mmap(std::ptr::null_mut(), length, libc::PROT_READ, libc::MAP_SHARED, std::os::fd::AsRawFd::as_raw_fd(&file), 0);
-        assert_ne!(map, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
-        let mut residency = vec![0u8; length.div_ceil(4096)];
-        assert_eq!(libc::mincore(map, length, residency.as_mut_ptr()), 0, "mincore: {}", std::io::Error::last_os_error());
-        libc::munmap(map, length);
-        residency.iter().filter(|&&r| r & 1 == 1).count()
-    }
+    ublk_mirror::fsutil::cached_pages(&std::fs::File::open(path).unwrap()).unwrap()
 }
 
 /// Drops every page of `path` from the page cache (written back first).

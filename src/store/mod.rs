@@ -361,21 +361,8 @@ mod tests {
         assert!(store.read_for_scan(&mut buf, 0, true).unwrap(), "a discard leaves a hole");
     }
 
-    /// Pages of `path` in the page cache (mincore over a mapping of the whole file).
     fn cached_pages(path: &Path) -> usize {
-        let file = File::open(path).unwrap();
-        let length = file.metadata().unwrap().len() as usize;
-        let page = 4096;
-        // SAFETY: a read-only shared mapping of an open file, unmapped below; only its
-        // residency is asked (mincore), its bytes are never touched.
-        unsafe {
-            let map = libc::mmap(std::ptr::null_mut(), length, libc::PROT_READ, libc::MAP_SHARED, std::os::fd::AsRawFd::as_raw_fd(&file), 0);
-            assert_ne!(map, libc::MAP_FAILED, "mmap: {}", io::Error::last_os_error());
-            let mut residency = vec![0u8; length.div_ceil(page)];
-            assert_eq!(libc::mincore(map, length, residency.as_mut_ptr()), 0, "mincore: {}", io::Error::last_os_error());
-            libc::munmap(map, length);
-            residency.iter().filter(|&&r| r & 1 == 1).count()
-        }
+        fsutil::cached_pages(&File::open(path).unwrap()).unwrap()
     }
 
     /// A scan reads exactly what `read_exact_at` reads (unaligned offsets and lengths, the
