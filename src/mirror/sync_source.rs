@@ -37,7 +37,9 @@ impl Sender {
         write_control(send, &Control::SyncStart { base_lsn: base }).await?;
         // Each batch is read and hashed on a blocking thread while the applier compares the
         // one before and its chunks go out (read inline, in turns with the network, a 2 GiB
-        // volume took twice as long).
+        // volume took twice as long). A batch still being read when the session ends runs
+        // to its end on its own, holding the volume that long (one batch: a bounded read,
+        // and nothing waits for it); it is not worth a cancellation flag in every read.
         let read_batch = |first: u64| {
             let volume = self.volume.clone();
             tokio::task::spawn_blocking(move || read_chunks(&volume, first, (total - first).min(wire::SYNC_HASH_BATCH as u64)))
