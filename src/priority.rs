@@ -6,7 +6,9 @@
 /// taking the next record) never preempts the thread that is serving a request; it runs when
 /// that thread blocks or at the next tick, and keeps its fair share of the CPU (nice, not
 /// `SCHED_IDLE`: a saturated CPU must not starve replication). On a CPU shared with the
-/// guest's I/O every such preemption costs the request path two context switches.
+/// guest's I/O every such preemption costs the request path two context switches. Threads
+/// the lowered thread starts inherit both (writeback's checkpointer, a sender's blocking
+/// reads and compression): background work too.
 /// Best effort: a failure leaves the scheduling as it is.
 pub fn lower_current_thread(step: i32) {
     // SAFETY: gettid, getpriority and setpriority take no pointers; sched_setscheduler reads

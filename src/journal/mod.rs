@@ -251,8 +251,9 @@ impl Journal {
             };
             if let Err(error) = synced {
                 // As after a failed commit (writer.rs): never trust cached pages a failed
-                // fdatasync may have marked clean without writing.
+                // fdatasync may have marked clean without writing, nor records kept in memory.
                 fsutil::drop_from_cache(&file, 0, 0);
+                self.lock_recent().clear();
                 return Err(io_error("sync journal segment")(error));
             }
         }

@@ -16,10 +16,15 @@ use std::sync::Arc;
 
 use super::{align_up, Journal, Record, RECORD_ALIGN};
 
-/// Payload bytes of recent records kept at most (beyond the records themselves, whose
-/// buffers the volume holds anyway until they are applied). 64 ms of writes at 500 MB/s: a
-/// sender that keeps up reads every record from here; one further behind reads the files.
+/// Bytes of recent records kept at most: their payloads, and [`RECORD_COST`] for each (so a
+/// run of records without payload, discards or write-zeroes, stays bounded too). 64 ms of
+/// writes at 500 MB/s: a sender that keeps up reads every record from here; one further
+/// behind reads the files. The budget stays filled while a reader follows, even once it has
+/// read everything: up to this much of a mirrored volume's memory holds write buffers the
+/// volume has already applied.
 pub const RECENT_BYTES: u64 = 32 << 20;
+/// What one kept record costs besides its payload (its entry, rounded up).
+const RECORD_COST: u64 = 128;
 
 /// A record as the writer wrote it, and where: a reader taking it keeps its file position.
 #[derive(Clone)]
@@ -42,7 +47,8 @@ impl Recent {
 #[derive(Default)]
 pub(super) struct RecentRecords {
     records: VecDeque<Recent>,
-    payload_bytes: u64,
+    /// Payload bytes plus [`RECORD_COST`] per record.
+    charged_bytes: u64,
     /// Readers following the writer ([`Following`] handles alive).
     followers: usize,
 }
@@ -50,7 +56,7 @@ pub(super) struct RecentRecords {
 impl std::fmt::Debug for RecentRecords {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let lsns = self.records.front().zip(self.records.back()).map(|(first, last)| (first.record.header.lsn, last.record.header.lsn));
-        f.debug_struct("RecentRecords").field("lsns", &lsns).field("payload_bytes", &self.payload_bytes).field("followers", &self.followers).finish()
+        f.debug_struct("RecentRecords").field("lsns", &lsns).field("charged_bytes", &self.charged_bytes).field("followers", &self.followers).finish()
     }
 }
 
@@ -66,12 +72,12 @@ impl RecentRecords {
             if !follows {
                 self.clear();
             }
-            self.payload_bytes += recent.record.payload.len() as u64;
+            self.charged_bytes += charge(&recent);
             self.records.push_back(recent);
         }
-        while self.payload_bytes > RECENT_BYTES {
+        while self.charged_bytes > RECENT_BYTES {
             let Some(oldest) = self.records.pop_front() else { break };
-            self.payload_bytes -= oldest.record.payload.len() as u64;
+            self.charged_bytes -= charge(&oldest);
         }
     }
 
@@ -83,8 +89,12 @@ impl RecentRecords {
 
     pub fn clear(&mut self) {
         self.records.clear();
-        self.payload_bytes = 0;
+        self.charged_bytes = 0;
     }
+}
+
+fn charge(recent: &Recent) -> u64 {
+    recent.record.payload.len() as u64 + RECORD_COST
 }
 
 /// A reader following the writer: while one is alive, the journal keeps recent records for
@@ -217,9 +227,13 @@ mod tests {
         assert!(records.get(3).is_none());
         assert_eq!(records.get(5).unwrap().record.header.lsn, 5);
         // The budget evicts the oldest.
-        let big = (RECENT_BYTES / 2) as usize + 1;
+        let big = (RECENT_BYTES / 2) as usize;
         records.extend([recent(6, big), recent(7, big)]);
         assert!(records.get(5).is_none() && records.get(6).is_none(), "the oldest went first");
         assert_eq!(records.get(7).unwrap().record.payload.len(), big);
+        // Records without payload count too: a long run of them stays bounded.
+        records.extend((8..8 + RECENT_BYTES / RECORD_COST).map(|lsn| recent(lsn, 0)));
+        assert!(records.records.len() as u64 <= RECENT_BYTES / RECORD_COST, "{} records kept", records.records.len());
+        assert!(records.get(7).is_none());
     }
 }

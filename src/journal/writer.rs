@@ -395,11 +395,16 @@ impl JournalWriter {
 /// the shared buffer it was given as (no copy), or a copy of a small one; `None` for a large
 /// payload in pieces (its readers read it from the file).
 fn kept_payload(payload: &[impl PayloadPart], payload_len: u64) -> Option<bytes::Bytes> {
-    match payload {
-        [] => Some(bytes::Bytes::new()),
-        [one] if one.shared().is_some() => one.shared().cloned(),
-        _ if payload_len <= BLOCK_SIZE as u64 => Some(payload.iter().flat_map(|part| part.as_ref().iter().copied()).collect()),
+    // A small slice is copied rather than kept by reference: it may be a piece of a much
+    // larger buffer (a batch of received packets) that it would keep alive.
+    let whole = match payload {
+        [one] if payload_len >= REFERENCE_MIN as u64 => one.shared(),
         _ => None,
+    };
+    match whole {
+        Some(shared) => Some(shared.clone()),
+        None if payload_len <= BLOCK_SIZE as u64 => Some(payload.iter().flat_map(|part| part.as_ref().iter().copied()).collect()),
+        None => None,
     }
 }
 

@@ -117,9 +117,6 @@ pub struct Replica {
     keep_snapshots: usize,
     /// Snapshots taken since the daemon last looked (for group snapshots).
     taken: Vec<SnapshotMeta>,
-    /// Records are applied just after they are journaled: the journal keeps them in memory
-    /// for that (those received as one piece or small), so they are not read back.
-    _following: crate::journal::Following,
 }
 
 /// The history a sender announced (one of a single generation if it sent none).
@@ -233,7 +230,6 @@ impl Replica {
         let applied_unsynced = state.applied_lsn;
         let snapshots = Snapshots::open(&dir, &state.volume_name, state.size)?;
         let promoted = state.promotion.is_some();
-        let following = journal.follow();
         let mut replica = Replica {
             retention: Retention::unheld(journal, state.applied_lsn),
             dir,
@@ -251,7 +247,6 @@ impl Replica {
             snapshots,
             keep_snapshots: super::snapshot::DEFAULT_KEEP,
             taken: Vec::new(),
-            _following: following,
         };
         if promoted {
             // The image is (or is becoming) a volume's backing store: nothing more is
