@@ -35,7 +35,7 @@ pub use format::{RecordHeader, RecordKind, BLOCK_SIZE, FLAG_FUA, RECORD_HEADER_S
 pub use ledger::Backlog;
 use ledger::Ledger;
 pub use reader::JournalReader;
-pub use recent::{Following, RECENT_BYTES};
+pub use recent::Following;
 pub use recovery::{RecoveryMode, RecoveryReport};
 pub use retention::{Hold, HoldSpec, HoldState, OnFull, Retention, BRANCH_HOLD};
 use table::{initialise_segment_file, SegmentTable};

@@ -4,11 +4,12 @@
 //! mirror, that page-cache copy and CRC were about a quarter of the sender's CPU per 4 KiB
 //! record (perf, two hosts simulated).
 //!
-//! Only records whose payload the writer was handed as one shared buffer (a volume's write
-//! requests) are kept, by reference (no copy), and only while a reader follows
-//! ([`Journal::follow`]); memory is bounded by [`RECENT_BYTES`] of payload. A record kept here
-//! is the one the writer wrote, after its write succeeded: the same header and bytes a read
-//! of the file would verify.
+//! Records are kept only while a reader follows ([`Journal::follow`]): by reference when the
+//! writer was handed the payload as one shared buffer of at least 1 KiB (a volume's write
+//! requests), as a copy when it is at most 4 KiB, not at all otherwise (see the writer's
+//! `kept_payload`); memory is bounded by [`RECENT_BYTES`]. A record kept here is the one the
+//! writer wrote, after its write succeeded: the same header and bytes a read of the file
+//! would verify.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -22,7 +23,7 @@ use super::{align_up, Journal, Record, RECORD_ALIGN};
 /// behind reads the files. The budget stays filled while a reader follows, even once it has
 /// read everything: up to this much of a mirrored volume's memory holds write buffers the
 /// volume has already applied.
-pub const RECENT_BYTES: u64 = 32 << 20;
+const RECENT_BYTES: u64 = 32 << 20;
 /// What one kept record costs besides its payload (its entry, rounded up).
 const RECORD_COST: u64 = 128;
 

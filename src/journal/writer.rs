@@ -403,7 +403,13 @@ fn kept_payload(payload: &[impl PayloadPart], payload_len: u64) -> Option<bytes:
     };
     match whole {
         Some(shared) => Some(shared.clone()),
-        None if payload_len <= BLOCK_SIZE as u64 => Some(payload.iter().flat_map(|part| part.as_ref().iter().copied()).collect()),
+        None if payload_len <= BLOCK_SIZE as u64 => {
+            let mut copy = bytes::BytesMut::with_capacity(payload_len as usize);
+            for part in payload {
+                copy.extend_from_slice(part.as_ref());
+            }
+            Some(copy.freeze())
+        }
         None => None,
     }
 }
