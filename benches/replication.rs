@@ -424,6 +424,12 @@ fn mirrored_volume_to(base: &Path, applier_base: &Path, name: &str, journal: &st
         "--preallocate-journal",
     ]));
     let applier_fp = fingerprint(&run(&["applier", "init", "--dir", adir.to_str().unwrap()]));
+    // The replica's journal preallocated too, as a replica in service has it (its files are
+    // kept across the initial sync's journal replacement): a drain into fresh segment files
+    // pays for zero-filling them on the applier's CPU.
+    let config = adir.join("applier.toml");
+    let text = std::fs::read_to_string(&config).expect("applier.toml");
+    std::fs::write(&config, format!("{text}\npreallocate_journals = true\n")).expect("write applier.toml");
     run(&["applier", "allow", "--dir", adir.to_str().unwrap(), &volume_fp]);
     // Coalescing off: these volumes measure raw record throughput and cost per record
     // (coalescing is measured by tests/coalescing.rs on an overwrite backlog).

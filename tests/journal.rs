@@ -370,3 +370,94 @@ fn a_preallocated_journal_grows_into_its_spares_and_recovers() {
     assert_eq!(records.len(), 100);
     assert_eq!(records[99].payload, payload(100, 40_000));
 }
+
+/// The inode of each `.seg` file in `dir`, by name.
+fn seg_inodes(dir: &Path) -> std::collections::BTreeMap<String, u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.metadata().unwrap().ino()))
+        .collect()
+}
+
+/// A journal that replaces another (a replica's after a sync) takes the old one's files as
+/// spares: its spares first, while the old journal stays whole, then its segments. No file
+/// is made or lost, and an adopted file never passes for a segment of the new journal, even
+/// under the very name it had (same journal id, LSNs from 1 again), as after a crash between
+/// a writer's rename of a spare and its new header.
+#[test]
+fn a_replacing_journal_adopts_the_old_ones_files_and_none_passes_for_a_segment() {
+    use ublk_mirror::journal::Adopt;
+    let tmp = tempfile::tempdir().unwrap();
+    let (old, new) = (tmp.path().join("old"), tmp.path().join("new"));
+    let opts = options(MIB, 8 * MIB);
+    Journal::create(&old, opts).unwrap();
+    Journal::preallocate(&old, &opts).unwrap();
+    {
+        let (_journal, mut writer, _) = Journal::open(&old, opts).unwrap();
+        for i in 1..=100u64 {
+            writer.append(RecordKind::Write, Extent::new(i * 4096, 40_000), &payload(i, 40_000), 0).map_err(|e| format!("{e:?}")).unwrap();
+        }
+        writer.commit(true).unwrap();
+    }
+    let old_files = seg_inodes(&old);
+    let old_segments = segment_files(&old);
+    assert!(old_segments.len() >= 4 && old_files.len() == 8, "{old_files:?}");
+    let second = old_segments[1].file_name().unwrap().to_string_lossy().into_owned();
+
+    std::fs::create_dir(&new).unwrap();
+    let spares = Journal::adopt_segments(&new, &old, Adopt::Spares, &opts).unwrap();
+    assert_eq!(spares, 8 - old_segments.len(), "only the spares moved");
+    let (_journal, report) = Journal::open_read_only(&old).unwrap();
+    assert_eq!((report.last_lsn, report.spare_segments), (100, 0), "the old journal is whole without its spares");
+    Journal::create_at(&new, opts, 1).unwrap();
+    assert_eq!(Journal::adopt_segments(&new, &old, Adopt::Everything, &opts).unwrap(), old_segments.len());
+    assert!(seg_inodes(&old).is_empty());
+    let new_files = seg_inodes(&new);
+    let inodes = |files: &std::collections::BTreeMap<String, u64>| files.values().copied().collect::<std::collections::BTreeSet<u64>>();
+    assert_eq!(inodes(&new_files), inodes(&old_files), "the same files, none made: {new_files:?}");
+
+    // The old second segment back under its own name, as the new journal's next segment.
+    let moved = new_files.iter().find(|(_, &ino)| ino == old_files[&second]).unwrap().0;
+    std::fs::rename(new.join(moved), new.join(&second)).unwrap();
+    let (journal, mut writer, report) = Journal::open(&new, opts).unwrap();
+    assert_eq!((report.first_lsn, report.last_lsn, report.spare_segments), (1, 0, 7), "{report:?}");
+    assert!(read_all(&journal, 1).is_empty(), "nothing of the old journal shows");
+    for i in 1..=150u64 {
+        writer.append(RecordKind::Write, Extent::new(i * 4096, 40_000), &payload(i + 1000, 40_000), 0).map_err(|e| format!("{e:?}")).unwrap();
+    }
+    writer.commit(true).unwrap();
+    drop((journal, writer));
+    assert_eq!(inodes(&seg_inodes(&new)), inodes(&old_files), "it grew into the adopted files");
+    let (journal, _writer, report) = Journal::open(&new, opts).unwrap();
+    assert_eq!(report.last_lsn, 150);
+    let records = read_all(&journal, report.first_lsn);
+    assert!(records.iter().all(|r| r.payload == payload(r.header.lsn + 1000, 40_000)), "only the new journal's records");
+}
+
+/// A spare that is not a whole segment (its zero-filling cut by a crash) is removed when the
+/// journal is opened for writing, so no writer ever rolls into it; a whole one is kept.
+#[test]
+fn a_spare_that_is_not_a_whole_segment_is_removed_at_recovery() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("journal");
+    let opts = options(MIB, 8 * MIB);
+    Journal::create(&dir, opts).unwrap();
+    std::fs::write(dir.join("free-prepared-0000000000000001.seg"), vec![0u8; 65536]).unwrap();
+    std::fs::write(dir.join("free-prepared-0000000000000002.seg"), vec![0u8; MIB as usize]).unwrap();
+    let (_journal, report) = Journal::open_read_only(&dir).unwrap();
+    assert_eq!(report.spare_segments, 1, "inspection leaves the short one out");
+    assert!(dir.join("free-prepared-0000000000000001.seg").exists(), "and changes nothing");
+    let (_journal, mut writer, report) = Journal::open(&dir, opts).unwrap();
+    assert_eq!(report.spare_segments, 1);
+    assert!(!dir.join("free-prepared-0000000000000001.seg").exists(), "repair removes it");
+    for i in 1..=60u64 {
+        writer.append(RecordKind::Write, Extent::new(i * 4096, 40_000), &payload(i, 40_000), 0).map_err(|e| format!("{e:?}")).unwrap();
+    }
+    writer.commit(true).unwrap();
+    for path in segment_files(&dir) {
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), MIB, "{}", path.display());
+    }
+}

@@ -12,10 +12,18 @@ fn replica_equals_source_and_survives_an_applier_kill() {
     require_tool("qemu-io", "qemu-utils");
     let tmp = tempfile::tempdir().unwrap();
     let (adir, vdir, port) = setup(tmp.path(), None);
+    // The replica's journal written whole when it is made (applier.toml).
+    let config = adir.join("applier.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{text}\npreallocate_journals = true\n")).unwrap();
     let mut applier = Applier::start(&adir, port);
     let served = Served::start(&vdir, &[]);
     let uri = served.uri("vol0");
     let replica = replica_image(&adir, "vol0");
+    let journal_files = || {
+        let files = std::fs::read_dir(replica.with_file_name("journal")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned());
+        files.filter(|name| name.ends_with(".seg")).count()
+    };
 
     let mut commands = Vec::new();
     for i in 0..200u64 {
@@ -36,6 +44,7 @@ fn replica_equals_source_and_survives_an_applier_kill() {
     assert_eq!(applier_view["replicas"][0]["volume"], "vol0");
     assert_eq!(applier_view["replicas"][0]["connected"], true);
     assert_eq!(applier_view["replicas"][0]["applied_lsn"], status["volume"]["last_lsn"]);
+    assert_eq!(journal_files(), 16, "1 GiB of 64 MiB segments, kept across the initial sync");
 
     // Kill -9 the applier while writes continue, restart it: the mirror resumes and converges.
     let writer_uri = uri.clone();
@@ -65,6 +74,7 @@ fn replica_equals_source_and_survives_an_applier_kill() {
     // Records sent twice stay within the unacknowledged window: 16 MiB holds 255 records of
     // 64 KiB plus their headers (one more may top it up).
     assert!(duplicated <= 256, "{duplicated} records resent");
+    assert_eq!(journal_files(), 16, "no segment file made or lost");
     drop(served);
 }
 

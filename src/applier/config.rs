@@ -34,6 +34,10 @@ pub struct ApplierConfig {
     /// filesystem) instead of inside their replica directories.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub journal_dir: Option<PathBuf>,
+    /// Write every segment of a new replica's journal when the replica is made, rather than
+    /// as the journal first grows (see `Journal::preallocate`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub preallocate_journals: bool,
 }
 
 /// Where a new replica's journal goes when `journal_dir` is set: `target`, below `journal_dir`
@@ -42,6 +46,14 @@ pub struct ApplierConfig {
 pub struct ReplicaJournal {
     pub journal_dir: PathBuf,
     pub target: PathBuf,
+}
+
+/// How a new replica's journal is made: where (`journal_dir`), and whether all its segments
+/// are written at once (`preallocate_journals`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JournalSetup {
+    pub placed: Option<ReplicaJournal>,
+    pub preallocate: bool,
 }
 
 /// `[snapshots]` with `keep` for every volume and `[snapshots.volumes.NAME]` for one.
@@ -98,6 +110,11 @@ format_version = 1
 # Keep each new replica's journal in JOURNAL_DIR/<replica>/ (e.g. a dedicated SSD) instead of
 # inside its replica directory. An absolute path to an existing directory.
 # journal_dir = \"/srv/ublk-mirror-journals\"
+
+# Write all of a new replica's journal (1 GiB) when the replica is made, instead of segment by
+# segment as it first grows: reserves the space, and the first backlogs skip the zero-filling.
+# Replicas keep their journal's files across syncs and resyncs either way.
+# preallocate_journals = false
 ";
 
 impl Default for ApplierConfig {
@@ -109,6 +126,7 @@ impl Default for ApplierConfig {
             idle_timeout: None,
             snapshots: SnapshotSettings::default(),
             journal_dir: None,
+            preallocate_journals: false,
         }
     }
 }
@@ -168,6 +186,11 @@ impl ApplierConfig {
         self.snapshots.volumes.get(volume).and_then(|v| v.keep).or(self.snapshots.keep).unwrap_or(crate::applier::snapshot::DEFAULT_KEEP)
     }
 
+    /// How the journal of a replica made in `replica` is made.
+    pub fn journal_setup(&self, applier: &ApplierDir, replica: &ReplicaDir) -> JournalSetup {
+        JournalSetup { placed: self.replica_journal(applier, replica), preallocate: self.preallocate_journals }
+    }
+
     /// Where the journal of a replica made in `replica` goes (`None`: inside it).
     pub fn replica_journal(&self, applier: &ApplierDir, replica: &ReplicaDir) -> Option<ReplicaJournal> {
         let journal_dir = self.journal_dir.clone()?;
@@ -205,6 +228,11 @@ mod tests {
         let unbound = config.replica_journal(&applier, &applier.replica(&crate::layout::ReplicaKey::unbound("vol0"))).unwrap();
         assert_eq!(unbound.target, std::path::PathBuf::from("/srv/j/vol0"));
         assert_eq!(ApplierConfig::default().replica_journal(&applier, &applier.replica(&key)), None);
+        let setup = config.journal_setup(&applier, &applier.replica(&key));
+        assert_eq!(setup, JournalSetup { placed: Some(placed), preallocate: false });
+        let config: ApplierConfig = toml::from_str("format_version = 1\npreallocate_journals = true").unwrap();
+        assert_eq!(config.journal_setup(&applier, &applier.replica(&key)), JournalSetup { placed: None, preallocate: true });
+        assert!(toml::from_str::<ApplierConfig>("format_version = 1\npreallocate_journals = 1").is_err(), "a bool, not a number");
     }
 
     #[test]

@@ -88,17 +88,17 @@ impl Applier {
             }
             tracing::info!(replica = %key, "the promoted replica was made a replica again: reopening it");
         }
-        let journal = || super::ApplierConfig::load(&self.dir).map(|config| config.replica_journal(&self.dir, &dir));
+        let journal = || super::ApplierConfig::load(&self.dir).map(|config| config.journal_setup(&self.dir, &dir));
         let replica = if dir.holds_replica() {
             Replica::open(dir.root())?
         } else if !create {
             return Err(ApplierError::Invalid(format!("applier {} holds no replica of {} from this source", self.dir.root().display(), hello.volume_name)));
         } else if let Some(image) = attached_image(&dir)? {
             tracing::info!(replica = %key, image = %image.display(), "creating replica on the attached image");
-            Replica::create(dir.root(), hello, Some(&image), journal()?.as_ref())?
+            Replica::create(dir.root(), hello, Some(&image), &journal()?)?
         } else {
             tracing::info!(replica = %key, size = hello.size, "creating replica for a new source");
-            Replica::create(dir.root(), hello, None, journal()?.as_ref())?
+            Replica::create(dir.root(), hello, None, &journal()?)?
         };
         Ok((key.clone(), self.register(&mut slots, key, replica)))
     }

@@ -1,12 +1,13 @@
-//! Keeps a zero-filled spare segment ready so a growing journal never waits for a file to be
-//! created.
+//! Spare segment files: one kept zero-filled and ready so a growing journal never waits for a
+//! file to be created, all of them made at once (`preallocate`), or taken over from a journal
+//! being replaced (`adopt_segments`).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::format::{is_spare_file_name, parse_segment_file_name};
+use super::format::{is_spare_file_name, parse_segment_file_name, CREATING_SUFFIX, SEGMENT_HEADER_SIZE};
 use super::{io_error, Journal, JournalError, JournalOptions};
 use crate::fsutil;
 
@@ -76,7 +77,34 @@ impl Drop for SegmentPreparer {
 
 /// A new name for a spare segment file in `dir` (recovery takes every `free-*.seg` as spare).
 fn spare_path(dir: &Path) -> PathBuf {
-    dir.join(format!("free-prepared-{:016x}.seg", rand::random::<u64>()))
+    spare_named(dir, "prepared")
+}
+
+fn spare_named(dir: &Path, how: &str) -> PathBuf {
+    dir.join(format!("free-{how}-{:016x}.seg", rand::random::<u64>()))
+}
+
+/// Makes the spare `path`: zero-filled under a temporary name (which recovery removes) and
+/// renamed once whole, so a crash never leaves a short file that looks like a spare. The
+/// caller syncs the directory.
+fn make_spare(path: &Path, size: u64) -> std::io::Result<()> {
+    let mut creating = path.as_os_str().to_owned();
+    creating.push(CREATING_SUFFIX);
+    let creating = PathBuf::from(creating);
+    let made = fsutil::create_zero_filled(&creating, size).and_then(|()| std::fs::rename(&creating, path));
+    if made.is_err() {
+        let _ = std::fs::remove_file(&creating);
+    }
+    made
+}
+
+/// Which files of a journal directory `adopt_segments` takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Adopt {
+    /// Only the spares: the journal there stays whole (it may still be the live one).
+    Spares,
+    /// Its segments too: the journal there is being discarded.
+    Everything,
 }
 
 impl Journal {
@@ -98,7 +126,7 @@ impl Journal {
         let mut made = Vec::new();
         for _ in existing..options.max_segments() {
             let path = spare_path(dir);
-            if let Err(error) = fsutil::create_zero_filled(&path, options.segment_size) {
+            if let Err(error) = make_spare(&path, options.segment_size) {
                 for path in made.iter().chain([&path]) {
                     let _ = std::fs::remove_file(path);
                 }
@@ -110,12 +138,58 @@ impl Journal {
         Ok(made.len())
     }
 
+    /// Moves segment files of the journal in `old` (not open for writing) into the journal
+    /// directory `dir` (not open) as spares, while `dir` holds fewer files than `options`
+    /// allow: the files a journal replacement leaves behind, reused rather than freed and
+    /// zero-filled again (on a file system that must find the blocks, or a VM whose host
+    /// took the pages back). `what` says whether `old`'s segments go too or only its spares.
+    /// Each file's header is zeroed and synced before it moves: until a writer gives it a
+    /// header of its own it can never pass for a segment, whatever LSN names it. Files of
+    /// another length (a spare still being made) stay where they are. Returns how many moved.
+    pub fn adopt_segments(dir: &Path, old: &Path, what: Adopt, options: &JournalOptions) -> Result<usize, JournalError> {
+        let listing = |path: &Path| -> Result<Vec<(String, PathBuf)>, JournalError> {
+            let context = || format!("list journal directory {}", path.display());
+            let mut names = Vec::new();
+            for entry in std::fs::read_dir(path).map_err(io_error(context()))? {
+                let entry = entry.map_err(io_error(context()))?;
+                names.push((entry.file_name().to_string_lossy().into_owned(), entry.path()));
+            }
+            Ok(names)
+        };
+        let mut room = options
+            .max_segments()
+            .saturating_sub(listing(dir)?.iter().filter(|(name, _)| parse_segment_file_name(name).is_some() || is_spare_file_name(name)).count());
+        let mut moved = 0;
+        for (name, path) in listing(old)? {
+            let wanted = is_spare_file_name(&name) || (what == Adopt::Everything && parse_segment_file_name(&name).is_some());
+            if room == 0 || !wanted || std::fs::metadata(&path).map_or(true, |meta| meta.len() != options.segment_size) {
+                continue;
+            }
+            let erase = || -> std::io::Result<()> {
+                use std::os::unix::fs::FileExt;
+                let file = std::fs::OpenOptions::new().write(true).open(&path)?;
+                file.write_all_at(&[0u8; SEGMENT_HEADER_SIZE as usize], 0)?;
+                file.sync_data()
+            };
+            erase().map_err(io_error(format!("erase the header of {}", path.display())))?;
+            let spare = spare_named(dir, "adopted");
+            std::fs::rename(&path, &spare).map_err(io_error(format!("move {} to {}", path.display(), spare.display())))?;
+            room -= 1;
+            moved += 1;
+        }
+        if moved > 0 {
+            fsutil::sync_dir(dir).map_err(io_error(format!("sync {}", dir.display())))?;
+            fsutil::sync_dir(old).map_err(io_error(format!("sync {}", old.display())))?;
+        }
+        Ok(moved)
+    }
+
     /// Creates one zero-filled spare file and adds it to the pool (the caller set `preparing`);
     /// false if that failed (the failure is kept for the writer, see `prepare_failure`).
     fn prepare_spare(&self, path: PathBuf) -> bool {
         let created = match crate::failpoint::disk_error("journal-segment") {
             Some(injected) => Err(injected),
-            None => fsutil::create_zero_filled(&path, self.options.segment_size),
+            None => make_spare(&path, self.options.segment_size),
         };
         let created = created.and_then(|()| fsutil::sync_dir(&self.dir));
         let mut table = self.lock_table();

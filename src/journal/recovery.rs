@@ -195,6 +195,7 @@ pub(super) fn recover(dir: &Path, options: Option<&JournalOptions>, mode: Recove
             SegmentHeader::decode(&bytes).map_err(|problem| JournalError::Corrupt(format!("{}: {problem}", last.path.display())))?
         }
     };
+    let spare = usable_spares(spare, active_header.segment_size, mode);
     let first_lsn = retained[0].first_lsn;
     let last_lsn = expected_lsn.expect("at least one segment scanned") - 1;
     let report = RecoveryReport {
@@ -210,6 +211,27 @@ pub(super) fn recover(dir: &Path, options: Option<&JournalOptions>, mode: Recove
     let retained_records = (last_lsn + 1 - first_lsn) as usize;
     records.drain(..records.len().saturating_sub(retained_records));
     Ok(Recovered { report, retained, spare, active_header, records })
+}
+
+/// The spare files a writer may take: those of the segment size. Another length is a spare
+/// whose zero-filling a crash interrupted in a version that made spares in place, or a file
+/// someone cut: used as a segment it would make the journal unreadable at the next recovery
+/// ("N bytes long, its header says M"), so Repair removes it and Inspect leaves it out.
+fn usable_spares(spare: Vec<PathBuf>, segment_size: u64, mode: RecoveryMode) -> Vec<PathBuf> {
+    spare
+        .into_iter()
+        .filter(|path| match std::fs::metadata(path) {
+            Ok(meta) if meta.len() == segment_size => true,
+            found => {
+                let length = found.map_or_else(|e| e.to_string(), |meta| format!("{} bytes", meta.len()));
+                tracing::warn!(spare = %path.display(), %length, segment_size, "a spare segment file is not a whole segment; not using it");
+                if mode == RecoveryMode::Repair {
+                    let _ = std::fs::remove_file(path);
+                }
+                false
+            }
+        })
+        .collect()
 }
 
 /// Reads records from the start of the segment while they verify and their LSNs follow on.

@@ -7,7 +7,8 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{new_journal, owner, Consistency, Replica, ReplicaError, ReplicaJournal, ReplicaState};
+use super::journal::{new_journal, owner};
+use super::{Consistency, Replica, ReplicaError, ReplicaJournal, ReplicaState};
 use crate::dirty_map::DirtyMap;
 use crate::generation::History;
 use crate::layout::ReplicaDir;

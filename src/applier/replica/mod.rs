@@ -9,6 +9,7 @@
 //! `sync_target.rs`; the state file `state.rs`.
 
 mod demoted;
+mod journal;
 mod promote;
 mod range;
 mod resync;
@@ -30,12 +31,13 @@ pub use demoted::DemotedImage;
 pub use promote::{PromoteOptions, Promoted};
 pub use state::{Consistency, Promotion, ReplicaState, ResyncState};
 
-use super::config::ReplicaJournal;
+use self::journal::{create_journal, journal_options, owner, restart_journal, NEW, RESETTING};
+use super::config::{JournalSetup, ReplicaJournal};
 use super::snapshot::{SnapshotError, SnapshotMeta, Snapshots};
 use crate::extent::Extent;
 use crate::generation::{History, Relation};
-use crate::journal::placement::{self, Owner, PlacementError, Role};
-use crate::journal::{AppendError, Journal, JournalError, JournalOptions, JournalReader, JournalWriter, RecordKind, Retention};
+use crate::journal::placement;
+use crate::journal::{AppendError, Journal, JournalError, JournalReader, JournalWriter, RecordKind, Retention};
 use crate::layout::ReplicaDir;
 use crate::protocol::wire::{history_from_wire, wire_history, Hello, ReceivedRecord, Refusal};
 use crate::store::{Store, StoreError};
@@ -124,33 +126,19 @@ fn hello_history(hello: &Hello) -> History {
     history_from_wire(&hello.history).unwrap_or_else(|_| History::first(uuid::Uuid::from_bytes(hello.generation)))
 }
 
-/// Journal sizing for replicas: room for bursts while the image catches up.
-fn journal_options(uuid: uuid::Uuid) -> JournalOptions {
-    JournalOptions { segment_size: 64 << 20, capacity: 1 << 30, journal_id: *uuid.as_bytes() }
-}
-
 const IMAGE: &str = "replica image";
 /// The failpoints that inject disk errors into the applier's journal (`applier-journal-eio`,
 /// `applier-journal-enospc`).
 const JOURNAL_FAULTS: &str = "applier-journal";
-
-/// The directories a journal replacement makes beside the segments' (see `restart_journal`).
-const NEW: &str = crate::layout::JOURNAL_NEW_SUFFIX;
-const RESETTING: &str = crate::layout::JOURNAL_RESETTING_SUFFIX;
-
-/// Whose journal a replica's is, for the owner file of a journal placed elsewhere.
-fn owner(dir: &ReplicaDir, volume_name: &str, volume_uuid: uuid::Uuid) -> Owner {
-    Owner::new(Role::Replica, volume_name, volume_uuid, dir.root())
-}
 
 impl Replica {
     /// Creates a replica for the volume described by `hello`: a sparse image (or `image`, an
     /// existing file or device of the right size) and an empty journal that continues at the
     /// source's next LSN after `applied_lsn`; in `journal` when the applier keeps replicas'
     /// journals on another filesystem (`applier.toml` `journal_dir`).
-    pub fn create(dir: &Path, hello: &Hello, image: Option<&Path>, journal: Option<&ReplicaJournal>) -> Result<Replica, ReplicaError> {
-        if let Some(journal) = journal {
-            journal_home(journal)?;
+    pub fn create(dir: &Path, hello: &Hello, image: Option<&Path>, journal: &JournalSetup) -> Result<Replica, ReplicaError> {
+        if let Some(placed) = &journal.placed {
+            journal::journal_home(placed)?;
         }
         crate::permissions::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
         let dir = ReplicaDir::new(std::path::absolute(dir).map_err(io(format!("resolve {}", dir.display())))?);
@@ -185,7 +173,7 @@ impl Replica {
             demoted_from: None,
         };
         hello_history(hello).save(&dir.generations()).map_err(|error| ReplicaError::State { path: dir.generations(), message: error.to_string() })?;
-        new_journal(&dir, &owner(&dir, &state.volume_name, state.volume_uuid), journal, 1)?;
+        create_journal(&dir, &owner(&dir, &state.volume_name, state.volume_uuid), journal)?;
         state.save(&dir)?;
         Self::open(dir.root())
     }
@@ -554,67 +542,4 @@ impl PendingCheckpoint {
     pub fn sync_image(&self) -> Result<(), ReplicaError> {
         self.image.sync_data().map_err(io(format!("sync {}", self.image.path().display())))
     }
-}
-
-/// Replaces a replica's journal by an empty one whose first record will be `first_lsn`. The
-/// new journal is made whole beside the old one (`journal.new`), then the old one is moved
-/// aside and the new one into place, so a crash leaves the old journal, or none (which `open`
-/// replaces by an empty one at the saved state's LSN), never a half-made one. Callers save
-/// the replica's state first. A journal placed on another filesystem is replaced beside its
-/// directory there (rename(2) does not cross filesystems, and the link must stay a link), and
-/// whenever that directory is missing the old one is still aside, so `open` tells an
-/// interrupted replacement from an unmounted filesystem.
-fn restart_journal(dir: &ReplicaDir, volume_uuid: uuid::Uuid, first_lsn: u64) -> Result<(Arc<Journal>, JournalWriter), ReplicaError> {
-    let located = placement::locate(&dir.journal()).map_err(JournalError::from)?;
-    let (live, fresh, aside) = (located.segments.clone(), located.beside(NEW), located.beside(RESETTING));
-    let _ = std::fs::remove_dir_all(&fresh);
-    Journal::create_at(&fresh, journal_options(volume_uuid), first_lsn)?;
-    if located.placed {
-        placement::carry_owner(if live.exists() { &live } else { &aside }, &fresh).map_err(JournalError::from)?;
-    }
-    if live.exists() {
-        let _ = std::fs::remove_dir_all(&aside);
-        std::fs::rename(&live, &aside).map_err(io(format!("move aside {}", live.display())))?;
-    }
-    if crate::failpoint::hit("replica-journal-swap") {
-        std::process::abort();
-    }
-    std::fs::rename(&fresh, &live).map_err(io(format!("move {} into place", fresh.display())))?;
-    crate::fsutil::sync_dir(located.parent()).map_err(io(format!("sync {}", located.parent().display())))?;
-    let (journal, mut writer, _) = Journal::open(&dir.journal(), journal_options(volume_uuid))?;
-    writer.set_fault_op(JOURNAL_FAULTS);
-    let _ = std::fs::remove_dir_all(&aside);
-    Ok((journal, writer))
-}
-
-/// Gives the replica in `dir` an empty journal whose first record will be `first_lsn`: in
-/// place of the one it has (a create a crash interrupted, a demoted volume's replica made
-/// where a promoted one was), kept where that one lives; else a new one, placed in `journal`
-/// when the applier keeps replicas' journals elsewhere.
-fn new_journal(dir: &ReplicaDir, owner: &Owner, journal: Option<&ReplicaJournal>, first_lsn: u64) -> Result<(), ReplicaError> {
-    let link = dir.journal();
-    if std::fs::symlink_metadata(&link).is_ok() {
-        placement::check_or_interrupted(&link, owner, RESETTING).map_err(JournalError::from)?;
-        restart_journal(dir, owner.uuid, first_lsn)?;
-        return Ok(());
-    }
-    if let Some(journal) = journal {
-        journal_home(journal)?;
-        if let Some(parent) = journal.target.parent() {
-            crate::permissions::create_dir_all(parent).map_err(io(format!("create {}", parent.display())))?;
-        }
-        placement::place(&link, &journal.target, owner).map_err(JournalError::from)?;
-    }
-    Journal::create_at(&link, journal_options(owner.uuid), first_lsn)?;
-    Ok(())
-}
-
-/// `journal_dir` itself must exist (the levels below it are made): a directory that is not
-/// there is a filesystem not mounted, not one to make.
-fn journal_home(journal: &ReplicaJournal) -> Result<(), ReplicaError> {
-    if journal.journal_dir.is_dir() {
-        return Ok(());
-    }
-    let owner = "the applier's replica journals (applier.toml journal_dir)".to_string();
-    Err(JournalError::from(PlacementError::Missing { path: journal.journal_dir.clone(), owner }).into())
 }
