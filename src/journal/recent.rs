@@ -7,7 +7,8 @@
 //! Records are kept only while a reader follows ([`Journal::follow`]): by reference when the
 //! writer was handed the payload as one shared buffer of at least 1 KiB (a volume's write
 //! requests), as a copy when it is at most 4 KiB, not at all otherwise (see the writer's
-//! `kept_payload`); memory is bounded by [`RECENT_BYTES`]. A record kept here is the one the
+//! `kept_payload`); memory is bounded by [`RECENT_BYTES`], and a record every follower has
+//! read ([`Following::passed`]) is let go at once. A record kept here is the one the
 //! writer wrote, after its write succeeded: the same header and bytes a read of the file
 //! would verify.
 
@@ -20,9 +21,9 @@ use super::{align_up, Journal, Record, RECORD_ALIGN};
 /// Bytes of recent records kept at most: their payloads, and [`RECORD_COST`] for each (so a
 /// run of records without payload, discards or write-zeroes, stays bounded too). 64 ms of
 /// writes at 500 MB/s: a sender that keeps up reads every record from here; one further
-/// behind reads the files. The budget stays filled while a reader follows, even once it has
-/// read everything: up to this much of a mirrored volume's memory holds write buffers the
-/// volume has already applied.
+/// behind reads the files. Records every follower has read go at once, so a mirror that
+/// keeps up holds only what it has not read yet; a follower that never says how far it read
+/// keeps the budget full.
 const RECENT_BYTES: u64 = 32 << 20;
 /// What one kept record costs besides its payload (its entry, rounded up).
 const RECORD_COST: u64 = 128;
@@ -50,14 +51,16 @@ pub(super) struct RecentRecords {
     records: VecDeque<Recent>,
     /// Payload bytes plus [`RECORD_COST`] per record.
     charged_bytes: u64,
-    /// Readers following the writer ([`Following`] handles alive).
-    followers: usize,
+    /// For each reader following the writer ([`Following`] handles alive, by id): the next
+    /// LSN it will read (0 until it says).
+    followers: std::collections::BTreeMap<u64, u64>,
+    next_follower: u64,
 }
 
 impl std::fmt::Debug for RecentRecords {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let lsns = self.records.front().zip(self.records.back()).map(|(first, last)| (first.record.header.lsn, last.record.header.lsn));
-        f.debug_struct("RecentRecords").field("lsns", &lsns).field("charged_bytes", &self.charged_bytes).field("followers", &self.followers).finish()
+        f.debug_struct("RecentRecords").field("lsns", &lsns).field("charged_bytes", &self.charged_bytes).field("followers", &self.followers.len()).finish()
     }
 }
 
@@ -65,7 +68,7 @@ impl RecentRecords {
     /// Adds records the writer has just written, in LSN order. A gap (a record that was not
     /// kept) starts the run again: only consecutive LSNs are kept.
     pub fn extend(&mut self, written: impl IntoIterator<Item = Recent>) {
-        if self.followers == 0 {
+        if self.followers.is_empty() {
             return;
         }
         for recent in written {
@@ -77,8 +80,47 @@ impl RecentRecords {
             self.records.push_back(recent);
         }
         while self.charged_bytes > RECENT_BYTES {
-            let Some(oldest) = self.records.pop_front() else { break };
+            self.pop_oldest();
+        }
+        self.let_go_of_passed();
+    }
+
+    fn pop_oldest(&mut self) {
+        if let Some(oldest) = self.records.pop_front() {
             self.charged_bytes -= charge(&oldest);
+        }
+    }
+
+    /// Drops the records every follower has read.
+    fn let_go_of_passed(&mut self) {
+        let Some(&slowest) = self.followers.values().min() else { return };
+        while self.records.front().is_some_and(|oldest| oldest.record.header.lsn < slowest) {
+            self.pop_oldest();
+        }
+    }
+
+    fn add_follower(&mut self) -> u64 {
+        let id = self.next_follower;
+        self.next_follower += 1;
+        self.followers.insert(id, 0);
+        id
+    }
+
+    /// Returns whether a follower remains.
+    fn remove_follower(&mut self, id: u64) -> bool {
+        self.followers.remove(&id);
+        if self.followers.is_empty() {
+            self.clear();
+            return false;
+        }
+        self.let_go_of_passed();
+        true
+    }
+
+    fn passed(&mut self, id: u64, next_lsn: u64) {
+        if let Some(position) = self.followers.get_mut(&id) {
+            *position = next_lsn;
+            self.let_go_of_passed();
         }
     }
 
@@ -102,15 +144,24 @@ fn charge(recent: &Recent) -> u64 {
 /// it. Dropping the last one frees them.
 pub struct Following {
     journal: Arc<Journal>,
+    id: u64,
+}
+
+impl Following {
+    /// The follower will read `next_lsn` next: records before it that every follower has
+    /// read are let go.
+    pub fn passed(&self, next_lsn: u64) {
+        self.journal.lock_recent().passed(self.id, next_lsn);
+    }
 }
 
 impl Journal {
     /// Keeps recent records in memory for a reader that follows the writer closely, until the
     /// returned handle is dropped.
     pub fn follow(self: &Arc<Self>) -> Following {
-        self.lock_recent().followers += 1;
+        let id = self.lock_recent().add_follower();
         self.keeping_recent.store(true, Ordering::Release);
-        Following { journal: self.clone() }
+        Following { journal: self.clone(), id }
     }
 
     pub(super) fn lock_recent(&self) -> std::sync::MutexGuard<'_, RecentRecords> {
@@ -129,9 +180,7 @@ impl Journal {
 impl Drop for Following {
     fn drop(&mut self) {
         let mut recent = self.journal.lock_recent();
-        recent.followers -= 1;
-        if recent.followers == 0 {
-            recent.clear();
+        if !recent.remove_follower(self.id) {
             self.journal.keeping_recent.store(false, Ordering::Release);
         }
     }
@@ -200,6 +249,32 @@ mod tests {
         }
     }
 
+    /// What every follower has read goes at once; a follower that has not said how far it
+    /// read keeps everything; the slowest decides, and a follower leaving lets go of what it
+    /// alone held.
+    #[test]
+    fn records_every_follower_has_read_are_let_go() {
+        let mut records = RecentRecords::default();
+        let first = records.add_follower();
+        records.extend((1..=10).map(|lsn| recent(lsn, 10)));
+        assert!(records.get(1).is_some(), "no position yet: all kept");
+        records.passed(first, 4);
+        assert!(records.get(3).is_none() && records.get(4).is_some());
+        assert_eq!(records.charged_bytes, 7 * (10 + RECORD_COST), "the budget is given back");
+        let second = records.add_follower();
+        records.extend((11..=12).map(|lsn| recent(lsn, 10)));
+        records.passed(first, 13);
+        assert!(records.get(4).is_some(), "the second follower has not said: kept for it");
+        records.passed(second, 8);
+        assert!(records.get(7).is_none() && records.get(8).is_some(), "the slowest decides");
+        assert!(records.remove_follower(second));
+        assert!(records.get(12).is_none() && records.records.is_empty(), "the first had read everything");
+        records.extend([recent(13, 10)]);
+        assert!(records.get(13).is_some(), "what it has not read yet is kept");
+        assert!(!records.remove_follower(first));
+        assert!(records.get(13).is_none());
+    }
+
     fn recent(lsn: u64, payload: usize) -> Recent {
         let header = RecordHeader {
             kind: RecordKind::Write,
@@ -219,7 +294,7 @@ mod tests {
         let mut records = RecentRecords::default();
         records.extend([recent(1, 10)]);
         assert!(records.get(1).is_none(), "nothing is kept without a follower");
-        records.followers = 1;
+        records.add_follower();
         records.extend((1..=3).map(|lsn| recent(lsn, 10)));
         assert_eq!(records.get(2).unwrap().record.payload[0], 2);
         assert!(records.get(4).is_none() && records.get(0).is_none());

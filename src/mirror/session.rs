@@ -393,9 +393,11 @@ impl Sender {
         let mut reader = Lookahead::new(JournalReader::new(journal.clone(), received + 1)?);
         // What the volume journals from now on is read from memory while this session keeps
         // up, not read back from the segment files.
-        let _following = journal.follow();
+        let following = journal.follow();
         let mut meter = (Instant::now(), lock(&self.status).applied_bytes);
         loop {
+            // What this session has read is let go of (unless another mirror still needs it).
+            following.passed(reader.next_lsn());
             if meter.0.elapsed() >= Duration::from_secs(1) {
                 let mut status = lock(&self.status);
                 status.throughput_bytes_per_second = (status.applied_bytes - meter.1) as f64 / meter.0.elapsed().as_secs_f64();
