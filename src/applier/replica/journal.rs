@@ -56,7 +56,7 @@ pub(super) fn restart_journal(dir: &ReplicaDir, volume_uuid: uuid::Uuid, first_l
     // The old journal's spares are no part of it: they go first, and one of them becomes the
     // new journal's first segment instead of a zero-filled file.
     if old.exists() {
-        Journal::adopt_segments(&fresh, old, Adopt::Spares, &options)?;
+        adopt(&fresh, old, Adopt::Spares, &options);
     }
     Journal::create_at(&fresh, options, first_lsn)?;
     if located.placed {
@@ -75,15 +75,20 @@ pub(super) fn restart_journal(dir: &ReplicaDir, volume_uuid: uuid::Uuid, first_l
     // the files it made, whatever number of syncs and resyncs replace its journal. A crash
     // from here on leaves the new journal whole; `open` removes what is still aside.
     if aside.exists() {
-        Journal::adopt_segments(&live, &aside, Adopt::Everything, &options)?;
-    }
-    if crate::failpoint::hit("replica-journal-adopted") {
-        std::process::abort();
+        adopt(&live, &aside, Adopt::Everything, &options);
     }
     let (journal, mut writer, _) = Journal::open(&dir.journal(), options)?;
     writer.set_fault_op(JOURNAL_FAULTS);
     let _ = std::fs::remove_dir_all(&aside);
     Ok((journal, writer))
+}
+
+/// Takes files of the journal in `old` as spares of the one in `dir`, as far as it can: a
+/// file that cannot be taken over costs a zero-filled one later, never the replacement.
+fn adopt(dir: &std::path::Path, old: &std::path::Path, what: Adopt, options: &JournalOptions) {
+    if let Err(error) = Journal::adopt_segments(dir, old, what, options) {
+        tracing::warn!(%error, from = %old.display(), to = %dir.display(), "could not keep the replaced journal's files; new ones will be made");
+    }
 }
 
 /// Gives the replica in `dir` an empty journal whose first record will be `first_lsn`: in
