@@ -71,7 +71,7 @@ fn record(lsn: u64, kind: RecordKind, extent: Extent, payload: Vec<u8>) -> Recei
 /// A replica filled with data (so preserving copies real chunks), `snapshots` markers applied.
 fn prepared(dir: &Path, snapshots: usize) -> (Replica, u64) {
     let _ = std::fs::remove_dir_all(dir);
-    let mut replica = Replica::create(dir, &hello(DEVICE), None, &Default::default()).unwrap();
+    let mut replica = Replica::create(dir, &hello(DEVICE), None, None).unwrap();
     replica.sync_start().unwrap();
     replica.sync_done(0, 0).unwrap();
     let mut lsn = 0;

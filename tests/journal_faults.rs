@@ -1,6 +1,7 @@
 //! The journal's writer and a reader following it from memory (`Journal::follow`, a mirror's
 //! sender) when the disk fails: a failed commit or a failed `Journal::sync`. Its own test
-//! binary: the failpoints are read once per process, from the environment.
+//! binary: the failpoints are read once per process, from the environment, and set by the
+//! one test here (another test in this file would run with them set, in parallel threads).
 
 use std::path::Path;
 

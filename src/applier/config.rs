@@ -101,12 +101,6 @@ format_version = 1
 # Seconds without a packet before a source's connection is declared dead (1..600, default 15).
 # idle_timeout = 15
 
-# Snapshots taken at markers: how many each replica keeps (the oldest beyond are deleted).
-# [snapshots]
-# keep = 16
-# [snapshots.volumes.db]
-# keep = 48
-
 # Keep each new replica's journal in JOURNAL_DIR/<replica>/ (e.g. a dedicated SSD) instead of
 # inside its replica directory. An absolute path to an existing directory.
 # journal_dir = \"/srv/ublk-mirror-journals\"
@@ -115,6 +109,12 @@ format_version = 1
 # segment as it first grows: reserves the space, and the first backlogs skip the zero-filling.
 # Replicas keep their journal's files across syncs and resyncs either way.
 # preallocate_journals = false
+
+# Snapshots taken at markers: how many each replica keeps (the oldest beyond are deleted).
+# [snapshots]
+# keep = 16
+# [snapshots.volumes.db]
+# keep = 48
 ";
 
 impl Default for ApplierConfig {

@@ -89,18 +89,32 @@ impl Applier {
             tracing::info!(replica = %key, "the promoted replica was made a replica again: reopening it");
         }
         let journal = || super::ApplierConfig::load(&self.dir).map(|config| config.journal_setup(&self.dir, &dir));
-        let replica = if dir.holds_replica() {
+        let opened = dir.holds_replica();
+        let replica = if opened {
             Replica::open(dir.root())?
         } else if !create {
             return Err(ApplierError::Invalid(format!("applier {} holds no replica of {} from this source", self.dir.root().display(), hello.volume_name)));
         } else if let Some(image) = attached_image(&dir)? {
             tracing::info!(replica = %key, image = %image.display(), "creating replica on the attached image");
-            Replica::create(dir.root(), hello, Some(&image), &journal()?)?
+            Replica::create(dir.root(), hello, Some(&image), journal()?.placed.as_ref())?
         } else {
             tracing::info!(replica = %key, size = hello.size, "creating replica for a new source");
-            Replica::create(dir.root(), hello, None, &journal()?)?
+            Replica::create(dir.root(), hello, None, journal()?.placed.as_ref())?
         };
-        Ok((key.clone(), self.register(&mut slots, key, replica)))
+        let created = !opened;
+        let replica = self.register(&mut slots, key.clone(), replica);
+        drop(slots);
+        if created && journal()?.preallocate {
+            // Outside the table of replicas: writing 1 GiB must not hold up other sources'
+            // sessions or status. The replica's own lock is held: its source, which waits
+            // for this answer, is the only one that could use it.
+            let made = lock(&replica).preallocate_journal();
+            match made {
+                Ok(files) => tracing::info!(replica = %key, files, "preallocated the replica's journal"),
+                Err(error) => tracing::warn!(replica = %key, %error, "could not preallocate the replica's journal; it grows as it fills"),
+            }
+        }
+        Ok((key, replica))
     }
 
     /// Keeps an opened replica (with its snapshot retention from applier.toml).

@@ -34,7 +34,6 @@ use format::segment_file_name;
 pub use format::{RecordHeader, RecordKind, BLOCK_SIZE, FLAG_FUA, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE};
 pub use ledger::Backlog;
 use ledger::Ledger;
-pub use preparer::Adopt;
 pub use reader::JournalReader;
 pub use recent::Following;
 pub use recovery::{RecoveryMode, RecoveryReport};
@@ -156,8 +155,7 @@ impl Journal {
     }
 
     /// Creates an empty journal whose first record will have LSN `first_lsn` (a replica's
-    /// journal continues the source's numbering). A spare already in `dir` (see
-    /// `adopt_segments`) becomes the first segment; otherwise one is zero-filled.
+    /// journal continues the source's numbering).
     pub fn create_at(dir: &Path, options: JournalOptions, first_lsn: u64) -> Result<(), JournalError> {
         options.validate()?;
         if first_lsn == 0 {
@@ -165,11 +163,7 @@ impl Journal {
         }
         crate::permissions::create_dir_all(dir).map_err(io_error(format!("create journal directory {}", dir.display())))?;
         let first = dir.join(segment_file_name(first_lsn));
-        let spare = std::fs::read_dir(dir).map_err(io_error(format!("list journal directory {}", dir.display())))?.flatten().find_map(|entry| {
-            let whole = entry.metadata().is_ok_and(|meta| meta.len() == options.segment_size);
-            (whole && format::is_spare_file_name(&entry.file_name().to_string_lossy())).then(|| entry.path())
-        });
-        initialise_segment_file(&first, spare.as_deref(), first_lsn, &options)?;
+        initialise_segment_file(&first, None, first_lsn, &options)?;
         fsutil::sync_dir(dir).map_err(io_error(format!("sync {}", dir.display())))?;
         Ok(())
     }

@@ -98,15 +98,6 @@ fn make_spare(path: &Path, size: u64) -> std::io::Result<()> {
     made
 }
 
-/// Which files of a journal directory `adopt_segments` takes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Adopt {
-    /// Only the spares: the journal there stays whole (it may still be the live one).
-    Spares,
-    /// Its segments too: the journal there is being discarded.
-    Everything,
-}
-
 impl Journal {
     /// Writes every segment file a journal in `dir` may have (`capacity / segment_size`,
     /// those it has included) as zero-filled spares, now rather than as the journal first
@@ -138,50 +129,65 @@ impl Journal {
         Ok(made.len())
     }
 
-    /// Moves segment files of the journal in `old` (not open for writing) into the journal
-    /// directory `dir` (not open) as spares, while `dir` holds fewer files than `options`
-    /// allow: the files a journal replacement leaves behind, reused rather than freed and
-    /// zero-filled again (on a file system that must find the blocks, or a VM whose host
-    /// took the pages back). `what` says whether `old`'s segments go too or only its spares.
-    /// Each file's header is zeroed and synced before it moves: until a writer gives it a
-    /// header of its own it can never pass for a segment, whatever LSN names it. Files of
-    /// another length (a spare still being made) stay where they are. Returns how many moved.
-    pub fn adopt_segments(dir: &Path, old: &Path, what: Adopt, options: &JournalOptions) -> Result<usize, JournalError> {
-        let listing = |path: &Path| -> Result<Vec<(String, PathBuf)>, JournalError> {
+    /// Moves the segment files (segments and spares) of the journal in `old`, which is being
+    /// discarded and not open for writing, into the journal directory `dir` as spares, while
+    /// `dir` holds fewer files than `options` allow: the files a journal replacement leaves
+    /// behind, reused rather than freed and zero-filled again (on a file system that must find
+    /// the blocks, or a VM whose host took the pages back). Files of another length (a spare
+    /// still being made) stay. Returns how many moved.
+    ///
+    /// Each file's header is zeroed and synced before it moves, so until a writer gives it a
+    /// header of its own it can never pass for a segment, whatever name it gets. Its records
+    /// stay: the caller adopts only files whose every record has a lower LSN than any the
+    /// journal in `dir` will hold (recovery rejects those, as in recycled segments).
+    pub fn adopt_segments(dir: &Path, old: &Path, options: &JournalOptions) -> Result<usize, JournalError> {
+        let listing = |path: &Path| -> Result<Vec<PathBuf>, JournalError> {
             let context = || format!("list journal directory {}", path.display());
             let mut names = Vec::new();
             for entry in std::fs::read_dir(path).map_err(io_error(context()))? {
                 let entry = entry.map_err(io_error(context()))?;
-                names.push((entry.file_name().to_string_lossy().into_owned(), entry.path()));
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if parse_segment_file_name(&name).is_some() || is_spare_file_name(&name) {
+                    names.push(entry.path());
+                }
             }
             Ok(names)
         };
-        let mut room = options
-            .max_segments()
-            .saturating_sub(listing(dir)?.iter().filter(|(name, _)| parse_segment_file_name(name).is_some() || is_spare_file_name(name)).count());
+        let mut room = options.max_segments().saturating_sub(listing(dir)?.len());
         let mut moved = 0;
-        for (name, path) in listing(old)? {
-            let wanted = is_spare_file_name(&name) || (what == Adopt::Everything && parse_segment_file_name(&name).is_some());
-            if room == 0 || !wanted || std::fs::metadata(&path).map_or(true, |meta| meta.len() != options.segment_size) {
-                continue;
-            }
+        let mut adopt = |path: &Path| -> Result<(), JournalError> {
             let erase = || -> std::io::Result<()> {
                 use std::os::unix::fs::FileExt;
-                let file = std::fs::OpenOptions::new().write(true).open(&path)?;
+                let file = std::fs::OpenOptions::new().write(true).open(path)?;
                 file.write_all_at(&[0u8; SEGMENT_HEADER_SIZE as usize], 0)?;
                 file.sync_data()
             };
             erase().map_err(io_error(format!("erase the header of {}", path.display())))?;
             let spare = spare_named(dir, "adopted");
-            std::fs::rename(&path, &spare).map_err(io_error(format!("move {} to {}", path.display(), spare.display())))?;
-            room -= 1;
+            std::fs::rename(path, &spare).map_err(io_error(format!("move {} to {}", path.display(), spare.display())))?;
             moved += 1;
+            Ok(())
+        };
+        let mut outcome = Ok(());
+        for path in listing(old)? {
+            if room == 0 {
+                break;
+            }
+            if std::fs::metadata(&path).map_or(true, |meta| meta.len() != options.segment_size) {
+                continue;
+            }
+            outcome = adopt(&path);
+            if outcome.is_err() {
+                break;
+            }
+            room -= 1;
         }
+        // What moved before an error stays moved.
         if moved > 0 {
             fsutil::sync_dir(dir).map_err(io_error(format!("sync {}", dir.display())))?;
             fsutil::sync_dir(old).map_err(io_error(format!("sync {}", old.display())))?;
         }
-        Ok(moved)
+        outcome.map(|()| moved)
     }
 
     /// Creates one zero-filled spare file and adds it to the pool (the caller set `preparing`);

@@ -5,9 +5,9 @@
 use std::sync::Arc;
 
 use super::{io, ReplicaError, JOURNAL_FAULTS};
-use crate::applier::config::{JournalSetup, ReplicaJournal};
+use crate::applier::config::ReplicaJournal;
 use crate::journal::placement::{self, Owner, PlacementError, Role};
-use crate::journal::{Adopt, Journal, JournalError, JournalOptions, JournalWriter};
+use crate::journal::{Journal, JournalError, JournalOptions, JournalWriter};
 use crate::layout::ReplicaDir;
 
 /// Journal sizing for replicas: room for bursts while the image catches up.
@@ -24,16 +24,12 @@ pub(super) fn owner(dir: &ReplicaDir, volume_name: &str, volume_uuid: uuid::Uuid
     Owner::new(Role::Replica, volume_name, volume_uuid, dir.root())
 }
 
-/// Makes a new replica's journal as `setup` says: placed elsewhere or not, every segment
-/// written now or as it grows (`applier.toml` `preallocate_journals`). The initial sync
-/// replaces the journal at once, and the replacement keeps these files.
-pub(super) fn create_journal(dir: &ReplicaDir, owner: &Owner, setup: &JournalSetup) -> Result<(), ReplicaError> {
-    new_journal(dir, owner, setup.placed.as_ref(), 1)?;
-    if setup.preallocate {
-        let segments = placement::locate(&dir.journal()).map_err(JournalError::from)?.segments;
-        Journal::preallocate(&segments, &journal_options(owner.uuid))?;
-    }
-    Ok(())
+/// Writes every segment file the replica's journal in `dir` may have, beside the open
+/// journal (`applier.toml` `preallocate_journals`, see `Replica::preallocate_journal`): the
+/// open journal does not count them, the initial sync's replacement takes them over.
+pub(super) fn preallocate(dir: &ReplicaDir, volume_uuid: uuid::Uuid) -> Result<usize, ReplicaError> {
+    let segments = placement::locate(&dir.journal()).map_err(JournalError::from)?.segments;
+    Ok(Journal::preallocate(&segments, &journal_options(volume_uuid))?)
 }
 
 /// Replaces a replica's journal by an empty one whose first record will be `first_lsn`. The
@@ -43,24 +39,28 @@ pub(super) fn create_journal(dir: &ReplicaDir, owner: &Owner, setup: &JournalSet
 /// the replica's state first. A journal placed on another filesystem is replaced beside its
 /// directory there (rename(2) does not cross filesystems, and the link must stay a link), and
 /// whenever that directory is missing the old one is still aside, so `open` tells an
-/// interrupted replacement from an unmounted filesystem. The old journal's files become the
-/// new one's spares (`Journal::adopt_segments`).
-pub(super) fn restart_journal(dir: &ReplicaDir, volume_uuid: uuid::Uuid, first_lsn: u64) -> Result<(Arc<Journal>, JournalWriter), ReplicaError> {
+/// interrupted replacement from an unmounted filesystem.
+///
+/// Once the new journal is in place, the old one's files become its spares
+/// (`Journal::adopt_segments`), so a replica in service keeps the files it made, however
+/// many syncs and resyncs replace its journal. Only when `old_last_lsn` (the last LSN the old
+/// journal holds, if known) is below `first_lsn`: every stale record in a kept file then has
+/// a lower LSN than any record the new journal can hold, which recovery rejects whatever
+/// its checksum says, as it does in a journal's own recycled segments. A replacement that
+/// goes back in LSNs (a coalesced range or a resync abandoned) lets the old files go.
+pub(super) fn restart_journal(
+    dir: &ReplicaDir,
+    volume_uuid: uuid::Uuid,
+    first_lsn: u64,
+    old_last_lsn: Option<u64>,
+) -> Result<(Arc<Journal>, JournalWriter), ReplicaError> {
     let located = placement::locate(&dir.journal()).map_err(JournalError::from)?;
     let (live, fresh, aside) = (located.segments.clone(), located.beside(NEW), located.beside(RESETTING));
     let options = journal_options(volume_uuid);
-    // Whichever holds the journal being replaced: the live one, or the one a crash left aside.
-    let old = if live.exists() { &live } else { &aside };
     let _ = std::fs::remove_dir_all(&fresh);
-    crate::permissions::create_dir_all(&fresh).map_err(io(format!("create {}", fresh.display())))?;
-    // The old journal's spares are no part of it: they go first, and one of them becomes the
-    // new journal's first segment instead of a zero-filled file.
-    if old.exists() {
-        adopt(&fresh, old, Adopt::Spares, &options);
-    }
     Journal::create_at(&fresh, options, first_lsn)?;
     if located.placed {
-        placement::carry_owner(old, &fresh).map_err(JournalError::from)?;
+        placement::carry_owner(if live.exists() { &live } else { &aside }, &fresh).map_err(JournalError::from)?;
     }
     if live.exists() {
         let _ = std::fs::remove_dir_all(&aside);
@@ -71,24 +71,17 @@ pub(super) fn restart_journal(dir: &ReplicaDir, volume_uuid: uuid::Uuid, first_l
     }
     std::fs::rename(&fresh, &live).map_err(io(format!("move {} into place", fresh.display())))?;
     crate::fsutil::sync_dir(located.parent()).map_err(io(format!("sync {}", located.parent().display())))?;
-    // The old journal's segments are spares of the new one now: a replica in service keeps
-    // the files it made, whatever number of syncs and resyncs replace its journal. A crash
-    // from here on leaves the new journal whole; `open` removes what is still aside.
-    if aside.exists() {
-        adopt(&live, &aside, Adopt::Everything, &options);
+    // A crash from here on leaves the new journal whole; `open` removes what is still aside.
+    if aside.exists() && old_last_lsn.is_some_and(|last| last < first_lsn) {
+        if let Err(error) = Journal::adopt_segments(&live, &aside, &options) {
+            // A file not taken over costs a zero-filled one later, never the replacement.
+            tracing::warn!(%error, from = %aside.display(), "could not keep the replaced journal's files; new ones will be made");
+        }
     }
     let (journal, mut writer, _) = Journal::open(&dir.journal(), options)?;
     writer.set_fault_op(JOURNAL_FAULTS);
     let _ = std::fs::remove_dir_all(&aside);
     Ok((journal, writer))
-}
-
-/// Takes files of the journal in `old` as spares of the one in `dir`, as far as it can: a
-/// file that cannot be taken over costs a zero-filled one later, never the replacement.
-fn adopt(dir: &std::path::Path, old: &std::path::Path, what: Adopt, options: &JournalOptions) {
-    if let Err(error) = Journal::adopt_segments(dir, old, what, options) {
-        tracing::warn!(%error, from = %old.display(), to = %dir.display(), "could not keep the replaced journal's files; new ones will be made");
-    }
 }
 
 /// Gives the replica in `dir` an empty journal whose first record will be `first_lsn`: in
@@ -99,7 +92,8 @@ pub(super) fn new_journal(dir: &ReplicaDir, owner: &Owner, journal: Option<&Repl
     let link = dir.journal();
     if std::fs::symlink_metadata(&link).is_ok() {
         placement::check_or_interrupted(&link, owner, RESETTING).map_err(JournalError::from)?;
-        restart_journal(dir, owner.uuid, first_lsn)?;
+        // What that journal held is not known: its files go.
+        restart_journal(dir, owner.uuid, first_lsn, None)?;
         return Ok(());
     }
     if let Some(journal) = journal {

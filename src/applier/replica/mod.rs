@@ -31,8 +31,8 @@ pub use demoted::DemotedImage;
 pub use promote::{PromoteOptions, Promoted};
 pub use state::{Consistency, Promotion, ReplicaState, ResyncState};
 
-use self::journal::{create_journal, journal_options, owner, restart_journal, NEW, RESETTING};
-use super::config::{JournalSetup, ReplicaJournal};
+use self::journal::{journal_options, new_journal, owner, restart_journal, NEW, RESETTING};
+use super::config::ReplicaJournal;
 use super::snapshot::{SnapshotError, SnapshotMeta, Snapshots};
 use crate::extent::Extent;
 use crate::generation::{History, Relation};
@@ -136,8 +136,8 @@ impl Replica {
     /// existing file or device of the right size) and an empty journal that continues at the
     /// source's next LSN after `applied_lsn`; in `journal` when the applier keeps replicas'
     /// journals on another filesystem (`applier.toml` `journal_dir`).
-    pub fn create(dir: &Path, hello: &Hello, image: Option<&Path>, journal: &JournalSetup) -> Result<Replica, ReplicaError> {
-        if let Some(placed) = &journal.placed {
+    pub fn create(dir: &Path, hello: &Hello, image: Option<&Path>, journal: Option<&ReplicaJournal>) -> Result<Replica, ReplicaError> {
+        if let Some(placed) = journal {
             journal::journal_home(placed)?;
         }
         crate::permissions::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
@@ -173,7 +173,7 @@ impl Replica {
             demoted_from: None,
         };
         hello_history(hello).save(&dir.generations()).map_err(|error| ReplicaError::State { path: dir.generations(), message: error.to_string() })?;
-        create_journal(&dir, &owner(&dir, &state.volume_name, state.volume_uuid), journal)?;
+        new_journal(&dir, &owner(&dir, &state.volume_name, state.volume_uuid), journal, 1)?;
         state.save(&dir)?;
         Self::open(dir.root())
     }
@@ -201,14 +201,15 @@ impl Replica {
         let (journal, writer) = if !located.segments.exists() {
             // A crash inside a journal replacement, between moving the old journal aside and
             // moving the new one in. The state was saved first and says where to continue.
-            restart_journal(&dir, state.volume_uuid, state.applied_lsn + 1)?
+            restart_journal(&dir, state.volume_uuid, state.applied_lsn + 1, None)?
         } else {
             let (journal, writer, _report) = Journal::open(&dir.journal(), journal_options(state.volume_uuid))?;
             if journal.synced_lsn() < state.applied_lsn && journal.first_lsn() <= state.applied_lsn {
                 // The image is ahead of this journal (a sync completed but the journal reset
                 // did not): everything through `applied` is in the image, so continue after it.
+                let last = journal.written_lsn();
                 drop((journal, writer));
-                restart_journal(&dir, state.volume_uuid, state.applied_lsn + 1)?
+                restart_journal(&dir, state.volume_uuid, state.applied_lsn + 1, Some(last))?
             } else {
                 (journal, writer)
             }
@@ -262,6 +263,14 @@ impl Replica {
     /// Highest LSN durable in the applier's journal.
     pub fn received_lsn(&self) -> u64 {
         self.journal().synced_lsn()
+    }
+
+    /// Writes every segment file this replica's journal may have (1 GiB), now rather than as
+    /// it first grows (`applier.toml` `preallocate_journals`). For a replica just made: the
+    /// initial synchronisation's journal replacement takes them over. Returns how many files
+    /// were made.
+    pub fn preallocate_journal(&self) -> Result<usize, ReplicaError> {
+        journal::preallocate(&self.dir, self.state.volume_uuid)
     }
 
     pub fn applied_lsn(&self) -> u64 {

@@ -157,7 +157,7 @@ impl Replica {
         }
         tracing::warn!(volume = %self.state.volume_name, first = applied + 1, received, "a coalesced range was cut by a crash before it was whole: discarding it (the source sends it again)");
         drop(reader);
-        let (journal, mut writer) = restart_journal(&self.dir, self.state.volume_uuid, applied + 1)?;
+        let (journal, mut writer) = restart_journal(&self.dir, self.state.volume_uuid, applied + 1, Some(self.journal().written_lsn()))?;
         writer.set_fault_op(JOURNAL_FAULTS);
         self.retention = Retention::unheld(journal, applied);
         self.writer = writer;

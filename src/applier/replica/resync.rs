@@ -73,7 +73,7 @@ impl Replica {
         self.state.resync = Some(ResyncState { base_lsn, region_bytes, commit_lsn: None });
         // State first: `open` discards a stage it finds with no commit begun.
         self.state.save(&self.dir)?;
-        let (journal, writer) = restart_journal(&self.dir, self.state.volume_uuid, base_lsn + 1)?;
+        let (journal, writer) = restart_journal(&self.dir, self.state.volume_uuid, base_lsn + 1, Some(self.journal().written_lsn()))?;
         self.retention = Retention::unheld(journal, base_lsn);
         self.writer = writer;
         self.applied_unsynced = base_lsn;
@@ -160,7 +160,7 @@ impl Replica {
         self.state.resync = None;
         self.state.save(&self.dir)?;
         let applied = self.state.applied_lsn;
-        let (journal, writer) = restart_journal(&self.dir, self.state.volume_uuid, applied + 1)?;
+        let (journal, writer) = restart_journal(&self.dir, self.state.volume_uuid, applied + 1, Some(self.journal().written_lsn()))?;
         self.retention = Retention::unheld(journal, applied);
         self.writer = writer;
         self.applied_unsynced = applied;

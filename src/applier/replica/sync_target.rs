@@ -94,7 +94,7 @@ impl Replica {
         self.state.settle();
         // State first: `open` repairs a journal that is behind the state or missing.
         self.state.save(&self.dir)?;
-        let (journal, writer) = restart_journal(&self.dir, self.state.volume_uuid, base_lsn + 1)?;
+        let (journal, writer) = restart_journal(&self.dir, self.state.volume_uuid, base_lsn + 1, Some(self.journal().written_lsn()))?;
         self.retention = Retention::unheld(journal, base_lsn);
         self.writer = writer;
         Ok(())
