@@ -48,14 +48,6 @@ pub struct ReplicaJournal {
     pub target: PathBuf,
 }
 
-/// How a new replica's journal is made: where (`journal_dir`), and whether all its segments
-/// are written at once (`preallocate_journals`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct JournalSetup {
-    pub placed: Option<ReplicaJournal>,
-    pub preallocate: bool,
-}
-
 /// `[snapshots]` with `keep` for every volume and `[snapshots.volumes.NAME]` for one.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -186,11 +178,6 @@ impl ApplierConfig {
         self.snapshots.volumes.get(volume).and_then(|v| v.keep).or(self.snapshots.keep).unwrap_or(crate::applier::snapshot::DEFAULT_KEEP)
     }
 
-    /// How the journal of a replica made in `replica` is made.
-    pub fn journal_setup(&self, applier: &ApplierDir, replica: &ReplicaDir) -> JournalSetup {
-        JournalSetup { placed: self.replica_journal(applier, replica), preallocate: self.preallocate_journals }
-    }
-
     /// Where the journal of a replica made in `replica` goes (`None`: inside it).
     pub fn replica_journal(&self, applier: &ApplierDir, replica: &ReplicaDir) -> Option<ReplicaJournal> {
         let journal_dir = self.journal_dir.clone()?;
@@ -228,10 +215,9 @@ mod tests {
         let unbound = config.replica_journal(&applier, &applier.replica(&crate::layout::ReplicaKey::unbound("vol0"))).unwrap();
         assert_eq!(unbound.target, std::path::PathBuf::from("/srv/j/vol0"));
         assert_eq!(ApplierConfig::default().replica_journal(&applier, &applier.replica(&key)), None);
-        let setup = config.journal_setup(&applier, &applier.replica(&key));
-        assert_eq!(setup, JournalSetup { placed: Some(placed), preallocate: false });
+        assert_eq!((config.replica_journal(&applier, &applier.replica(&key)), config.preallocate_journals), (Some(placed), false));
         let config: ApplierConfig = toml::from_str("format_version = 1\npreallocate_journals = true").unwrap();
-        assert_eq!(config.journal_setup(&applier, &applier.replica(&key)), JournalSetup { placed: None, preallocate: true });
+        assert_eq!((config.replica_journal(&applier, &applier.replica(&key)), config.preallocate_journals), (None, true));
         assert!(toml::from_str::<ApplierConfig>("format_version = 1\npreallocate_journals = 1").is_err(), "a bool, not a number");
     }
 

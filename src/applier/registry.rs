@@ -88,23 +88,24 @@ impl Applier {
             }
             tracing::info!(replica = %key, "the promoted replica was made a replica again: reopening it");
         }
-        let journal = || super::ApplierConfig::load(&self.dir).map(|config| config.journal_setup(&self.dir, &dir));
-        let opened = dir.holds_replica();
-        let replica = if opened {
+        let mut preallocate = false;
+        let replica = if dir.holds_replica() {
             Replica::open(dir.root())?
         } else if !create {
             return Err(ApplierError::Invalid(format!("applier {} holds no replica of {} from this source", self.dir.root().display(), hello.volume_name)));
-        } else if let Some(image) = attached_image(&dir)? {
-            tracing::info!(replica = %key, image = %image.display(), "creating replica on the attached image");
-            Replica::create(dir.root(), hello, Some(&image), journal()?.placed.as_ref())?
         } else {
-            tracing::info!(replica = %key, size = hello.size, "creating replica for a new source");
-            Replica::create(dir.root(), hello, None, journal()?.placed.as_ref())?
+            let image = attached_image(&dir)?;
+            let config = super::ApplierConfig::load(&self.dir)?;
+            preallocate = config.preallocate_journals;
+            match &image {
+                Some(image) => tracing::info!(replica = %key, image = %image.display(), "creating replica on the attached image"),
+                None => tracing::info!(replica = %key, size = hello.size, "creating replica for a new source"),
+            }
+            Replica::create(dir.root(), hello, image.as_deref(), config.replica_journal(&self.dir, &dir).as_ref())?
         };
-        let created = !opened;
         let replica = self.register(&mut slots, key.clone(), replica);
         drop(slots);
-        if created && journal()?.preallocate {
+        if preallocate {
             // Outside the table of replicas: writing 1 GiB must not hold up other sources'
             // sessions or status. The replica's own lock is held: its source, which waits
             // for this answer, is the only one that could use it.

@@ -98,6 +98,34 @@ fn make_spare(path: &Path, size: u64) -> std::io::Result<()> {
     made
 }
 
+/// The segment files (segments and spares) in the journal directory `dir`.
+fn segment_files(dir: &Path) -> Result<Vec<PathBuf>, JournalError> {
+    let context = || format!("list journal directory {}", dir.display());
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io_error(context()))? {
+        let entry = entry.map_err(io_error(context()))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if parse_segment_file_name(&name).is_some() || is_spare_file_name(&name) {
+            files.push(entry.path());
+        }
+    }
+    Ok(files)
+}
+
+/// Zeroes the header of the segment file `path` (durably) and moves it into `dir` as a spare.
+fn adopt_as_spare(dir: &Path, path: &Path) -> Result<(), JournalError> {
+    let erase = || -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new().write(true).open(path)?;
+        file.write_all_at(&[0u8; SEGMENT_HEADER_SIZE as usize], 0)?;
+        file.sync_data()
+    };
+    erase().map_err(io_error(format!("erase the header of {}", path.display())))?;
+    let spare = spare_named(dir, "adopted");
+    std::fs::rename(path, &spare).map_err(io_error(format!("move {} to {}", path.display(), spare.display())))
+}
+
 impl Journal {
     /// Writes every segment file a journal in `dir` may have (`capacity / segment_size`,
     /// those it has included) as zero-filled spares, now rather than as the journal first
@@ -107,13 +135,7 @@ impl Journal {
     /// reserves the space, so a file system that fills up later cannot stall the journal.
     /// Returns how many files were made. On an error the files made here are removed.
     pub fn preallocate(dir: &Path, options: &JournalOptions) -> Result<usize, JournalError> {
-        let listing = std::fs::read_dir(dir).map_err(io_error(format!("list journal directory {}", dir.display())))?;
-        let mut existing = 0;
-        for entry in listing {
-            let name = entry.map_err(io_error(format!("list journal directory {}", dir.display())))?.file_name();
-            let name = name.to_string_lossy();
-            existing += usize::from(parse_segment_file_name(&name).is_some() || is_spare_file_name(&name));
-        }
+        let existing = segment_files(dir)?.len();
         let mut made = Vec::new();
         for _ in existing..options.max_segments() {
             let path = spare_path(dir);
@@ -141,46 +163,16 @@ impl Journal {
     /// stay: the caller adopts only files whose every record has a lower LSN than any the
     /// journal in `dir` will hold (recovery rejects those, as in recycled segments).
     pub fn adopt_segments(dir: &Path, old: &Path, options: &JournalOptions) -> Result<usize, JournalError> {
-        let listing = |path: &Path| -> Result<Vec<PathBuf>, JournalError> {
-            let context = || format!("list journal directory {}", path.display());
-            let mut names = Vec::new();
-            for entry in std::fs::read_dir(path).map_err(io_error(context()))? {
-                let entry = entry.map_err(io_error(context()))?;
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if parse_segment_file_name(&name).is_some() || is_spare_file_name(&name) {
-                    names.push(entry.path());
-                }
-            }
-            Ok(names)
-        };
-        let mut room = options.max_segments().saturating_sub(listing(dir)?.len());
+        let room = options.max_segments().saturating_sub(segment_files(dir)?.len());
+        let whole = |path: &PathBuf| std::fs::metadata(path).is_ok_and(|meta| meta.len() == options.segment_size);
         let mut moved = 0;
-        let mut adopt = |path: &Path| -> Result<(), JournalError> {
-            let erase = || -> std::io::Result<()> {
-                use std::os::unix::fs::FileExt;
-                let file = std::fs::OpenOptions::new().write(true).open(path)?;
-                file.write_all_at(&[0u8; SEGMENT_HEADER_SIZE as usize], 0)?;
-                file.sync_data()
-            };
-            erase().map_err(io_error(format!("erase the header of {}", path.display())))?;
-            let spare = spare_named(dir, "adopted");
-            std::fs::rename(path, &spare).map_err(io_error(format!("move {} to {}", path.display(), spare.display())))?;
-            moved += 1;
-            Ok(())
-        };
         let mut outcome = Ok(());
-        for path in listing(old)? {
-            if room == 0 {
+        for path in segment_files(old)?.into_iter().filter(whole).take(room) {
+            if let Err(error) = adopt_as_spare(dir, &path) {
+                outcome = Err(error);
                 break;
             }
-            if std::fs::metadata(&path).map_or(true, |meta| meta.len() != options.segment_size) {
-                continue;
-            }
-            outcome = adopt(&path);
-            if outcome.is_err() {
-                break;
-            }
-            room -= 1;
+            moved += 1;
         }
         // What moved before an error stays moved.
         if moved > 0 {

@@ -273,6 +273,17 @@ impl Replica {
         journal::preallocate(&self.dir, self.state.volume_uuid)
     }
 
+    /// Replaces the journal by an empty one that continues after `lsn` (`restart_journal`:
+    /// its files are kept when that goes forward from the old journal's last LSN). Callers
+    /// save the replica's state first.
+    fn replace_journal(&mut self, lsn: u64) -> Result<(), ReplicaError> {
+        let old_last = self.journal().written_lsn();
+        let (journal, writer) = restart_journal(&self.dir, self.state.volume_uuid, lsn + 1, Some(old_last))?;
+        self.retention = Retention::unheld(journal, lsn);
+        self.writer = writer;
+        Ok(())
+    }
+
     pub fn applied_lsn(&self) -> u64 {
         self.state.applied_lsn
     }

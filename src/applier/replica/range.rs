@@ -12,10 +12,10 @@
 
 use bytes::Bytes;
 
-use super::{restart_journal, Replica, ReplicaError, JOURNAL_FAULTS};
+use super::{Replica, ReplicaError};
 use crate::extent::Extent;
 use crate::journal::range::{meta_len, RangeMeta, HEAD_BYTES};
-use crate::journal::{AppendError, JournalError, JournalReader, RecordKind, Retention, RECORD_HEADER_SIZE};
+use crate::journal::{AppendError, JournalError, JournalReader, RecordKind, RECORD_HEADER_SIZE};
 use crate::protocol::wire::ReceivedRange;
 
 /// LSNs one range may cover at most (each costs a `Covered` record's header in the journal).
@@ -157,11 +157,7 @@ impl Replica {
         }
         tracing::warn!(volume = %self.state.volume_name, first = applied + 1, received, "a coalesced range was cut by a crash before it was whole: discarding it (the source sends it again)");
         drop(reader);
-        let (journal, mut writer) = restart_journal(&self.dir, self.state.volume_uuid, applied + 1, Some(self.journal().written_lsn()))?;
-        writer.set_fault_op(JOURNAL_FAULTS);
-        self.retention = Retention::unheld(journal, applied);
-        self.writer = writer;
-        Ok(())
+        self.replace_journal(applied)
     }
 }
 

@@ -7,8 +7,7 @@
 //! discarded whole: the image is untouched and the source's dirty map still covers it.
 
 use super::stage::{has_room, Stage};
-use super::{restart_journal, Consistency, Replica, ReplicaError, ResyncState};
-use crate::journal::Retention;
+use super::{Consistency, Replica, ReplicaError, ResyncState};
 
 /// Room kept free beyond what a resync is expected to stage.
 const STAGE_MARGIN: u64 = 64 << 20;
@@ -73,9 +72,7 @@ impl Replica {
         self.state.resync = Some(ResyncState { base_lsn, region_bytes, commit_lsn: None });
         // State first: `open` discards a stage it finds with no commit begun.
         self.state.save(&self.dir)?;
-        let (journal, writer) = restart_journal(&self.dir, self.state.volume_uuid, base_lsn + 1, Some(self.journal().written_lsn()))?;
-        self.retention = Retention::unheld(journal, base_lsn);
-        self.writer = writer;
+        self.replace_journal(base_lsn)?;
         self.applied_unsynced = base_lsn;
         self.checkpoint_begun_lsn = base_lsn;
         self.unsynced_bytes = 0;
@@ -160,9 +157,7 @@ impl Replica {
         self.state.resync = None;
         self.state.save(&self.dir)?;
         let applied = self.state.applied_lsn;
-        let (journal, writer) = restart_journal(&self.dir, self.state.volume_uuid, applied + 1, Some(self.journal().written_lsn()))?;
-        self.retention = Retention::unheld(journal, applied);
-        self.writer = writer;
+        self.replace_journal(applied)?;
         self.applied_unsynced = applied;
         self.checkpoint_begun_lsn = applied;
         self.unsynced_bytes = 0;

@@ -2,9 +2,8 @@
 //! compares the source's chunk hashes with its own, takes the chunks that differ, and then
 //! continues its journal after the synchronisation's base LSN.
 
-use super::{io, restart_journal, Consistency, Replica, ReplicaError};
+use super::{io, Consistency, Replica, ReplicaError};
 use crate::extent::Extent;
-use crate::journal::Retention;
 use crate::protocol::wire::{SYNC_CHUNK, SYNC_HASH_BATCH};
 
 impl Replica {
@@ -94,9 +93,6 @@ impl Replica {
         self.state.settle();
         // State first: `open` repairs a journal that is behind the state or missing.
         self.state.save(&self.dir)?;
-        let (journal, writer) = restart_journal(&self.dir, self.state.volume_uuid, base_lsn + 1, Some(self.journal().written_lsn()))?;
-        self.retention = Retention::unheld(journal, base_lsn);
-        self.writer = writer;
-        Ok(())
+        self.replace_journal(base_lsn)
     }
 }
