@@ -45,6 +45,16 @@ fn replica_equals_source_and_survives_an_applier_kill() {
     assert_eq!(applier_view["replicas"][0]["connected"], true);
     assert_eq!(applier_view["replicas"][0]["applied_lsn"], status["volume"]["last_lsn"]);
     assert_eq!(journal_files(), 16, "1 GiB of 64 MiB segments, kept across the initial sync");
+    // Writes to a replicating mirror: the write buffers kept in memory for its sender go
+    // once it has read them.
+    let commands: Vec<String> = (0..50u64).map(|i| format!("write -P {} {} 65536", i + 1, i * 65536)).collect();
+    assert!(qemu_io(&uri, &commands).status.success());
+    wait_caught_up(&vdir);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status_json(&vdir)["journal"]["memory_bytes"] != 0 {
+        assert!(Instant::now() < deadline, "write buffers kept after the mirror caught up: {}", status_json(&vdir));
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // Kill -9 the applier while writes continue, restart it: the mirror resumes and converges.
     let writer_uri = uri.clone();

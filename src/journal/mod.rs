@@ -121,6 +121,9 @@ pub struct JournalUsage {
     pub used_bytes: u64,
     pub capacity_bytes: u64,
     pub segments: usize,
+    /// Bytes of recent records kept in memory for the readers that follow the writer
+    /// (`recent.rs`): 0 while none follows or every one has read everything.
+    pub memory_bytes: u64,
 }
 
 /// Shared handle to an open journal: the table of segments and the published LSNs.
@@ -282,6 +285,7 @@ impl Journal {
             used_bytes,
             capacity_bytes: self.options.max_segments() as u64 * (self.options.segment_size - SEGMENT_HEADER_SIZE),
             segments: table.retained.len(),
+            memory_bytes: self.recent_bytes(),
         }
     }
 

@@ -84,6 +84,10 @@ pub struct JournalStatus {
     /// The segments are on another filesystem than the volume directory.
     #[serde(default)]
     pub separate_filesystem: bool,
+    /// Recent write buffers kept in memory for connected mirrors' senders (at most 32 MiB,
+    /// let go once every mirror has read them; 0 when nobody serves the volume).
+    #[serde(default)]
+    pub memory_bytes: u64,
 }
 
 impl JournalStatus {
@@ -98,6 +102,7 @@ impl JournalStatus {
             segment_size,
             dir: segments_dir.display().to_string(),
             separate_filesystem,
+            memory_bytes: usage.memory_bytes,
         }
     }
 
@@ -162,6 +167,7 @@ pub fn offline(dir: &VolumeDir, mirrors: impl FnOnce(&Arc<Journal>, u64) -> Vec<
         used_bytes: report.used_bytes,
         capacity_bytes: options.max_segments() as u64 * (options.segment_size - SEGMENT_HEADER_SIZE),
         segments: report.segments,
+        memory_bytes: 0,
     };
     Ok(Status {
         volume: VolumeStatus {
