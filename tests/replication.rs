@@ -518,3 +518,49 @@ fn a_full_journal_held_by_a_mirror_drains_when_the_applier_returns() {
     wait_caught_up(&vdir);
     assert!(compare(&uri, replica_image(&adir, "vol0").to_str().unwrap()), "replica differs after the drain");
 }
+
+/// A crash of the applier inside the journal replacement that ends the initial sync: once
+/// between moving the old journal aside and moving the new one into place, once after some
+/// of the old journal's files became the new one's spares (the rest still aside). Either way
+/// the restarted applier opens the replica, leaves nothing aside, keeps at most the files a
+/// journal may have, and the mirror converges to an equal replica.
+#[test]
+fn a_crash_inside_a_journal_replacement_leaves_a_replica_that_converges() {
+    require_tool("qemu-io", "qemu-utils");
+    for (failpoint, kept_at_least) in [("replica-journal-swap", 1), ("journal-adopt-crash=3", 4)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (adir, vdir, port) = setup(tmp.path(), None);
+        let config = adir.join("applier.toml");
+        let text = std::fs::read_to_string(&config).unwrap();
+        std::fs::write(&config, format!("{text}\npreallocate_journals = true\n")).unwrap();
+        let mut applier = Applier::start_with_env(&adir, port, &[("UBLK_MIRROR_FAILPOINTS", failpoint)]);
+        let served = Served::start(&vdir, &[]);
+        let uri = served.uri("vol0");
+        let commands: Vec<String> = (0..64u64).map(|i| format!("write -P {} {} 65536", i % 250 + 1, i * 3 * 65536)).collect();
+        assert!(qemu_io(&uri, &commands).status.success());
+        // The sync's end replaces the replica's journal: the failpoint aborts the applier there.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let exit = loop {
+            if let Some(exit) = applier.child.try_wait().unwrap() {
+                break exit;
+            }
+            assert!(Instant::now() < deadline, "{failpoint}: the applier did not reach the failpoint: {}", status_json(&vdir));
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(!exit.success(), "{failpoint}: the applier should have aborted: {exit:?}");
+        let replica = replica_image(&adir, "vol0");
+        let beside = |suffix: &str| replica.with_file_name(format!("journal.{suffix}"));
+        assert!(beside("resetting").exists(), "{failpoint}: the crash left the old journal aside");
+
+        let _applier = Applier::start(&adir, port);
+        let status = wait_caught_up(&vdir);
+        assert_eq!(status["mirrors"][0]["state"], "replicating", "{failpoint}: {status}");
+        assert!(compare(&uri, replica.to_str().unwrap()), "{failpoint}: the replica differs from the source");
+        assert!(!beside("resetting").exists() && !beside("new").exists(), "{failpoint}: a replacement's directory left behind");
+        let files = std::fs::read_dir(replica.with_file_name("journal")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned());
+        let segments = files.filter(|name| name.ends_with(".seg")).count();
+        eprintln!("{failpoint}: {segments} journal files after the restart");
+        assert!((kept_at_least..=16).contains(&segments), "{failpoint}: {segments} journal files");
+        drop(served);
+    }
+}

@@ -173,6 +173,10 @@ impl Journal {
                 break;
             }
             moved += 1;
+            // A crash part way through: files moved, the rest still in the old journal.
+            if crate::failpoint::hit("journal-adopt-crash") {
+                std::process::abort();
+            }
         }
         // What moved before an error stays moved.
         if moved > 0 {
