@@ -45,7 +45,9 @@
 //! the drains. BENCH_PERF=DIR writes a CPU profile of the source's CPU during each burst
 //! (`perf record -e cpu-clock -g`) to DIR/<volume>-<block size>.data (with
 //! BENCH_PERF_REPLICA=1 the replica's CPU instead), and one of the applier process during
-//! each drain to DIR/drain-<block size>-applier.data (or wan-...).
+//! each drain to DIR/drain-<block size>-applier.data (and the volume's to ...-volume.data;
+//! wan-... through the relay). BENCH_ONLY=drain BENCH_BS=4k: the 4 KiB drain and the
+//! sender's cost per record instead.
 //! BENCH_SECONDS sets the fio bursts (default 30), BENCH_ROUNDS how many times the bursts
 //! without a mirror and with one (applier's own disk) alternate (default 2; means reported). BENCH_ONLY=quic measures only the raw
 //! QUIC stream (for investigating the transport ceiling), BENCH_ONLY=wan only row 4, BENCH_ONLY=iops only the NBD rows, BENCH_ONLY=resync only row 5 (with BENCH_RESYNC=whole only its loopback resync of a volume written whole), BENCH_ONLY=compression only row 6 (with BENCH_COMPRESSION=ext4 only its ext4 image rows),
@@ -122,9 +124,16 @@ fn main() {
         // applier's own disk, and the raw QUIC stream right after it.
         let own_disk = RamDisk::new();
         let mut rows = Vec::new();
-        let drain = backlog_drain(&base, &own_disk.mount, "1m", 1 << 30, None);
-        drain_rows("1M writes, applier's own disk", "1m", &drain, &mut rows);
-        raw_quic_rows(&base, &own_disk.mount, Some(&drain), &mut rows);
+        if std::env::var("BENCH_BS").as_deref() == Ok("4k") {
+            // The sender's cost per record instead: the 4 KiB backlog, on the same disk.
+            let drain = backlog_drain(&base, &base, "4k", 256 << 20, None);
+            drain_rows("4K writes", "4k", &drain, &mut rows);
+            sender_cost_row(&base, &drain, &mut rows);
+        } else {
+            let drain = backlog_drain(&base, &own_disk.mount, "1m", 1 << 30, None);
+            drain_rows("1M writes, applier's own disk", "1m", &drain, &mut rows);
+            raw_quic_rows(&base, &own_disk.mount, Some(&drain), &mut rows);
+        }
         for (what, value) in &rows {
             println!("{what:<48} {value}");
         }

@@ -173,7 +173,7 @@ pub(crate) fn backlog_drain(base: &Path, applier_base: &Path, bs: &str, total: u
         }
         std::thread::sleep(Duration::from_millis(5));
     };
-    let profile = DrainProfile::start(&name, applier.0.id());
+    let profile = DrainProfile::start(&name, &[("applier", applier.0.id()), ("volume", volume.0.id())]);
     let started = Instant::now();
     let cpu_at_start = MirrorCpu::sample(volume.0.id(), applier.0.id());
     let start_applied = connected["mirrors"][0]["applied_lsn"].as_u64().unwrap_or(0);
@@ -216,30 +216,39 @@ pub(crate) fn backlog_drain(base: &Path, applier_base: &Path, bs: &str, total: u
     Drain { bytes: records * record_bytes, records, received_seconds: received_seconds.unwrap_or(applied_seconds), applied_seconds, cpu, writes_cpu_before }
 }
 
-/// With BENCH_PERF=DIR, a CPU profile of the applier process during a drain
-/// (`perf record -e cpu-clock -g -p PID`), written to DIR/<name>-applier.data; stopped with
-/// SIGINT when dropped. Nothing otherwise.
-struct DrainProfile(Option<std::process::Child>);
+/// With BENCH_PERF=DIR, CPU profiles of the applier and of the volume (whose sender the
+/// drain is about) during a drain (`perf record -e cpu-clock -g -p PID`), written to
+/// DIR/<name>-applier.data and DIR/<name>-volume.data; stopped with SIGINT when dropped.
+/// Nothing otherwise.
+struct DrainProfile(Vec<std::process::Child>);
 
 impl DrainProfile {
-    fn start(name: &str, applier: u32) -> DrainProfile {
-        let Ok(dir) = std::env::var("BENCH_PERF") else { return DrainProfile(None) };
+    fn start(name: &str, processes: &[(&str, u32)]) -> DrainProfile {
+        let Ok(dir) = std::env::var("BENCH_PERF") else { return DrainProfile(Vec::new()) };
         let _ = std::fs::create_dir_all(&dir);
-        let output = Path::new(&dir).join(format!("{name}-applier.data"));
-        let child = std::process::Command::new("perf")
-            .args(["record", "-q", "-e", "cpu-clock", "-g", "-p", &applier.to_string(), "-o"])
-            .arg(&output)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("perf (apt-get install -y linux-perf)");
-        eprintln!("  profiling the applier into {}", output.display());
-        DrainProfile(Some(child))
+        let children = processes
+            .iter()
+            .map(|(what, pid)| {
+                let output = Path::new(&dir).join(format!("{name}-{what}.data"));
+                eprintln!("  profiling the {what} into {}", output.display());
+                // BENCH_PERF_GRAPH=dwarf: user-space call chains too (the release build has no
+                // frame pointers), at a far larger profile.
+                let graph = std::env::var("BENCH_PERF_GRAPH").unwrap_or_else(|_| "fp".into());
+                std::process::Command::new("perf")
+                    .args(["record", "-q", "-e", "cpu-clock", "--call-graph", &graph, "-p", &pid.to_string(), "-o"])
+                    .arg(&output)
+                    .stdout(std::process::Stdio::null())
+                    .spawn()
+                    .expect("perf (apt-get install -y linux-perf)")
+            })
+            .collect();
+        DrainProfile(children)
     }
 }
 
 impl Drop for DrainProfile {
     fn drop(&mut self) {
-        if let Some(child) = &mut self.0 {
+        for child in &mut self.0 {
             // SAFETY: kill(2) on our own child's pid; no memory is involved.
             unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
             let _ = child.wait();
