@@ -47,7 +47,8 @@
 //! BENCH_PERF_REPLICA=1 the replica's CPU instead), and one of the applier process during
 //! each drain to DIR/drain-<block size>-applier.data (and the volume's to ...-volume.data;
 //! wan-... through the relay). BENCH_ONLY=drain BENCH_BS=4k: the 4 KiB drain and the
-//! sender's cost per record instead.
+//! sender's cost per record instead. A profiled run's CPU rows include perf's own cost (far
+//! more with BENCH_PERF_GRAPH=dwarf): take figures from runs without BENCH_PERF.
 //! BENCH_SECONDS sets the fio bursts (default 30), BENCH_ROUNDS how many times the bursts
 //! without a mirror and with one (applier's own disk) alternate (default 2; means reported). BENCH_ONLY=quic measures only the raw
 //! QUIC stream (for investigating the transport ceiling), BENCH_ONLY=wan only row 4, BENCH_ONLY=iops only the NBD rows, BENCH_ONLY=resync only row 5 (with BENCH_RESYNC=whole only its loopback resync of a volume written whole), BENCH_ONLY=compression only row 6 (with BENCH_COMPRESSION=ext4 only its ext4 image rows),

@@ -10,7 +10,8 @@ use clap::Parser;
 // (mprotect). mimalloc v3 (not the crate's `v2` feature): it keeps freed memory for 1 s
 // before giving it back, where v2 gave it back after 10 ms and a mirror's sender, whose batch
 // buffers are freed as they are acknowledged, then faulted transparent huge pages in anew for
-// each batch: 30-50% more CPU per 4 KiB record (docs/architecture.md, measured costs).
+// each batch: 28-65% more CPU per 4 KiB record in a backlog drain (docs/architecture.md,
+// measured costs).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -520,25 +520,37 @@ fn a_full_journal_held_by_a_mirror_drains_when_the_applier_returns() {
 }
 
 /// A crash of the applier inside the journal replacement that ends the initial sync: once
-/// between moving the old journal aside and moving the new one into place, once after some
-/// of the old journal's files became the new one's spares (the rest still aside). Either way
-/// the restarted applier opens the replica, leaves nothing aside, keeps at most the files a
-/// journal may have, and the mirror converges to an equal replica.
+/// between moving the old journal aside and moving the new one into place, once after three
+/// of the old (preallocated) journal's files became the new one's spares, the rest still
+/// aside. Each crash leaves the layout it should; the restarted applier opens the replica,
+/// leaves nothing aside, keeps the files it took over, and converges to an equal replica.
 #[test]
 fn a_crash_inside_a_journal_replacement_leaves_a_replica_that_converges() {
     require_tool("qemu-io", "qemu-utils");
-    for (failpoint, kept_at_least) in [("replica-journal-swap", 1), ("journal-adopt-crash=3", 4)] {
+    let segment_files = |dir: &Path| match std::fs::read_dir(dir) {
+        Ok(entries) => entries.filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".seg")).count(),
+        Err(_) => 0,
+    };
+    // (failpoint, preallocated, files in journal / journal.new / journal.resetting after the
+    // crash, files kept at least after the restart)
+    // (the old journal not preallocated has its segment and the spares its preparer made; a
+    // preallocated one its 16 files, and one spare more if its preparer made one meanwhile).
+    let cases = [("replica-journal-swap", false, [0..=0, 1..=1, 1..=16], 1), ("journal-adopt-crash=3", true, [4..=4, 0..=0, 13..=14], 4)];
+    for (failpoint, preallocated, after_crash, kept_at_least) in cases {
         let tmp = tempfile::tempdir().unwrap();
         let (adir, vdir, port) = setup(tmp.path(), None);
-        let config = adir.join("applier.toml");
-        let text = std::fs::read_to_string(&config).unwrap();
-        std::fs::write(&config, format!("{text}\npreallocate_journals = true\n")).unwrap();
+        if preallocated {
+            let config = adir.join("applier.toml");
+            let text = std::fs::read_to_string(&config).unwrap();
+            std::fs::write(&config, format!("{text}\npreallocate_journals = true\n")).unwrap();
+        }
         let mut applier = Applier::start_with_env(&adir, port, &[("UBLK_MIRROR_FAILPOINTS", failpoint)]);
         let served = Served::start(&vdir, &[]);
         let uri = served.uri("vol0");
         let commands: Vec<String> = (0..64u64).map(|i| format!("write -P {} {} 65536", i % 250 + 1, i * 3 * 65536)).collect();
         assert!(qemu_io(&uri, &commands).status.success());
-        // The sync's end replaces the replica's journal: the failpoint aborts the applier there.
+        // The sync's end replaces the replica's journal: the failpoint aborts the applier there
+        // (the adoption's only with the 16 preallocated files to take over).
         let deadline = Instant::now() + Duration::from_secs(60);
         let exit = loop {
             if let Some(exit) = applier.child.try_wait().unwrap() {
@@ -549,18 +561,20 @@ fn a_crash_inside_a_journal_replacement_leaves_a_replica_that_converges() {
         };
         assert!(!exit.success(), "{failpoint}: the applier should have aborted: {exit:?}");
         let replica = replica_image(&adir, "vol0");
+        let journal = replica.with_file_name("journal");
         let beside = |suffix: &str| replica.with_file_name(format!("journal.{suffix}"));
-        assert!(beside("resetting").exists(), "{failpoint}: the crash left the old journal aside");
+        let layout = [segment_files(&journal), segment_files(&beside("new")), segment_files(&beside("resetting"))];
+        let expected = layout.iter().zip(&after_crash).all(|(files, range)| range.contains(files));
+        assert!(expected, "{failpoint}: segment files in journal, journal.new, journal.resetting after the crash: {layout:?}, expected {after_crash:?}");
+        assert_eq!(journal.exists(), *after_crash[0].end() > 0, "{failpoint}: the journal's directory");
 
         let _applier = Applier::start(&adir, port);
         let status = wait_caught_up(&vdir);
         assert_eq!(status["mirrors"][0]["state"], "replicating", "{failpoint}: {status}");
         assert!(compare(&uri, replica.to_str().unwrap()), "{failpoint}: the replica differs from the source");
         assert!(!beside("resetting").exists() && !beside("new").exists(), "{failpoint}: a replacement's directory left behind");
-        let files = std::fs::read_dir(replica.with_file_name("journal")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned());
-        let segments = files.filter(|name| name.ends_with(".seg")).count();
-        eprintln!("{failpoint}: {segments} journal files after the restart");
-        assert!((kept_at_least..=16).contains(&segments), "{failpoint}: {segments} journal files");
+        let kept = segment_files(&journal);
+        assert!((kept_at_least..=16).contains(&kept), "{failpoint}: {kept} journal files after the restart");
         drop(served);
     }
 }

@@ -25,12 +25,11 @@ pub(crate) fn drain_rows(label: &str, bs: &str, drain: &Drain, rows: &mut Vec<(S
 pub(crate) fn raw_quic_rows(base: &Path, own_disk: &Path, own_disk_drain: Option<&Drain>, rows: &mut Vec<(String, String)>) {
     let quic = raw_quic(base, 1 << 30, 4 << 20, pinning(), None);
     add(rows, ("raw QUIC stream, 1 GiB, two processes".into(), quic.describe()));
-    // The two file writes are measured before the drain and again after it: this VM's
-    // cost of new pages (the replica image's) drifts, 1-4 ms per MiB within an hour, even
-    // within a minute; the bound takes the cheaper of the two.
-    let after = applier_writes_cpu(own_disk);
-    let before = own_disk_drain.and_then(|drain| drain.writes_cpu_before);
-    let writes = before.map_or(after, |before| before.min(after));
+    // The two file writes as measured before the drain and right after it: this VM's cost of
+    // new pages (the replica image's) drifts, 1-4 ms per MiB within an hour, even within a
+    // minute; the bound takes the cheaper of the two. Measured here without such a drain.
+    let measured = own_disk_drain.and_then(|drain| drain.writes_cpu);
+    let writes = measured.map_or_else(|| applier_writes_cpu(own_disk), |(before, after)| before.min(after));
     if let Some(drain) = own_disk_drain {
         let (applier, raw) = (drain.cpu.applier / (drain.bytes >> 20).max(1) as f64, quic.cpu_per_mib.applier);
         add(
@@ -56,11 +55,11 @@ pub(crate) fn raw_quic_rows(base: &Path, own_disk: &Path, own_disk_drain: Option
         );
     }
     let (shared, own_cpus) = quic.drain_bounds(writes);
-    let measured = match before {
-        Some(before) => format!("before the drain {:.1}, after it {:.1} us CPU per MiB", before * 1e6, after * 1e6),
-        None => format!("{:.1} us CPU per MiB", after * 1e6),
+    let described = match measured {
+        Some((before, after)) => format!("before the drain {:.1}, right after it {:.1} us CPU per MiB", before * 1e6, after * 1e6),
+        None => format!("{:.1} us CPU per MiB", writes * 1e6),
     };
-    add(rows, ("  applier's two file writes (own disk)".into(), measured));
+    add(rows, ("  applier's two file writes (own disk)".into(), described));
     add(rows, ("  drain bound from CPU time, vs raw QUIC".into(), format!("{shared:.2}x sharing two CPUs, {own_cpus:.2}x with a CPU per end")));
 }
 
@@ -134,9 +133,10 @@ pub(crate) struct Drain {
     applied_seconds: f64,
     /// CPU time the drain took: the sender thread, and the whole applier process.
     cpu: MirrorCpu,
-    /// For a 1 MiB drain without a relay: CPU seconds per MiB of the applier's two file writes
-    /// on its disk ([`applier_writes_cpu`]), measured before the backlog was written.
-    writes_cpu_before: Option<f64>,
+    /// For a 1 MiB drain on the applier's own disk: CPU seconds per MiB of the applier's two
+    /// file writes there ([`applier_writes_cpu`]), measured before the backlog was written
+    /// and right after the drain.
+    writes_cpu: Option<(f64, f64)>,
 }
 
 /// Writes `total` bytes while the applier is down, then times the drain; through a relay
@@ -154,7 +154,9 @@ pub(crate) fn backlog_drain(base: &Path, applier_base: &Path, bs: &str, total: u
     let volume = serve_synchronised(&vdir, &adir, &socket, &listen);
     // Before the backlog is written, seconds before the drain: pages freed just before the
     // drain could be the ones it gets, still backed by this VM's host.
-    let writes_cpu_before = (bs == "1m" && relay.is_none()).then(|| applier_writes_cpu(applier_base));
+    // Only for the drain the applier's bound is about: 1 MiB records on the applier's own disk.
+    let bounded = bs == "1m" && relay.is_none() && applier_base != base;
+    let writes_cpu_before = bounded.then(|| applier_writes_cpu(applier_base));
     // The backlog: written while no applier listens.
     let rw = if bs == "1m" { "write" } else { "randwrite" };
     // New random bytes for every write: fio's default reuses a few barely changed buffers,
@@ -208,12 +210,13 @@ pub(crate) fn backlog_drain(base: &Path, applier_base: &Path, bs: &str, total: u
     };
     let cpu = MirrorCpu::sample(volume.0.id(), applier.0.id()).since(cpu_at_start);
     drop(profile);
+    let writes_cpu = writes_cpu_before.map(|before| (before, applier_writes_cpu(applier_base)));
     if let Some(relay) = &relay {
         eprintln!("relay: {:?}", relay.stats);
     }
     let records = last - start_applied;
     let record_bytes = if bs == "1m" { 1 << 20 } else { 4096 };
-    Drain { bytes: records * record_bytes, records, received_seconds: received_seconds.unwrap_or(applied_seconds), applied_seconds, cpu, writes_cpu_before }
+    Drain { bytes: records * record_bytes, records, received_seconds: received_seconds.unwrap_or(applied_seconds), applied_seconds, cpu, writes_cpu }
 }
 
 /// With BENCH_PERF=DIR, CPU profiles of the applier and of the volume (whose sender the

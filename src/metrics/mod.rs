@@ -53,7 +53,12 @@ pub fn render_volume(status: &Status, latency: &RequestLatency) -> String {
     let j = &status.journal;
     out.gauge("ublk_mirror_journal_used_bytes", "Bytes of records the journal holds.", &labels, j.used_bytes as f64);
     out.gauge("ublk_mirror_journal_capacity_bytes", "Most bytes of records the journal can hold.", &labels, j.capacity_bytes as f64);
-    out.gauge("ublk_mirror_journal_memory_bytes", "Recent write buffers kept in memory for the mirrors' senders.", &labels, j.memory_bytes as f64);
+    out.gauge(
+        "ublk_mirror_journal_memory_bytes",
+        "Recent records kept in memory for the mirrors' senders (payloads plus 128 bytes a record).",
+        &labels,
+        j.memory_bytes as f64,
+    );
     out.gauge("ublk_mirror_journal_fill_ratio", "used_bytes / capacity_bytes (writes wait at 1).", &labels, j.fill());
     out.gauge("ublk_mirror_journal_first_lsn", "Oldest LSN the journal retains.", &labels, j.first_lsn as f64);
     out.gauge("ublk_mirror_journal_segments", "Segment files in use.", &labels, j.segments as f64);

@@ -84,8 +84,10 @@ pub struct JournalStatus {
     /// The segments are on another filesystem than the volume directory.
     #[serde(default)]
     pub separate_filesystem: bool,
-    /// Recent write buffers kept in memory for connected mirrors' senders (at most 32 MiB,
-    /// let go once every mirror has read them; 0 when nobody serves the volume).
+    /// Recent records kept in memory for connected mirrors' senders, as charged against
+    /// their 32 MiB budget (payloads plus 128 bytes a record; most payloads are buffers the
+    /// volume's writeback holds anyway), let go once every mirror has read them; 0 when
+    /// nobody serves the volume.
     #[serde(default)]
     pub memory_bytes: u64,
 }

@@ -40,7 +40,7 @@ pub fn render_text(status: &Status) -> String {
         j.used_bytes, j.capacity_bytes, j.segments, j.first_lsn, j.last_lsn
     ));
     if v.running && j.memory_bytes > 0 {
-        out.push_str(&format!("  journal  {} bytes of recent writes in memory for mirrors\n", j.memory_bytes));
+        out.push_str(&format!("  journal  {} bytes of recent records kept in memory for mirrors\n", j.memory_bytes));
     }
     if !j.dir.is_empty() {
         out.push_str(&format!("  journal  in {}{}\n", j.dir, if j.separate_filesystem { " (separate filesystem)" } else { "" }));
