@@ -46,7 +46,7 @@ fn main() {
     println!();
 
     let mut rows: Vec<(String, String, String, String)> = Vec::new();
-    let plain = plain_direct_write(&base.join("plain.img"), GIB);
+    let plain = plain_write(&base.join("plain.img"), GIB, true);
     for (record_size, shared) in [(4096usize, false), (1 << 20, false), (4096, true), (1 << 20, true)] {
         let journal = journal_append(&base.join(format!("journal-{record_size}")), GIB, record_size, shared);
         // `shared`: the payload handed over as a shared buffer, as the volume hands over its
@@ -62,7 +62,7 @@ fn main() {
     // The journal writes through the page cache (a copy per byte, besides its staging copy and
     // CRC) and makes it durable with fdatasync: the same I/O without the journal is its bound
     // on this machine, whatever the disk's O_DIRECT rate.
-    let buffered = plain_buffered_write(&base.join("buffered.img"), GIB);
+    let buffered = plain_write(&base.join("buffered.img"), GIB, false);
     rows.push((
         "  bound: plain buffered 1M writes + fdatasync".into(),
         format!("{buffered:.0} MB/s"),
@@ -124,30 +124,15 @@ fn human(bytes: u64) -> String {
     ublk_mirror::size::format_size(bytes)
 }
 
-/// Sequential 1 MiB O_DIRECT writes over a preallocated file, then one fdatasync.
-fn plain_direct_write(path: &Path, total: u64) -> f64 {
+/// Sequential 1 MiB writes over a preallocated file, then one fdatasync: with O_DIRECT when
+/// `direct`, else buffered over pages the preallocation left cached (as a recycled journal
+/// segment's are).
+fn plain_write(path: &Path, total: u64, direct: bool) -> f64 {
     fsutil::create_zero_filled(path, total).unwrap();
-    let file = OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path).unwrap();
+    let flags = if direct { libc::O_DIRECT } else { 0 };
+    let file = OpenOptions::new().write(true).custom_flags(flags).open(path).unwrap();
     let mut buffer = AlignedBuffer::new(1 << 20);
     buffer.iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
-    let started = Instant::now();
-    let mut offset = 0;
-    while offset < total {
-        file.write_all_at(&buffer, offset).unwrap();
-        offset += buffer.len() as u64;
-    }
-    file.sync_data().unwrap();
-    let rate = total as f64 / started.elapsed().as_secs_f64() / 1e6;
-    let _ = std::fs::remove_file(path);
-    rate
-}
-
-/// Sequential 1 MiB buffered writes over a preallocated file whose pages are cached (as a
-/// recycled journal segment's are), then one fdatasync.
-fn plain_buffered_write(path: &Path, total: u64) -> f64 {
-    fsutil::create_zero_filled(path, total).unwrap();
-    let file = OpenOptions::new().write(true).open(path).unwrap();
-    let buffer: Vec<u8> = (0..1 << 20).map(|i| i as u8).collect();
     let started = Instant::now();
     let mut offset = 0;
     while offset < total {
