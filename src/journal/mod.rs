@@ -121,11 +121,6 @@ pub struct JournalUsage {
     pub used_bytes: u64,
     pub capacity_bytes: u64,
     pub segments: usize,
-    /// Recent records kept in memory for the readers that follow the writer (`recent.rs`), as
-    /// charged against its budget (payloads, most of them buffers the volume's writeback
-    /// holds anyway, plus 128 bytes a record): 0 while none follows or every one has read
-    /// everything.
-    pub memory_bytes: u64,
 }
 
 /// Shared handle to an open journal: the table of segments and the published LSNs.
@@ -279,9 +274,6 @@ impl Journal {
     }
 
     pub fn usage(&self) -> JournalUsage {
-        // Before the table's lock: the two are never held together (freeing kept buffers under
-        // the recent records' lock must not hold up commits and readers).
-        let memory_bytes = self.recent_bytes();
         let table = self.lock_table();
         let used_bytes = table.retained.iter().map(|s| s.end.saturating_sub(SEGMENT_HEADER_SIZE)).sum();
         JournalUsage {
@@ -290,7 +282,6 @@ impl Journal {
             used_bytes,
             capacity_bytes: self.options.max_segments() as u64 * (self.options.segment_size - SEGMENT_HEADER_SIZE),
             segments: table.retained.len(),
-            memory_bytes,
         }
     }
 

@@ -93,7 +93,8 @@ pub struct JournalStatus {
 }
 
 impl JournalStatus {
-    fn of(usage: JournalUsage, segment_size: u64, dir: &VolumeDir) -> JournalStatus {
+    /// `memory_bytes`: [`Journal::recent_bytes`] of the open journal (0 offline).
+    fn of(usage: JournalUsage, memory_bytes: u64, segment_size: u64, dir: &VolumeDir) -> JournalStatus {
         let (segments_dir, separate_filesystem) = crate::journal::placement::describe(&dir.journal());
         JournalStatus {
             first_lsn: usage.first_lsn,
@@ -104,7 +105,7 @@ impl JournalStatus {
             segment_size,
             dir: segments_dir.display().to_string(),
             separate_filesystem,
-            memory_bytes: usage.memory_bytes,
+            memory_bytes,
         }
     }
 
@@ -150,7 +151,7 @@ pub fn live(volume: &Volume, exports: &[String], device: Option<String>, mut mir
             clean_shutdown: None,
             numbers: volume.numbers(),
         },
-        journal: JournalStatus::of(volume.journal().usage(), config.journal.segment_size, volume.dir()),
+        journal: JournalStatus::of(volume.journal().usage(), volume.journal().recent_bytes(), config.journal.segment_size, volume.dir()),
         mirrors,
     }
 }
@@ -169,7 +170,6 @@ pub fn offline(dir: &VolumeDir, mirrors: impl FnOnce(&Arc<Journal>, u64) -> Vec<
         used_bytes: report.used_bytes,
         capacity_bytes: options.max_segments() as u64 * (options.segment_size - SEGMENT_HEADER_SIZE),
         segments: report.segments,
-        memory_bytes: 0,
     };
     Ok(Status {
         volume: VolumeStatus {
@@ -202,7 +202,7 @@ pub fn offline(dir: &VolumeDir, mirrors: impl FnOnce(&Arc<Journal>, u64) -> Vec<
                 ..VolumeNumbers::default()
             },
         },
-        journal: JournalStatus::of(usage, options.segment_size, dir),
+        journal: JournalStatus::of(usage, 0, options.segment_size, dir),
         mirrors: {
             let markers = crate::volume::marker_history(dir.root())?;
             let mut mirrors = mirrors(&journal, config.size);
