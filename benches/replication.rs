@@ -77,7 +77,7 @@ mod resync;
 
 use common::{fingerprint, run, Daemon};
 use drain::{backlog_drain, drain_rows, raw_quic_rows, sender_cost_row, two_host_drain_rows, wan_drain, wan_raw_quic};
-use raw::{disk_write_rate, quic_receiver, raw_quic, raw_tcp, thread_cpu_seconds, RawQuic};
+use raw::{disk_write_rate, quic_receiver, raw_quic, raw_tcp, RawQuic};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 

@@ -12,18 +12,12 @@ fn replica_equals_source_and_survives_an_applier_kill() {
     require_tool("qemu-io", "qemu-utils");
     let tmp = tempfile::tempdir().unwrap();
     let (adir, vdir, port) = setup(tmp.path(), None);
-    // The replica's journal written whole when it is made (applier.toml).
-    let config = adir.join("applier.toml");
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, format!("{text}\npreallocate_journals = true\n")).unwrap();
+    preallocate_journals(&adir);
     let mut applier = Applier::start(&adir, port);
     let served = Served::start(&vdir, &[]);
     let uri = served.uri("vol0");
     let replica = replica_image(&adir, "vol0");
-    let journal_files = || {
-        let files = std::fs::read_dir(replica.with_file_name("journal")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned());
-        files.filter(|name| name.ends_with(".seg")).count()
-    };
+    let journal_files = || segment_files(&replica.with_file_name("journal"));
 
     let mut commands = Vec::new();
     for i in 0..200u64 {
@@ -527,22 +521,16 @@ fn a_full_journal_held_by_a_mirror_drains_when_the_applier_returns() {
 #[test]
 fn a_crash_inside_a_journal_replacement_leaves_a_replica_that_converges() {
     require_tool("qemu-io", "qemu-utils");
-    let segment_files = |dir: &Path| match std::fs::read_dir(dir) {
-        Ok(entries) => entries.filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".seg")).count(),
-        Err(_) => 0,
-    };
     // (failpoint, preallocated, files in journal / journal.new / journal.resetting after the
-    // crash, files kept at least after the restart)
-    // (the old journal not preallocated has its segment and the spares its preparer made; a
-    // preallocated one its 16 files, and one spare more if its preparer made one meanwhile).
+    // crash, files kept at least after the restart). The old journal not preallocated has its
+    // segment and the spares its preparer made; a preallocated one its 16 files, and one spare
+    // more if its preparer made one meanwhile.
     let cases = [("replica-journal-swap", false, [0..=0, 1..=1, 1..=16], 1), ("journal-adopt-crash=3", true, [4..=4, 0..=0, 13..=14], 4)];
     for (failpoint, preallocated, after_crash, kept_at_least) in cases {
         let tmp = tempfile::tempdir().unwrap();
         let (adir, vdir, port) = setup(tmp.path(), None);
         if preallocated {
-            let config = adir.join("applier.toml");
-            let text = std::fs::read_to_string(&config).unwrap();
-            std::fs::write(&config, format!("{text}\npreallocate_journals = true\n")).unwrap();
+            preallocate_journals(&adir);
         }
         let mut applier = Applier::start_with_env(&adir, port, &[("UBLK_MIRROR_FAILPOINTS", failpoint)]);
         let served = Served::start(&vdir, &[]);
@@ -576,5 +564,21 @@ fn a_crash_inside_a_journal_replacement_leaves_a_replica_that_converges() {
         let kept = segment_files(&journal);
         assert!((kept_at_least..=16).contains(&kept), "{failpoint}: {kept} journal files after the restart");
         drop(served);
+    }
+}
+
+/// `applier.toml` `preallocate_journals = true`: each new replica's journal written whole
+/// when the replica is made.
+fn preallocate_journals(adir: &Path) {
+    let config = adir.join("applier.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{text}\npreallocate_journals = true\n")).unwrap();
+}
+
+/// Segment files (segments and spares, `*.seg`) in a journal directory; 0 if it is missing.
+fn segment_files(dir: &Path) -> usize {
+    match std::fs::read_dir(dir) {
+        Ok(entries) => entries.filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".seg")).count(),
+        Err(_) => 0,
     }
 }

@@ -216,24 +216,7 @@ fn block_bytes(bs: &str) -> u64 {
 /// CPU seconds per MiB of two 1 MiB overwrites (journal and image) of existing pages of a file
 /// under `dir`, measured on this thread over 256 MiB written twice.
 fn rewrites_cpu(dir: &Path) -> f64 {
-    use std::os::unix::fs::FileExt;
-    const MIB: u64 = 256;
-    let path = dir.join("rewrite-cost");
-    let file = std::fs::File::create(&path).unwrap();
-    let chunk = vec![0xa5u8; 1 << 20];
-    let write_all = |pass: u32| {
-        for i in 0..MIB {
-            file.write_all_at(&chunk, i << 20).unwrap_or_else(|e| panic!("{} pass {pass}: {e}", path.display()));
-        }
-    };
-    write_all(0);
-    let started = super::thread_cpu_seconds();
-    write_all(1);
-    write_all(2);
-    let per_mib = (super::thread_cpu_seconds() - started) / MIB as f64;
-    drop(file);
-    let _ = std::fs::remove_file(&path);
-    per_mib
+    super::raw::two_writes_cpu(dir, 256, true)
 }
 
 /// One fio burst: its IOPS and bytes/s, and with a mirror what followed it.

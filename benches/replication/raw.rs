@@ -137,17 +137,29 @@ impl RawQuic {
 /// on this thread: 1 GiB written in 1 MiB pieces into a new sparse file (the replica image
 /// of a new mirror) and again over it (a recycled journal segment: its pages exist).
 pub(crate) fn applier_writes_cpu(dir: &Path) -> f64 {
+    two_writes_cpu(dir, 1024, false)
+}
+
+/// CPU seconds per MiB of two passes of 1 MiB writes over `mib` MiB of a new file under
+/// `dir`, measured on this thread; after an untimed first pass when `warm` (both passes then
+/// overwrite existing pages).
+pub(crate) fn two_writes_cpu(dir: &Path, mib: u64, warm: bool) -> f64 {
     use std::os::unix::fs::FileExt;
     let path = dir.join("write-cost");
     let file = std::fs::File::create(&path).unwrap();
     let chunk = vec![0xa5u8; 1 << 20];
-    let started = thread_cpu_seconds();
-    for pass in 0..2 {
-        for i in 0..1024u64 {
-            file.write_all_at(&chunk, i << 20).unwrap_or_else(|e| panic!("write pass {pass}: {e}"));
+    let write_all = |pass: u32| {
+        for i in 0..mib {
+            file.write_all_at(&chunk, i << 20).unwrap_or_else(|e| panic!("{} pass {pass}: {e}", path.display()));
         }
+    };
+    if warm {
+        write_all(0);
     }
-    let per_mib = (thread_cpu_seconds() - started) / 1024.0;
+    let started = thread_cpu_seconds();
+    write_all(1);
+    write_all(2);
+    let per_mib = (thread_cpu_seconds() - started) / mib as f64;
     drop(file);
     let _ = std::fs::remove_file(&path);
     per_mib
